@@ -1,0 +1,119 @@
+"""The `moectl` command line. Each command parses its options, loads the config and calls one
+library function; user errors become one red line and a non-zero exit (tracebacks with --debug).
+Heavy imports (torch, datasets) happen inside the commands so `moectl --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from moectl import console
+from moectl.errors import MoectlError
+
+app = typer.Typer(
+    name="moectl",
+    help="Train, measure, explain and export Mixture-of-Experts language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Options shared by commands.
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set moe.top_k=1 (repeatable)."),
+]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback of any error.")]
+
+
+@contextmanager
+def user_errors(debug: bool) -> Iterator[None]:
+    """The one place that turns errors into a clean message and an exit code."""
+    try:
+        yield
+    except MoectlError as exc:
+        if debug:
+            raise
+        console.error(str(exc))
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.error("interrupted")
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        console.error(f"unexpected {exc.__class__.__name__}: {first} (rerun with --debug for the traceback)")
+        raise typer.Exit(1) from None
+
+
+def _load_config(path: Path, overrides: Optional[list[str]], run_name: Optional[str] = None):
+    """A config file, or a run directory (its resolved config.yaml, with run.dir/name pointing at it)."""
+    from moectl import config
+
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise MoectlError(f"{path} is a directory without config.yaml; give a config file or a run directory")
+        cfg = config.load(path / "config.yaml", overrides)
+        cfg.run.dir, cfg.run.name = str(path.parent), path.name
+    else:
+        cfg = config.load(path, overrides)
+    if run_name is not None:
+        if not run_name or "/" in run_name or run_name in (".", ".."):
+            raise MoectlError(f"--run-name {run_name!r}: give a plain directory name")
+        cfg.run.name = run_name
+    return cfg
+
+
+@app.command()
+def train(
+    config_path: Annotated[
+        Path, typer.Argument(metavar="CONFIG", help="YAML config file, or a run directory to --resume.", show_default=False)
+    ],
+    overrides: SetOption = None,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run name: outputs go to runs/NAME.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its latest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run of this name first.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Train an LSTM-MoE or Transformer-MoE language model from one YAML config."""
+    with user_errors(debug):
+        cfg = _load_config(config_path, overrides, run_name)
+        console.quiet_libraries()
+        from moectl.train import fit
+
+        result = fit(cfg, resume=resume, overwrite=overwrite)
+        console.train_summary(result, config_path)
+        if result.interrupted:
+            raise typer.Exit(130)
+
+
+@app.command("config")
+def show_config(
+    config_path: Annotated[
+        Optional[Path], typer.Argument(metavar="[CONFIG]", help="Config to resolve; omit to list every key.")
+    ] = None,
+    overrides: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Print a config resolved and validated (defaults < YAML < --set), or every key's default and meaning."""
+    with user_errors(debug):
+        from moectl import config
+
+        if config_path is None and not overrides:
+            typer.echo(config.reference_yaml(), nl=False)
+            return
+        cfg = _load_config(config_path, overrides) if config_path else config.load(None, overrides)
+        typer.echo(config.dump(cfg), nl=False)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,461 @@
+"""The typed, validated config tree.
+
+One YAML file becomes a `Config`. Precedence is code defaults < YAML < `--set key=value`.
+Every field has its default and its description here, in one place; `moectl config` prints
+them and README's config reference is generated from them.
+
+Errors name the file (or the `--set` flag), the dotted key path, the bad value and what was
+expected, e.g. `configs/x.yaml: moe.top_k=9 must be <= moe.num_experts=8`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moectl.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+
+class RunConfig(Section):
+    """Where the run lives."""
+
+    name: Optional[str] = Field(
+        None, description="Run name; outputs go to `<run.dir>/<run.name>`. Defaults to the config file's stem."
+    )
+    dir: str = Field("runs", description="Parent directory of all run directories.")
+
+
+class ModelConfig(Section):
+    """The backbone."""
+
+    arch: Literal["transformer_moe", "lstm_moe", "transformer_dense", "lstm_dense"] = Field(
+        "transformer_moe",
+        description="Backbone. `*_dense` is the same shape with a dense FFN in every MoE slot: the baseline.",
+    )
+    d_model: int = Field(256, gt=0, description="Model width D (embedding, attention, LSTM units, MoE input/output).")
+    n_layers: int = Field(4, gt=0, description="Transformer blocks, or stacked LSTM layers.")
+    n_heads: int = Field(4, gt=0, description="Attention heads (transformer only); d_model must divide evenly.")
+    ffn_hidden: int = Field(1024, gt=0, description="Hidden size of dense FFNs (non-MoE slots and dense baselines).")
+    activation: Optional[Literal["swiglu", "gelu", "relu"]] = Field(
+        None, description="FFN and expert activation. Null picks the paper's: swiglu (transformer), relu (LSTM)."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on residual branches and embeddings.")
+    tie_embeddings: bool = Field(True, description="Share the input embedding with the output projection.")
+    rope_theta: float = Field(10000.0, gt=0, description="Rotary embedding base (transformer only).")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon (transformer only).")
+    init_std: float = Field(0.02, gt=0, description="Std of the normal init of linear and embedding weights.")
+    lstm_residual: bool = Field(True, description="LSTM only: residual connections around each LSTM and FFN layer.")
+
+
+class MoEConfig(Section):
+    """The MoE layers. Notation: E experts, K experts per token, H expert hidden size."""
+
+    num_experts: int = Field(8, gt=0, description="E, experts per MoE layer.")
+    top_k: int = Field(2, gt=0, description="K, experts each token is routed to.")
+    every: int = Field(
+        1, gt=0, description="Make every `every`-th FFN slot an MoE layer (1: all of them); the others are dense."
+    )
+    expert_hidden: Optional[int] = Field(None, gt=0, description="H, each expert's hidden size. Null: model.ffn_hidden.")
+    router: Literal["topk"] = Field("topk", description="Routing method: `topk` is softmax top-k (GShard / Mixtral).")
+    renormalize: bool = Field(True, description="Renormalise the K chosen probabilities to sum to 1 (as Mixtral).")
+    capacity_factor: Optional[float] = Field(
+        None,
+        gt=0,
+        description="Expert capacity = ceil(factor * N * K / E) per batch; overflow tokens skip the layer. Null: dropless.",
+    )
+    aux_loss_coef: float = Field(0.01, ge=0, description="Switch load-balancing loss coefficient alpha.")
+    z_loss_coef: float = Field(0.001, ge=0, description="ST-MoE router z-loss coefficient.")
+
+
+class DataConfig(Section):
+    """Training text: a Hub dataset, local files, a `save_to_disk` directory, or the built-in corpus."""
+
+    source: Literal["stdlib", "hub", "files", "disk"] = Field(
+        "stdlib",
+        description="`stdlib`: this Python's own standard-library sources (offline). `hub`: datasets.load_dataset(name). "
+        "`files`: local files. `disk`: a save_to_disk directory.",
+    )
+    name: Optional[str] = Field(None, description="hub: dataset name, e.g. `wikitext` or `user/dataset`.")
+    config_name: Optional[str] = Field(None, description="hub: dataset config, e.g. `wikitext-103-raw-v1`.")
+    data_files: Optional[Union[str, list[str], dict[str, Union[str, list[str]]]]] = Field(
+        None, description="files: a path or glob, a list of them, or a mapping split -> paths."
+    )
+    format: Optional[Literal["text", "json", "csv", "parquet"]] = Field(
+        None, description="files: the datasets builder. Null: inferred from the file extension."
+    )
+    sample_by: Literal["line", "paragraph", "document"] = Field(
+        "line", description="files with format text: one example per line, paragraph or whole file."
+    )
+    path: Optional[str] = Field(None, description="disk: the directory written by `save_to_disk`.")
+    text_column: str = Field("text", description="Column that holds the text.")
+    train_split: str = Field("train", description="Split to train on.")
+    validation_split: Optional[str] = Field(
+        None, description="Split to validate on. Null: carve data.validation_fraction off the training split."
+    )
+    validation_fraction: float = Field(
+        0.05, gt=0, lt=1, description="Fraction of training documents held out when validation_split is null."
+    )
+    split_seed: int = Field(0, description="Seed of the held-out carve.")
+    seq_len: int = Field(256, gt=0, description="Tokens per training sequence (block).")
+    num_proc: Optional[int] = Field(None, gt=0, description="Processes for tokenisation (datasets.map). Null: one.")
+    cache_dir: Optional[str] = Field(
+        None, description="Cache for tokenizers and tokenised data. Null: $MOECTL_CACHE or ~/.cache/moectl."
+    )
+
+
+class TokenizerConfig(Section):
+    """Train a byte-level BPE on the training split, or load one."""
+
+    path: Optional[str] = Field(None, description="Load this tokenizer.json instead of training one.")
+    name: Optional[str] = Field(None, description="Load this Hub tokenizer (e.g. `gpt2`) instead of training one.")
+    vocab_size: int = Field(4096, ge=260, description="Vocabulary size of a trained BPE.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
+    max_train_chars: Optional[int] = Field(
+        None, gt=0, description="Train the BPE on at most this many characters of the training split. Null: all."
+    )
+    eot_token: str = Field("<|endoftext|>", description="End-of-text token placed between documents.")
+
+
+class TrainConfig(Section):
+    """The training loop."""
+
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps; the LR schedule spans them.")
+    batch_size: int = Field(32, gt=0, description="Sequences per optimizer step (global, across gradient accumulation).")
+    micro_batch_size: Optional[int] = Field(
+        None, gt=0, description="Sequences per forward pass; batch_size / micro_batch_size steps accumulate. Null: batch_size."
+    )
+    seed: int = Field(1337, description="Seed for init, dropout and data order.")
+    device: str = Field("auto", description="`auto` (cuda, then mps, then cpu), or a torch device such as `cuda:1`.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="`auto`: bf16 autocast on GPUs that support it, else fp32. Routing is always fp32."
+    )
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm to this. Null: no clipping.")
+    eval_every: int = Field(200, gt=0, description="Evaluate on the validation split every this many steps (and at the end).")
+    eval_batches: Optional[int] = Field(
+        20, gt=0, description="Validation batches (of micro_batch_size) per evaluation. Null: the whole split."
+    )
+
+
+class OptimConfig(Section):
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (cosine schedule).")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to the peak LR.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="After warmup: cosine decay, or constant.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices (not norms or biases).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+
+
+class LogConfig(Section):
+    """Console and TensorBoard logging."""
+
+    every: int = Field(10, gt=0, description="Log scalars and routing statistics every this many steps (the window).")
+    tensorboard: bool = Field(True, description="Write TensorBoard events to the run directory.")
+    histograms: bool = Field(True, description="Log per-layer expert-assignment histograms.")
+    collapse_threshold: float = Field(
+        3.0, gt=1, description="Warn when a layer's max/mean expert load over a whole window exceeds this."
+    )
+
+
+class CheckpointConfig(Section):
+    """Checkpoints in `<run>/checkpoints/step_NNNNNN/`."""
+
+    every: int = Field(500, gt=0, description="Save every this many steps (and at the end, and on Ctrl-C).")
+    keep_last: int = Field(3, gt=0, description="Keep only the newest this many checkpoints.")
+
+
+class Config(Section):
+    """The whole config tree."""
+
+    run: RunConfig = Field(default_factory=RunConfig, description="Run name and directory.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The backbone.")
+    moe: MoEConfig = Field(default_factory=MoEConfig, description="The MoE layers.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training and validation text.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> "Config":
+        m, moe, d, tok, tr = self.model, self.moe, self.data, self.tokenizer, self.train
+        is_moe = m.arch.endswith("_moe")
+        if is_moe and moe.top_k > moe.num_experts:
+            raise ValueError(f"moe.top_k={moe.top_k} must be <= moe.num_experts={moe.num_experts}")
+        if m.arch.startswith("transformer"):
+            if m.d_model % m.n_heads:
+                raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+            if (m.d_model // m.n_heads) % 2:
+                raise ValueError(
+                    f"model.d_model / model.n_heads = {m.d_model // m.n_heads} must be even for rotary embeddings"
+                )
+        elif m.n_layers < 2:
+            raise ValueError(f"model.n_layers={m.n_layers} must be >= 2 for an LSTM model (FFN slots sit between layers)")
+        if tr.micro_batch_size is not None and tr.batch_size % tr.micro_batch_size:
+            raise ValueError(
+                f"train.batch_size={tr.batch_size} must be a multiple of train.micro_batch_size={tr.micro_batch_size}"
+            )
+        if self.optim.warmup_steps > tr.max_steps:
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} must be <= train.max_steps={tr.max_steps}"
+            )
+        if tok.path is not None and tok.name is not None:
+            raise ValueError("tokenizer.path and tokenizer.name are both set; set at most one")
+        needs = {"hub": "name", "files": "data_files", "disk": "path"}
+        if d.source in needs and getattr(d, needs[d.source]) is None:
+            raise ValueError(f"data.{needs[d.source]} is required when data.source={d.source}")
+        for key, source in (("name", "hub"), ("config_name", "hub"), ("data_files", "files"), ("path", "disk")):
+            if getattr(d, key) is not None and d.source != source:
+                raise ValueError(f"data.{key} is only used with data.source={source}, but data.source={d.source}")
+        if tr.device not in ("auto", "cpu", "mps") and not tr.device.startswith("cuda"):
+            raise ValueError(f"train.device={tr.device!r} must be auto, cpu, mps, cuda or cuda:N")
+        return self
+
+    @model_validator(mode="after")
+    def _fill_arch_defaults(self) -> "Config":
+        # Resolved here, so the config written to the run directory is explicit.
+        if self.model.activation is None:
+            self.model.activation = "swiglu" if self.model.arch.startswith("transformer") else "relu"
+        return self
+
+    # Derived values, so builders and the training loop never recompute them differently.
+    @property
+    def is_moe(self) -> bool:
+        return self.model.arch.endswith("_moe")
+
+    @property
+    def backbone(self) -> str:
+        return self.model.arch.split("_")[0]
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe.expert_hidden or self.model.ffn_hidden
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.train.micro_batch_size or self.train.batch_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.batch_size // self.micro_batch_size
+
+
+SECTIONS: dict[str, type[Section]] = {
+    name: field.annotation for name, field in Config.model_fields.items()  # type: ignore[misc]
+}
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _section_fields(path: tuple[str, ...]) -> list[str]:
+    """Field names at a dotted path (root or section), for did-you-mean hints."""
+    if not path:
+        return list(Config.model_fields)
+    section = SECTIONS.get(path[0])
+    return list(section.model_fields) if section and len(path) == 1 else []
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
+    key = ".".join(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        where = f"section '{'.'.join(loc[:-1])}'" if len(loc) > 1 else "the top level"
+        return f"unknown key '{key}' in {where}{_did_you_mean(loc[-1], _section_fields(loc[:-1]))}"
+    if kind == "value_error" and not loc:
+        return str(err["ctx"]["error"])
+    msg = err["msg"]
+    if kind == "value_error":
+        msg = str(err["ctx"]["error"])
+    msg = msg.replace("Input should be", "must be").replace("Value error, ", "")
+    if kind == "literal_error":
+        expected = err["ctx"]["expected"]
+        msg = f"must be one of {expected}"
+        if isinstance(err.get("input"), str):
+            options = [o.strip().strip("'") for o in expected.replace(" or ", ",").split(",")]
+            msg += _did_you_mean(err["input"], [o for o in options if o])
+    if kind in ("model_type", "model_attributes_type", "dict_type") and len(loc) == 1:
+        msg = f"must be a mapping of {loc[0]} settings"
+    return f"{key}={err.get('input')!r}: {msg}" if key else msg
+
+
+def _format_errors(exc: ValidationError, source: str, overrides: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        text = _describe_error(err)
+        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        if not key:  # a cross-field check: blame the override it names, if any
+            key = next((k for k in overrides if k in text), "")
+        origin = f"--set {key}" if key in overrides else source
+        lines.append(f"{origin}: {text}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ overrides
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", parsed value). Values are YAML scalars: 3, 1e-3, true, null, [1, 2]."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set moe.top_k=1")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # not YAML: keep the raw string and let validation judge it
+    _check_key(key)
+    return key, value
+
+
+def _check_key(key: str) -> None:
+    parts = key.split(".")
+    if parts[0] not in SECTIONS:
+        raise ConfigError(f"--set {key}: unknown section '{parts[0]}'{_did_you_mean(parts[0], list(SECTIONS))}")
+    fields = SECTIONS[parts[0]].model_fields
+    if len(parts) == 1:
+        return
+    if len(parts) > 2 or parts[1] not in fields:
+        hint = _did_you_mean(parts[1], list(fields)) if len(parts) == 2 else ""
+        raise ConfigError(f"--set {key}: unknown key '{key}'{hint}")
+
+
+def _apply(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{part}' must be a mapping of {part} settings, not {child!r}")
+        node = child
+    node[parts[-1]] = value
+
+
+# --------------------------------------------------------------------------------- load / dump
+
+
+def from_dict(raw: dict[str, Any], source: str = "<config>", overrides: Optional[dict[str, Any]] = None) -> Config:
+    """Validate a raw mapping (YAML already parsed, overrides already applied)."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source, overrides or {})) from None
+
+
+def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config, apply `--set` overrides, validate, and fill `run.name` from the file name."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the config file ({exc.__class__.__name__})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, not {type(loaded).__name__}")
+        raw = loaded
+    parsed = dict(parse_override(item) for item in overrides or [])
+    for key, value in parsed.items():
+        _apply(raw, key, value, f"--set {key}")
+    cfg = from_dict(raw, source, parsed)
+    if cfg.run.name is None:
+        cfg.run.name = Path(path).stem if path is not None else "run"
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save(cfg: Config, path: Union[str, Path]) -> None:
+    """Write the resolved config atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(dump(cfg))
+    os.replace(tmp, path)
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff(old: Config, new: Config, sections: tuple[str, ...]) -> list[str]:
+    """Dotted keys whose values differ between two configs, within the given sections."""
+    a, b = to_dict(old), to_dict(new)
+    return [
+        f"{s}.{k}: {a[s][k]!r} -> {b[s][k]!r}" for s in sections for k in a[s] if a[s][k] != b[s][k]
+    ]
+
+
+# ------------------------------------------------------------------------------------ reference
+
+
+def reference_yaml() -> str:
+    """Every section and field with its default and description, as commented YAML."""
+    out = ["# moectl config reference: every key, its default, and what it does."]
+    for name, section in SECTIONS.items():
+        out.append("")
+        out.append(f"{name}:  # {Config.model_fields[name].description}")
+        defaults = section().model_dump(mode="json")
+        for key, field in section.model_fields.items():
+            value = yaml.safe_dump(defaults[key], default_flow_style=True).strip()
+            value = value.removesuffix("...").strip()
+            out.append(f"  {key}: {value}  # {field.description}")
+    return "\n".join(out) + "\n"
+
+
+def reference_markdown() -> str:
+    """README's config reference table, generated from the same fields."""
+    out = []
+    for name, section in SECTIONS.items():
+        out.append(f"**`{name}`**: {Config.model_fields[name].description}\n")
+        out.append("| key | default | description |")
+        out.append("|---|---|---|")
+        defaults = section().model_dump(mode="json")
+        for key, field in section.model_fields.items():
+            value = json.dumps(defaults[key])
+            desc = (field.description or "").replace("|", "\\|")
+            out.append(f"| `{name}.{key}` | `{value}` | {desc} |")
+        out.append("")
+    return "\n".join(out)
+

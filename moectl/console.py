@@ -1,0 +1,136 @@
+"""Rich output for people: the training progress bar, status lines, the end-of-run summary.
+
+Progress and status go to stderr, results to stdout. When stderr is not a terminal (a log
+file, CI), the bar is replaced by one plain line per logging window.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+err = Console(stderr=True)
+out = Console()
+
+
+def status(message: str) -> None:
+    err.print(f"[dim]>[/] {message}")
+
+
+def warn(message: str) -> None:
+    err.print(f"[bold yellow]warning:[/] {message}")
+
+
+def error(message: str) -> None:
+    for line in message.splitlines() or [""]:
+        err.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+
+
+def human(n: float) -> str:
+    for unit in ("", "k", "M", "B", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+class TrainProgress:
+    """step, loss, lr, tokens/s, worst-layer imbalance, ETA."""
+
+    def __init__(self, total_steps: int, start_step: int, console: Console = err):
+        self.console = console
+        self.interactive = console.is_terminal
+        self.total = total_steps
+        self.fields = dict(loss="-", lr="-", tps="-", imb="-")
+        self.progress: Optional[Progress] = None
+        if self.interactive:
+            self.progress = Progress(
+                TextColumn("step"),
+                MofNCompleteColumn(),
+                BarColumn(bar_width=24),
+                TextColumn("loss [bold]{task.fields[loss]}[/] lr {task.fields[lr]} {task.fields[tps]} tok/s"),
+                TextColumn("imbalance {task.fields[imb]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, **self.fields)
+
+    def __enter__(self) -> "TrainProgress":
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_sec: Optional[float] = None,
+               imbalance: Optional[float] = None) -> None:
+        self.fields["loss"] = f"{loss:.4f}"
+        self.fields["lr"] = f"{lr:.2e}"
+        if tokens_per_sec is not None:
+            self.fields["tps"] = human(tokens_per_sec)
+        if imbalance is not None:
+            self.fields["imb"] = f"{imbalance:.2f}"
+        if self.progress:
+            self.progress.update(self.task, completed=step, **self.fields)
+
+    def window_line(self, step: int) -> None:
+        """The non-interactive stand-in for the bar, once per logging window."""
+        if not self.interactive:
+            f = self.fields
+            self.console.print(
+                f"step {step}/{self.total} | loss {f['loss']} | lr {f['lr']} | {f['tps']} tok/s | imbalance {f['imb']}",
+                highlight=False,
+            )
+
+    def print(self, message: str) -> None:
+        self.console.print(message, highlight=False)
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter out of our output: datasets' bars only on a terminal, no known-noise warnings."""
+    import warnings
+
+    import datasets
+
+    if not err.is_terminal:
+        datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+
+
+def train_summary(result, config_arg) -> None:
+    """The end-of-run summary: where things are, how good the model is, what to run next."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("checkpoint", str(result.checkpoint))
+    grid.add_row("logs", f"{result.run_dir}  (TensorBoard events, config.yaml, tokenizer.json)")
+    if result.eval_loss is not None:
+        start = f"{result.first_eval_loss:.4f} -> " if result.first_eval_loss is not None else ""
+        grid.add_row("validation", f"loss {start}{result.eval_loss:.4f} nats/token, perplexity {math.exp(min(result.eval_loss, 50)):.2f}")
+    grid.add_row(
+        "trained",
+        f"{result.step}/{result.max_steps} steps, {human(result.tokens_seen)} tokens; this session "
+        f"{human(result.tokens_per_sec)} tokens/s over {result.train_seconds:.0f} s of training",
+    )
+    grid.add_row("parameters", f"{human(result.params_total)} total, {human(result.params_active)} active per token")
+    runs_root = result.run_dir.parent
+    nxt = [f"tensorboard --logdir {runs_root}"]
+    if result.interrupted:
+        nxt.insert(0, f"moectl train {result.run_dir} --resume")
+    else:
+        nxt.append(f"moectl train {result.run_dir} --resume --set train.max_steps={result.max_steps * 2}   # train longer")
+    grid.add_row("next", "\n".join(nxt))
+    title = "stopped early" if result.interrupted else "done"
+    out.print(Panel(grid, title=f"moectl train: {title}", title_align="left", expand=False))

@@ -1,0 +1,322 @@
+"""Data: load text with `datasets` -> tokenise (cached) -> pack into blocks -> batches.
+
+Sources (`data.source`): a Hub dataset, local files through the `datasets` builders, a
+`save_to_disk` directory, or `stdlib`: this Python's own standard-library sources, real text
+every install carries, so the quickstart needs no download.
+
+Tokenisation runs through `datasets.map` into a cache file keyed by the data's fingerprint
+and the tokenizer, so a second run on the same data skips it. Each split becomes one flat
+token array with the end-of-text token after every document; block i is tokens[i*L : i*L+L+1]
+(inputs are its first L tokens, targets its last L), so no token is padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from moectl import hub
+from moectl import tokenizer as tokenizers_
+from moectl.config import Config, DataConfig
+from moectl.errors import DataError
+
+TOKENS_VERSION = "1"  # bump when the token layout changes, so old caches are not reused
+FORMAT_BY_SUFFIX = {
+    ".txt": "text",
+    ".md": "text",
+    ".py": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def cache_dir(cfg: DataConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("MOECTL_CACHE") or Path.home() / ".cache" / "moectl"
+    return Path(root).expanduser()
+
+
+# ------------------------------------------------------------------------------------ raw text
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files (no tests, no site-packages), in a stable order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_SKIP_DIRS)
+        files += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py")]
+    return files
+
+
+def _load_stdlib():
+    from datasets import Dataset, DatasetDict
+
+    files = stdlib_files()
+    if not files:
+        raise DataError("data.source=stdlib: this Python has no standard-library sources; use data.source=files")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    return DatasetDict({"train": Dataset.from_dict({"text": texts, "path": [str(f.relative_to(root)) for f in files]})})
+
+
+def _infer_format(data_files: Any) -> str:
+    first = data_files
+    while isinstance(first, (list, dict)):
+        first = next(iter(first.values())) if isinstance(first, dict) else (first[0] if first else "")
+    suffix = Path(str(first)).suffix.lower()
+    if suffix not in FORMAT_BY_SUFFIX:
+        raise DataError(
+            f"data.format is null and the extension of {first!r} does not say which builder to use; "
+            f"set data.format to one of text, json, csv, parquet"
+        )
+    return FORMAT_BY_SUFFIX[suffix]
+
+
+def _load_files(cfg: DataConfig):
+    import datasets
+
+    fmt = cfg.format or _infer_format(cfg.data_files)
+    kwargs = {"sample_by": cfg.sample_by} if fmt == "text" else {}
+    try:
+        return datasets.load_dataset(fmt, data_files=cfg.data_files, **kwargs)
+    except FileNotFoundError:
+        raise DataError(f"data.data_files={cfg.data_files!r} matches no files; check the path or glob") from None
+    except datasets.exceptions.DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc
+        raise DataError(f"data.data_files={cfg.data_files!r}: cannot read them as {fmt} ({str(cause).splitlines()[0]})") from None
+
+
+def _load_disk(cfg: DataConfig):
+    import datasets
+
+    if not Path(cfg.path).exists():
+        raise DataError(f"data.path={cfg.path!r}: no such directory; give a directory written by save_to_disk")
+    try:
+        ds = datasets.load_from_disk(cfg.path)
+    except FileNotFoundError as exc:
+        raise DataError(f"data.path={cfg.path!r} is not a save_to_disk directory ({str(exc).splitlines()[0]})") from None
+    return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({cfg.train_split: ds})
+
+
+def _load_hub(cfg: DataConfig):
+    import datasets
+
+    hub.go_offline_if_unreachable()
+    try:
+        return datasets.load_dataset(cfg.name, cfg.config_name)
+    except datasets.exceptions.DatasetNotFoundError:
+        raise DataError(f"data.name={cfg.name!r}: no such dataset on the Hugging Face Hub (or it is gated)") from None
+    except ConnectionError as exc:
+        raise DataError(
+            f"data.name={cfg.name!r}: {hub.UNREACHABLE}; use local files (data.source=files), a save_to_disk copy "
+            f"(data.source=disk) or the built-in corpus (data.source=stdlib)"
+        ) from None
+    except ValueError as exc:  # e.g. a config name that does not exist
+        raise DataError(f"data.name={cfg.name!r}, data.config_name={cfg.config_name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def load_raw(cfg: DataConfig):
+    """(train, validation) `datasets.Dataset`s, the validation one carved off train when not named."""
+    loaders = {"stdlib": _load_stdlib, "files": _load_files, "disk": _load_disk, "hub": _load_hub}
+    splits = loaders[cfg.source]() if cfg.source == "stdlib" else loaders[cfg.source](cfg)
+    available = ", ".join(splits) or "none"
+    if cfg.train_split not in splits:
+        raise DataError(f"data.train_split={cfg.train_split!r} is not in the dataset; its splits are: {available}")
+    train = splits[cfg.train_split]
+    if cfg.validation_split is not None:
+        if cfg.validation_split not in splits:
+            raise DataError(
+                f"data.validation_split={cfg.validation_split!r} is not in the dataset; its splits are: {available} "
+                "(or set it to null to carve one off the training split)"
+            )
+        return train, splits[cfg.validation_split]
+    if len(train) < 2:
+        raise DataError(
+            f"cannot carve a validation split off {len(train)} training document(s); "
+            "add data, set data.validation_split, or use data.sample_by=line"
+        )
+    return carve(train, cfg.validation_fraction, cfg.split_seed)
+
+
+def carve(ds, fraction: float, seed: int):
+    """Hold out a seeded random `fraction` of the documents: (train, validation), each in original order."""
+    n = len(ds)
+    n_val = min(max(1, round(n * fraction)), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    fp = hashlib.sha256(repr((ds._fingerprint, fraction, seed)).encode()).hexdigest()[:16]
+    pick = lambda ids, part: ds.select(np.sort(ids), keep_in_memory=True, new_fingerprint=f"{fp}-{part}")  # noqa: E731
+    return pick(perm[n_val:], "train"), pick(perm[:n_val], "validation")
+
+
+def check_text_column(ds, column: str, split: str) -> None:
+    if column not in ds.column_names:
+        raise DataError(
+            f"data.text_column={column!r} is not a column of the {split} split; its columns are: "
+            f"{', '.join(ds.column_names)}"
+        )
+    dtype = getattr(ds.features[column], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise DataError(f"data.text_column={column!r} holds {ds.features[column]}, not text; pick a text column")
+
+
+# -------------------------------------------------------------------------------- tokenisation
+
+
+@dataclass
+class Split:
+    """One split as a flat token array: documents joined by the end-of-text token."""
+
+    name: str
+    tokens: np.ndarray  # (num_tokens,) int32
+    num_docs: int
+    num_bytes: int  # UTF-8 bytes of the documents' text: the denominator of bits per byte
+    from_cache: bool
+
+
+def _tokenize_batch(batch: dict[str, list], column: str, tokenizer: Tokenizer, eot: int) -> dict[str, list]:
+    texts = [t for t in batch[column] if t]  # empty rows (e.g. wikitext's blank lines) are not documents
+    encoded = tokenizer.encode_batch_fast(texts) if texts else []
+    return {
+        "input_ids": [e.ids + [eot] for e in encoded],
+        "num_bytes": [len(t.encode("utf-8")) for t in texts],
+    }
+
+
+def tokenize(ds, name: str, column: str, tokenizer: Tokenizer, eot: int, cache: Path, num_proc: Optional[int]) -> Split:
+    from datasets import Features, List, Value
+
+    key = hashlib.sha256(
+        repr((TOKENS_VERSION, ds._fingerprint, column, tokenizers_.fingerprint(tokenizer), eot)).encode()
+    ).hexdigest()[:16]
+    path = cache / "tokens" / f"{key}.arrow"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from_cache = path.exists()
+    out = ds.map(
+        _tokenize_batch,
+        batched=True,
+        remove_columns=ds.column_names,
+        fn_kwargs={"column": column, "tokenizer": tokenizer, "eot": eot},
+        features=Features({"input_ids": List(Value("int32")), "num_bytes": Value("int64")}),
+        cache_file_name=str(path),
+        load_from_cache_file=True,
+        new_fingerprint=key,
+        num_proc=num_proc,
+        desc=f"tokenising {name}",
+    )
+    if len(out) == 0:
+        raise DataError(f"the {name} split has no text in column {column!r}: every row is empty")
+    chunks = out.data.column("input_ids").chunks
+    tokens = np.concatenate([np.asarray(c.flatten().to_numpy(zero_copy_only=False), dtype=np.int32) for c in chunks])
+    num_bytes = int(np.asarray(out.data.column("num_bytes").to_numpy()).sum())
+    return Split(name=name, tokens=tokens, num_docs=len(out), num_bytes=num_bytes, from_cache=from_cache)
+
+
+@dataclass
+class Corpus:
+    train: Split
+    validation: Split
+    tokenizer: Tokenizer
+    tokenizer_from_cache: bool
+    eot_id: int
+
+
+def prepare(cfg: Config, tokenizer_file: Optional[Path] = None) -> Corpus:
+    """Load both splits, get the tokenizer (from `tokenizer_file` when resuming), and tokenise."""
+    d = cfg.data
+    train, validation = load_raw(d)
+    check_text_column(train, d.text_column, "training")
+    check_text_column(validation, d.text_column, "validation")
+    cache = cache_dir(d)
+    if tokenizer_file is not None:
+        tok, tok_cached = tokenizers_.load_file(tokenizer_file), True
+    else:
+        tok, tok_cached = tokenizers_.build(cfg.tokenizer, train, d.text_column, train._fingerprint, cache)
+    eot = tokenizers_.eot_id(tok, cfg.tokenizer.eot_token)
+    splits = [tokenize(ds, name, d.text_column, tok, eot, cache, d.num_proc) for ds, name in ((train, "training"), (validation, "validation"))]
+    return Corpus(train=splits[0], validation=splits[1], tokenizer=tok, tokenizer_from_cache=tok_cached, eot_id=eot)
+
+
+# ------------------------------------------------------------------------------------- batching
+
+
+class Blocks:
+    """Fixed-length blocks over a flat token array: block i = tokens[i*L : i*L + L + 1]."""
+
+    def __init__(self, split: Split, seq_len: int):
+        self.split = split
+        self.seq_len = seq_len
+        self.num_blocks = (len(split.tokens) - 1) // seq_len
+        if self.num_blocks < 1:
+            raise DataError(
+                f"the {split.name} split has {len(split.tokens)} tokens, fewer than one block of "
+                f"data.seq_len + 1 = {seq_len + 1}; lower data.seq_len or add data"
+            )
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def batch(self, block_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) block ids -> inputs and targets, both (B, L) int64."""
+        starts = np.asarray(block_ids, dtype=np.int64)[:, None] * self.seq_len
+        window = self.split.tokens[starts + np.arange(self.seq_len + 1)]  # (B, L+1)
+        window = torch.from_numpy(window.astype(np.int64))
+        return window[:, :-1], window[:, 1:]
+
+
+class BatchSampler:
+    """Shuffled global batches of block ids, a fresh permutation per epoch, resumable.
+
+    Epoch e's order is randperm(num_blocks) under seed + e; a batch never straddles two
+    epochs (the tail that does not fill a batch is skipped). The state is (epoch, cursor).
+    """
+
+    def __init__(self, num_blocks: int, batch_size: int, seed: int):
+        if num_blocks < batch_size:
+            raise DataError(
+                f"the training split has {num_blocks} blocks, fewer than train.batch_size={batch_size}; "
+                "lower train.batch_size or data.seq_len, or add data"
+            )
+        self.num_blocks = num_blocks
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.cursor = 0
+        self._perm: Optional[np.ndarray] = None
+
+    def _order(self) -> np.ndarray:
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._perm = torch.randperm(self.num_blocks, generator=g).numpy()
+        return self._perm
+
+    def next(self) -> np.ndarray:
+        """The next global batch: (batch_size,) block ids."""
+        if self.cursor + self.batch_size > self.num_blocks:
+            self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
+        ids = self._order()[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return ids
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor, self._perm = int(state["epoch"]), int(state["cursor"]), None
+
+
+def eval_batches(blocks: Blocks, batch_size: int, max_batches: Optional[int]) -> list[np.ndarray]:
+    """Validation batches in block order: the same ones at every evaluation."""
+    ids = np.arange(len(blocks))
+    batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+    return batches if max_batches is None else batches[:max_batches]

@@ -1,0 +1,110 @@
+"""Building blocks shared by the backbones: RMSNorm, rotary attention, FFN slots.
+
+An FFN slot is either a dense FFN or an MoE layer; both map (B, T, D) -> (B, T, D), and the
+slot returns the MoE layer's routing record (None when dense), so a backbone treats them alike.
+Shapes: B batch, T sequence length, D model dim, h heads, hd head dim, N = B*T tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moectl.moe import MoELayer, RoutingRecord
+from moectl.moe.experts import ffn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back (as Llama / Mixtral)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embeddings in the "rotate half" layout used by Llama / Mixtral."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        t = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(device))  # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+        return emb.cos(), emb.sin()
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, t, d = x.shape
+        # (B, T, D) -> (B, h, T, hd)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))  # (B, h, T, hd) -> (B, T, D)
+
+
+class FeedForward(nn.Module):
+    """Dense FFN; the same `ffn` function the experts use. Weights stored (in, out)."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str, init_std: float = 0.02):
+        super().__init__()
+        self.activation = activation
+        self.w_up = nn.Parameter(torch.empty(d_model, hidden))
+        self.w_gate = nn.Parameter(torch.empty(d_model, hidden)) if activation == "swiglu" else None
+        self.w_down = nn.Parameter(torch.empty(hidden, d_model))
+        for p in self.parameters():
+            nn.init.normal_(p, std=init_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ffn(x, self.w_up, self.w_gate, self.w_down, self.activation)
+
+
+class FFNSlot(nn.Module):
+    """A dense FFN or an MoE layer behind one interface: (B, T, D) -> ((B, T, D), record or None)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.inner, MoELayer)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Optional[RoutingRecord]]:
+        if not self.is_moe:
+            return self.inner(x), None
+        b, t, d = x.shape
+        y, record = self.inner(x.reshape(b * t, d))  # (B, T, D) -> (N, D)
+        return y.view(b, t, d), record

@@ -1,0 +1,53 @@
+"""The LSTM language model with MoE layers of Shazeer et al. 2017 ("Outrageously large
+neural networks", Appendix C): embedding -> LSTM -> MoE -> LSTM -> ... -> softmax.
+
+An FFN slot (MoE, or dense in the baseline) sits between each pair of stacked LSTM layers,
+with dropout on every layer's output and optional residual connections around each layer.
+Shapes: B batch, T sequence length, D model dim (= LSTM units = MoE input/output).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from moectl.models.base import LanguageModel
+from moectl.models.layers import FFNSlot
+from moectl.moe import RoutingRecord
+
+
+class LSTMMoE(LanguageModel):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_layers: int,
+        make_ffn: Callable[[int], FFNSlot],
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        residual: bool = True,
+        aux_loss_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        init_std: float = 0.02,
+    ):
+        super().__init__(vocab_size, d_model, tie_embeddings, aux_loss_coef, z_loss_coef, dropout, init_std)
+        self.residual = residual
+        self.lstms = nn.ModuleList(nn.LSTM(d_model, d_model, batch_first=True) for _ in range(n_layers))
+        self.ffns = nn.ModuleList(make_ffn(i) for i in range(n_layers - 1))
+        self.init_weights()
+
+    def _add(self, h: Tensor, y: Tensor) -> Tensor:
+        return h + self.drop(y) if self.residual else self.drop(y)
+
+    def body(self, h: Tensor) -> tuple[Tensor, list[RoutingRecord]]:
+        records = []
+        for i, lstm in enumerate(self.lstms):
+            y, _ = lstm(h)  # (B, T, D); each sequence starts from a zero state
+            h = self._add(h, y)
+            if i < len(self.ffns):
+                y, record = self.ffns[i](h)
+                h = self._add(h, y)
+                if record is not None:
+                    records.append(record)
+        return h, records

@@ -1,0 +1,64 @@
+"""Decoder-only Transformer with MoE FFNs (GShard / Switch / Mixtral layout).
+
+Pre-norm blocks: h += attn(RMSNorm(h)); h += ffn(RMSNorm(h)), rotary positions, causal
+scaled_dot_product_attention. The FFN of every `moe_every`-th block is an MoE layer, the
+others dense; with no MoE slots it is the dense baseline of the same shape.
+Shapes: B batch, T sequence length, D model dim.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from moectl.models.base import LanguageModel
+from moectl.models.layers import CausalSelfAttention, FFNSlot, RMSNorm, RotaryEmbedding
+from moectl.moe import RoutingRecord
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, norm_eps: float, ffn: FFNSlot):
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model, norm_eps)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        self.ffn_norm = RMSNorm(d_model, norm_eps)
+        self.ffn = ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, RoutingRecord | None]:
+        h = h + self.drop(self.attn(self.attn_norm(h), cos, sin))
+        y, record = self.ffn(self.ffn_norm(h))
+        return h + self.drop(y), record
+
+
+class TransformerMoE(LanguageModel):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        make_ffn: Callable[[int], FFNSlot],
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-5,
+        aux_loss_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        init_std: float = 0.02,
+    ):
+        super().__init__(vocab_size, d_model, tie_embeddings, aux_loss_coef, z_loss_coef, dropout, init_std)
+        self.rotary = RotaryEmbedding(d_model // n_heads, rope_theta)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout, norm_eps, make_ffn(i)) for i in range(n_layers))
+        self.norm = RMSNorm(d_model, norm_eps)
+        self.init_weights()
+
+    def body(self, h: Tensor) -> tuple[Tensor, list[RoutingRecord]]:
+        cos, sin = self.rotary(h.shape[1], h.device)  # (T, hd) each
+        records = []
+        for block in self.blocks:
+            h, record = block(h, cos, sin)
+            if record is not None:
+                records.append(record)
+        return self.norm(h), records

@@ -1,0 +1,37 @@
+"""Pictures without a plotting library: heatmaps as RGB arrays, PNG files via Pillow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# Anchor colours of matplotlib's viridis at 0, 0.25, 0.5, 0.75, 1 (dark blue -> yellow).
+_VIRIDIS = np.array(
+    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
+)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB with a trailing axis of 3."""
+    v = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    lo = np.floor(v).astype(int).clip(0, len(_VIRIDIS) - 2)
+    frac = (v - lo)[..., None]
+    rgb = _VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac
+    return rgb.round().astype(np.uint8)
+
+
+def heatmap(matrix: np.ndarray, vmax: float, cell: int = 16, gap: int = 1) -> np.ndarray:
+    """(rows, cols) -> (rows*cell, cols*cell, 3) uint8 image, value 0 -> dark, vmax -> bright."""
+    rgb = colormap(np.asarray(matrix, dtype=np.float64) / vmax)  # (rows, cols, 3)
+    img = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
+    if gap:
+        img[cell - gap :: cell, :, :] = 255  # white grid lines between cells
+        img[:, cell - gap :: cell, :] = 255
+    return img
+
+
+def save_png(image: np.ndarray, path: str | Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(image).save(path, format="PNG")

@@ -1,0 +1,131 @@
+"""Tokenizers: train a byte-level BPE with HF `tokenizers`, or load one from a file or the Hub.
+
+A trained tokenizer is cached under the data cache keyed by the training data and settings,
+so a second run on the same data reuses it; the run directory keeps its own copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from moectl import hub
+from moectl.config import TokenizerConfig
+from moectl.errors import DataError
+
+RECIPE_VERSION = "bytelevel-bpe-1"  # bump when training changes, so old cached tokenizers are not reused
+
+
+def train_bpe(
+    texts: Iterator[list[str]], vocab_size: int, min_frequency: int, eot_token: str, length: Optional[int] = None
+) -> Tokenizer:
+    """Byte-level BPE (as GPT-2): any text round-trips, with no unknown tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[eot_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    return tok
+
+
+def load_file(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"tokenizer.path={str(path)!r}: no such file; give a tokenizer.json, or drop it to train one")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
+        raise DataError(f"tokenizer.path={str(path)!r}: not a valid tokenizer.json ({str(exc).splitlines()[0]})") from None
+
+
+def load_hub(name: str) -> Tokenizer:
+    hub.go_offline_if_unreachable()
+    try:
+        return Tokenizer.from_pretrained(name)
+    except Exception as exc:
+        if hub.is_offline() or "offline" in str(exc).lower() or isinstance(exc, (ConnectionError, OSError)):
+            raise DataError(
+                f"tokenizer.name={name!r}: {hub.UNREACHABLE}; use a local tokenizer.json (tokenizer.path=...) "
+                "or train one (drop tokenizer.name)"
+            ) from None
+        raise DataError(f"tokenizer.name={name!r}: cannot load it from the Hub ({str(exc).splitlines()[0]})") from None
+
+
+def eot_id(tok: Tokenizer, eot_token: str) -> int:
+    idx = tok.token_to_id(eot_token)
+    if idx is None:
+        raise DataError(
+            f"tokenizer.eot_token={eot_token!r} is not in the tokenizer's vocabulary; set it to the tokenizer's end-of-text token"
+        )
+    return idx
+
+
+def fingerprint(tok: Tokenizer) -> str:
+    return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+
+
+def build(
+    cfg: TokenizerConfig, train_texts, text_column: str, data_fingerprint: str, cache_dir: Path
+) -> tuple[Tokenizer, bool]:
+    """The configured tokenizer: loaded, or trained on `train_texts` (cached). Returns (tokenizer, from_cache)."""
+    if cfg.path is not None:
+        tok, cached = load_file(cfg.path), False
+    elif cfg.name is not None:
+        tok, cached = load_hub(cfg.name), False
+    else:
+        key = hashlib.sha256(
+            repr(
+                (RECIPE_VERSION, data_fingerprint, text_column, cfg.vocab_size, cfg.min_frequency, cfg.max_train_chars, cfg.eot_token)
+            ).encode()
+        ).hexdigest()[:16]
+        path = cache_dir / "tokenizers" / f"{key}.json"
+        cached = path.is_file()
+        if cached:
+            tok = Tokenizer.from_file(str(path))
+        else:
+            tok = train_bpe(
+                _text_batches(train_texts, text_column, cfg.max_train_chars),
+                cfg.vocab_size,
+                cfg.min_frequency,
+                cfg.eot_token,
+            )
+            save(tok, path)
+    eot_id(tok, cfg.eot_token)
+    return tok, cached
+
+
+def _text_batches(dataset, column: str, max_chars: Optional[int], batch: int = 1000) -> Iterator[list[str]]:
+    used = 0
+    for start in range(0, len(dataset), batch):
+        texts = [t for t in dataset[start : start + batch][column] if t]
+        if max_chars is not None:
+            kept = []
+            for t in texts:
+                if used >= max_chars:
+                    break
+                kept.append(t[: max_chars - used])
+                used += len(kept[-1])
+            texts = kept
+        if texts:
+            yield texts
+        if max_chars is not None and used >= max_chars:
+            return
+
+
+def save(tok: Tokenizer, path: str | Path) -> None:
+    """Write atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tok.save(str(tmp))
+    os.replace(tmp, path)

@@ -1,0 +1,101 @@
+"""TensorBoard logging and the metric namespace (written by rank 0 only).
+
+Scalars
+  train/loss, train/lm_loss, train/aux_loss, train/z_loss   means over the logging window;
+                                     loss = lm_loss + aux_loss + z_loss (router terms weighted)
+  train/lr, train/grad_norm (pre-clip, window mean), train/tokens_per_sec
+  eval/loss, eval/ppl                validation cross-entropy (nats/token) and exp of it
+  routing/layerNN/{cv, max_over_mean, min_over_mean, load_entropy, router_entropy,
+                   drop_fraction, dead_experts}    per MoE layer over the window (see stats.py)
+  routing/worst_max_over_mean        the most imbalanced layer's max/mean
+Histograms
+  routing/layerNN/experts            tokens per expert over the window, one bar per expert
+                                     (bucket e spans e - 0.5 .. e + 0.5)
+Images
+  routing/load_heatmap               at each eval: MoE layers (rows) x experts (columns),
+                                     token share from 0 (dark) to 2 / E, twice uniform, or more (bright)
+Text
+  config                             the resolved config
+  routing/warnings                   collapse warnings
+NN is the FFN slot: the transformer block, or the gap after LSTM layer NN.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from moectl import plots
+from moectl.stats import LayerStats
+
+SCALAR_FIELDS = ("cv", "max_over_mean", "min_over_mean", "load_entropy", "router_entropy", "drop_fraction", "dead_experts")
+
+
+def layer_tag(slot: int) -> str:
+    return f"routing/layer{slot:02d}"
+
+
+class Tracker:
+    def __init__(self, log_dir: Path, enabled: bool = True, purge_step: Optional[int] = None):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def routing(self, slots: list[int], layers: list[LayerStats], step: int, histograms: bool) -> None:
+        if not self.writer or not layers:
+            return
+        for slot, s in zip(slots, layers):
+            tag = layer_tag(slot)
+            for name in SCALAR_FIELDS:
+                self.writer.add_scalar(f"{tag}/{name}", getattr(s, name), step)
+            if histograms:
+                self.expert_histogram(f"{tag}/experts", s.load, step)
+        self.writer.add_scalar("routing/worst_max_over_mean", max(s.max_over_mean for s in layers), step)
+
+    def expert_histogram(self, tag: str, load: list[int], step: int) -> None:
+        """One bucket per expert with edges e +- 0.5, so each expert is its own bar."""
+        counts = np.asarray(load, dtype=np.float64)
+        nonzero = np.flatnonzero(counts)
+        if not len(nonzero):
+            return
+        experts = np.arange(len(counts), dtype=np.float64)
+        # TensorBoard takes the outer edges from min / max: the first and last non-empty experts.
+        self.writer.add_histogram_raw(
+            tag,
+            min=float(nonzero[0]) - 0.5,
+            max=float(nonzero[-1]) + 0.5,
+            num=float(counts.sum()),
+            sum=float((experts * counts).sum()),
+            sum_squares=float((experts**2 * counts).sum()),
+            bucket_limits=(experts + 0.5).tolist(),
+            bucket_counts=counts.tolist(),
+            global_step=step,
+        )
+
+    def heatmap(self, layers: list[LayerStats], step: int) -> None:
+        if not self.writer or not layers:
+            return
+        share = np.array([s.share for s in layers])  # (L, E)
+        image = plots.heatmap(share, vmax=2.0 / share.shape[1])
+        self.writer.add_image("routing/load_heatmap", image, step, dataformats="HWC")
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer:
+            self.writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        if self.writer:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

@@ -1,0 +1,432 @@
+"""The training loop: one explicit `fit()` to read top to bottom.
+
+fit: check the run directory -> data and tokenizer -> model and optimizer -> (resume) ->
+for each step: micro-batches forward/backward, clip, AdamW step; every log.every steps log
+the window's losses and routing statistics; every train.eval_every steps evaluate; every
+checkpoint.every steps save. Ctrl-C finishes the current step, saves and returns.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from moectl import __version__, checkpoint, config, console, data
+from moectl import tokenizer as tokenizers_
+from moectl.config import Config, OptimConfig
+from moectl.console import TrainProgress
+from moectl.errors import CheckpointError, ConfigError
+from moectl.models import LanguageModel, build_model, moe_slots, parameter_counts
+from moectl.stats import RoutingStats
+from moectl.tracking import Tracker
+
+# Sections that define the model and its data: a resumed run must not change them.
+FROZEN_ON_RESUME = ("model", "moe", "tokenizer")
+DATA_KEYS_FREE_ON_RESUME = ("num_proc", "cache_dir")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    max_steps: int
+    tokens_seen: int
+    first_eval_loss: Optional[float]
+    eval_loss: Optional[float]
+    interrupted: bool
+    train_seconds: float
+    tokens_per_sec: float
+    params_total: int
+    params_active: int
+
+
+# ------------------------------------------------------------------------- device and precision
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("train.device='mps' but MPS is not available here; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
+    """None means plain fp32. The router always runs in fp32 regardless (moe/router.py)."""
+    if precision == "fp32":
+        return None
+    bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if precision == "bf16":
+        if not bf16_ok and device.type != "mps":
+            raise ConfigError(f"train.precision=bf16 is not supported on {device}; use train.precision=fp32")
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" and bf16_ok else None
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# --------------------------------------------------------------------------- optimizer and LR
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (norm weights, biases) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio * lr.
+
+    A pure function of the step, so resuming needs no scheduler state.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant" or max_steps <= cfg.warmup_steps:
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / (max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+# ----------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: LanguageModel,
+    blocks: data.Blocks,
+    batches: list,
+    device: torch.device,
+    amp: Optional[torch.dtype],
+    stats: Optional[RoutingStats] = None,
+) -> float:
+    """Mean next-token cross-entropy (nats per token) over the given validation batches."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for ids in batches:
+        x, y = (t.to(device) for t in blocks.batch(ids))
+        with autocast(device, amp):
+            out = model(x, y)
+        total += out.lm_loss.double() * y.numel()
+        count += y.numel()
+        if stats is not None:
+            stats.update(out.routing)
+    model.train(was_training)
+    return float(total) / count
+
+
+# --------------------------------------------------------------------------------- run directory
+
+
+def run_directory(cfg: Config) -> Path:
+    return Path(cfg.run.dir) / cfg.run.name
+
+
+def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> Optional[Path]:
+    """Refuse to clobber a run; on resume return the checkpoint to continue from."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    ckpt = checkpoint.latest(run_dir)
+    if resume:
+        if ckpt is None:
+            raise CheckpointError(
+                f"--resume: no checkpoint in {checkpoint.checkpoints_dir(run_dir)} to resume; drop --resume to start a new run"
+            )
+        saved_path = run_dir / "config.yaml"
+        saved = config.load(saved_path) if saved_path.is_file() else None
+        if saved is None:
+            raise CheckpointError(f"--resume: {saved_path} is missing, so the run's config is unknown")
+        if not (run_dir / "tokenizer.json").is_file():
+            raise CheckpointError(f"--resume: {run_dir / 'tokenizer.json'} is missing; the run cannot be continued")
+        changed = config.diff(saved, cfg, FROZEN_ON_RESUME)
+        changed += [c for c in config.diff(saved, cfg, ("data",)) if c.split(":")[0].split(".")[1] not in DATA_KEYS_FREE_ON_RESUME]
+        changed += [c for c in config.diff(saved, cfg, ("train",)) if c.startswith("train.seed:")]
+        if changed:
+            raise ConfigError(
+                f"--resume: the config differs from the run's in what defines the model or data ({'; '.join(changed)}); "
+                "resume with the same settings, or start a new run with --run-name"
+            )
+        return ckpt
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        what = f"checkpoints up to {ckpt.name}" if ckpt else "files"
+        raise CheckpointError(
+            f"{run_dir} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
+            "or --run-name NAME to start another run"
+        )
+    return None
+
+
+# ------------------------------------------------------------------------------ Ctrl-C handling
+
+
+class StopOnInterrupt:
+    """First Ctrl-C: finish the step, checkpoint, return. Second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.warn("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# -------------------------------------------------------------------------------------- the loop
+
+
+class LossWindow:
+    """Sums over the logging window, kept on the device: no host sync per micro-step."""
+
+    FIELDS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "micro_steps", "steps")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, torch.zeros((), dtype=torch.float64, device=self.device))
+
+    def add_micro(self, out) -> None:
+        self.loss += out.loss.detach().double()
+        self.lm_loss += out.lm_loss.detach().double()
+        self.aux_loss += out.aux_loss.detach().double()
+        self.z_loss += out.z_loss.detach().double()
+        self.micro_steps += 1
+
+    def add_step(self, grad_norm: torch.Tensor) -> None:
+        self.grad_norm += grad_norm.detach().double()
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        m, s = max(float(self.micro_steps), 1.0), max(float(self.steps), 1.0)
+        out = {f"train/{k}": float(getattr(self, k)) / m for k in ("loss", "lm_loss", "aux_loss", "z_loss")}
+        out["train/grad_norm"] = float(self.grad_norm) / s
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).cpu() for name in self.FIELDS}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, state[name].to(self.device, torch.float64))
+
+
+def _rng_state() -> dict[str, object]:
+    state: dict[str, object] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, object]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
+    run_dir = run_directory(cfg)
+    resume_from = check_run_dir(run_dir, cfg, resume, overwrite)
+    device = pick_device(cfg.train.device)
+    amp = autocast_dtype(device, cfg.train.precision)
+    tr, seq_len = cfg.train, cfg.data.seq_len
+
+    # Data and tokenizer. Nothing in the run directory changes until they are ready.
+    console.status(f"loading data ({cfg.data.source})")
+    corpus = data.prepare(cfg, tokenizer_file=run_dir / "tokenizer.json" if resume_from else None)
+    train_blocks = data.Blocks(corpus.train, seq_len)
+    val_blocks = data.Blocks(corpus.validation, seq_len)
+    sampler = data.BatchSampler(len(train_blocks), tr.batch_size, tr.seed)
+    val_batches = data.eval_batches(val_blocks, cfg.micro_batch_size, tr.eval_batches)
+    console.status(
+        f"tokens: {console.human(len(corpus.train.tokens))} train, {console.human(len(corpus.validation.tokens))} validation"
+        f" ({'cached' if corpus.train.from_cache else 'tokenised'}); vocab {corpus.tokenizer.get_vocab_size()}"
+        f" ({'cached' if corpus.tokenizer_from_cache else 'trained'} tokenizer)"
+    )
+
+    # Model and optimizer.
+    torch.manual_seed(tr.seed)
+    model = build_model(cfg, corpus.tokenizer.get_vocab_size()).to(device)
+    optimizer = make_optimizer(model, cfg.optim)
+    slots = moe_slots(model)
+    stats = RoutingStats(len(slots), cfg.moe.num_experts, device)
+    window = LossWindow(device)
+    total_params, active_params = parameter_counts(model)
+    step, tokens_seen, first_eval, eval_loss = 0, 0, None, None
+
+    if resume_from is not None:
+        checkpoint.load_model(resume_from, model)
+        state = checkpoint.load_state(resume_from)
+        meta = checkpoint.read_meta(resume_from)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            sampler.load_state_dict(state["sampler"])
+            window.load_state_dict(state["window"])
+            stats.load_state_dict(state["routing_stats"])
+            _set_rng_state(state["rng"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {resume_from} is corrupt: state.pt: {exc}") from None
+        step, tokens_seen = meta["step"], meta.get("tokens_seen", 0)
+        first_eval, eval_loss = meta.get("first_eval_loss"), meta.get("eval_loss")
+        console.status(f"resuming {run_dir} from step {step}")
+    else:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizers_.save(corpus.tokenizer, run_dir / "tokenizer.json")
+    config.save(cfg, run_dir / "config.yaml")
+
+    tracker = Tracker(run_dir, cfg.log.tensorboard, purge_step=step + 1 if resume_from else None)
+    tracker.text("config", "    " + config.dump(cfg).replace("\n", "\n    "), step)
+    console.status(
+        f"{cfg.model.arch}: {console.human(total_params)} parameters, {console.human(active_params)} active per token"
+        f"; device {device}{' bf16' if amp else ''}; {tr.max_steps} steps of {tr.batch_size}x{seq_len} tokens"
+    )
+
+    def save(eval_loss: Optional[float]) -> Path:
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state_dict(),
+            "window": window.state_dict(),
+            "routing_stats": stats.state_dict(),
+            "rng": _rng_state(),
+        }
+        meta = {
+            "tokens_seen": tokens_seen,
+            "config_hash": config.config_hash(cfg),
+            "moectl_version": __version__,
+            "torch_version": torch.__version__,
+            "eval_loss": eval_loss,
+            "first_eval_loss": first_eval,
+        }
+        return checkpoint.save(run_dir, step, model, state, meta, cfg.checkpoint.keep_last)
+
+    def run_eval() -> float:
+        eval_stats = RoutingStats(len(slots), cfg.moe.num_experts, device)
+        loss = evaluate(model, val_blocks, val_batches, device, amp, eval_stats)
+        tracker.scalars({"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}, step)
+        if slots:
+            tracker.heatmap(eval_stats.summary(), step)
+        progress.print(f"step {step}: eval loss {loss:.4f}, ppl {math.exp(min(loss, 50.0)):.2f}")
+        return loss
+
+    collapsed = [False] * len(slots)
+    train_seconds, window_seconds, window_tokens, session_tokens = 0.0, 0.0, 0, 0
+    last_ckpt = resume_from
+    with StopOnInterrupt() as stop, TrainProgress(tr.max_steps, step) as progress:
+        if step == 0:
+            eval_loss = first_eval = run_eval()
+        while step < tr.max_steps and not stop.requested:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.optim, tr.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ids = sampler.next().reshape(cfg.grad_accum_steps, cfg.micro_batch_size)  # (accum, micro)
+            for micro_ids in ids:
+                x, y = (t.to(device, non_blocking=True) for t in train_blocks.batch(micro_ids))
+                with autocast(device, amp):
+                    out = model(x, y)
+                (out.loss / cfg.grad_accum_steps).backward()
+                window.add_micro(out)
+                stats.update(out.routing)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            window.add_step(grad_norm)
+            step += 1
+            tokens_seen += tr.batch_size * seq_len
+            loss_now = out.loss.item()  # one host sync per step, for the progress bar
+            dt = time.perf_counter() - t0
+            train_seconds += dt
+            window_seconds += dt
+            window_tokens += tr.batch_size * seq_len
+            session_tokens += tr.batch_size * seq_len
+            progress.update(step, loss_now, lr)
+
+            if step % cfg.log.every == 0 or step == tr.max_steps:
+                scalars = window.means()
+                scalars["train/lr"] = lr
+                scalars["train/tokens_per_sec"] = window_tokens / max(window_seconds, 1e-9)
+                tracker.scalars(scalars, step)
+                imbalance = None
+                if slots and not stats.empty():
+                    layers = stats.summary()
+                    tracker.routing(slots, layers, step, cfg.log.histograms)
+                    worst = max(range(len(layers)), key=lambda i: layers[i].max_over_mean)
+                    imbalance = layers[worst].max_over_mean
+                    for i, s in enumerate(layers):
+                        now = s.max_over_mean > cfg.log.collapse_threshold
+                        if now and not collapsed[i]:
+                            msg = (
+                                f"step {step}: routing in layer {slots[i]} is collapsing: max/mean expert load "
+                                f"{s.max_over_mean:.2f} > log.collapse_threshold={cfg.log.collapse_threshold} over the "
+                                f"last {cfg.log.every} steps ({s.dead_experts} dead experts); consider a larger "
+                                "moe.aux_loss_coef or a lower optim.lr"
+                            )
+                            console.warn(msg)
+                            tracker.text("routing/warnings", msg, step)
+                        collapsed[i] = now
+                progress.update(step, scalars["train/loss"], lr, scalars["train/tokens_per_sec"], imbalance)
+                progress.window_line(step)
+                window.reset()
+                stats.reset()
+                window_seconds, window_tokens = 0.0, 0
+                tracker.flush()
+            if step % tr.eval_every == 0 or step == tr.max_steps:
+                eval_loss = run_eval()
+            if step % cfg.checkpoint.every == 0 or step == tr.max_steps:
+                last_ckpt = save(eval_loss)
+        if stop.requested:
+            last_ckpt = save(eval_loss)
+            progress.print(f"stopped at step {step}; checkpoint saved to {last_ckpt}")
+    tracker.close()
+    return RunResult(
+        run_dir=run_dir,
+        checkpoint=last_ckpt,
+        step=step,
+        max_steps=tr.max_steps,
+        tokens_seen=tokens_seen,
+        first_eval_loss=first_eval,
+        eval_loss=eval_loss,
+        interrupted=stop.requested and step < tr.max_steps,
+        train_seconds=train_seconds,
+        tokens_per_sec=(session_tokens / train_seconds) if train_seconds else 0.0,
+        params_total=total_params,
+        params_active=active_params,
+    )
+

@@ -1,0 +1,72 @@
+"""Shared test setup: never touch the network, keep every cache inside pytest's temp dirs.
+
+The environment is set at import time, before `datasets` / `huggingface_hub` read it.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="moectl-tests-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = str(_SESSION_TMP / "hf")
+os.environ["HF_DATASETS_CACHE"] = str(_SESSION_TMP / "hf" / "datasets")
+os.environ["MOECTL_CACHE"] = str(_SESSION_TMP / "moectl-cache")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Real text for test corpora: a fixed set of standard-library modules, written out by the tests.
+CORPUS_MODULES = [
+    "argparse.py", "ast.py", "base64.py", "bisect.py", "calendar.py", "csv.py", "dataclasses.py",
+    "difflib.py", "fractions.py", "functools.py", "heapq.py", "inspect.py", "json/decoder.py",
+    "json/encoder.py", "operator.py", "pprint.py", "random.py", "shlex.py", "statistics.py",
+    "string.py", "textwrap.py", "tokenize.py", "typing.py", "uuid.py",
+]
+
+
+def module_texts(limit: int | None = None) -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [(root / m).read_text(encoding="utf-8") for m in CORPUS_MODULES[:limit]]
+
+
+def write_corpus(directory: Path, n_files: int = 24) -> Path:
+    """Write real text files (stdlib sources) as .txt; returns the directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(module_texts(n_files)):
+        (directory / f"doc{i:02d}.txt").write_text(text)
+    return directory
+
+
+def tiny_config(tmp_path: Path, arch: str = "transformer_moe", **sections) -> dict:
+    """A config dict for a model that trains in seconds on a written corpus."""
+    corpus = write_corpus(tmp_path / "corpus")
+    cfg = {
+        "run": {"name": "tiny", "dir": str(tmp_path / "runs")},
+        "model": {"arch": arch, "d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden": 64},
+        "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 32},
+        "data": {"source": "files", "data_files": str(corpus / "*.txt"), "sample_by": "document", "seq_len": 32},
+        "tokenizer": {"vocab_size": 300},
+        "train": {"max_steps": 6, "batch_size": 4, "eval_every": 3, "eval_batches": 2, "device": "cpu"},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "log": {"every": 2},
+        "checkpoint": {"every": 3, "keep_last": 5},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_config_file(tmp_path: Path) -> Path:
+    return write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path))
