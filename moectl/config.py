@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -25,7 +26,25 @@ from moectl.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+    # coerce_numbers_to_str: `run.name: 2024` is a name, not a type error.
+    model_config = ConfigDict(
+        extra="forbid", protected_namespaces=(), validate_assignment=True, coerce_numbers_to_str=True
+    )
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string (its floats need a dot); researchers write it as a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 class RunConfig(Section):
@@ -276,9 +295,14 @@ def _section_fields(path: tuple[str, ...]) -> list[str]:
     return list(section.model_fields) if section and len(path) == 1 else []
 
 
-def _describe_error(err: dict[str, Any]) -> str:
-    loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
-    key = ".".join(loc)
+def _field_key(loc: tuple) -> str:
+    """The dotted config key of an error: section.field, without list indices or union-member tags."""
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    return ".".join(parts[:2] if parts and parts[0] in SECTIONS else parts[:1])
+
+
+def _describe_error(err: dict[str, Any], key: str) -> str:
+    loc = tuple(key.split(".")) if key else ()
     kind = err["type"]
     if kind == "extra_forbidden":
         where = f"section '{'.'.join(loc[:-1])}'" if len(loc) > 1 else "the top level"
@@ -288,7 +312,7 @@ def _describe_error(err: dict[str, Any]) -> str:
     msg = err["msg"]
     if kind == "value_error":
         msg = str(err["ctx"]["error"])
-    msg = msg.replace("Input should be", "must be").replace("Value error, ", "")
+    msg = msg.replace("Input should be", "must be").replace("Value error, ", "").replace("Field required", "missing")
     if kind == "literal_error":
         expected = err["ctx"]["expected"]
         msg = f"must be one of {expected}"
@@ -300,15 +324,30 @@ def _describe_error(err: dict[str, Any]) -> str:
     return f"{key}={err.get('input')!r}: {msg}" if key else msg
 
 
+def _union_kind(tag: str) -> str:
+    if tag.startswith("dict"):
+        return "a mapping"
+    if tag.startswith("list"):
+        return "a list"
+    return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(tag, tag)
+
+
 def _format_errors(exc: ValidationError, source: str, overrides: dict[str, Any]) -> str:
-    lines = []
+    # A value that fits no member of a Union field gives one pydantic error per member: merge them.
+    groups: dict[str, list[dict[str, Any]]] = {}
     for err in exc.errors():
-        text = _describe_error(err)
-        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
-        if not key:  # a cross-field check: blame the override it names, if any
-            key = next((k for k in overrides if k in text), "")
-        origin = f"--set {key}" if key in overrides else source
-        lines.append(f"{origin}: {text}")
+        groups.setdefault(_field_key(err["loc"]), []).append(err)
+    lines = []
+    for key, errs in groups.items():
+        tags = [str(e["loc"][2]) for e in errs if len(e["loc"]) > 2 and not isinstance(e["loc"][2], int)]
+        if len(errs) > 1 and len(tags) == len(errs):
+            kinds = [_union_kind(t) for t in tags]
+            text = f"{key}={errs[0].get('input')!r}: must be {', '.join(kinds[:-1])} or {kinds[-1]}"
+        else:
+            text = "\n".join(_describe_error(e, key) for e in errs)
+        blame = key or next((k for k in overrides if k in text), "")  # cross-field: the override it names
+        origin = f"--set {blame}" if blame in overrides else source
+        lines += [f"{origin}: {line}" for line in text.splitlines()]
     return "\n".join(lines)
 
 
@@ -322,7 +361,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, _, text = item.partition("=")
     key = key.strip()
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _yaml_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text  # not YAML: keep the raw string and let validation judge it
     _check_key(key)
@@ -377,7 +416,7 @@ def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None) ->
         except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read the config file ({exc.__class__.__name__})") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = _yaml_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

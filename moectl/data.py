@@ -28,7 +28,7 @@ from moectl import tokenizer as tokenizers_
 from moectl.config import Config, DataConfig
 from moectl.errors import DataError
 
-TOKENS_VERSION = "1"  # bump when the token layout changes, so old caches are not reused
+TOKENS_VERSION = "2"  # bump when the token layout changes, so old caches are not reused
 FORMAT_BY_SUFFIX = {
     ".txt": "text",
     ".md": "text",
@@ -83,9 +83,28 @@ def _infer_format(data_files: Any) -> str:
     return FORMAT_BY_SUFFIX[suffix]
 
 
+def _patterns(data_files: Any) -> list[tuple[str, str]]:
+    """(split, pattern) pairs of a data_files value (a path, a list, or a mapping split -> either)."""
+    if isinstance(data_files, dict):
+        return [(split, p) for split, v in data_files.items() for _, p in _patterns(v)]
+    items = data_files if isinstance(data_files, list) else [data_files]
+    return [("train", str(p)) for p in items]
+
+
+def _check_local_files(data_files: Any) -> None:
+    import glob
+
+    for split, pattern in _patterns(data_files):
+        if "://" in pattern:  # remote (hf://, s3://, https://): left to datasets
+            continue
+        if not glob.glob(os.path.expanduser(pattern), recursive=True):
+            raise DataError(f"data.data_files: {pattern!r} ({split}) matches no files; check the path or glob")
+
+
 def _load_files(cfg: DataConfig):
     import datasets
 
+    _check_local_files(cfg.data_files)
     fmt = cfg.format or _infer_format(cfg.data_files)
     kwargs = {"sample_by": cfg.sample_by} if fmt == "text" else {}
     try:
@@ -202,6 +221,9 @@ def tokenize(ds, name: str, column: str, tokenizer: Tokenizer, eot: int, cache: 
     path = cache / "tokens" / f"{key}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
     from_cache = path.exists()
+    # Documents are text: a literal "<|endoftext|>" inside one is spelled out, not a document boundary.
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())
+    tokenizer.encode_special_tokens = True
     out = ds.map(
         _tokenize_batch,
         batched=True,

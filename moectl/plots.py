@@ -21,8 +21,14 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return rgb.round().astype(np.uint8)
 
 
-def heatmap(matrix: np.ndarray, vmax: float, cell: int = 16, gap: int = 1) -> np.ndarray:
+def cell_size(cols: int) -> int:
+    """Pixels per heatmap cell: large enough to see, small enough that 64+ experts fit a screen."""
+    return max(8, min(48, 768 // max(cols, 1)))
+
+
+def heatmap(matrix: np.ndarray, vmax: float, gap: int = 1) -> np.ndarray:
     """(rows, cols) -> (rows*cell, cols*cell, 3) uint8 image, value 0 -> dark, vmax -> bright."""
+    cell = cell_size(np.shape(matrix)[1])
     rgb = colormap(np.asarray(matrix, dtype=np.float64) / vmax)  # (rows, cols, 3)
     img = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
     if gap:

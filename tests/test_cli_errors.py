@@ -1,0 +1,173 @@
+"""Bad input: one clear error line, a non-zero exit, no traceback, nothing on disk changed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_config, write_config
+from moectl import checkpoint
+from moectl.cli import app
+
+runner = CliRunner()
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under root with its size and mtime: proof that nothing was touched."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def assert_clean_failure(result, *needles: str, code: int = 2) -> str:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = error_lines(result.output)
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A finished tiny run, and a snapshot of its directory."""
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, train={"max_steps": 3}))
+    assert runner.invoke(app, ["train", str(cfg_file)]).exit_code == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    return cfg_file, run_dir
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("model: [unclosed\n", ["invalid YAML", ":1:"]),
+        ("moe:\n  topk: 2\n", ["unknown key 'moe.topk'", "did you mean 'top_k'"]),
+        ("model:\n  d_model: wide\n", ["model.d_model='wide'", "integer"]),
+        ("moe:\n  num_experts: 4\n  top_k: 9\n", ["moe.top_k=9 must be <= moe.num_experts=4"]),
+        ("model:\n  d_model: 30\n  n_heads: 4\n", ["model.d_model=30 must be divisible by model.n_heads=4"]),
+        ("data:\n  seq_len: 0\n", ["data.seq_len=0", "greater than 0"]),
+        ("- just\n- a list\n", ["top level must be a mapping"]),
+    ],
+)
+def test_bad_config(tmp_path, text, needles):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(text)
+    line = assert_clean_failure(runner.invoke(app, ["train", str(cfg_file)]), *needles)
+    assert str(cfg_file) in line
+    assert not (tmp_path / "runs").exists() and not Path("runs/bad").exists()
+
+
+def test_missing_config_file(tmp_path):
+    assert_clean_failure(runner.invoke(app, ["train", str(tmp_path / "nope.yaml")]), "no such config file")
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("moe.topk=1", ["--set moe.topk", "did you mean 'top_k'"]),
+        ("moe.top_k=99", ["--set moe.top_k", "must be <= moe.num_experts"]),
+        ("train.max_steps=many", ["--set train.max_steps", "'many'"]),
+        ("train.max_steps", ["expected KEY=VALUE"]),
+    ],
+)
+def test_bad_override(tiny_config_file, override, needles):
+    assert_clean_failure(runner.invoke(app, ["train", str(tiny_config_file), "--set", override]), *needles)
+
+
+def test_unknown_flag_is_a_usage_error(tiny_config_file):
+    result = runner.invoke(app, ["train", str(tiny_config_file), "--no-such-flag"])
+    assert result.exit_code == 2 and "No such option" in result.output
+
+
+@pytest.mark.parametrize(
+    "data, needles",
+    [
+        ({"data_files": "/nonexistent/*.txt"}, ["matches no files"]),
+        ({"text_column": "body"}, ["data.text_column='body'", "columns are: text"]),
+        ({"seq_len": 10_000_000}, ["fewer than one block", "data.seq_len"]),
+    ],
+)
+def test_bad_data(tmp_path, data, needles):
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, data=data))
+    assert_clean_failure(runner.invoke(app, ["train", str(cfg_file)]), *needles)
+    assert snapshot(tmp_path / "runs") == {}
+
+
+def test_empty_text_column(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.jsonl").write_text('{"text": ""}\n' * 20)
+    cfg = tiny_config(tmp_path, data={"data_files": str(tmp_path / "empty" / "a.jsonl"), "format": "json"})
+    assert_clean_failure(runner.invoke(app, ["train", str(write_config(tmp_path / "t.yaml", cfg))]), "every row is empty")
+
+
+def test_unreachable_hub_says_offline(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg["data"] = {"source": "hub", "name": "wikitext", "config_name": "wikitext-103-raw-v1"}
+    line = assert_clean_failure(runner.invoke(app, ["train", str(write_config(tmp_path / "t.yaml", cfg))]), "unreachable")
+    assert "data.source=files" in line
+
+
+def test_resume_with_nothing_to_resume(tiny_config_file):
+    assert_clean_failure(runner.invoke(app, ["train", str(tiny_config_file), "--resume"]), "no checkpoint", "drop --resume")
+
+
+def test_fresh_run_into_existing_run_is_refused_and_overwrite_replaces_it(trained):
+    cfg_file, run_dir = trained
+    before = snapshot(run_dir)
+    assert_clean_failure(runner.invoke(app, ["train", str(cfg_file)]), "already holds", "--resume", "--overwrite")
+    assert snapshot(run_dir) == before
+    result = runner.invoke(app, ["train", str(cfg_file), "--overwrite", "--set", "train.max_steps=2"])
+    assert result.exit_code == 0, result.output
+    assert [s for s, _ in checkpoint.list_checkpoints(run_dir)] == [2]
+
+
+def test_resume_with_a_different_model_is_refused(trained):
+    cfg_file, run_dir = trained
+    before = snapshot(run_dir)
+    assert_clean_failure(
+        runner.invoke(app, ["train", str(cfg_file), "--resume", "--set", "model.d_model=64"]),
+        "model.d_model: 32 -> 64",
+    )
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "state.pt", "meta.json"])
+def test_corrupt_checkpoint(trained, victim):
+    cfg_file, run_dir = trained
+    path = checkpoint.latest(run_dir) / victim
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated by a crash or a bad copy
+    before = snapshot(run_dir)
+    line = assert_clean_failure(runner.invoke(app, ["train", str(cfg_file), "--resume"]), "is corrupt", victim)
+    assert "delete that directory" in line
+    assert snapshot(run_dir) == before
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text("moe:\n  topk: 2\n")
+    result = runner.invoke(app, ["train", str(cfg_file), "--debug"])
+    assert result.exit_code != 0
+    assert result.exception is not None and "unknown key" in str(result.exception)
+
+
+def test_entry_points_show_help():
+    for cmd in ([sys.executable, "-m", "moectl", "--help"], ["moectl", "train", "--help"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "train" in out.stdout
+
+
+def test_config_command_prints_reference_and_resolved_config(tiny_config_file):
+    ref = runner.invoke(app, ["config"])
+    assert ref.exit_code == 0 and "moe:" in ref.output and "top_k: 2" in ref.output
+    resolved = runner.invoke(app, ["config", str(tiny_config_file), "--set", "moe.top_k=1"])
+    assert resolved.exit_code == 0 and "top_k: 1" in resolved.output and "name: tiny" in resolved.output

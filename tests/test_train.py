@@ -1,0 +1,204 @@
+"""`moectl train` end to end: outputs, TensorBoard, exact resume, determinism, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from typer.testing import CliRunner
+
+from conftest import tiny_config, write_config
+from moectl import checkpoint, config, plots
+from moectl.cli import app
+from moectl.train import fit, lr_at
+
+runner = CliRunner()
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir), size_guidance={"histograms": 0, "scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def scalar_series(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in events(run_dir).Scalars(tag)]
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_train_writes_checkpoint_config_and_tensorboard(tmp_path):
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path))
+    result = runner.invoke(app, ["train", str(cfg_file)])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "tiny"
+    assert "validation" in result.output and "tensorboard --logdir" in result.output
+
+    # Checkpoints every 3 steps and at the end; each holds the three files.
+    ckpts = checkpoint.list_checkpoints(run_dir)
+    assert [s for s, _ in ckpts] == [3, 6]
+    for _, path in ckpts:
+        assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
+    meta = checkpoint.read_meta(ckpts[-1][1])
+    assert meta["step"] == 6 and meta["tokens_seen"] == 6 * 4 * 32
+
+    # The resolved config reloads to an equal config.
+    resolved = config.load(run_dir / "config.yaml")
+    assert resolved == config.load(cfg_file)
+    assert config.config_hash(resolved) == meta["config_hash"]
+    assert (run_dir / "tokenizer.json").is_file()
+
+    acc = events(run_dir)
+    tags = acc.Tags()
+    for tag in ["train/loss", "train/lm_loss", "train/aux_loss", "train/z_loss", "train/lr", "train/grad_norm",
+                "train/tokens_per_sec", "eval/loss", "eval/ppl", "routing/layer00/cv", "routing/layer01/max_over_mean",
+                "routing/layer00/load_entropy", "routing/layer00/router_entropy", "routing/layer00/drop_fraction",
+                "routing/layer00/dead_experts", "routing/worst_max_over_mean"]:
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
+    assert [e.step for e in acc.Scalars("eval/loss")] == [0, 3, 6]
+    # loss = lm + aux + z, window means of each.
+    for loss, lm, aux, z in zip(*(acc.Scalars(f"train/{t}") for t in ("loss", "lm_loss", "aux_loss", "z_loss"))):
+        assert loss.value == pytest.approx(lm.value + aux.value + z.value, rel=1e-5)
+
+    # One histogram per MoE layer, one bucket per expert (edges e +- 0.5), summing to the window's assignments.
+    assert {"routing/layer00/experts", "routing/layer01/experts"} <= set(tags["histograms"])
+    for h in acc.Histograms("routing/layer00/experts"):
+        v = h.histogram_value
+        assert list(v.bucket_limit) == [0.5, 1.5, 2.5, 3.5]
+        assert sum(v.bucket) == 2 * 4 * 32 * 2  # log.every steps * batch * seq_len * top_k (dropless)
+    assert "routing/load_heatmap" in tags["images"]
+    image = acc.Images("routing/load_heatmap")[-1]
+    cell = plots.cell_size(4)
+    assert (image.height, image.width) == (2 * cell, 4 * cell)  # layers x experts cells
+    assert "config/text_summary" in tags["tensors"]
+
+
+def test_resume_from_earlier_checkpoint_reproduces_the_run(tmp_path):
+    # Dropout and gradient accumulation exercise the RNG and data-position state.
+    raw = tiny_config(tmp_path, model={"dropout": 0.1}, train={"micro_batch_size": 2, "max_steps": 8}, checkpoint={"every": 2})
+    cfg_file = write_config(tmp_path / "tiny.yaml", raw)
+    cfg = config.load(cfg_file)
+    first = fit(cfg)
+    run_dir = first.run_dir
+    reference = tmp_path / "reference_step8"
+    shutil.copytree(run_dir / "checkpoints" / "step_000008", reference)
+    losses_before = scalar_series(run_dir, "train/loss")
+
+    # Throw away everything after step 4 and continue from there.
+    for step in (6, 8):
+        shutil.rmtree(checkpoint.step_dir(run_dir, step))
+    resumed = fit(cfg, resume=True)
+    assert resumed.step == 8
+    assert_same_weights(reference, run_dir / "checkpoints" / "step_000008")
+    assert scalar_series(run_dir, "train/loss") == losses_before  # steps 6 and 8 purged and re-logged identically
+    assert resumed.eval_loss == pytest.approx(first.eval_loss, abs=0)
+
+
+def test_same_seed_gives_same_loss_curve_and_other_seed_differs(tmp_path):
+    curves = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        raw = tiny_config(tmp_path, run={"name": name}, train={"seed": seed})
+        fit(config.from_dict(raw))
+        curves.append(scalar_series(tmp_path / "runs" / name, "train/loss"))
+    assert curves[0] == curves[1]
+    assert curves[0] != curves[2]
+
+
+@pytest.mark.parametrize("arch", ["lstm_moe", "transformer_dense"])
+def test_other_backbones_train_from_yaml(tmp_path, arch):
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, arch=arch))
+    result = runner.invoke(app, ["train", str(cfg_file), "--set", "train.max_steps=3", "--run-name", arch])
+    assert result.exit_code == 0, result.output
+    tags = events(tmp_path / "runs" / arch).Tags()
+    assert "train/loss" in tags["scalars"]
+    has_routing = any(t.startswith("routing/") for t in tags["scalars"])
+    assert has_routing == arch.endswith("_moe")
+
+
+def test_set_overrides_and_run_name(tmp_path):
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path))
+    result = runner.invoke(
+        app, ["train", str(cfg_file), "--set", "moe.top_k=1", "--set", "train.max_steps=2", "--run-name", "top1"]
+    )
+    assert result.exit_code == 0, result.output
+    saved = config.load(tmp_path / "runs" / "top1" / "config.yaml")
+    assert saved.moe.top_k == 1 and saved.train.max_steps == 2 and saved.run.name == "top1"
+    hist = events(tmp_path / "runs" / "top1").Histograms("routing/layer00/experts")[-1]
+    assert sum(hist.histogram_value.bucket) == 2 * 4 * 32 * 1  # top-1: one assignment per token
+
+
+def test_resume_from_run_directory_can_extend_training(tmp_path):
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path))
+    assert runner.invoke(app, ["train", str(cfg_file), "--set", "train.max_steps=3"]).exit_code == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    result = runner.invoke(app, ["train", str(run_dir), "--resume", "--set", "train.max_steps=5"])
+    assert result.exit_code == 0, result.output
+    assert [s for s, _ in checkpoint.list_checkpoints(run_dir)] == [3, 5]
+
+
+def test_collapse_warning_reaches_console_and_tensorboard(tmp_path):
+    raw = tiny_config(tmp_path, log={"collapse_threshold": 1.0001})  # any imbalance counts as collapse
+    result = runner.invoke(app, ["train", str(write_config(tmp_path / "c.yaml", raw))])
+    assert result.exit_code == 0, result.output
+    assert "is collapsing" in result.output
+    assert "routing/warnings/text_summary" in events(tmp_path / "runs" / "tiny").Tags()["tensors"]
+
+
+def test_lr_schedule():
+    cfg = config.from_dict({"optim": {"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1}, "train": {"max_steps": 110}})
+    assert lr_at(0, cfg.optim, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg.optim, 110) == pytest.approx(1.0)
+    assert lr_at(10, cfg.optim, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg.optim, 110) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(110, cfg.optim, 110) == pytest.approx(0.1)
+    const = config.from_dict({"optim": {"lr": 1.0, "warmup_steps": 0, "schedule": "constant"}})
+    assert lr_at(500, const.optim, 1000) == 1.0
+
+
+def test_ctrl_c_saves_and_resume_matches_uninterrupted_run(tmp_path):
+    raw = tiny_config(tmp_path, train={"max_steps": 400, "eval_every": 1000}, checkpoint={"every": 5, "keep_last": 2})
+    cfg_file = write_config(tmp_path / "tiny.yaml", raw)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moectl", "train", str(cfg_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+    )
+    run_dir = tmp_path / "runs" / "tiny"
+    deadline = time.time() + 120
+    while checkpoint.latest(run_dir) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "stopped at step" in output and "Traceback" not in output
+    stopped_at = checkpoint.read_meta(checkpoint.latest(run_dir))["step"]
+    assert 5 <= stopped_at < 400
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "moectl", "train", str(cfg_file), "--resume"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+    straight = fit(config.from_dict({**raw, "run": {"name": "straight", "dir": str(tmp_path / "runs")}}))
+    assert_same_weights(straight.checkpoint, checkpoint.latest(run_dir))
