@@ -87,4 +87,4 @@ def combine(y: Tensor, plan: DispatchPlan, record: RoutingRecord) -> Tensor:
     w = flat_weights.index_select(0, plan.assignments).to(y.dtype)  # (M,)
     buf = y.new_zeros(k * n, y.shape[1])  # (K*N, D)
     buf = buf.index_copy(0, plan.assignments, y * w[:, None])
-    return buf.view(k, n, -1).sum(0)  # (K, N, D) -> (N, D)
+    return buf.view(k, n, y.shape[1]).sum(0)  # (K, N, D) -> (N, D)
