@@ -205,6 +205,9 @@ class Split:
 
 def _tokenize_batch(batch: dict[str, list], column: str, tokenizer: Tokenizer, eot: int) -> dict[str, list]:
     texts = [t for t in batch[column] if t]  # empty rows (e.g. wikitext's blank lines) are not documents
+    # Documents are text: a literal "<|endoftext|>" inside one is spelled out, not a document boundary.
+    # Set here, in the worker: pickling a Tokenizer for num_proc > 1 drops this flag.
+    tokenizer.encode_special_tokens = True
     encoded = tokenizer.encode_batch_fast(texts) if texts else []
     return {
         "input_ids": [e.ids + [eot] for e in encoded],
@@ -221,9 +224,7 @@ def tokenize(ds, name: str, column: str, tokenizer: Tokenizer, eot: int, cache: 
     path = cache / "tokens" / f"{key}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
     from_cache = path.exists()
-    # Documents are text: a literal "<|endoftext|>" inside one is spelled out, not a document boundary.
-    tokenizer = Tokenizer.from_str(tokenizer.to_str())
-    tokenizer.encode_special_tokens = True
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())  # _tokenize_batch changes its settings: use a copy
     out = ds.map(
         _tokenize_batch,
         batched=True,
@@ -338,7 +339,14 @@ class BatchSampler:
 
 
 def eval_batches(blocks: Blocks, batch_size: int, max_batches: Optional[int]) -> list[np.ndarray]:
-    """Validation batches in block order: the same ones at every evaluation."""
-    ids = np.arange(len(blocks))
-    batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
-    return batches if max_batches is None else batches[:max_batches]
+    """Validation batches, the same at every evaluation.
+
+    All blocks in order, or, when max_batches caps them, blocks spread evenly over the whole split
+    (not its first documents), so a capped evaluation still samples all of it.
+    """
+    n = len(blocks)
+    if max_batches is None or max_batches * batch_size >= n:
+        ids = np.arange(n)
+    else:
+        ids = np.linspace(0, n - 1, max_batches * batch_size).round().astype(np.int64)  # distinct: step >= 1
+    return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]

@@ -259,6 +259,17 @@ def _set_rng_state(state: dict[str, object]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _collapse_message(step: int, slot: int, s, cfg: Config, collapsing: bool) -> str:
+    window = f"over steps {step - cfg.log.every + 1}-{step}"
+    if not collapsing:
+        return f"step {step}: routing in layer {slot} recovered: max/mean expert load {s.max_over_mean:.2f} {window}"
+    return (
+        f"step {step}: routing in layer {slot} is collapsing: max/mean expert load {s.max_over_mean:.2f} > "
+        f"log.collapse_threshold={cfg.log.collapse_threshold} {window}, {s.dead_experts} dead experts; "
+        "if it persists, raise moe.aux_loss_coef"
+    )
+
+
 def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
     run_dir = run_directory(cfg)
     resume_from = check_run_dir(run_dir, cfg, resume, overwrite)
@@ -391,14 +402,12 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
                     imbalance = layers[worst].max_over_mean
                     for i, s in enumerate(layers):
                         now = s.max_over_mean > cfg.log.collapse_threshold
-                        if now and not collapsed[i]:
-                            msg = (
-                                f"step {step}: routing in layer {slots[i]} is collapsing: max/mean expert load "
-                                f"{s.max_over_mean:.2f} > log.collapse_threshold={cfg.log.collapse_threshold} over the "
-                                f"last {cfg.log.every} steps ({s.dead_experts} dead experts); consider a larger "
-                                "moe.aux_loss_coef or a lower optim.lr"
-                            )
-                            console.warn(msg)
+                        if now != collapsed[i]:
+                            msg = _collapse_message(step, slots[i], s, cfg, now)
+                            if now:
+                                console.warn(msg)
+                            else:
+                                progress.print(msg)
                             tracker.text("routing/warnings", msg, step)
                         collapsed[i] = now
                 progress.update(step, scalars["train/loss"], lr, scalars["train/tokens_per_sec"], imbalance)

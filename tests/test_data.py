@@ -358,11 +358,15 @@ def test_bpe_is_byte_level_and_has_the_configured_vocab(tmp_path):
     assert all(tok.token_to_id(c) is not None for c in alphabet)
 
 
-def test_literal_eot_string_in_a_document(tmp_path):
+@pytest.mark.parametrize("num_proc", [None, 2])
+def test_literal_eot_string_in_a_document(tmp_path, num_proc):
     docs = [CHUNKS[0], f"tok = '{EOT}'  # the GPT-2 separator\n" + CHUNKS[1], CHUNKS[2]]
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in docs])
     val = write_jsonl(tmp_path / "v.jsonl", [{"text": CHUNKS[3]}])
-    cfg = make_cfg(tmp_path, {"data_files": {"train": str(train), "validation": str(val)}, "validation_split": "validation"})
+    cfg = make_cfg(
+        tmp_path,
+        {"data_files": {"train": str(train), "validation": str(val)}, "validation_split": "validation", "num_proc": num_proc},
+    )
     corpus = data.prepare(cfg)
     # One end-of-text token per document, and every document decodes back to itself.
     assert int((corpus.train.tokens == corpus.eot_id).sum()) == corpus.train.num_docs == 3
@@ -613,7 +617,9 @@ def test_eval_batches():
     b = data.eval_batches(blocks, 3, None)
     assert [x.tolist() for x in a] == [x.tolist() for x in b] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     capped = data.eval_batches(blocks, 3, 2)
-    assert [x.tolist() for x in capped] == [[0, 1, 2], [3, 4, 5]]
+    # A cap samples the whole split evenly, first and last block included, not just its start.
+    assert [x.tolist() for x in capped] == [[0, 2, 4], [5, 7, 9]]
+    assert [x.tolist() for x in data.eval_batches(blocks, 3, 2)] == [x.tolist() for x in capped]
     assert [x.tolist() for x in data.eval_batches(blocks, 3, 100)] == [x.tolist() for x in a]
     assert [x.tolist() for x in data.eval_batches(blocks, 20, 5)] == [list(range(10))]
 
