@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from moectl import console
 from moectl.errors import MoectlError
@@ -63,13 +62,12 @@ def _load_config(path: Path, overrides: Optional[list[str]], run_name: Optional[
         if not (path / "config.yaml").is_file():
             raise MoectlError(f"{path} is a directory without config.yaml; give a config file or a run directory")
         cfg = config.load(path / "config.yaml", overrides)
-        cfg.run.dir, cfg.run.name = str(path.parent), path.name
+        run_dir = path.resolve()
+        cfg = config.with_values(cfg, str(path), **{"run.dir": str(run_dir.parent), "run.name": run_dir.name})
     else:
         cfg = config.load(path, overrides)
     if run_name is not None:
-        if not run_name or "/" in run_name or run_name in (".", ".."):
-            raise MoectlError(f"--run-name {run_name!r}: give a plain directory name")
-        cfg.run.name = run_name
+        cfg = config.with_values(cfg, "--run-name", **{"run.name": run_name})
     return cfg
 
 

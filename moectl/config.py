@@ -13,27 +13,42 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moectl.errors import ConfigError
+from moectl.fileio import atomic_write_text
 
 
 class Section(BaseModel):
     # coerce_numbers_to_str: `run.name: 2024` is a name, not a type error.
     model_config = ConfigDict(
-        extra="forbid", protected_namespaces=(), validate_assignment=True, coerce_numbers_to_str=True
+        extra="forbid",
+        protected_namespaces=(),
+        validate_assignment=True,
+        coerce_numbers_to_str=True,
+        allow_inf_nan=False,
     )
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-3` as a string (its floats need a dot); researchers write it as a number."""
+    """Safe YAML with two fixes for configs: `1e-3` is a number (YAML 1.1 floats need a dot), and a
+    key given twice in one mapping is an error instead of the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -54,6 +69,13 @@ class RunConfig(Section):
         None, description="Run name; outputs go to `<run.dir>/<run.name>`. Defaults to the config file's stem."
     )
     dir: str = Field("runs", description="Parent directory of all run directories.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: Optional[str]) -> Optional[str]:
+        if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+            raise ValueError("must be a plain directory name (no '/', not '.' or '..')")
+        return name
 
 
 class ModelConfig(Section):
@@ -115,13 +137,17 @@ class DataConfig(Section):
         None, description="files: the datasets builder. Null: inferred from the file extension."
     )
     sample_by: Literal["line", "paragraph", "document"] = Field(
-        "line", description="files with format text: one example per line, paragraph or whole file."
+        "line",
+        description="files with format text: one example per line, paragraph or whole file. A carved validation "
+        "split holds out examples, so with `line` it shares files with training; prefer `document` for many files.",
     )
     path: Optional[str] = Field(None, description="disk: the directory written by `save_to_disk`.")
     text_column: str = Field("text", description="Column that holds the text.")
     train_split: str = Field("train", description="Split to train on.")
     validation_split: Optional[str] = Field(
-        None, description="Split to validate on. Null: carve data.validation_fraction off the training split."
+        None,
+        description="Split to validate on. Null: the dataset's `validation` split if it has one, "
+        "else data.validation_fraction of the training documents, carved off with data.split_seed.",
     )
     validation_fraction: float = Field(
         0.05, gt=0, lt=1, description="Fraction of training documents held out when validation_split is null."
@@ -176,6 +202,14 @@ class OptimConfig(Section):
     schedule: Literal["cosine", "constant"] = Field("cosine", description="After warmup: cosine decay, or constant.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices (not norms or biases).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _two_betas(cls, value: Any) -> Any:
+        ok = isinstance(value, (list, tuple)) and len(value) == 2
+        if not ok or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value):
+            raise ValueError("must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        return value
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
 
 
@@ -213,9 +247,19 @@ class Config(Section):
     @model_validator(mode="after")
     def _cross_field_checks(self) -> "Config":
         m, moe, d, tok, tr = self.model, self.moe, self.data, self.tokenizer, self.train
-        is_moe = m.arch.endswith("_moe")
-        if is_moe and moe.top_k > moe.num_experts:
+        if self.backbone == "lstm" and m.n_layers < 2:
+            raise ValueError(f"model.n_layers={m.n_layers} must be >= 2 for an LSTM model (FFN slots sit between layers)")
+        if self.is_moe and moe.top_k > moe.num_experts:
             raise ValueError(f"moe.top_k={moe.top_k} must be <= moe.num_experts={moe.num_experts}")
+        if self.is_moe and moe.every > self.num_ffn_slots:
+            raise ValueError(
+                f"moe.every={moe.every} leaves {m.arch} with no MoE layer: it has {self.num_ffn_slots} FFN slots "
+                f"(model.n_layers={m.n_layers}); lower moe.every, or use a *_dense arch for a dense model"
+            )
+        if d.validation_split is not None and d.validation_split == d.train_split:
+            raise ValueError(
+                f"data.validation_split={d.validation_split!r} is the training split; validate on held-out data"
+            )
         if m.arch.startswith("transformer"):
             if m.d_model % m.n_heads:
                 raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
@@ -223,8 +267,6 @@ class Config(Section):
                 raise ValueError(
                     f"model.d_model / model.n_heads = {m.d_model // m.n_heads} must be even for rotary embeddings"
                 )
-        elif m.n_layers < 2:
-            raise ValueError(f"model.n_layers={m.n_layers} must be >= 2 for an LSTM model (FFN slots sit between layers)")
         if tr.micro_batch_size is not None and tr.batch_size % tr.micro_batch_size:
             raise ValueError(
                 f"train.batch_size={tr.batch_size} must be a multiple of train.micro_batch_size={tr.micro_batch_size}"
@@ -236,7 +278,7 @@ class Config(Section):
         if tok.path is not None and tok.name is not None:
             raise ValueError("tokenizer.path and tokenizer.name are both set; set at most one")
         needs = {"hub": "name", "files": "data_files", "disk": "path"}
-        if d.source in needs and getattr(d, needs[d.source]) is None:
+        if d.source in needs and getattr(d, needs[d.source]) in (None, [], {}, ""):
             raise ValueError(f"data.{needs[d.source]} is required when data.source={d.source}")
         for key, source in (("name", "hub"), ("config_name", "hub"), ("data_files", "files"), ("path", "disk")):
             if getattr(d, key) is not None and d.source != source:
@@ -260,6 +302,11 @@ class Config(Section):
     @property
     def backbone(self) -> str:
         return self.model.arch.split("_")[0]
+
+    @property
+    def num_ffn_slots(self) -> int:
+        """One FFN per transformer block; one between each pair of LSTM layers."""
+        return self.model.n_layers if self.backbone == "transformer" else self.model.n_layers - 1
 
     @property
     def expert_hidden(self) -> int:
@@ -436,6 +483,18 @@ def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None) ->
     return cfg
 
 
+def with_values(cfg: Config, source: str, **values: Any) -> Config:
+    """A copy of `cfg` with dotted keys set (`**{"run.name": "x"}`), validated; errors blame `source`."""
+    raw = to_dict(cfg)
+    for key, value in values.items():
+        _check_key(key)
+        _apply(raw, key, value, source)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source, {})) from None
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
@@ -445,13 +504,8 @@ def dump(cfg: Config) -> str:
 
 
 def save(cfg: Config, path: Union[str, Path]) -> None:
-    """Write the resolved config atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(dump(cfg))
-    os.replace(tmp, path)
+    """Write the resolved config atomically."""
+    atomic_write_text(path, dump(cfg))
 
 
 def config_hash(cfg: Config) -> str:

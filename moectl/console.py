@@ -6,7 +6,6 @@ file, CI), the bar is replaced by one plain line per logging window.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from rich.console import Console
@@ -102,7 +101,8 @@ def quiet_libraries() -> None:
 
     if not err.is_terminal:
         datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # Builders log read failures with a traceback before raising; moectl reports them in one line.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
 
 
@@ -118,7 +118,7 @@ def train_summary(result, config_arg) -> None:
     grid.add_row("logs", f"{result.run_dir}  (TensorBoard events, config.yaml, tokenizer.json)")
     if result.eval_loss is not None:
         start = f"{result.first_eval_loss:.4f} -> " if result.first_eval_loss is not None else ""
-        grid.add_row("validation", f"loss {start}{result.eval_loss:.4f} nats/token, perplexity {math.exp(min(result.eval_loss, 50)):.2f}")
+        grid.add_row("validation", f"loss {start}{result.eval_loss:.4f} nats/token, perplexity {result.eval_ppl:.2f}")
     grid.add_row(
         "trained",
         f"{result.step}/{result.max_steps} steps, {human(result.tokens_seen)} tokens; this session "

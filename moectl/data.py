@@ -42,8 +42,11 @@ STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_tes
 
 
 def cache_dir(cfg: DataConfig) -> Path:
-    root = cfg.cache_dir or os.environ.get("MOECTL_CACHE") or Path.home() / ".cache" / "moectl"
-    return Path(root).expanduser()
+    root = Path(cfg.cache_dir or os.environ.get("MOECTL_CACHE") or Path.home() / ".cache" / "moectl").expanduser()
+    if root.exists() and not root.is_dir():
+        origin = "data.cache_dir" if cfg.cache_dir else "$MOECTL_CACHE" if os.environ.get("MOECTL_CACHE") else "the cache"
+        raise DataError(f"{origin}={str(root)!r} is a file, not a directory; point it at a directory")
+    return root
 
 
 # ------------------------------------------------------------------------------------ raw text
@@ -111,9 +114,10 @@ def _load_files(cfg: DataConfig):
         return datasets.load_dataset(fmt, data_files=cfg.data_files, **kwargs)
     except FileNotFoundError:
         raise DataError(f"data.data_files={cfg.data_files!r} matches no files; check the path or glob") from None
-    except datasets.exceptions.DatasetGenerationError as exc:
+    except Exception as exc:  # the builders raise DatasetGenerationError, ArrowInvalid, ValueError, ...
         cause = exc.__cause__ or exc
-        raise DataError(f"data.data_files={cfg.data_files!r}: cannot read them as {fmt} ({str(cause).splitlines()[0]})") from None
+        reason = str(cause).splitlines()[0] if str(cause) else cause.__class__.__name__
+        raise DataError(f"data.data_files={cfg.data_files!r}: cannot read them as {fmt} ({reason})") from None
 
 
 def _load_disk(cfg: DataConfig):
@@ -146,20 +150,23 @@ def _load_hub(cfg: DataConfig):
 
 
 def load_raw(cfg: DataConfig):
-    """(train, validation) `datasets.Dataset`s, the validation one carved off train when not named."""
+    """(train, validation) `datasets.Dataset`s: the named (or `validation`) split, else carved off train."""
     loaders = {"stdlib": _load_stdlib, "files": _load_files, "disk": _load_disk, "hub": _load_hub}
     splits = loaders[cfg.source]() if cfg.source == "stdlib" else loaders[cfg.source](cfg)
     available = ", ".join(splits) or "none"
     if cfg.train_split not in splits:
         raise DataError(f"data.train_split={cfg.train_split!r} is not in the dataset; its splits are: {available}")
     train = splits[cfg.train_split]
-    if cfg.validation_split is not None:
-        if cfg.validation_split not in splits:
+    named = cfg.validation_split
+    if named is None and "validation" in splits and cfg.train_split != "validation":
+        named = "validation"  # e.g. data_files: {train: ..., validation: ...}: use it rather than carve
+    if named is not None:
+        if named not in splits:
             raise DataError(
-                f"data.validation_split={cfg.validation_split!r} is not in the dataset; its splits are: {available} "
+                f"data.validation_split={named!r} is not in the dataset; its splits are: {available} "
                 "(or set it to null to carve one off the training split)"
             )
-        return train, splits[cfg.validation_split]
+        return train, splits[named]
     if len(train) < 2:
         raise DataError(
             f"cannot carve a validation split off {len(train)} training document(s); "
@@ -201,6 +208,7 @@ class Split:
     num_docs: int
     num_bytes: int  # UTF-8 bytes of the documents' text: the denominator of bits per byte
     from_cache: bool
+    key: str  # identifies the data and tokenizer: a resumed run checks it has not changed
 
 
 def _tokenize_batch(batch: dict[str, list], column: str, tokenizer: Tokenizer, eot: int) -> dict[str, list]:
@@ -208,7 +216,8 @@ def _tokenize_batch(batch: dict[str, list], column: str, tokenizer: Tokenizer, e
     # Documents are text: a literal "<|endoftext|>" inside one is spelled out, not a document boundary.
     # Set here, in the worker: pickling a Tokenizer for num_proc > 1 drops this flag.
     tokenizer.encode_special_tokens = True
-    encoded = tokenizer.encode_batch_fast(texts) if texts else []
+    # No template tokens (a Hub tokenizer's BOS/EOS): documents are separated by `eot` alone.
+    encoded = tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
     return {
         "input_ids": [e.ids + [eot] for e in encoded],
         "num_bytes": [len(t.encode("utf-8")) for t in texts],
@@ -223,7 +232,8 @@ def tokenize(ds, name: str, column: str, tokenizer: Tokenizer, eot: int, cache: 
     ).hexdigest()[:16]
     path = cache / "tokens" / f"{key}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
-    from_cache = path.exists()
+    # With num_proc > 1, datasets writes the cache as shards named <stem>_<rank>_of_<n>.arrow.
+    from_cache = path.exists() or any(path.parent.glob(f"{path.stem}_*_of_*{path.suffix}"))
     tokenizer = Tokenizer.from_str(tokenizer.to_str())  # _tokenize_batch changes its settings: use a copy
     out = ds.map(
         _tokenize_batch,
@@ -242,7 +252,7 @@ def tokenize(ds, name: str, column: str, tokenizer: Tokenizer, eot: int, cache: 
     chunks = out.data.column("input_ids").chunks
     tokens = np.concatenate([np.asarray(c.flatten().to_numpy(zero_copy_only=False), dtype=np.int32) for c in chunks])
     num_bytes = int(np.asarray(out.data.column("num_bytes").to_numpy()).sum())
-    return Split(name=name, tokens=tokens, num_docs=len(out), num_bytes=num_bytes, from_cache=from_cache)
+    return Split(name=name, tokens=tokens, num_docs=len(out), num_bytes=num_bytes, from_cache=from_cache, key=key)
 
 
 @dataclass

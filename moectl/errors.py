@@ -21,3 +21,7 @@ class DataError(MoectlError):
 
 class CheckpointError(MoectlError):
     """A checkpoint or run directory is missing, corrupt or in the way."""
+
+
+class TrainingError(MoectlError):
+    """Training cannot go on (e.g. the loss diverged); the last checkpoint is intact."""

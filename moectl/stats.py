@@ -67,6 +67,11 @@ def summarize(load: Tensor, entropy_sum: float, tokens: int, dropped: int) -> La
     )
 
 
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums over many steps, except on MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 class RoutingStats:
     """Per-layer routing counts accumulated over a window of forward passes."""
 
@@ -79,7 +84,7 @@ class RoutingStats:
         self.reset()
 
     def reset(self) -> None:
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
+        z = lambda *shape: torch.zeros(*shape, dtype=accumulator_dtype(self.device), device=self.device)  # noqa: E731
         self.load = z(self.num_layers, self.num_experts)
         self.entropy_sum = z(self.num_layers)
         self.tokens = z(self.num_layers)
@@ -90,9 +95,9 @@ class RoutingStats:
         for i, r in enumerate(records):
             p = r.probs.detach()
             self.load[i] += r.tokens_per_expert.to(self.load.dtype)
-            self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log()).sum().double()
+            self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log()).sum().to(self.load.dtype)
             self.tokens[i] += r.num_tokens
-            self.dropped[i] += r.num_dropped.double()
+            self.dropped[i] += r.num_dropped.to(self.load.dtype)
 
     def empty(self) -> bool:
         return self.num_layers == 0 or float(self.tokens.sum()) == 0
@@ -107,4 +112,4 @@ class RoutingStats:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for name in self.FIELDS:
-            setattr(self, name, state[name].to(self.device, torch.float64))
+            setattr(self, name, state[name].to(self.device, accumulator_dtype(self.device)))

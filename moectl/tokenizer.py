@@ -7,7 +7,6 @@ so a second run on the same data reuses it; the run directory keeps its own copy
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -16,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from moectl import hub
 from moectl.config import TokenizerConfig
 from moectl.errors import DataError
+from moectl.fileio import atomic_write_text
 
 RECIPE_VERSION = "bytelevel-bpe-1"  # bump when training changes, so old cached tokenizers are not reused
 
@@ -123,9 +123,5 @@ def _text_batches(dataset, column: str, max_chars: Optional[int], batch: int = 1
 
 
 def save(tok: Tokenizer, path: str | Path) -> None:
-    """Write atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    """Write tokenizer.json atomically."""
+    atomic_write_text(path, tok.to_str(pretty=True))

@@ -1,4 +1,4 @@
-"""TensorBoard logging and the metric namespace (written by rank 0 only).
+"""TensorBoard logging and the metric namespace.
 
 Scalars
   train/loss, train/lm_loss, train/aux_loss, train/z_loss   means over the logging window;

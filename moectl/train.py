@@ -24,9 +24,9 @@ from moectl import __version__, checkpoint, config, console, data
 from moectl import tokenizer as tokenizers_
 from moectl.config import Config, OptimConfig
 from moectl.console import TrainProgress
-from moectl.errors import CheckpointError, ConfigError
+from moectl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from moectl.models import LanguageModel, build_model, moe_slots, parameter_counts
-from moectl.stats import RoutingStats
+from moectl.stats import RoutingStats, accumulator_dtype
 from moectl.tracking import Tracker
 
 # Sections that define the model and its data: a resumed run must not change them.
@@ -48,6 +48,15 @@ class RunResult:
     tokens_per_sec: float
     params_total: int
     params_active: int
+
+    @property
+    def eval_ppl(self) -> Optional[float]:
+        return perplexity(self.eval_loss) if self.eval_loss is not None else None
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged loss reports a huge number instead of overflowing."""
+    return math.exp(min(loss, 50.0))
 
 
 # ------------------------------------------------------------------------- device and precision
@@ -145,10 +154,19 @@ def run_directory(cfg: Config) -> Path:
     return Path(cfg.run.dir) / cfg.run.name
 
 
+def _looks_like_a_run(run_dir: Path) -> bool:
+    return (run_dir / "config.yaml").is_file() or checkpoint.checkpoints_dir(run_dir).is_dir()
+
+
 def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> Optional[Path]:
-    """Refuse to clobber a run; on resume return the checkpoint to continue from."""
+    """Refuse to clobber anything; on resume return the checkpoint to continue from."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is a file, not a run directory; choose another run.dir or run.name")
+    here = Path.cwd().resolve()
+    if run_dir.resolve() in (here, *here.parents):
+        raise CheckpointError(f"the run directory {run_dir} is the current directory or one of its parents; choose a run.dir")
     ckpt = checkpoint.latest(run_dir)
     if resume:
         if ckpt is None:
@@ -170,12 +188,22 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
                 "resume with the same settings, or start a new run with --run-name"
             )
         return ckpt
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        what = f"checkpoints up to {ckpt.name}" if ckpt else "files"
-        raise CheckpointError(
-            f"{run_dir} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
-            "or --run-name NAME to start another run"
-        )
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite and not _looks_like_a_run(run_dir):
+            raise CheckpointError(
+                f"--overwrite: {run_dir} does not look like a moectl run (no config.yaml or checkpoints/); "
+                "refusing to delete it: choose another run.dir or run.name"
+            )
+        if not overwrite:
+            if ckpt is None:
+                raise CheckpointError(
+                    f"{run_dir} holds a run that never saved a checkpoint; pass --overwrite to start it again, "
+                    "or --run-name NAME to start another run"
+                )
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints up to {ckpt.name}; pass --resume to continue it, "
+                "--overwrite to replace it, or --run-name NAME to start another run"
+            )
     return None
 
 
@@ -219,17 +247,17 @@ class LossWindow:
 
     def reset(self) -> None:
         for name in self.FIELDS:
-            setattr(self, name, torch.zeros((), dtype=torch.float64, device=self.device))
+            setattr(self, name, torch.zeros((), dtype=accumulator_dtype(self.device), device=self.device))
 
     def add_micro(self, out) -> None:
-        self.loss += out.loss.detach().double()
-        self.lm_loss += out.lm_loss.detach().double()
-        self.aux_loss += out.aux_loss.detach().double()
-        self.z_loss += out.z_loss.detach().double()
+        self.loss += out.loss.detach()
+        self.lm_loss += out.lm_loss.detach()
+        self.aux_loss += out.aux_loss.detach()
+        self.z_loss += out.z_loss.detach()
         self.micro_steps += 1
 
     def add_step(self, grad_norm: torch.Tensor) -> None:
-        self.grad_norm += grad_norm.detach().double()
+        self.grad_norm += grad_norm.detach()
         self.steps += 1
 
     def means(self) -> dict[str, float]:
@@ -243,7 +271,7 @@ class LossWindow:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name in self.FIELDS:
-            setattr(self, name, state[name].to(self.device, torch.float64))
+            setattr(self, name, state[name].to(self.device, accumulator_dtype(self.device)))
 
 
 def _rng_state() -> dict[str, object]:
@@ -284,21 +312,30 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
     val_blocks = data.Blocks(corpus.validation, seq_len)
     sampler = data.BatchSampler(len(train_blocks), tr.batch_size, tr.seed)
     val_batches = data.eval_batches(val_blocks, cfg.micro_batch_size, tr.eval_batches)
+    vocab_size = corpus.tokenizer.get_vocab_size()
     console.status(
         f"tokens: {console.human(len(corpus.train.tokens))} train, {console.human(len(corpus.validation.tokens))} validation"
-        f" ({'cached' if corpus.train.from_cache else 'tokenised'}); vocab {corpus.tokenizer.get_vocab_size()}"
+        f" ({'cached' if corpus.train.from_cache else 'tokenised'}); vocab {vocab_size}"
         f" ({'cached' if corpus.tokenizer_from_cache else 'trained'} tokenizer)"
     )
+    trained_tokenizer = cfg.tokenizer.path is None and cfg.tokenizer.name is None
+    if trained_tokenizer and not resume_from and vocab_size < cfg.tokenizer.vocab_size:
+        console.warn(
+            f"the BPE has {vocab_size} tokens, fewer than tokenizer.vocab_size={cfg.tokenizer.vocab_size}: "
+            "the training text has no more merges to learn"
+        )
 
     # Model and optimizer.
     torch.manual_seed(tr.seed)
-    model = build_model(cfg, corpus.tokenizer.get_vocab_size()).to(device)
+    model = build_model(cfg, vocab_size).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     slots = moe_slots(model)
     stats = RoutingStats(len(slots), cfg.moe.num_experts, device)
     window = LossWindow(device)
     total_params, active_params = parameter_counts(model)
     step, tokens_seen, first_eval, eval_loss = 0, 0, None, None
+    collapsed = [False] * len(slots)  # per MoE layer: was it over log.collapse_threshold last window?
+    data_keys = {"train": corpus.train.key, "validation": corpus.validation.key}
 
     if resume_from is not None:
         checkpoint.load_model(resume_from, model)
@@ -314,6 +351,18 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
             raise CheckpointError(f"checkpoint {resume_from} is corrupt: state.pt: {exc}") from None
         step, tokens_seen = meta["step"], meta.get("tokens_seen", 0)
         first_eval, eval_loss = meta.get("first_eval_loss"), meta.get("eval_loss")
+        collapsed = list(state.get("collapsed", collapsed))
+        if meta.get("data", data_keys) != data_keys:
+            raise DataError(
+                f"--resume: the training or validation data changed since {resume_from} was saved (its tokens differ), "
+                "so the run cannot continue on the same data; start a new run with --run-name"
+            )
+        new_lr = lr_at(step - 1, cfg.optim, tr.max_steps)
+        if meta.get("lr") and abs(new_lr - meta["lr"]) > 1e-3 * meta["lr"]:
+            console.warn(
+                f"the LR schedule changed: step {step} trained at lr {meta['lr']:.2e}, where the new settings "
+                f"(train.max_steps={tr.max_steps}, optim.*) put lr {new_lr:.2e}; training continues on the new schedule"
+            )
         console.status(f"resuming {run_dir} from step {step}")
     else:
         if overwrite and run_dir.exists():
@@ -335,6 +384,7 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
             "sampler": sampler.state_dict(),
             "window": window.state_dict(),
             "routing_stats": stats.state_dict(),
+            "collapsed": collapsed,
             "rng": _rng_state(),
         }
         meta = {
@@ -342,88 +392,97 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
             "config_hash": config.config_hash(cfg),
             "moectl_version": __version__,
             "torch_version": torch.__version__,
+            "lr": lr_at(step - 1, cfg.optim, tr.max_steps) if step else None,
             "eval_loss": eval_loss,
             "first_eval_loss": first_eval,
+            "data": data_keys,
         }
         return checkpoint.save(run_dir, step, model, state, meta, cfg.checkpoint.keep_last)
 
     def run_eval() -> float:
         eval_stats = RoutingStats(len(slots), cfg.moe.num_experts, device)
         loss = evaluate(model, val_blocks, val_batches, device, amp, eval_stats)
-        tracker.scalars({"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}, step)
+        tracker.scalars({"eval/loss": loss, "eval/ppl": perplexity(loss)}, step)
         if slots:
             tracker.heatmap(eval_stats.summary(), step)
-        progress.print(f"step {step}: eval loss {loss:.4f}, ppl {math.exp(min(loss, 50.0)):.2f}")
+        progress.print(f"step {step}: eval loss {loss:.4f}, ppl {perplexity(loss):.2f}")
         return loss
 
-    collapsed = [False] * len(slots)
+    def log_window(lr: float, seconds: float, tokens: int) -> None:
+        """Window means to TensorBoard and the console; routing statistics and collapse warnings."""
+        scalars = {**window.means(), "train/lr": lr, "train/tokens_per_sec": tokens / max(seconds, 1e-9)}
+        tracker.scalars(scalars, step)
+        imbalance = None
+        if slots and not stats.empty():
+            layers = stats.summary()
+            tracker.routing(slots, layers, step, cfg.log.histograms)
+            imbalance = max(s.max_over_mean for s in layers)
+            for i, s in enumerate(layers):
+                now = s.max_over_mean > cfg.log.collapse_threshold
+                if now != collapsed[i]:
+                    msg = _collapse_message(step, slots[i], s, cfg, now)
+                    if now:
+                        console.warn(msg)
+                    else:
+                        progress.print(msg)
+                    tracker.text("routing/warnings", msg, step)
+                collapsed[i] = now
+        progress.update(step, scalars["train/loss"], lr, scalars["train/tokens_per_sec"], imbalance)
+        progress.window_line(step)
+        window.reset()
+        stats.reset()
+        tracker.flush()
+
     train_seconds, window_seconds, window_tokens, session_tokens = 0.0, 0.0, 0, 0
     last_ckpt = resume_from
-    with StopOnInterrupt() as stop, TrainProgress(tr.max_steps, step) as progress:
-        if step == 0:
-            eval_loss = first_eval = run_eval()
-        while step < tr.max_steps and not stop.requested:
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg.optim, tr.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            ids = sampler.next().reshape(cfg.grad_accum_steps, cfg.micro_batch_size)  # (accum, micro)
-            for micro_ids in ids:
-                x, y = (t.to(device, non_blocking=True) for t in train_blocks.batch(micro_ids))
-                with autocast(device, amp):
-                    out = model(x, y)
-                (out.loss / cfg.grad_accum_steps).backward()
-                window.add_micro(out)
-                stats.update(out.routing)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            window.add_step(grad_norm)
-            step += 1
-            tokens_seen += tr.batch_size * seq_len
-            loss_now = out.loss.item()  # one host sync per step, for the progress bar
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-            window_seconds += dt
-            window_tokens += tr.batch_size * seq_len
-            session_tokens += tr.batch_size * seq_len
-            progress.update(step, loss_now, lr)
+    try:
+        with StopOnInterrupt() as stop, TrainProgress(tr.max_steps, step) as progress:
+            if step == 0:
+                eval_loss = first_eval = run_eval()
+            while step < tr.max_steps and not stop.requested:
+                t0 = time.perf_counter()
+                lr = lr_at(step, cfg.optim, tr.max_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                ids = sampler.next().reshape(cfg.grad_accum_steps, cfg.micro_batch_size)  # (accum, micro)
+                for micro_ids in ids:
+                    x, y = (t.to(device, non_blocking=True) for t in train_blocks.batch(micro_ids))
+                    with autocast(device, amp):
+                        out = model(x, y)
+                    (out.loss / cfg.grad_accum_steps).backward()
+                    window.add_micro(out)
+                    stats.update(out.routing)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip or float("inf"))
+                # One host sync per step: the progress bar's loss, and a divergence check before the update.
+                loss_now, norm_now = torch.stack([out.loss.detach().float(), grad_norm.float()]).tolist()
+                if not (math.isfinite(loss_now) and math.isfinite(norm_now)):
+                    raise TrainingError(
+                        f"step {step + 1}: the loss is {loss_now} and the gradient norm {norm_now}: training diverged; "
+                        f"the last checkpoint ({last_ckpt or 'none yet'}) is intact: lower optim.lr, then --resume"
+                    )
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                window.add_step(grad_norm)
+                step += 1
+                tokens_seen += tr.batch_size * seq_len
+                dt = time.perf_counter() - t0
+                train_seconds, window_seconds = train_seconds + dt, window_seconds + dt
+                window_tokens += tr.batch_size * seq_len
+                session_tokens += tr.batch_size * seq_len
+                progress.update(step, loss_now, lr)
 
-            if step % cfg.log.every == 0 or step == tr.max_steps:
-                scalars = window.means()
-                scalars["train/lr"] = lr
-                scalars["train/tokens_per_sec"] = window_tokens / max(window_seconds, 1e-9)
-                tracker.scalars(scalars, step)
-                imbalance = None
-                if slots and not stats.empty():
-                    layers = stats.summary()
-                    tracker.routing(slots, layers, step, cfg.log.histograms)
-                    worst = max(range(len(layers)), key=lambda i: layers[i].max_over_mean)
-                    imbalance = layers[worst].max_over_mean
-                    for i, s in enumerate(layers):
-                        now = s.max_over_mean > cfg.log.collapse_threshold
-                        if now != collapsed[i]:
-                            msg = _collapse_message(step, slots[i], s, cfg, now)
-                            if now:
-                                console.warn(msg)
-                            else:
-                                progress.print(msg)
-                            tracker.text("routing/warnings", msg, step)
-                        collapsed[i] = now
-                progress.update(step, scalars["train/loss"], lr, scalars["train/tokens_per_sec"], imbalance)
-                progress.window_line(step)
-                window.reset()
-                stats.reset()
-                window_seconds, window_tokens = 0.0, 0
-                tracker.flush()
-            if step % tr.eval_every == 0 or step == tr.max_steps:
-                eval_loss = run_eval()
-            if step % cfg.checkpoint.every == 0 or step == tr.max_steps:
+                if step % cfg.log.every == 0 or step == tr.max_steps:
+                    log_window(lr, window_seconds, window_tokens)
+                    window_seconds, window_tokens = 0.0, 0
+                if step % tr.eval_every == 0 or step == tr.max_steps:
+                    eval_loss = run_eval()
+                if step % cfg.checkpoint.every == 0 or step == tr.max_steps:
+                    last_ckpt = save(eval_loss)
+            if stop.requested:
                 last_ckpt = save(eval_loss)
-        if stop.requested:
-            last_ckpt = save(eval_loss)
-            progress.print(f"stopped at step {step}; checkpoint saved to {last_ckpt}")
-    tracker.close()
+                progress.print(f"stopped at step {step}; checkpoint saved to {last_ckpt}")
+    finally:
+        tracker.close()
     return RunResult(
         run_dir=run_dir,
         checkpoint=last_ckpt,

@@ -171,3 +171,56 @@ def test_config_command_prints_reference_and_resolved_config(tiny_config_file):
     assert ref.exit_code == 0 and "moe:" in ref.output and "top_k: 2" in ref.output
     resolved = runner.invoke(app, ["config", str(tiny_config_file), "--set", "moe.top_k=1"])
     assert resolved.exit_code == 0 and "top_k: 1" in resolved.output and "name: tiny" in resolved.output
+
+
+def test_overwrite_never_deletes_what_is_not_a_run(tmp_path):
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path))
+    precious = tmp_path / "runs" / "notes"
+    precious.mkdir(parents=True)
+    (precious / "thesis.txt").write_text("irreplaceable")
+    assert_clean_failure(
+        runner.invoke(app, ["train", str(cfg_file), "--run-name", "notes", "--overwrite"]),
+        "does not look like a moectl run",
+    )
+    assert (precious / "thesis.txt").read_text() == "irreplaceable"
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b"])
+def test_run_names_that_escape_the_runs_directory_are_refused(tmp_path, name):
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path))
+    (tmp_path / "keep.txt").write_text("x")
+    for args in (["--set", f"run.name={name}"], ["--run-name", name]):
+        assert_clean_failure(runner.invoke(app, ["train", str(cfg_file), *args, "--overwrite"]), "run.name")
+    assert (tmp_path / "keep.txt").exists()
+
+
+def test_the_current_directory_is_never_a_run_directory(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    write_config(tmp_path / "config.yaml", cfg)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    assert_clean_failure(runner.invoke(app, ["train", ".", "--overwrite"]), "current directory")
+    assert snapshot(tmp_path) == before
+
+
+def test_run_directory_that_is_a_file(tmp_path):
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "tiny").write_text("not a directory")
+    assert_clean_failure(runner.invoke(app, ["train", str(cfg_file)]), "is a file, not a run directory")
+
+
+def test_a_run_that_never_checkpointed_says_how_to_restart(tmp_path):
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path))
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(cfg_file.read_text())
+    assert_clean_failure(runner.invoke(app, ["train", str(cfg_file)]), "never saved a checkpoint", "--overwrite")
+    assert runner.invoke(app, ["train", str(cfg_file), "--overwrite", "--set", "train.max_steps=2"]).exit_code == 0
+
+
+def test_corrupt_parquet_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    cfg = tiny_config(tmp_path, data={"data_files": str(bad), "format": "parquet"})
+    assert_clean_failure(runner.invoke(app, ["train", str(write_config(tmp_path / "t.yaml", cfg))]), "cannot read them as parquet")

@@ -400,3 +400,43 @@ def test_numbers_where_text_or_ints_are_expected():
     assert cfg.run.name == "2024"
     assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)
     assert cfg.optim.lr == 3e-4
+
+
+def test_an_moe_arch_must_have_an_moe_layer():
+    with pytest.raises(ConfigError, match=r"moe.every=3 leaves transformer_moe with no MoE layer: it has 2 FFN slots"):
+        config.from_dict({"model": {"n_layers": 2}, "moe": {"every": 3}})
+    with pytest.raises(ConfigError, match=r"moe.every=2 leaves lstm_moe with no MoE layer: it has 1 FFN slots"):
+        config.from_dict({"model": {"arch": "lstm_moe", "n_layers": 2}, "moe": {"every": 2}})
+    assert config.from_dict({"model": {"arch": "transformer_dense", "n_layers": 2}, "moe": {"every": 3}})
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
+def test_non_finite_numbers_are_rejected(value):
+    with pytest.raises(ConfigError, match="optim.lr"):
+        config.load(None, [f"optim.lr={value}"])
+    with pytest.raises(ConfigError, match="moe.capacity_factor"):
+        config.load(None, [f"moe.capacity_factor={value}"])
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs/path", ""])
+def test_run_name_must_be_a_plain_directory_name(name):
+    with pytest.raises(ConfigError, match="run.name"):
+        config.from_dict({"run": {"name": name}})
+
+
+@pytest.mark.parametrize("betas", [[0.9], [1.5, 0.9], [0.9, -0.1], "0.9", [True, 0.9]])
+def test_betas_must_be_two_numbers_below_one(betas):
+    with pytest.raises(ConfigError, match=r"optim.betas=.*must be two numbers in \[0, 1\)"):
+        config.from_dict({"optim": {"betas": betas}})
+
+
+def test_duplicate_yaml_keys_are_an_error(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("moe:\n  num_experts: 16\nmodel:\n  d_model: 64\nmoe:\n  top_k: 1\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:5:1: invalid YAML: key 'moe' appears twice"):
+        config.load(path)
+
+
+def test_validation_split_cannot_be_the_training_split():
+    with pytest.raises(ConfigError, match="data.validation_split='train' is the training split"):
+        config.from_dict({"data": {"validation_split": "train"}})

@@ -501,7 +501,7 @@ def test_second_prepare_uses_the_caches(tmp_path, monkeypatch):
 
 
 def _split(n: int, name: str = "training") -> Split:
-    return Split(name=name, tokens=np.arange(n, dtype=np.int32) * 3 + 1, num_docs=1, num_bytes=n, from_cache=False)
+    return Split(name=name, tokens=np.arange(n, dtype=np.int32) * 3 + 1, num_docs=1, num_bytes=n, from_cache=False, key="k")
 
 
 @pytest.mark.parametrize("n, L", [(103, 10), (101, 10), (100, 10), (11, 10), (50, 7)])
@@ -710,3 +710,28 @@ def test_hub_tokenizer_offline_fails_fast():
     msg = str(info.value)
     assert msg.startswith("tokenizer.name='gpt2': the Hugging Face Hub is unreachable")
     assert "tokenizer.path" in msg
+
+
+def test_a_validation_split_in_the_data_is_used_when_none_is_named(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in CHUNKS[:6]])
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": t} for t in CHUNKS[6:8]])
+    cfg = make_cfg(tmp_path, {"data_files": {"train": str(train), "validation": str(val)}})
+    assert cfg.data.validation_split is None
+    tr, va = data.load_raw(cfg.data)
+    assert col(tr, "text") == CHUNKS[:6] and col(va, "text") == CHUNKS[6:8]  # nothing carved off train
+
+
+def test_template_tokens_of_a_loaded_tokenizer_are_not_added(tmp_path):
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tokenizer.train_bpe(iter([CHUNKS[8:16]]), 290, 2, EOT)
+    bos = tok.token_to_id(EOT)
+    tok.post_processor = TemplateProcessing(single=f"{EOT} $A", special_tokens=[(EOT, bos)])  # a BOS, as Llama's
+    assert tok.encode("x").ids[0] == bos
+    path = tmp_path / "tok.json"
+    tokenizer.save(tok, path)
+    corpus_dir = write_docs(tmp_path / "c", CHUNKS[:4])
+    corpus = data.prepare(make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}, path=str(path)))
+    # Exactly one separator per document: the EOT after it, no template token before it.
+    assert int((corpus.train.tokens == bos).sum()) == corpus.train.num_docs
+    assert corpus.train.tokens[0] != bos

@@ -29,6 +29,6 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in expected and "torch==2.13.0" in expected
 
 
-def test_readme_quickstart_command_trains_the_quickstart_config():
+def test_readme_quickstart_command_names_a_shipped_config():
     assert "moectl train configs/quickstart.yaml" in README
     assert (ROOT / "configs" / "quickstart.yaml").is_file()

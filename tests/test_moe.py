@@ -48,13 +48,15 @@ def hand_record(expert_idx: list[list[int]], num_experts: int) -> RoutingRecord:
     return record
 
 
-def reference_kept(expert_idx: torch.Tensor, capacity: int) -> torch.Tensor:
-    """GShard priority, written out: slot-major, then token order; an expert keeps its first `capacity`."""
+def reference_kept(expert_idx: torch.Tensor, capacity: int, priority=None) -> torch.Tensor:
+    """Capacity priority, written out: tokens by (priority, position), each token's slots in order;
+    an expert keeps the first `capacity` assignments it is offered."""
     n, k = expert_idx.shape
+    order = sorted(range(n), key=lambda t: (priority[t] if priority is not None else 0, t))
     used = [0] * (int(expert_idx.max()) + 1)
     kept = torch.zeros(n, k, dtype=torch.bool)
-    for slot in range(k):
-        for tok in range(n):
+    for tok in order:
+        for slot in range(k):
             e = int(expert_idx[tok, slot])
             if used[e] < capacity:
                 used[e] += 1
@@ -227,37 +229,37 @@ def test_expert_capacity(cf, n, k, e, expected):
 
 # token: (first, second) choice, with E = 3 and capacity 2.
 HAND_IDX = [[0, 1], [0, 2], [0, 1], [1, 0], [2, 0], [0, 2]]
-HAND_KEPT = [[True, True], [True, True], [False, False], [True, False], [True, False], [False, False]]
+HAND_KEPT = [[True, True], [True, True], [False, True], [False, False], [True, False], [False, False]]
 
 
 def test_capacity_drops_exactly_the_lower_priority_assignments():
     record = hand_record(HAND_IDX, 3)
     plan, out = dispatch.plan(record, capacity=2)
-    # Expert 0: the first choices of tokens 0, 1 fill it; the first choices of tokens 2, 5 and
-    # the second choices of tokens 3, 4 drop. Expert 1: token 3's first choice, then token 0's
-    # second; token 2's second choice is third and drops. Expert 2: token 4's first choice, then
-    # token 1's second; token 5's second choice drops. Tokens 2 and 5 lose both slots.
+    # Tokens are served in order, each token's first choice before its second. Expert 0 fills with
+    # tokens 0 and 1; expert 1 with tokens 0 (second choice) and 2 (second choice); expert 2 with
+    # tokens 1 (second) and 4 (first). Tokens 3 and 5 lose both slots.
     assert out.kept.tolist() == HAND_KEPT
     assert out.tokens_per_expert.tolist() == [2, 2, 2]
     assert record.chosen_per_expert().tolist() == [6, 3, 3]
     assert int(out.num_dropped) == 6
     assert torch.equal(out.weights, record.weights * torch.tensor(HAND_KEPT))
     assert plan.tokens_per_expert == [2, 2, 2]
-    # Kept assignments a = k*N + n, grouped by expert, slot-major then token order inside an expert.
-    n = len(HAND_IDX)
-    assert plan.assignments.tolist() == [0, 1, 3, n + 0, 4, n + 1]
-    assert plan.tokens.tolist() == [0, 1, 3, 0, 4, 1]
+    # Kept assignments a = n*K + k, grouped by expert, in service order inside an expert.
+    assert plan.assignments.tolist() == [0, 2, 1, 5, 3, 8]
+    assert plan.tokens.tolist() == [0, 1, 0, 2, 1, 4]
     # The input record is not modified in place.
     assert bool(record.kept.all()) and int(record.num_dropped) == 0
 
 
-def test_capacity_first_choices_outrank_earlier_tokens_second_choices():
-    # Capacity 1: expert 1 is token 0's SECOND choice and token 3's FIRST choice -> token 3 wins.
+def test_capacity_serves_earlier_tokens_first_and_priority_reorders():
+    # Capacity 1: in token order, token 0 takes experts 0 and 1 and token 1 takes expert 2.
     record = hand_record([[0, 1], [2, 0], [2, 1], [1, 2]], 3)
     _, out = dispatch.plan(record, capacity=1)
-    assert out.kept.tolist() == [[True, False], [True, False], [False, False], [True, False]]
-    assert out.tokens_per_expert.tolist() == [1, 1, 1]
-    assert int(out.num_dropped) == 5
+    assert out.kept.tolist() == [[True, True], [True, False], [False, False], [False, False]]
+    assert out.tokens_per_expert.tolist() == [1, 1, 1] and int(out.num_dropped) == 5
+    # Reverse priority: token 3 is served first and takes experts 1 and 2; token 1 gets expert 0.
+    _, out = dispatch.plan(record, capacity=1, priority=torch.tensor([3, 2, 1, 0]))
+    assert out.kept.tolist() == [[False, False], [False, True], [False, False], [True, True]]
 
 
 @pytest.mark.parametrize("capacity", [1, 2, 3, 5, 8, 100])
@@ -267,9 +269,12 @@ def test_capacity_matches_reference_priority_on_random_routing(capacity, k):
     n, e = 20, 5
     idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
     record = hand_record(idx.tolist(), e)
+    priority = torch.randint(0, 4, (n,), generator=g)  # ties are broken by token order
+    for prio in (None, priority):
+        _, with_prio = dispatch.plan(record, capacity, prio)
+        assert torch.equal(with_prio.kept, reference_kept(idx, capacity, None if prio is None else prio.tolist()))
     plan, out = dispatch.plan(record, capacity)
     chosen = record.chosen_per_expert()
-    assert torch.equal(out.kept, reference_kept(idx, capacity))
     assert torch.equal(out.tokens_per_expert, torch.minimum(chosen, torch.tensor(capacity)))
     assert int(out.num_dropped) == int((chosen - chosen.clamp(max=capacity)).sum())
     assert plan.tokens_per_expert == out.tokens_per_expert.tolist()
@@ -295,9 +300,9 @@ def test_fully_dropped_token_outputs_exactly_zero():
         y, record = layer(x)
         assert record.expert_idx.tolist() == HAND_IDX
         assert record.kept.tolist() == HAND_KEPT
-        assert torch.equal(y[2], torch.zeros(D)) and torch.equal(y[5], torch.zeros(D))
+        assert torch.equal(y[3], torch.zeros(D)) and torch.equal(y[5], torch.zeros(D))
         # Kept tokens: y = sum over kept slots of weight * expert(x).
-        for t in (0, 1, 3, 4):
+        for t in (0, 1, 2, 4):
             expect = sum(
                 record.weights[t, s] * layer.experts.forward_expert(int(record.expert_idx[t, s]), x[t : t + 1])[0]
                 for s in range(k)
@@ -429,12 +434,12 @@ def test_plan_is_linear_in_assignments(cf):
     else:
         assert m < n * 2
     # Grouped by expert, unique, and every kept assignment appears once.
-    flat_expert = record.expert_idx.t().reshape(-1)
+    flat_expert = record.expert_idx.reshape(-1)  # assignment a = n*K + k
     experts = flat_expert[plan.assignments]
     assert bool((experts[1:] >= experts[:-1]).all())
     assert plan.assignments.unique().numel() == m
-    assert torch.equal(plan.tokens, plan.assignments % n)
-    assert sorted(plan.assignments.tolist()) == sorted(torch.where(record.kept.t().reshape(-1))[0].tolist())
+    assert torch.equal(plan.tokens, plan.assignments // 2)
+    assert sorted(plan.assignments.tolist()) == sorted(torch.where(record.kept.reshape(-1))[0].tolist())
     gathered = dispatch.gather(x, plan)
     assert gathered.shape == (m, D) and torch.equal(gathered, x[plan.tokens])
     # The expert computation sees (M, D), never an (N, E, capacity) buffer.

@@ -202,3 +202,54 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted_run(tmp_path):
 
     straight = fit(config.from_dict({**raw, "run": {"name": "straight", "dir": str(tmp_path / "runs")}}))
     assert_same_weights(straight.checkpoint, checkpoint.latest(run_dir))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    # Without router losses (they are per micro-batch by design) and dropout, 2 x 2 accumulated
+    # sequences give the same update as one batch of 4.
+    finals = []
+    for name, micro in (("big", None), ("accum", 2)):
+        raw = tiny_config(
+            tmp_path,
+            run={"name": name},
+            moe={"aux_loss_coef": 0.0, "z_loss_coef": 0.0},
+            train={"micro_batch_size": micro, "max_steps": 2, "eval_every": 100},
+            optim={"warmup_steps": 0},
+        )
+        finals.append(weights(fit(config.from_dict(raw)).checkpoint))
+    for key in finals[0]:
+        torch.testing.assert_close(finals[0][key], finals[1][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_resume_with_a_longer_schedule_warns_about_the_lr_jump(tmp_path):
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path))
+    assert runner.invoke(app, ["train", str(cfg_file)]).exit_code == 0
+    result = runner.invoke(app, ["train", str(cfg_file), "--resume", "--set", "train.max_steps=12"])
+    assert result.exit_code == 0, result.output
+    assert "the LR schedule changed: step 6 trained at lr" in result.output
+    same = runner.invoke(app, ["train", str(cfg_file), "--resume", "--set", "train.max_steps=12"])
+    assert "LR schedule changed" not in same.output  # nothing changed this time
+
+
+def test_resume_refuses_changed_data(tmp_path):
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, train={"max_steps": 3}))
+    assert runner.invoke(app, ["train", str(cfg_file)]).exit_code == 0
+    doc = next((tmp_path / "corpus").glob("*.txt"))
+    doc.write_text(doc.read_text() + "\n# an edit after the run started\n")
+    result = runner.invoke(app, ["train", str(cfg_file), "--resume", "--set", "train.max_steps=6"])
+    assert result.exit_code == 2, result.output
+    assert "data changed since" in result.output and "Traceback" not in result.output
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
+    raw = tiny_config(tmp_path, train={"max_steps": 20, "grad_clip": None}, optim={"lr": 1e12, "warmup_steps": 0},
+                      checkpoint={"every": 1})
+    result = runner.invoke(app, ["train", str(write_config(tmp_path / "d.yaml", raw))])
+    assert result.exit_code == 2, result.output
+    assert "training diverged" in result.output and "Traceback" not in result.output
+    run_dir = tmp_path / "runs" / "tiny"
+    steps = [s for s, _ in checkpoint.list_checkpoints(run_dir)]
+    # Every saved checkpoint holds finite weights: the diverged step was never applied or saved.
+    for _, path in checkpoint.list_checkpoints(run_dir):
+        assert all(torch.isfinite(t).all() for t in weights(path).values()), path
+    assert max(steps, default=0) < 20

@@ -69,6 +69,7 @@ class LanguageModel(nn.Module):
         out = ModelOutput(logits=logits, routing=records)
         if targets is None:
             return out
+        # (B, T, V) -> (N, V) against (B, T) -> (N,)
         out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         zero = out.lm_loss.new_zeros(())
         if records:

@@ -106,5 +106,7 @@ class FFNSlot(nn.Module):
         if not self.is_moe:
             return self.inner(x), None
         b, t, d = x.shape
-        y, record = self.inner(x.reshape(b * t, d))  # (B, T, D) -> (N, D)
-        return y.view(b, t, d), record
+        # Under capacity, earlier positions are served first, so no token is dropped because of a later one.
+        positions = torch.arange(t, device=x.device).repeat(b)  # (N,) position of token n = b*T + t
+        y, record = self.inner(x.reshape(b * t, d), positions)  # (B, T, D) -> (N, D)
+        return y.view(b, t, d), record  # (N, D) -> (B, T, D)

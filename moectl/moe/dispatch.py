@@ -1,8 +1,10 @@
 """Token dispatch: sort assignments by expert, apply capacity, and undo the sort.
 
-An assignment is one (token, slot) pair; there are N*K of them. They are numbered k-major,
-a = k*N + n, so that under capacity every token's first choice outranks any token's second
-choice (GShard's priority), and earlier tokens outrank later ones within a slot.
+An assignment is one (token, slot) pair; there are N*K of them, numbered token-major,
+a = n*K + k. Under capacity, assignments are served in priority order: by `priority` (lower
+first; the backbones pass each token's position in its sequence), ties broken by token, then
+by slot. Position priority keeps a causal LM causal: a token is only ever displaced by tokens
+at the same or earlier positions, never by later ones.
 
 Memory is O(N*K*D): no (N, E, capacity) one-hot tensor, no weight copy per token.
 
@@ -29,36 +31,41 @@ def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_exp
 
 @dataclass
 class DispatchPlan:
-    assignments: Tensor  # (M,) int64 kept assignment ids a = k*N + n, grouped by expert
-    tokens: Tensor  # (M,) int64 token of each kept assignment, a % N
+    assignments: Tensor  # (M,) int64 kept assignment ids a = n*K + k, grouped by expert
+    tokens: Tensor  # (M,) int64 token of each kept assignment, a // K
     tokens_per_expert: list[int]  # E host ints: the split sizes of `assignments`
 
 
-def plan(record: RoutingRecord, capacity: Optional[int]) -> tuple[DispatchPlan, RoutingRecord]:
+def plan(
+    record: RoutingRecord, capacity: Optional[int], priority: Optional[Tensor] = None
+) -> tuple[DispatchPlan, RoutingRecord]:
     """Group assignments by expert and drop those past `capacity` (None: dropless).
 
+    `priority` (N,) orders tokens for capacity (lower is served first); None means token order.
     Returns the plan and the record updated with kept / weights / tokens_per_expert / num_dropped.
     """
     n, k = record.expert_idx.shape
     num_experts = record.num_experts
-    flat_expert = record.expert_idx.t().reshape(-1)  # (K, N) -> (K*N,) expert of assignment a
-    # Stable sort keeps assignment order (slot, then position) within each expert.
-    order = torch.sort(flat_expert, stable=True).indices  # (K*N,) assignment ids grouped by expert
+    flat_expert = record.expert_idx.reshape(-1)  # (N, K) -> (N*K,) expert of assignment a
     chosen = torch.bincount(flat_expert, minlength=num_experts)  # (E,)
     if capacity is None:
-        kept_sorted = None
-        assignments = order
+        assignments = torch.sort(flat_expert, stable=True).indices  # (N*K,) grouped by expert
+        kept = torch.ones(n, k, dtype=torch.bool, device=flat_expert.device)
         counts = chosen
     else:
+        if priority is None:
+            order = torch.sort(flat_expert, stable=True).indices
+        else:  # two stable sorts: by priority, then by expert, so priority orders each expert's queue
+            by_priority = torch.sort(priority.repeat_interleave(k), stable=True).indices  # (N*K,)
+            order = by_priority[torch.sort(flat_expert[by_priority], stable=True).indices]
         starts = torch.cumsum(chosen, 0) - chosen  # (E,) first sorted position of each expert
-        rank = torch.arange(n * k, device=order.device) - starts[flat_expert[order]]  # (K*N,) rank within expert
+        rank = torch.arange(n * k, device=order.device) - starts[flat_expert[order]]  # (N*K,) place in queue
         kept_sorted = rank < capacity
         assignments = order[kept_sorted]
-        counts = chosen.clamp(max=capacity)
-    kept = torch.ones(k * n, dtype=torch.bool, device=order.device)
-    if kept_sorted is not None:
+        kept = torch.empty(n * k, dtype=torch.bool, device=order.device)
         kept[order] = kept_sorted
-    kept = kept.view(k, n).t()  # (K*N,) -> (N, K)
+        kept = kept.view(n, k)  # (N*K,) -> (N, K)
+        counts = chosen.clamp(max=capacity)
     record = dataclasses.replace(
         record,
         weights=record.weights * kept,
@@ -68,7 +75,7 @@ def plan(record: RoutingRecord, capacity: Optional[int]) -> tuple[DispatchPlan, 
     )
     # Host sync: torch.split needs the per-expert sizes as Python ints.
     sizes = counts.tolist()
-    return DispatchPlan(assignments=assignments, tokens=assignments % n, tokens_per_expert=sizes), record
+    return DispatchPlan(assignments=assignments, tokens=assignments // k, tokens_per_expert=sizes), record
 
 
 def gather(x: Tensor, plan: DispatchPlan) -> Tensor:
@@ -79,12 +86,11 @@ def gather(x: Tensor, plan: DispatchPlan) -> Tensor:
 def combine(y: Tensor, plan: DispatchPlan, record: RoutingRecord) -> Tensor:
     """(M, D) expert outputs -> (N, D) = sum over kept slots of weight * output.
 
-    Scattering into a (K*N, D) buffer and summing over K is deterministic, unlike index_add
+    Scattering into an (N*K, D) buffer and summing over K is deterministic, unlike index_add
     with repeated token ids under CUDA atomics.
     """
     n, k = record.expert_idx.shape
-    flat_weights = record.weights.t().reshape(-1)  # (K, N) -> (K*N,) weight of assignment a
-    w = flat_weights.index_select(0, plan.assignments).to(y.dtype)  # (M,)
-    buf = y.new_zeros(k * n, y.shape[1])  # (K*N, D)
+    w = record.weights.reshape(-1).index_select(0, plan.assignments).to(y.dtype)  # (M,)
+    buf = y.new_zeros(n * k, y.shape[1])  # (N*K, D)
     buf = buf.index_copy(0, plan.assignments, y * w[:, None])
-    return buf.view(k, n, y.shape[1]).sum(0)  # (K, N, D) -> (N, D)
+    return buf.view(n, k, y.shape[1]).sum(1)  # (N, K, D) -> (N, D)

@@ -45,9 +45,10 @@ class MoELayer(nn.Module):
             return None
         return dispatch.expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, RoutingRecord]:
+    def forward(self, x: Tensor, priority: Optional[Tensor] = None) -> tuple[Tensor, RoutingRecord]:
+        """(N, D) -> (N, D). `priority` (N,) orders tokens for capacity, lower first (see dispatch.py)."""
         record = self.router(x)  # route
-        plan, record = dispatch.plan(record, self.capacity(x.shape[0]))  # sort by expert, drop overflow
+        plan, record = dispatch.plan(record, self.capacity(x.shape[0]), priority)  # sort by expert, drop overflow
         if self.impl == "loop":
             return self._forward_loop(x, record), record
         x_sorted = dispatch.gather(x, plan)  # (M, D)
