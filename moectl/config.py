@@ -101,23 +101,74 @@ class ModelConfig(Section):
 
 
 class MoEConfig(Section):
-    """The MoE layers. Notation: E experts, K experts per token, H expert hidden size."""
+    """The MoE layers. Notation: E experts, K experts per token, H expert hidden size, N tokens per batch."""
 
     num_experts: int = Field(8, gt=0, description="E, experts per MoE layer.")
-    top_k: int = Field(2, gt=0, description="K, experts each token is routed to.")
+    top_k: int = Field(
+        2,
+        gt=0,
+        description="K, experts per token (switch: 1, gshard_top2: 2; hierarchical: per chosen group; "
+        "expert_choice: the average; soft: ignored, every expert runs).",
+    )
     every: int = Field(
         1, gt=0, description="Make every `every`-th FFN slot an MoE layer (1: all of them); the others are dense."
     )
     expert_hidden: Optional[int] = Field(None, gt=0, description="H, each expert's hidden size. Null: model.ffn_hidden.")
-    router: Literal["topk"] = Field("topk", description="Routing method: `topk` is softmax top-k (GShard / Mixtral).")
-    renormalize: bool = Field(True, description="Renormalise the K chosen probabilities to sum to 1 (as Mixtral).")
+    router: Literal[
+        "topk", "noisy_topk", "switch", "gshard_top2", "expert_choice", "soft", "hierarchical", "sigmoid"
+    ] = Field("topk", description="Routing method; see README's router table.")
+    renormalize: bool = Field(
+        True, description="topk, sigmoid: renormalise the K chosen weights to sum to 1 (as Mixtral), or keep them raw."
+    )
     capacity_factor: Optional[float] = Field(
         None,
         gt=0,
-        description="Expert capacity = ceil(factor * N * K / E) per batch; overflow tokens skip the layer. Null: dropless.",
+        description="Training capacity per expert = max(min_capacity, ceil(factor * N * K / E)); overflow "
+        "assignments skip the layer. Null: dropless. expert_choice: C = ceil(factor * N * K / E), null meaning 1.",
     )
+    eval_capacity_factor: Union[float, Literal["dropless"], None] = Field(
+        None, description="Capacity factor in eval mode: a number, `dropless`, or null for the training one."
+    )
+    min_capacity: int = Field(0, ge=0, description="Lower bound on the capacity of each expert.")
+    drop_policy: Literal["position", "probability"] = Field(
+        "position",
+        description="Who keeps a slot when an expert is full: earlier positions (causal-safe), or the tokens "
+        "with the highest router probability (batch-prioritised routing; sees later tokens).",
+    )
+    shared_experts: int = Field(0, ge=0, description="Always-on shared experts added to the routed output (DeepSeekMoE).")
+    shared_expert_hidden: Optional[int] = Field(
+        None, gt=0, description="Hidden size of each shared expert. Null: the routed experts' H."
+    )
+    shared_expert_gate: bool = Field(False, description="Scale the shared output by sigmoid(x w) (Qwen-MoE).")
+    expert_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the experts' hidden layer in training.")
+    router_init_std: Optional[float] = Field(
+        None, ge=0, description="Std of the router's normal init (smaller is steadier). Null: model.init_std."
+    )
+    jitter_eps: float = Field(0.01, ge=0, lt=1, description="switch: router input times U(1 - eps, 1 + eps) in training.")
+    num_groups: int = Field(4, gt=0, description="hierarchical: groups G; each holds E / G experts.")
+    group_top_k: int = Field(1, gt=0, description="hierarchical: groups each token is routed to.")
+    bias_update_rate: float = Field(
+        1e-3, ge=0, description="sigmoid: the expert bias moves by rate * sign(mean load - load) after each step."
+    )
+    routed_scaling: float = Field(1.0, gt=0, description="sigmoid: scale of the routed experts' weights (DeepSeek-V3).")
     aux_loss_coef: float = Field(0.01, ge=0, description="Switch load-balancing loss coefficient alpha.")
+    importance_loss_coef: float = Field(
+        0.0, ge=0, description="Shazeer et al.'s importance loss weight: CV(sum of gate values)^2 (paper: 0.1)."
+    )
+    load_loss_coef: float = Field(
+        0.0, ge=0, description="Shazeer et al.'s load loss weight: CV(smooth load)^2; noisy_topk, hierarchical (paper: 0.1)."
+    )
     z_loss_coef: float = Field(0.001, ge=0, description="ST-MoE router z-loss coefficient.")
+
+    @property
+    def loss_coefs(self) -> dict[str, float]:
+        """Coefficient of each routing loss, by the names moe/losses.py uses."""
+        return {
+            "load_balance": self.aux_loss_coef,
+            "importance": self.importance_loss_coef,
+            "load": self.load_loss_coef,
+            "z": self.z_loss_coef,
+        }
 
 
 class DataConfig(Section):
@@ -249,8 +300,8 @@ class Config(Section):
         m, moe, d, tok, tr = self.model, self.moe, self.data, self.tokenizer, self.train
         if self.backbone == "lstm" and m.n_layers < 2:
             raise ValueError(f"model.n_layers={m.n_layers} must be >= 2 for an LSTM model (FFN slots sit between layers)")
-        if self.is_moe and moe.top_k > moe.num_experts:
-            raise ValueError(f"moe.top_k={moe.top_k} must be <= moe.num_experts={moe.num_experts}")
+        if self.is_moe:
+            self._check_router()
         if self.is_moe and moe.every > self.num_ffn_slots:
             raise ValueError(
                 f"moe.every={moe.every} leaves {m.arch} with no MoE layer: it has {self.num_ffn_slots} FFN slots "
@@ -286,6 +337,31 @@ class Config(Section):
         if tr.device not in ("auto", "cpu", "mps") and not tr.device.startswith("cuda"):
             raise ValueError(f"train.device={tr.device!r} must be auto, cpu, mps, cuda or cuda:N")
         return self
+
+    def _check_router(self) -> None:
+        moe = self.moe
+        if moe.router == "switch" and moe.top_k != 1:
+            raise ValueError(f"moe.top_k={moe.top_k} must be 1 for moe.router=switch (Switch routes each token to one expert)")
+        if moe.router == "gshard_top2" and moe.top_k != 2:
+            raise ValueError(f"moe.top_k={moe.top_k} must be 2 for moe.router=gshard_top2")
+        if moe.router == "hierarchical":
+            g = moe.num_groups
+            if moe.num_experts % g:
+                raise ValueError(f"moe.num_experts={moe.num_experts} must be a multiple of moe.num_groups={g}")
+            if moe.top_k > moe.num_experts // g:
+                raise ValueError(
+                    f"moe.top_k={moe.top_k} must be <= experts per group = moe.num_experts / moe.num_groups = "
+                    f"{moe.num_experts // g}"
+                )
+            if moe.group_top_k > g:
+                raise ValueError(f"moe.group_top_k={moe.group_top_k} must be <= moe.num_groups={g}")
+        elif moe.router != "soft" and moe.top_k > moe.num_experts:
+            raise ValueError(f"moe.top_k={moe.top_k} must be <= moe.num_experts={moe.num_experts}")
+        if moe.load_loss_coef > 0 and moe.router not in ("noisy_topk", "hierarchical"):
+            raise ValueError(
+                f"moe.load_loss_coef={moe.load_loss_coef} needs moe.router=noisy_topk or hierarchical: the smooth "
+                "load estimator comes from their gate noise"
+            )
 
     @model_validator(mode="after")
     def _fill_arch_defaults(self) -> "Config":

@@ -25,7 +25,8 @@ from moectl import tokenizer as tokenizers_
 from moectl.config import Config, OptimConfig
 from moectl.console import TrainProgress
 from moectl.errors import CheckpointError, ConfigError, DataError, TrainingError
-from moectl.models import LanguageModel, build_model, moe_slots, parameter_counts
+from moectl.models import LanguageModel, build_model, moe_layers, moe_slots, parameter_counts
+from moectl.moe import LOSS_NAMES
 from moectl.stats import RoutingStats, accumulator_dtype
 from moectl.tracking import Tracker
 
@@ -239,7 +240,8 @@ class StopOnInterrupt:
 class LossWindow:
     """Sums over the logging window, kept on the device: no host sync per micro-step."""
 
-    FIELDS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "micro_steps", "steps")
+    ROUTER_TERMS = tuple(f"router_{name}" for name in LOSS_NAMES)
+    FIELDS = ("loss", "lm_loss", "aux_loss", "z_loss", *ROUTER_TERMS, "grad_norm", "micro_steps", "steps")
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -254,6 +256,8 @@ class LossWindow:
         self.lm_loss += out.lm_loss.detach()
         self.aux_loss += out.aux_loss.detach()
         self.z_loss += out.z_loss.detach()
+        for name, value in out.aux_terms.items():
+            getattr(self, f"router_{name}").add_(value.detach())
         self.micro_steps += 1
 
     def add_step(self, grad_norm: torch.Tensor) -> None:
@@ -264,6 +268,8 @@ class LossWindow:
         m, s = max(float(self.micro_steps), 1.0), max(float(self.steps), 1.0)
         out = {f"train/{k}": float(getattr(self, k)) / m for k in ("loss", "lm_loss", "aux_loss", "z_loss")}
         out["train/grad_norm"] = float(self.grad_norm) / s
+        if float(self.router_z) != 0.0:  # MoE models: each router loss, unweighted
+            out.update({f"train/router/{k[len('router_'):]}": float(getattr(self, k)) / m for k in self.ROUTER_TERMS})
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -333,6 +339,19 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
     stats = RoutingStats(len(slots), cfg.moe.num_experts, device)
     window = LossWindow(device)
     total_params, active_params = parameter_counts(model)
+    # Routers with aux-loss-free balancing get each optimizer step's chosen-token counts.
+    bias_routers = [(i, layer.router) for i, layer in enumerate(moe_layers(model)) if layer.router.balances_with_bias]
+    if cfg.is_moe and cfg.moe.router == "expert_choice":
+        console.warn(
+            "moe.router=expert_choice: each expert picks its tokens from the whole batch, so in this causal LM a "
+            "token's routing depends on other tokens, later positions included; the loss is optimistic and "
+            "token-by-token generation routes differently"
+        )
+    if cfg.is_moe and cfg.moe.drop_policy == "probability" and cfg.moe.capacity_factor is not None:
+        console.warn(
+            "moe.drop_policy=probability: which tokens an expert drops depends on the whole batch, later "
+            "positions included, so the model can see the future through its drops"
+        )
     step, tokens_seen, first_eval, eval_loss = 0, 0, None, None
     collapsed = [False] * len(slots)  # per MoE layer: was it over log.collapse_threshold last window?
     data_keys = {"train": corpus.train.key, "validation": corpus.validation.key}
@@ -445,6 +464,7 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 ids = sampler.next().reshape(cfg.grad_accum_steps, cfg.micro_batch_size)  # (accum, micro)
+                step_counts = [0] * len(bias_routers)  # chosen tokens per expert over this step's micro-batches
                 for micro_ids in ids:
                     x, y = (t.to(device, non_blocking=True) for t in train_blocks.batch(micro_ids))
                     with autocast(device, amp):
@@ -452,6 +472,8 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
                     (out.loss / cfg.grad_accum_steps).backward()
                     window.add_micro(out)
                     stats.update(out.routing)
+                    for j, (i, _) in enumerate(bias_routers):
+                        step_counts[j] = step_counts[j] + out.routing[i].chosen_per_expert()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip or float("inf"))
                 # One host sync per step: the progress bar's loss, and a divergence check before the update.
                 loss_now, norm_now = torch.stack([out.loss.detach().float(), grad_norm.float()]).tolist()
@@ -462,6 +484,8 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
                     )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                for (_, router), counts in zip(bias_routers, step_counts):
+                    router.update_bias(counts)
                 window.add_step(grad_norm)
                 step += 1
                 tokens_seen += tr.batch_size * seq_len

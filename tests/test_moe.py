@@ -14,6 +14,7 @@ import torch
 
 from moectl.models.layers import FeedForward
 from moectl.moe import MoELayer, RoutingRecord, dispatch, load_balancing_loss, router_z_loss
+from moectl.moe.record import make_record
 
 # float() on a loss that requires grad is fine here: the tests only read values.
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True:UserWarning")
@@ -34,18 +35,9 @@ def hand_record(expert_idx: list[list[int]], num_experts: int) -> RoutingRecord:
     """A dropless record with the given choices and uniform probabilities / weights."""
     idx = torch.tensor(expert_idx, dtype=torch.int64)
     n, k = idx.shape
-    probs = torch.full((n, num_experts), 1.0 / num_experts)
-    record = RoutingRecord(
-        logits=torch.zeros(n, num_experts),
-        probs=probs,
-        expert_idx=idx,
-        weights=torch.full((n, k), 1.0 / k),
-        kept=torch.ones(n, k, dtype=torch.bool),
-        tokens_per_expert=torch.zeros(num_experts, dtype=torch.int64),
-        num_dropped=torch.zeros((), dtype=torch.int64),
+    return make_record(
+        torch.zeros(n, num_experts), torch.full((n, num_experts), 1.0 / num_experts), idx, torch.full((n, k), 1.0 / k)
     )
-    record.tokens_per_expert = record.chosen_per_expert()
-    return record
 
 
 def reference_kept(expert_idx: torch.Tensor, capacity: int, priority=None) -> torch.Tensor:
@@ -198,7 +190,7 @@ def test_routing_record_is_consistent(k, cf):
     assert record.num_tokens == n and record.top_k == k and record.num_experts == E
     assert record.tokens_per_expert.dtype == torch.int64 and record.num_dropped.dtype == torch.int64
     assert int(record.tokens_per_expert.sum() + record.num_dropped) == n * k
-    assert torch.equal(~record.kept, record.weights == 0)
+    assert torch.equal(~record.kept, record.combine_weights == 0)
     assert torch.equal(record.tokens_per_expert, torch.bincount(record.expert_idx[record.kept], minlength=E))
     assert int(record.num_dropped) == int((~record.kept).sum())
     cap = layer.capacity(n)
@@ -242,7 +234,8 @@ def test_capacity_drops_exactly_the_lower_priority_assignments():
     assert out.tokens_per_expert.tolist() == [2, 2, 2]
     assert record.chosen_per_expert().tolist() == [6, 3, 3]
     assert int(out.num_dropped) == 6
-    assert torch.equal(out.weights, record.weights * torch.tensor(HAND_KEPT))
+    assert torch.equal(out.combine_weights, record.weights * torch.tensor(HAND_KEPT))
+    assert torch.equal(out.weights, record.weights)  # the router's weights are kept; capacity masks them
     assert plan.tokens_per_expert == [2, 2, 2]
     # Kept assignments a = n*K + k, grouped by expert, in service order inside an expert.
     assert plan.assignments.tolist() == [0, 2, 1, 5, 3, 8]

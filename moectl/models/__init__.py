@@ -9,9 +9,45 @@ from moectl.models.base import LanguageModel, ModelOutput
 from moectl.models.layers import FeedForward, FFNSlot
 from moectl.models.lstm_moe import LSTMMoE
 from moectl.models.transformer_moe import TransformerMoE
-from moectl.moe import MoELayer
+from moectl.moe import MoELayer, make_router
 
-__all__ = ["LanguageModel", "ModelOutput", "build_model", "moe_slots", "parameter_counts"]
+__all__ = ["LanguageModel", "ModelOutput", "build_model", "moe_layers", "moe_slots", "parameter_counts"]
+
+
+def build_moe_layer(cfg: Config) -> MoELayer:
+    m, moe = cfg.model, cfg.moe
+    router_std = m.init_std if moe.router_init_std is None else moe.router_init_std
+    router = make_router(
+        moe.router,
+        m.d_model,
+        moe.num_experts,
+        moe.top_k,
+        renormalize=moe.renormalize,
+        init_std=router_std,
+        capacity_factor=moe.capacity_factor,
+        jitter_eps=moe.jitter_eps,
+        num_groups=moe.num_groups,
+        group_top_k=moe.group_top_k,
+        bias_update_rate=moe.bias_update_rate,
+        scaling=moe.routed_scaling,
+    )
+    eval_cf = moe.eval_capacity_factor
+    return MoELayer(
+        m.d_model,
+        moe.num_experts,
+        moe.top_k,
+        cfg.expert_hidden,
+        m.activation,
+        capacity_factor=moe.capacity_factor,
+        init_std=m.init_std,
+        router=router,
+        eval_capacity_factor="train" if eval_cf is None else None if eval_cf == "dropless" else eval_cf,
+        min_capacity=moe.min_capacity,
+        drop_policy=moe.drop_policy,
+        shared_hidden=moe.shared_experts * (moe.shared_expert_hidden or cfg.expert_hidden),
+        shared_gate=moe.shared_expert_gate,
+        expert_dropout=moe.expert_dropout,
+    )
 
 
 def build_model(cfg: Config, vocab_size: int) -> LanguageModel:
@@ -20,18 +56,7 @@ def build_model(cfg: Config, vocab_size: int) -> LanguageModel:
     def make_ffn(slot: int) -> FFNSlot:
         # Slot i is an MoE layer when (i + 1) % every == 0: every=2 gives dense, MoE, dense, MoE...
         if cfg.is_moe and (slot + 1) % moe.every == 0:
-            return FFNSlot(
-                MoELayer(
-                    m.d_model,
-                    moe.num_experts,
-                    moe.top_k,
-                    cfg.expert_hidden,
-                    m.activation,
-                    renormalize=moe.renormalize,
-                    capacity_factor=moe.capacity_factor,
-                    init_std=m.init_std,
-                )
-            )
+            return FFNSlot(build_moe_layer(cfg))
         return FFNSlot(FeedForward(m.d_model, m.ffn_hidden, m.activation, m.init_std))
 
     common = dict(
@@ -41,8 +66,7 @@ def build_model(cfg: Config, vocab_size: int) -> LanguageModel:
         make_ffn=make_ffn,
         dropout=m.dropout,
         tie_embeddings=m.tie_embeddings,
-        aux_loss_coef=moe.aux_loss_coef,
-        z_loss_coef=moe.z_loss_coef,
+        loss_coefs=moe.loss_coefs,
         init_std=m.init_std,
     )
     if cfg.backbone == "transformer":
@@ -51,14 +75,18 @@ def build_model(cfg: Config, vocab_size: int) -> LanguageModel:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(total, active per token): an MoE layer's experts count K/E of their parameters as active."""
+    """(total, active per token): an MoE layer's routed experts count active_experts / E of their parameters."""
     total = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
-    inactive = 0
-    for layer in model.modules():
-        if isinstance(layer, MoELayer):
-            experts = sum(p.numel() for p in layer.experts.parameters())
-            inactive += experts * (layer.num_experts - layer.top_k) // layer.num_experts
-    return total, total - inactive
+    inactive = 0.0
+    for layer in moe_layers(model):
+        experts = sum(p.numel() for p in layer.experts.parameters())
+        inactive += experts * (1.0 - min(layer.active_experts, layer.num_experts) / layer.num_experts)
+    return total, total - round(inactive)
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The MoE layers in the order the model returns routing records."""
+    return [slot.inner for slot in model.modules() if isinstance(slot, FFNSlot) and slot.is_moe]
 
 
 def moe_slots(model: nn.Module) -> list[int]:

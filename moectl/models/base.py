@@ -2,8 +2,9 @@
 
 A backbone implements `body(h) -> (h, records)` on (B, T, D) hidden states. The base turns
 token ids into embeddings, runs the body, projects to the vocabulary and assembles the loss:
-loss = lm_loss + aux_loss + z_loss, where the router terms are weighted by their coefficients
-and averaged over the MoE layers (so coefficients need no retuning with depth).
+loss = lm_loss + aux_loss + z_loss. Each router loss (moe/losses.py) is averaged over the MoE
+layers, so coefficients need no retuning with depth, then weighted by its coefficient; aux_loss
+is the weighted sum of the balancing losses (load_balance, importance, load).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moectl.moe import RoutingRecord, load_balancing_loss, router_z_loss
+from moectl.moe import LOSS_NAMES, RoutingRecord, routing_losses
 
 
 @dataclass
@@ -23,8 +24,9 @@ class ModelOutput:
     logits: Tensor  # (B, T, V)
     loss: Optional[Tensor] = None  # lm_loss + aux_loss + z_loss, when targets are given
     lm_loss: Optional[Tensor] = None  # mean next-token cross-entropy (nats)
-    aux_loss: Optional[Tensor] = None  # weighted Switch load-balancing loss, mean over MoE layers
+    aux_loss: Optional[Tensor] = None  # weighted balancing losses, each a mean over MoE layers
     z_loss: Optional[Tensor] = None  # weighted router z-loss, mean over MoE layers
+    aux_terms: dict[str, Tensor] = field(default_factory=dict)  # each router loss unweighted, mean over layers
     routing: list[RoutingRecord] = field(default_factory=list)  # one per MoE layer, input to output
 
 
@@ -34,15 +36,13 @@ class LanguageModel(nn.Module):
         vocab_size: int,
         d_model: int,
         tie_embeddings: bool,
-        aux_loss_coef: float,
-        z_loss_coef: float,
+        loss_coefs: Optional[dict[str, float]],
         dropout: float,
         init_std: float,
     ):
         super().__init__()
         self.vocab_size = vocab_size
-        self.aux_loss_coef = aux_loss_coef
-        self.z_loss_coef = z_loss_coef
+        self.loss_coefs = {name: (loss_coefs or {}).get(name, 0.0) for name in LOSS_NAMES}
         self.init_std = init_std
         self.embed = nn.Embedding(vocab_size, d_model)
         self.drop = nn.Dropout(dropout)
@@ -72,12 +72,15 @@ class LanguageModel(nn.Module):
         # (B, T, V) -> (N, V) against (B, T) -> (N,)
         out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         zero = out.lm_loss.new_zeros(())
+        out.aux_loss, out.z_loss = zero, zero
         if records:
-            out.aux_loss = self.aux_loss_coef * torch.stack(
-                [load_balancing_loss(r.probs, r.expert_idx) for r in records]
-            ).mean()
-            out.z_loss = self.z_loss_coef * torch.stack([router_z_loss(r.logits) for r in records]).mean()
-        else:
-            out.aux_loss, out.z_loss = zero, zero
+            per_layer = [routing_losses(r) for r in records]
+            out.aux_terms = {name: torch.stack([t[name] for t in per_layer]).mean() for name in LOSS_NAMES}
+            for name, value in out.aux_terms.items():
+                weighted = self.loss_coefs[name] * value
+                if name == "z":
+                    out.z_loss = weighted
+                else:
+                    out.aux_loss = out.aux_loss + weighted
         out.loss = out.lm_loss + out.aux_loss + out.z_loss
         return out

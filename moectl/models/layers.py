@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moectl.moe import MoELayer, RoutingRecord
-from moectl.moe.experts import ffn
+from moectl.moe.experts import FeedForward
 
 
 class RMSNorm(nn.Module):
@@ -73,22 +73,6 @@ class CausalSelfAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, d))  # (B, h, T, hd) -> (B, T, D)
-
-
-class FeedForward(nn.Module):
-    """Dense FFN; the same `ffn` function the experts use. Weights stored (in, out)."""
-
-    def __init__(self, d_model: int, hidden: int, activation: str, init_std: float = 0.02):
-        super().__init__()
-        self.activation = activation
-        self.w_up = nn.Parameter(torch.empty(d_model, hidden))
-        self.w_gate = nn.Parameter(torch.empty(d_model, hidden)) if activation == "swiglu" else None
-        self.w_down = nn.Parameter(torch.empty(hidden, d_model))
-        for p in self.parameters():
-            nn.init.normal_(p, std=init_std)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ffn(x, self.w_up, self.w_gate, self.w_down, self.activation)
 
 
 class FFNSlot(nn.Module):

@@ -8,7 +8,7 @@ Shapes: B batch, T sequence length, D model dim (= LSTM units = MoE input/output
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
@@ -27,11 +27,10 @@ class LSTMMoE(LanguageModel):
         dropout: float = 0.0,
         tie_embeddings: bool = True,
         residual: bool = True,
-        aux_loss_coef: float = 0.0,
-        z_loss_coef: float = 0.0,
+        loss_coefs: Optional[dict[str, float]] = None,
         init_std: float = 0.02,
     ):
-        super().__init__(vocab_size, d_model, tie_embeddings, aux_loss_coef, z_loss_coef, dropout, init_std)
+        super().__init__(vocab_size, d_model, tie_embeddings, loss_coefs, dropout, init_std)
         self.residual = residual
         self.lstms = nn.ModuleList(nn.LSTM(d_model, d_model, batch_first=True) for _ in range(n_layers))
         self.ffns = nn.ModuleList(make_ffn(i) for i in range(n_layers - 1))

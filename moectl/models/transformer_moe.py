@@ -8,7 +8,7 @@ Shapes: B batch, T sequence length, D model dim.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
@@ -44,11 +44,10 @@ class TransformerMoE(LanguageModel):
         tie_embeddings: bool = True,
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-5,
-        aux_loss_coef: float = 0.0,
-        z_loss_coef: float = 0.0,
+        loss_coefs: Optional[dict[str, float]] = None,
         init_std: float = 0.02,
     ):
-        super().__init__(vocab_size, d_model, tie_embeddings, aux_loss_coef, z_loss_coef, dropout, init_std)
+        super().__init__(vocab_size, d_model, tie_embeddings, loss_coefs, dropout, init_std)
         self.rotary = RotaryEmbedding(d_model // n_heads, rope_theta)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout, norm_eps, make_ffn(i)) for i in range(n_layers))
         self.norm = RMSNorm(d_model, norm_eps)

@@ -5,7 +5,17 @@ K experts per token. The forward reads route -> dispatch -> compute -> combine.
 """
 
 from moectl.moe.layer import MoELayer
-from moectl.moe.losses import load_balancing_loss, router_z_loss
+from moectl.moe.losses import LOSS_NAMES, load_balancing_loss, router_z_loss, routing_losses
 from moectl.moe.record import RoutingRecord
+from moectl.moe.router import ROUTERS, make_router
 
-__all__ = ["MoELayer", "RoutingRecord", "load_balancing_loss", "router_z_loss"]
+__all__ = [
+    "LOSS_NAMES",
+    "MoELayer",
+    "ROUTERS",
+    "RoutingRecord",
+    "load_balancing_loss",
+    "make_router",
+    "router_z_loss",
+    "routing_losses",
+]

@@ -1,7 +1,7 @@
 """Token dispatch: sort assignments by expert, apply capacity, and undo the sort.
 
-An assignment is one (token, slot) pair; there are N*K of them, numbered token-major,
-a = n*K + k. Under capacity, assignments are served in priority order: by `priority` (lower
+An assignment is one chosen (token, slot) pair; there are at most N*K of them, numbered
+token-major, a = n*K + k. Under capacity, assignments are served in priority order: by `priority` (lower
 first; the backbones pass each token's position in its sequence), ties broken by token, then
 by slot. Position priority keeps a causal LM causal: a token is only ever displaced by tokens
 at the same or earlier positions, never by later ones.
@@ -39,42 +39,39 @@ class DispatchPlan:
 def plan(
     record: RoutingRecord, capacity: Optional[int], priority: Optional[Tensor] = None
 ) -> tuple[DispatchPlan, RoutingRecord]:
-    """Group assignments by expert and drop those past `capacity` (None: dropless).
+    """Group the chosen assignments by expert and drop those past `capacity` (None: dropless).
 
     `priority` (N,) orders tokens for capacity (lower is served first); None means token order.
-    Returns the plan and the record updated with kept / weights / tokens_per_expert / num_dropped.
+    Returns the plan and the record updated with kept / tokens_per_expert / num_dropped.
     """
     n, k = record.expert_idx.shape
     num_experts = record.num_experts
-    flat_expert = record.expert_idx.reshape(-1)  # (N, K) -> (N*K,) expert of assignment a
-    chosen = torch.bincount(flat_expert, minlength=num_experts)  # (E,)
+    # Slots the router did not choose go to a virtual expert E, which sorts last and is never run.
+    flat_expert = torch.where(record.chosen, record.expert_idx, num_experts).reshape(-1)  # (N*K,) a = n*K + k
+    bucket_counts = torch.bincount(flat_expert, minlength=num_experts + 1)  # (E+1,)
+    chosen = bucket_counts[:num_experts]  # (E,)
     if capacity is None:
-        assignments = torch.sort(flat_expert, stable=True).indices  # (N*K,) grouped by expert
-        kept = torch.ones(n, k, dtype=torch.bool, device=flat_expert.device)
+        order = torch.sort(flat_expert, stable=True).indices  # (N*K,) grouped by expert
         counts = chosen
+        kept = record.chosen
     else:
         if priority is None:
             order = torch.sort(flat_expert, stable=True).indices
         else:  # two stable sorts: by priority, then by expert, so priority orders each expert's queue
             by_priority = torch.sort(priority.repeat_interleave(k), stable=True).indices  # (N*K,)
             order = by_priority[torch.sort(flat_expert[by_priority], stable=True).indices]
-        starts = torch.cumsum(chosen, 0) - chosen  # (E,) first sorted position of each expert
-        rank = torch.arange(n * k, device=order.device) - starts[flat_expert[order]]  # (N*K,) place in queue
-        kept_sorted = rank < capacity
-        assignments = order[kept_sorted]
+        starts = torch.cumsum(bucket_counts, 0) - bucket_counts  # (E+1,) first sorted position of each expert
+        sorted_expert = flat_expert[order]
+        rank = torch.arange(n * k, device=order.device) - starts[sorted_expert]  # (N*K,) place in queue
+        kept_sorted = (rank < capacity) & (sorted_expert < num_experts)
         kept = torch.empty(n * k, dtype=torch.bool, device=order.device)
         kept[order] = kept_sorted
         kept = kept.view(n, k)  # (N*K,) -> (N, K)
         counts = chosen.clamp(max=capacity)
-    record = dataclasses.replace(
-        record,
-        weights=record.weights * kept,
-        kept=kept,
-        tokens_per_expert=counts,
-        num_dropped=(chosen - counts).sum(),
-    )
     # Host sync: torch.split needs the per-expert sizes as Python ints.
     sizes = counts.tolist()
+    assignments = order[: sum(sizes)] if capacity is None else order[kept_sorted]
+    record = dataclasses.replace(record, kept=kept, tokens_per_expert=counts, num_dropped=(chosen - counts).sum())
     return DispatchPlan(assignments=assignments, tokens=assignments // k, tokens_per_expert=sizes), record
 
 
@@ -90,7 +87,7 @@ def combine(y: Tensor, plan: DispatchPlan, record: RoutingRecord) -> Tensor:
     with repeated token ids under CUDA atomics.
     """
     n, k = record.expert_idx.shape
-    w = record.weights.reshape(-1).index_select(0, plan.assignments).to(y.dtype)  # (M,)
+    w = record.weights.reshape(-1).index_select(0, plan.assignments).to(y.dtype)  # (M,) all kept
     buf = y.new_zeros(n * k, y.shape[1])  # (N*K, D)
     buf = buf.index_copy(0, plan.assignments, y * w[:, None])
     return buf.view(n, k, y.shape[1]).sum(1)  # (N, K, D) -> (N, D)

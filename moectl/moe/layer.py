@@ -4,6 +4,11 @@ Two implementations of the same function:
 - "sorted" (default): assignments sorted by expert, each expert run once on its contiguous slice;
 - "loop": the obviously-correct reference, one boolean mask per expert. Tests check they agree.
 
+Around the router: capacity (separate train and eval factors, a minimum, dropless), the drop
+priority (by position, which keeps a causal LM causal, or by router probability: Riquelme et
+al.'s batch-prioritised routing), and always-on shared experts (DeepSeekMoE, Qwen-MoE)
+whose output is added to the routed experts', optionally scaled by a sigmoid gate.
+
 Notation: N tokens, D model dim, H expert hidden size, E experts, K experts per token.
 """
 
@@ -15,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from moectl.moe import dispatch
-from moectl.moe.experts import GroupedExperts
+from moectl.moe.experts import FeedForward, GroupedExperts
 from moectl.moe.record import RoutingRecord
-from moectl.moe.router import TopKRouter
+from moectl.moe.router import Router, TopKRouter
 
 
 class MoELayer(nn.Module):
@@ -31,35 +36,72 @@ class MoELayer(nn.Module):
         renormalize: bool = True,
         capacity_factor: Optional[float] = None,
         init_std: float = 0.02,
+        *,
+        router: Optional[Router] = None,
+        eval_capacity_factor: Optional[float] | Literal["train"] = "train",
+        min_capacity: int = 0,
+        drop_policy: Literal["position", "probability"] = "position",
+        shared_hidden: int = 0,
+        shared_gate: bool = False,
+        expert_dropout: float = 0.0,
     ):
+        """`router` defaults to softmax top-k. Capacity factors of None mean dropless;
+        `eval_capacity_factor="train"` reuses the training one. `shared_hidden` > 0 adds a
+        shared dense FFN of that hidden size (n shared experts of size H: n * H)."""
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
-        self.router = TopKRouter(d_model, num_experts, top_k, renormalize, init_std)
-        self.experts = GroupedExperts(num_experts, d_model, expert_hidden, activation, init_std)
+        self.eval_capacity_factor = capacity_factor if eval_capacity_factor == "train" else eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.drop_policy = drop_policy
+        self.router = router if router is not None else TopKRouter(d_model, num_experts, top_k, renormalize, init_std)
+        self.experts = GroupedExperts(num_experts, d_model, expert_hidden, activation, init_std, expert_dropout)
+        self.shared = FeedForward(d_model, shared_hidden, activation, init_std) if shared_hidden else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_hidden and shared_gate else None
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=init_std)
         self.impl: Literal["sorted", "loop"] = "sorted"
 
     def capacity(self, num_tokens: int) -> Optional[int]:
-        if self.capacity_factor is None:
+        """Slots per expert for a batch of N tokens: max(min_capacity, ceil(factor * N * K / E)); None: dropless."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is None or not self.router.uses_capacity:
             return None
-        return dispatch.expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts)
+        return max(self.min_capacity, dispatch.expert_capacity(factor, num_tokens, self.top_k, self.num_experts))
 
-    def forward(self, x: Tensor, priority: Optional[Tensor] = None) -> tuple[Tensor, RoutingRecord]:
-        """(N, D) -> (N, D). `priority` (N,) orders tokens for capacity, lower first (see dispatch.py)."""
+    def forward(self, x: Tensor, positions: Optional[Tensor] = None) -> tuple[Tensor, RoutingRecord]:
+        """(N, D) -> (N, D). `positions` (N,): each token's place in its sequence, for drop priority."""
         record = self.router(x)  # route
+        if self.drop_policy == "probability":  # batch-prioritised routing: the most confident tokens first
+            priority = -record.weights.max(dim=-1).values
+        else:
+            priority = positions
         plan, record = dispatch.plan(record, self.capacity(x.shape[0]), priority)  # sort by expert, drop overflow
         if self.impl == "loop":
-            return self._forward_loop(x, record), record
-        x_sorted = dispatch.gather(x, plan)  # (M, D)
-        y_sorted = self.experts(x_sorted, plan.tokens_per_expert)  # (M, D)
-        return dispatch.combine(y_sorted, plan, record), record
+            out = self._forward_loop(x, record)
+        else:
+            x_sorted = dispatch.gather(x, plan)  # (M, D)
+            y_sorted = self.experts(x_sorted, plan.tokens_per_expert)  # (M, D)
+            out = dispatch.combine(y_sorted, plan, record)  # (N, D)
+        if self.shared is not None:
+            shared = self.shared(x)  # (N, D)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
+        return out, record
 
     def _forward_loop(self, x: Tensor, record: RoutingRecord) -> Tensor:
         out = torch.zeros_like(x)
+        weights = record.combine_weights
         for e in range(self.num_experts):
             token, slot = torch.where((record.expert_idx == e) & record.kept)  # (n_e,), (n_e,)
             if token.numel():
-                w = record.weights[token, slot].to(x.dtype)[:, None]  # (n_e, 1)
+                w = weights[token, slot].to(x.dtype)[:, None]  # (n_e, 1)
                 out = out.index_add(0, token, w * self.experts.forward_expert(e, x[token]))
         return out
+
+    @property
+    def active_experts(self) -> float:
+        return self.router.active_experts
+

@@ -1,16 +1,22 @@
 """The routing record: the one vocabulary every consumer of routing speaks.
 
-The router fills in what it decided (logits, probs, chosen experts, combine weights); the
+The router fills in what it decided (logits, probs, chosen experts and their weights); the
 dispatcher adds what capacity allowed (kept, tokens per expert, dropped). The aux losses,
 TensorBoard statistics, eval and route-stats all read this record and nothing else.
 
-Notation: N tokens, E experts, K experts per token.
+Every router fits one shape: each token has K slots, slot k names an expert and a weight.
+Top-k routers fill all N*K slots. GShard's random routing leaves some second slots unchosen;
+expert choice and soft routing use K = E slots (slot k is expert k), chosen where that expert
+takes the token. `chosen` marks the slots the router used; `kept` the subset capacity allowed.
+
+Notation: N tokens, E experts, K slots per token.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -19,12 +25,15 @@ from torch import Tensor
 @dataclass
 class RoutingRecord:
     logits: Tensor  # (N, E) fp32 router logits
-    probs: Tensor  # (N, E) fp32 router probabilities, softmax(logits)
-    expert_idx: Tensor  # (N, K) int64 chosen experts, best first
-    weights: Tensor  # (N, K) fp32 combine weights; 0 where the assignment was dropped
-    kept: Tensor  # (N, K) bool, False where capacity dropped the assignment
+    probs: Tensor  # (N, E) fp32 router distribution over experts (softmax, or normalised sigmoid scores)
+    expert_idx: Tensor  # (N, K) int64 expert of each slot, best first for top-k routers
+    weights: Tensor  # (N, K) fp32 the router's combine weight of each slot; 0 where not chosen
+    chosen: Tensor  # (N, K) bool, the slots the router used
+    kept: Tensor  # (N, K) bool, chosen and within capacity: the slots the layer computes
     tokens_per_expert: Tensor  # (E,) int64 assignments each expert actually processed
-    num_dropped: Tensor  # () int64 assignments dropped by capacity
+    num_dropped: Tensor  # () int64 chosen assignments dropped by capacity
+    load: Optional[Tensor] = None  # (E,) differentiable load estimate (noisy top-k's smooth estimator)
+    group: Optional["RoutingRecord"] = None  # hierarchical MoE: the primary gate's record over groups
 
     @property
     def num_tokens(self) -> int:
@@ -38,10 +47,47 @@ class RoutingRecord:
     def top_k(self) -> int:
         return self.expert_idx.shape[1]
 
+    @property
+    def combine_weights(self) -> Tensor:
+        """(N, K) the weights the layer applies: the router's, zero where dropped."""
+        return self.weights * self.kept
+
     def detach(self) -> "RoutingRecord":
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).detach() for f in dataclasses.fields(self)})
+        values = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            values[f.name] = v.detach() if v is not None else None
+        return dataclasses.replace(self, **values)
 
     def chosen_per_expert(self) -> Tensor:
         """(E,) assignments the router chose per expert, before capacity."""
-        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=self.expert_idx.device)
-        return counts.scatter_add_(0, self.expert_idx.flatten(), torch.ones_like(self.expert_idx.flatten()))
+        return _bincount(self.expert_idx[self.chosen], self.num_experts)
+
+    def dense_weights(self) -> Tensor:
+        """(N, E) the router's weights scattered to experts: G(x) in Shazeer et al.'s notation."""
+        dense = torch.zeros_like(self.probs)
+        return dense.scatter_add(1, self.expert_idx, self.weights * self.chosen)
+
+
+def _bincount(idx: Tensor, n: int) -> Tensor:
+    counts = torch.zeros(n, dtype=torch.int64, device=idx.device)
+    return counts.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
+
+
+def make_record(
+    logits: Tensor, probs: Tensor, expert_idx: Tensor, weights: Tensor, chosen: Optional[Tensor] = None, **extra
+) -> RoutingRecord:
+    """A record as a router returns it: every chosen slot kept, no capacity applied yet."""
+    chosen = torch.ones_like(expert_idx, dtype=torch.bool) if chosen is None else chosen
+    weights = weights * chosen
+    return RoutingRecord(
+        logits=logits,
+        probs=probs,
+        expert_idx=expert_idx,
+        weights=weights,
+        chosen=chosen,
+        kept=chosen,
+        tokens_per_expert=_bincount(expert_idx[chosen], probs.shape[1]),
+        num_dropped=torch.zeros((), dtype=torch.int64, device=logits.device),
+        **extra,
+    )

@@ -1,51 +1,394 @@
-"""Routers: token -> experts and combine weights.
+"""Routers: (N, D) tokens -> a RoutingRecord (before capacity). One class per method:
+
+  topk           softmax top-k (GShard, Mixtral), weights renormalised over the K or raw
+  noisy_topk     Shazeer et al. 2017: tunable Gaussian noise, top-k, softmax over the kept logits,
+                 and the smooth load estimator behind their load loss
+  switch         Switch Transformer: top-1 with multiplicative jitter on the router input
+  gshard_top2    GShard: top-2 where the second expert is used with probability 2 * g2
+  expert_choice  Zhou et al. 2022: each expert takes its top-C tokens
+  soft           dense gating (Jacobs, Jordan et al. 1991): every expert, weighted by softmax
+  hierarchical   Shazeer et al. 2017 Appendix B: a primary gate picks groups, a gate per group
+                 picks experts in it; both levels balanced
+  sigmoid        DeepSeek-V3: sigmoid scores, a per-expert bias used for selection only and
+                 updated after each step towards uniform load (aux-loss-free balancing)
 
 Routing math runs in fp32 even under bf16 autocast (Switch Transformer's "selective
 precision"): the softmax over E logits and the top-k comparison are where low precision
-flips choices and destabilises training.
+flips choices and destabilises training. Noise (noisy_topk, switch jitter, gshard's random
+second expert) is applied in training only.
 
 Notation: N tokens, D model dim, E experts, K experts per token.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moectl.moe.record import RoutingRecord
+from moectl.moe.record import RoutingRecord, make_record
+
+ROUTERS = ("topk", "noisy_topk", "switch", "gshard_top2", "expert_choice", "soft", "hierarchical", "sigmoid")
+NOISE_EPS = 1e-2  # floor of the noise std, as in the authors' tensor2tensor code
 
 
-class TopKRouter(nn.Module):
-    """Softmax top-k routing (GShard, Mixtral): p = softmax(x W_g); keep the K largest p_i.
+@contextmanager
+def fp32(x: Tensor) -> Iterator[None]:
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        yield
 
-    Combine weights are p_i renormalised over the chosen K (Mixtral), or the raw p_i.
-    """
+
+def _gate_weight(num_experts: int, d_model: int, init_std: float) -> nn.Parameter:
+    w = nn.Parameter(torch.empty(num_experts, d_model))  # W_g^T: (E, D)
+    if init_std > 0:
+        nn.init.normal_(w, std=init_std)
+    else:
+        nn.init.zeros_(w)
+    return w
+
+
+class Router(nn.Module):
+    """Base: subclasses set num_experts and implement forward(x) -> RoutingRecord."""
+
+    num_experts: int
+    #: capacity factors apply (False where the method fixes its own capacity or has none)
+    uses_capacity: bool = True
+    #: wants update_bias(tokens_per_expert) after every optimizer step (aux-loss-free balancing)
+    balances_with_bias: bool = False
+
+    @property
+    def active_experts(self) -> float:
+        """Experts run per token on average: what 'active parameters' counts."""
+        raise NotImplementedError
+
+
+class TopKRouter(Router):
+    """p = softmax(x W_g); keep the K largest p_i; weights p_i renormalised over the K, or raw."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, renormalize: bool = True, init_std: float = 0.02):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.renormalize = renormalize
-        self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # W_g^T: (E, D)
-        nn.init.normal_(self.weight, std=init_std)
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.weight = _gate_weight(num_experts, d_model, init_std)
+
+    @property
+    def active_experts(self) -> float:
+        return float(self.top_k)
 
     def forward(self, x: Tensor) -> RoutingRecord:
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with fp32(x):
             logits = x.float() @ self.weight.float().t()  # (N, D) @ (D, E) -> (N, E)
-            probs = logits.softmax(dim=-1)  # (N, E)
-            top_probs, expert_idx = probs.topk(self.top_k, dim=-1)  # (N, K), (N, K)
+            probs = logits.softmax(dim=-1)
+            top_probs, expert_idx = probs.topk(self.top_k, dim=-1)  # (N, K)
             weights = top_probs / top_probs.sum(dim=-1, keepdim=True) if self.renormalize else top_probs
-        # Dropless until the dispatcher applies capacity (moe/dispatch.py).
-        record = RoutingRecord(
-            logits=logits,
-            probs=probs,
-            expert_idx=expert_idx,
-            weights=weights,
-            kept=torch.ones_like(expert_idx, dtype=torch.bool),
-            tokens_per_expert=torch.zeros(self.num_experts, dtype=torch.int64, device=x.device),
-            num_dropped=torch.zeros((), dtype=torch.int64, device=x.device),
-        )
-        record.tokens_per_expert = record.chosen_per_expert()
-        return record
+        return make_record(logits, probs, expert_idx, weights)
+
+
+def smooth_load(clean: Tensor, noisy: Tensor, noise_std: Tensor, top_vals: Tensor, top_idx: Tensor, k: int) -> Tensor:
+    """Shazeer et al. 2017, Appendix A: P(x, i), the probability that expert i stays in the top k
+    when only its own noise is drawn again.
+
+    P(x, i) = Phi((clean_i - kth_excluding(H, k, i)) / std_i), where kth_excluding is the (k+1)-th
+    largest noisy logit if i is in the top k, else the k-th largest. Shapes: (..., E) inputs,
+    top_vals / top_idx the top min(k + 1, E) of `noisy`; returns (..., E). With k = E every
+    expert is always chosen and P is 1.
+    """
+    if k >= clean.shape[-1]:
+        return torch.ones_like(clean)
+    thr_in = top_vals[..., k : k + 1]  # (..., 1) the (k+1)-th largest: the bar for an expert in the top k
+    thr_out = top_vals[..., k - 1 : k]  # (..., 1) the k-th largest: the bar for one outside it
+    is_in = torch.zeros_like(clean, dtype=torch.bool).scatter(-1, top_idx[..., :k], True)
+    p_in = torch.special.ndtr((clean - thr_in) / noise_std)
+    p_out = torch.special.ndtr((clean - thr_out) / noise_std)
+    return torch.where(is_in, p_in, p_out)
+
+
+class NoisyTopKRouter(Router):
+    """Shazeer et al. 2017: H(x) = x W_g + StandardNormal() * Softplus(x W_noise); G(x) =
+    softmax(KeepTopK(H(x), k)). Both weight matrices start at zero, as in the paper, so all
+    experts start equal. In training the record carries the smooth load estimate (record.load)."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.weight = _gate_weight(num_experts, d_model, 0.0)
+        self.noise_weight = _gate_weight(num_experts, d_model, 0.0)
+
+    @property
+    def active_experts(self) -> float:
+        return float(self.top_k)
+
+    def noisy_logits(self, x: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(clean, noisy, noise std); in eval, noisy == clean and std is None."""
+        clean = x.float() @ self.weight.float().t()  # (N, E)
+        if not self.training:
+            return clean, clean, None
+        std = F.softplus(x.float() @ self.noise_weight.float().t()) + NOISE_EPS  # (N, E)
+        return clean, clean + torch.randn_like(clean) * std, std
+
+    def forward(self, x: Tensor) -> RoutingRecord:
+        k = self.top_k
+        with fp32(x):
+            clean, noisy, std = self.noisy_logits(x)
+            top_vals, top_idx = noisy.topk(min(k + 1, self.num_experts), dim=-1)  # (N, k+1)
+            weights = top_vals[:, :k].softmax(dim=-1)  # softmax over the kept logits: (N, K)
+            load = smooth_load(clean, noisy, std, top_vals, top_idx, k).sum(0) if std is not None else None
+            probs = clean.softmax(dim=-1)
+        return make_record(clean, probs, top_idx[:, :k], weights, load=load)
+
+
+class SwitchRouter(Router):
+    """Switch Transformer top-1: the router input is multiplied by U(1 - eps, 1 + eps) in
+    training; the expert output is scaled by its raw router probability p_i."""
+
+    def __init__(self, d_model: int, num_experts: int, jitter_eps: float = 1e-2, init_std: float = 0.02):
+        super().__init__()
+        self.num_experts, self.jitter_eps = num_experts, jitter_eps
+        self.weight = _gate_weight(num_experts, d_model, init_std)
+
+    @property
+    def active_experts(self) -> float:
+        return 1.0
+
+    def forward(self, x: Tensor) -> RoutingRecord:
+        with fp32(x):
+            h = x.float()
+            if self.training and self.jitter_eps > 0:
+                h = h * torch.empty_like(h).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            logits = h @ self.weight.float().t()  # (N, E)
+            probs = logits.softmax(dim=-1)
+            top_prob, expert_idx = probs.max(dim=-1, keepdim=True)  # (N, 1)
+        return make_record(logits, probs, expert_idx, top_prob)
+
+
+class GShardTop2Router(Router):
+    """GShard (Lepikhin et al. 2020, Algorithm 1): top-2 gates normalised so g1 + g2 = 1; in
+    training the second expert is used only if 2 * g2 > u, u ~ U(0, 1), else the token goes to
+    its first expert alone (with weight g1, as in the algorithm: no renormalisation)."""
+
+    def __init__(self, d_model: int, num_experts: int, init_std: float = 0.02):
+        super().__init__()
+        if num_experts < 2:
+            raise ValueError("gshard_top2 needs at least 2 experts")
+        self.num_experts = num_experts
+        self.weight = _gate_weight(num_experts, d_model, init_std)
+
+    @property
+    def active_experts(self) -> float:
+        return 2.0  # at most; random routing skips some second experts in training
+
+    def forward(self, x: Tensor) -> RoutingRecord:
+        with fp32(x):
+            logits = x.float() @ self.weight.float().t()  # (N, E)
+            probs = logits.softmax(dim=-1)
+            top2, expert_idx = probs.topk(2, dim=-1)  # (N, 2)
+            gates = top2 / top2.sum(dim=-1, keepdim=True)
+            chosen = torch.ones_like(expert_idx, dtype=torch.bool)
+            if self.training:
+                chosen[:, 1] = 2.0 * gates[:, 1] > torch.rand_like(gates[:, 1])
+        return make_record(logits, probs, expert_idx, gates, chosen)
+
+
+class ExpertChoiceRouter(Router):
+    """Zhou et al. 2022: S = softmax(X W_g) over experts; expert j takes the C tokens with the
+    highest S[:, j], C = ceil(capacity_factor * N * K / E), combine weight S[token, j]. A token
+    may get zero or several experts. In a causal LM this choice sees the whole batch, later
+    positions included: see README."""
+
+    uses_capacity = False
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: Optional[float], init_std: float = 0.02):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.capacity_factor = 1.0 if capacity_factor is None else capacity_factor
+        self.weight = _gate_weight(num_experts, d_model, init_std)
+
+    @property
+    def active_experts(self) -> float:
+        return min(self.capacity_factor * self.top_k, float(self.num_experts))
+
+    def capacity(self, num_tokens: int) -> int:
+        return min(num_tokens, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
+
+    def forward(self, x: Tensor) -> RoutingRecord:
+        n, e = x.shape[0], self.num_experts
+        with fp32(x):
+            logits = x.float() @ self.weight.float().t()  # (N, E)
+            probs = logits.softmax(dim=-1)
+            _, tokens = probs.t().topk(self.capacity(n), dim=-1)  # (E, C) each expert's tokens
+            chosen = torch.zeros(e, n, dtype=torch.bool, device=x.device).scatter_(1, tokens, True).t()  # (N, E)
+        expert_idx = torch.arange(e, device=x.device).expand(n, e)  # slot j is expert j
+        return make_record(logits, probs, expert_idx, probs, chosen)
+
+
+class SoftRouter(Router):
+    """Dense gating: y = sum_i G(x)_i E_i(x) with G = softmax(x W_g); every expert runs."""
+
+    uses_capacity = False
+
+    def __init__(self, d_model: int, num_experts: int, init_std: float = 0.02):
+        super().__init__()
+        self.num_experts = num_experts
+        self.weight = _gate_weight(num_experts, d_model, init_std)
+
+    @property
+    def active_experts(self) -> float:
+        return float(self.num_experts)
+
+    def forward(self, x: Tensor) -> RoutingRecord:
+        n, e = x.shape[0], self.num_experts
+        with fp32(x):
+            logits = x.float() @ self.weight.float().t()  # (N, E)
+            probs = logits.softmax(dim=-1)
+        return make_record(logits, probs, torch.arange(e, device=x.device).expand(n, e), probs)
+
+
+class HierarchicalRouter(Router):
+    """Shazeer et al. 2017, Appendix B (MoE-h): a noisy top-k primary gate picks `group_top_k` of
+    G groups; each group a has its own noisy top-k gate over its B = E / G experts.
+
+    Expert (a, b) is expert a * B + b; its weight is G_primary(x)_a * G_a(x)_b, so each token's
+    weights sum to 1. Losses balance both levels: the record's `group` is the primary gate's
+    record, and the leaf load is Load_H(X)_{a,b} = Load_primary(X)_a * Load_a(X^(a))_b / |X^(a)|,
+    X^(a) the tokens sent to group a. The leaf logits are primary + secondary logits (their
+    logsumexp is the joint log-partition, for the z-loss); probs are G_p softmax times G_a softmax.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, num_groups: int, group_top_k: int, top_k: int):
+        super().__init__()
+        if num_experts % num_groups:
+            raise ValueError(f"num_experts={num_experts} must be a multiple of num_groups={num_groups}")
+        per_group = num_experts // num_groups
+        if not 1 <= top_k <= per_group:
+            raise ValueError(f"top_k={top_k} must be in [1, experts per group={per_group}]")
+        self.num_experts, self.num_groups, self.per_group, self.top_k = num_experts, num_groups, per_group, top_k
+        self.primary = NoisyTopKRouter(d_model, num_groups, group_top_k)
+        # Zero init, as the paper's gates: (G, B, D) gate and noise weights of the secondary gates.
+        self.weight = nn.Parameter(torch.zeros(num_groups, per_group, d_model))
+        self.noise_weight = nn.Parameter(torch.zeros(num_groups, per_group, d_model))
+
+    @property
+    def active_experts(self) -> float:
+        return float(self.primary.top_k * self.top_k)
+
+    def forward(self, x: Tensor) -> RoutingRecord:
+        n, k, b = x.shape[0], self.top_k, self.per_group
+        group = self.primary(x)  # over G groups: expert_idx (N, Kp), weights (N, Kp), load (G,)
+        kp = group.top_k
+        with fp32(x):
+            h = x.float()
+            clean = torch.einsum("nd,gbd->ngb", h, self.weight.float())  # (N, G, B)
+            std = None
+            noisy = clean
+            if self.training:
+                std = F.softplus(torch.einsum("nd,gbd->ngb", h, self.noise_weight.float())) + NOISE_EPS
+                noisy = clean + torch.randn_like(clean) * std
+            top_vals, top_idx = noisy.topk(min(k + 1, b), dim=-1)  # (N, G, k+1)
+            inner_w = top_vals[..., :k].softmax(dim=-1)  # (N, G, K) each group's gate
+            groups = group.expert_idx  # (N, Kp)
+            pick = lambda t: t.gather(1, groups[..., None].expand(n, kp, t.shape[-1]))  # (N, G, .) -> (N, Kp, .)  # noqa: E731
+            expert_idx = (groups[..., None] * b + pick(top_idx)[..., :k]).reshape(n, kp * k)  # (N, Kp*K)
+            weights = (group.weights[..., None] * pick(inner_w)).reshape(n, kp * k)  # (N, Kp*K)
+            logits = (group.logits[..., None] + clean).reshape(n, -1)  # (N, G, B) -> (N, E)
+            probs = (group.probs[..., None] * clean.softmax(dim=-1)).reshape(n, -1)  # (N, E)
+            load = None
+            if std is not None:
+                p_in = smooth_load(clean, noisy, std, top_vals, top_idx, k)  # (N, G, B)
+                routed = torch.zeros(n, self.num_groups, device=x.device).scatter_(1, groups, 1.0)  # (N, G) x in X^(a)
+                load_a = (p_in * routed[..., None]).sum(0)  # (G, B) Load_a(X^(a))
+                load = (group.load[:, None] * load_a / routed.sum(0).clamp_min(1.0)[:, None]).reshape(-1)  # (E,)
+        return make_record(logits, probs, expert_idx, weights, load=load, group=group)
+
+
+class SigmoidRouter(Router):
+    """DeepSeek-V3 routing with auxiliary-loss-free balancing.
+
+    s_i = sigmoid(x W_g)_i; the top K of s_i + b_i are selected, where the bias b only steers
+    selection; weights are s_i over the selected (renormalised to sum 1, or raw) times
+    `scaling`. After each optimizer step, update_bias(counts) moves b_i by
+    rate * sign(mean load - load_i). The bias is a buffer, so it is saved with the weights.
+    probs (for statistics and the optional Switch loss) are s normalised to sum 1.
+    """
+
+    balances_with_bias = True
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        bias_update_rate: float = 1e-3,
+        scaling: float = 1.0,
+        renormalize: bool = True,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.bias_update_rate, self.scaling, self.renormalize = bias_update_rate, scaling, renormalize
+        self.weight = _gate_weight(num_experts, d_model, init_std)
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+
+    @property
+    def active_experts(self) -> float:
+        return float(self.top_k)
+
+    def forward(self, x: Tensor) -> RoutingRecord:
+        with fp32(x):
+            logits = x.float() @ self.weight.float().t()  # (N, E)
+            scores = logits.sigmoid()
+            _, expert_idx = (scores + self.expert_bias.float()).topk(self.top_k, dim=-1)  # (N, K) bias: selection only
+            gates = scores.gather(1, expert_idx)
+            if self.renormalize:
+                gates = gates / gates.sum(dim=-1, keepdim=True)
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        return make_record(logits, probs, expert_idx, gates * self.scaling)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: Tensor) -> None:
+        """b_i += rate * sign(mean load - load_i), from one optimizer step's (global) counts."""
+        load = tokens_per_expert.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+
+
+def make_router(
+    kind: str,
+    d_model: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    renormalize: bool = True,
+    init_std: float = 0.02,
+    capacity_factor: Optional[float] = None,
+    jitter_eps: float = 1e-2,
+    num_groups: int = 1,
+    group_top_k: int = 1,
+    bias_update_rate: float = 1e-3,
+    scaling: float = 1.0,
+) -> Router:
+    """The router named `kind` (one of ROUTERS), from plain arguments."""
+    if kind == "topk":
+        return TopKRouter(d_model, num_experts, top_k, renormalize, init_std)
+    if kind == "noisy_topk":
+        return NoisyTopKRouter(d_model, num_experts, top_k)
+    if kind == "switch":
+        return SwitchRouter(d_model, num_experts, jitter_eps, init_std)
+    if kind == "gshard_top2":
+        return GShardTop2Router(d_model, num_experts, init_std)
+    if kind == "expert_choice":
+        return ExpertChoiceRouter(d_model, num_experts, top_k, capacity_factor, init_std)
+    if kind == "soft":
+        return SoftRouter(d_model, num_experts, init_std)
+    if kind == "hierarchical":
+        return HierarchicalRouter(d_model, num_experts, num_groups, group_top_k, top_k)
+    if kind == "sigmoid":
+        return SigmoidRouter(d_model, num_experts, top_k, bias_update_rate, scaling, renormalize, init_std)
+    raise ValueError(f"unknown router {kind!r}; choose one of {', '.join(ROUTERS)}")
