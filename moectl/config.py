@@ -108,7 +108,7 @@ class MoEConfig(Section):
         2,
         gt=0,
         description="K, experts per token (switch: 1, gshard_top2: 2; hierarchical: per chosen group; "
-        "expert_choice: the average; soft: ignored, every expert runs).",
+        "expert_choice: the average; soft: ignored, every expert runs). Capacity counts all of a token's assignments.",
     )
     every: int = Field(
         1, gt=0, description="Make every `every`-th FFN slot an MoE layer (1: all of them); the others are dense."

@@ -68,13 +68,15 @@ class MoELayer(nn.Module):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if factor is None or not self.router.uses_capacity:
             return None
-        return max(self.min_capacity, dispatch.expert_capacity(factor, num_tokens, self.top_k, self.num_experts))
+        # K here is the assignments per token the router makes (hierarchical: group_top_k * top_k).
+        assignments = round(self.router.active_experts)
+        return max(self.min_capacity, dispatch.expert_capacity(factor, num_tokens, assignments, self.num_experts))
 
     def forward(self, x: Tensor, positions: Optional[Tensor] = None) -> tuple[Tensor, RoutingRecord]:
         """(N, D) -> (N, D). `positions` (N,): each token's place in its sequence, for drop priority."""
         record = self.router(x)  # route
-        if self.drop_policy == "probability":  # batch-prioritised routing: the most confident tokens first
-            priority = -record.weights.max(dim=-1).values
+        if self.drop_policy == "probability":  # batch-prioritised routing: the highest router probability first
+            priority = -record.probs.max(dim=-1).values
         else:
             priority = positions
         plan, record = dispatch.plan(record, self.capacity(x.shape[0]), priority)  # sort by expert, drop overflow

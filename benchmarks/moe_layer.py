@@ -1,0 +1,202 @@
+"""MoE layer speed and memory: moectl against a dense FFN of the same active FLOPs, the
+per-expert loop reference, and Hugging Face transformers' MixtralSparseMoeBlock.
+
+Times forward + backward of one layer on (N, D) tokens, gradients reset to None every
+iteration as a training step would, and reports the median of --repeats runs after --warmup.
+Each case runs in a fresh subprocess so its peak memory is its own:
+  CPU: peak RSS during warm-up and timing minus the RSS before them (inputs and weights excluded);
+  CUDA: torch.cuda.max_memory_allocated minus the memory allocated before them.
+
+    python benchmarks/moe_layer.py                    # the table
+    python benchmarks/moe_layer.py --json             # one JSON object per line
+    python benchmarks/moe_layer.py --smoke            # tiny shapes, a few runs: checks it works
+
+JSON keys: impl, E, K, N, D, H, dtype, ms_median, ms_min, peak_mb, ratio_to_dense, device, threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+IMPLS = ("moectl", "moectl_cap1.25", "dense", "loop", "hf_mixtral_eager", "hf_mixtral_grouped_mm")
+HF_IMPLS = ("hf_mixtral_eager", "hf_mixtral_grouped_mm")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build(impl: str, e: int, k: int, d: int, h: int, device, dtype):
+    """A module mapping (N, D) -> (N, D) for the given implementation."""
+    import torch
+    from torch import nn
+
+    if impl == "dense":
+        from moectl.moe.experts import FeedForward
+
+        return FeedForward(d, k * h, "swiglu").to(device, dtype)
+    if impl.startswith("hf_mixtral"):
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        cfg = MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=e, num_experts_per_tok=k)
+        if impl == "hf_mixtral_grouped_mm":
+            cfg._experts_implementation = "grouped_mm"
+        block = MixtralSparseMoeBlock(cfg)
+        for p in block.parameters():
+            nn.init.normal_(p, std=0.02)
+
+        class Flat(nn.Module):  # MixtralSparseMoeBlock takes (B, T, D)
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                out = self.inner(x[None])
+                return (out[0] if isinstance(out, tuple) else out)[0]
+
+        return Flat(block).to(device, dtype)
+    from moectl.moe import MoELayer
+
+    layer = MoELayer(d, e, k, h, "swiglu", capacity_factor=1.25 if impl == "moectl_cap1.25" else None)
+    layer.impl = "loop" if impl == "loop" else "sorted"
+    return layer.to(device, dtype)
+
+
+def run_case(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    module = build(args.impl, args.experts, args.topk, args.d, args.h, device, dtype)
+    module.train()
+    x = torch.randn(args.n, args.d, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(args.n, args.d, device=device, dtype=dtype)
+    params = [p for p in module.parameters()]
+
+    def step() -> None:
+        out = module(x)
+        y = out[0] if isinstance(out, tuple) else out
+        y.backward(grad_out)
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_mb()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1000)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else peak_rss_mb() - base
+    return {
+        "impl": args.impl,
+        "E": args.experts,
+        "K": args.topk,
+        "N": args.n,
+        "D": args.d,
+        "H": args.h,
+        "dtype": args.dtype,
+        "ms_median": round(statistics.median(times), 3),
+        "ms_min": round(min(times), 3),
+        "peak_mb": round(max(peak, 0.0), 1),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "threads": args.threads,
+    }
+
+
+def have_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=4096, help="tokens N")
+    p.add_argument("--d", type=int, default=256, help="model width D")
+    p.add_argument("--h", type=int, default=512, help="expert hidden size H")
+    p.add_argument("--experts", type=int, nargs="+", default=[8, 64], help="E values")
+    p.add_argument("--topk", type=int, nargs="+", default=[1, 2], help="K values")
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--json", action="store_true", help="print one JSON object per line instead of a table")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and few runs, to check the script works")
+    p.add_argument("--one", nargs=3, metavar=("IMPL", "E", "K"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.one:  # child process: one case, JSON on stdout
+        args.impl, args.experts, args.topk = args.one[0], int(args.one[1]), int(args.one[2])
+        print(json.dumps(run_case(args)))
+        return
+    if args.smoke:
+        args.n, args.d, args.h, args.experts, args.topk, args.repeats, args.warmup = 256, 32, 64, [4], [2], 2, 1
+
+    impls = list(args.impls)
+    if not have_transformers() and any(i in HF_IMPLS for i in impls):
+        print("note: transformers is not installed; skipping hf_mixtral_* (pip install transformers)", file=sys.stderr)
+        impls = [i for i in impls if i not in HF_IMPLS]
+    passthrough = [
+        f"--n={args.n}", f"--d={args.d}", f"--h={args.h}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
+        f"--threads={args.threads}", f"--device={args.device}", f"--dtype={args.dtype}",
+    ]
+    rows = []
+    for e in args.experts:
+        for k in args.topk:
+            group = []
+            for impl in impls:
+                if k > e:
+                    continue
+                cmd = [sys.executable, __file__, "--one", impl, str(e), str(k), *passthrough]
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if done.returncode != 0:
+                    print(f"error: {impl} E={e} K={k} failed:\n{done.stderr}", file=sys.stderr)
+                    sys.exit(1)
+                group.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            dense = next((r["ms_median"] for r in group if r["impl"] == "dense"), None)
+            for r in group:
+                r["ratio_to_dense"] = round(r["ms_median"] / dense, 3) if dense else None
+                rows.append(r)
+                if args.json:
+                    print(json.dumps(r), flush=True)
+    if not args.json:
+        print(f"MoE layer forward + backward, N={args.n} D={args.d} H={args.h} {args.dtype}, "
+              f"{rows[0]['device'] if rows else args.device}, {args.threads} threads, median of {args.repeats}")
+        print(f"{'impl':<24}{'E':>4}{'K':>3}{'ms':>10}{'x dense':>9}{'peak MB':>10}")
+        for r in rows:
+            ratio = f"{r['ratio_to_dense']:.2f}" if r["ratio_to_dense"] is not None else "-"
+            print(f"{r['impl']:<24}{r['E']:>4}{r['K']:>3}{r['ms_median']:>10.1f}{ratio:>9}{r['peak_mb']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
