@@ -2,16 +2,21 @@
 per-expert loop reference, and Hugging Face transformers' MixtralSparseMoeBlock.
 
 Times forward + backward of one layer on (N, D) tokens, gradients reset to None every
-iteration as a training step would, and reports the median of --repeats runs after --warmup.
-Each case runs in a fresh subprocess so its peak memory is its own:
+iteration as a training step would. Each case runs in a fresh subprocess, --rounds times, the
+implementations interleaved round by round so that a slow spell of a shared machine hits them
+all alike; the reported time is the median of all --repeats x --rounds timed runs (after
+--warmup in each). Peak memory is each case's own:
   CPU: peak RSS during warm-up and timing minus the RSS before them (inputs and weights excluded);
   CUDA: torch.cuda.max_memory_allocated minus the memory allocated before them.
+On CPU the process tunes glibc malloc as `moectl train` does (moectl/runtime.py), for every
+implementation alike; --allocator default measures without it.
 
     python benchmarks/moe_layer.py                    # the table
     python benchmarks/moe_layer.py --json             # one JSON object per line
     python benchmarks/moe_layer.py --smoke            # tiny shapes, a few runs: checks it works
 
-JSON keys: impl, E, K, N, D, H, dtype, ms_median, ms_min, peak_mb, ratio_to_dense, device, threads.
+JSON keys: impl, E, K, N, D, H, dtype, ms_median, ms_min, peak_mb, ratio_to_dense, device, threads,
+allocator, runs.
 """
 
 from __future__ import annotations
@@ -78,6 +83,10 @@ def build(impl: str, e: int, k: int, d: int, h: int, device, dtype):
 def run_case(args) -> dict:
     import torch
 
+    if args.allocator == "tuned" and args.device == "cpu":
+        from moectl.runtime import keep_freed_memory
+
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -120,11 +129,11 @@ def run_case(args) -> dict:
         "D": args.d,
         "H": args.h,
         "dtype": args.dtype,
-        "ms_median": round(statistics.median(times), 3),
-        "ms_min": round(min(times), 3),
+        "times": [round(t, 3) for t in times],
         "peak_mb": round(max(peak, 0.0), 1),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": args.threads,
+        "allocator": args.allocator,
     }
 
 
@@ -144,7 +153,9 @@ def main() -> None:
     p.add_argument("--experts", type=int, nargs="+", default=[8, 64], help="E values")
     p.add_argument("--topk", type=int, nargs="+", default=[1, 2], help="K values")
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every implementation")
+    p.add_argument("--allocator", default="tuned", choices=("tuned", "default"))
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
@@ -159,7 +170,7 @@ def main() -> None:
         print(json.dumps(run_case(args)))
         return
     if args.smoke:
-        args.n, args.d, args.h, args.experts, args.topk, args.repeats, args.warmup = 256, 32, 64, [4], [2], 2, 1
+        args.n, args.d, args.h, args.experts, args.topk, args.repeats, args.warmup, args.rounds = 256, 32, 64, [4], [2], 2, 1, 1
 
     impls = list(args.impls)
     if not have_transformers() and any(i in HF_IMPLS for i in impls):
@@ -167,22 +178,30 @@ def main() -> None:
         impls = [i for i in impls if i not in HF_IMPLS]
     passthrough = [
         f"--n={args.n}", f"--d={args.d}", f"--h={args.h}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
-        f"--threads={args.threads}", f"--device={args.device}", f"--dtype={args.dtype}",
+        f"--threads={args.threads}", f"--device={args.device}", f"--dtype={args.dtype}", f"--allocator={args.allocator}",
     ]
     rows = []
     for e in args.experts:
         for k in args.topk:
+            if k > e:
+                continue
+            samples: dict[str, list[dict]] = {impl: [] for impl in impls}
+            for _ in range(args.rounds):
+                for impl in impls:
+                    cmd = [sys.executable, __file__, "--one", impl, str(e), str(k), *passthrough]
+                    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    if done.returncode != 0:
+                        print(f"error: {impl} E={e} K={k} failed:\n{done.stderr}", file=sys.stderr)
+                        sys.exit(1)
+                    samples[impl].append(json.loads(done.stdout.strip().splitlines()[-1]))
             group = []
-            for impl in impls:
-                if k > e:
-                    continue
-                cmd = [sys.executable, __file__, "--one", impl, str(e), str(k), *passthrough]
-                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if done.returncode != 0:
-                    print(f"error: {impl} E={e} K={k} failed:\n{done.stderr}", file=sys.stderr)
-                    sys.exit(1)
-                group.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            for impl, runs in samples.items():
+                times = [t for r in runs for t in r.pop("times")]
+                row = {**runs[0], "ms_median": round(statistics.median(times), 3), "ms_min": round(min(times), 3)}
+                row["peak_mb"] = round(statistics.median(r["peak_mb"] for r in runs), 1)
+                row["runs"] = len(times)
+                group.append(row)
             dense = next((r["ms_median"] for r in group if r["impl"] == "dense"), None)
             for r in group:
                 r["ratio_to_dense"] = round(r["ms_median"] / dense, 3) if dense else None
@@ -191,7 +210,8 @@ def main() -> None:
                     print(json.dumps(r), flush=True)
     if not args.json:
         print(f"MoE layer forward + backward, N={args.n} D={args.d} H={args.h} {args.dtype}, "
-              f"{rows[0]['device'] if rows else args.device}, {args.threads} threads, median of {args.repeats}")
+              f"{rows[0]['device'] if rows else args.device}, {args.threads} threads, {args.allocator} allocator, "
+              f"median of {args.repeats} x {args.rounds} interleaved rounds")
         print(f"{'impl':<24}{'E':>4}{'K':>3}{'ms':>10}{'x dense':>9}{'peak MB':>10}")
         for r in rows:
             ratio = f"{r['ratio_to_dense']:.2f}" if r["ratio_to_dense"] is not None else "-"

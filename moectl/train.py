@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from moectl import __version__, checkpoint, config, console, data
+from moectl import __version__, checkpoint, config, console, data, runtime
 from moectl import tokenizer as tokenizers_
 from moectl.config import Config, OptimConfig
 from moectl.console import TrainProgress
@@ -309,6 +309,8 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
     resume_from = check_run_dir(run_dir, cfg, resume, overwrite)
     device = pick_device(cfg.train.device)
     amp = autocast_dtype(device, cfg.train.precision)
+    if device.type == "cpu":
+        runtime.keep_freed_memory()  # reuse big blocks across steps instead of re-faulting them in
     tr, seq_len = cfg.train, cfg.data.seq_len
 
     # Data and tokenizer. Nothing in the run directory changes until they are ready.

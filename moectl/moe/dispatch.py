@@ -88,6 +88,8 @@ def combine(y: Tensor, plan: DispatchPlan, record: RoutingRecord) -> Tensor:
     """
     n, k = record.expert_idx.shape
     w = record.weights.reshape(-1).index_select(0, plan.assignments).to(y.dtype)  # (M,) all kept
-    buf = y.new_zeros(n * k, y.shape[1])  # (N*K, D)
+    # Slots with no kept assignment must read 0; when every slot is kept, index_copy fills them all.
+    full = plan.assignments.numel() == n * k
+    buf = y.new_empty(n * k, y.shape[1]) if full else y.new_zeros(n * k, y.shape[1])  # (N*K, D)
     buf = buf.index_copy(0, plan.assignments, y * w[:, None])
     return buf.view(n, k, y.shape[1]).sum(1)  # (N, K, D) -> (N, D)

@@ -54,6 +54,110 @@ class FeedForward(nn.Module):
         return ffn(x, self.w_up, self.w_gate, self.w_down, self.activation)
 
 
+def _grouped_mm_ok(x: Tensor, *weights: Optional[Tensor]) -> bool:
+    """Can torch's grouped matmul run these shapes? CPU only here (the GPU kernels have more
+    conditions and are not exercised by this project's tests); rows must be 16-byte aligned."""
+    if not hasattr(F, "grouped_mm") or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    align = 16 // x.element_size()
+    dims = [x.shape[1]] + [d for w in weights if w is not None for d in w.shape[1:]]
+    return all(d % align == 0 for d in dims)
+
+
+def _act_grad(a: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    """(act(a), act'(a)) for gelu / relu."""
+    if activation == "relu":
+        return F.relu(a), (a > 0).to(a.dtype)
+    with torch.enable_grad():  # the exact GELU derivative, through autograd
+        a_ = a.detach().requires_grad_(True)
+        y = F.gelu(a_)
+        (d,) = torch.autograd.grad(y, a_, torch.ones_like(y))
+    return y.detach(), d
+
+
+class _GroupedFFN(torch.autograd.Function):
+    """All E experts' FFNs over assignments grouped by expert, with a hand-written backward.
+
+    The same math as `ffn` per expert. Each of the FFN's matmuls is one grouped matmul over
+    all experts (torch's grouped_mm, rows split by `offsets`) and each elementwise step runs
+    once over all M rows: a dozen kernel calls per layer instead of a dozen per expert, no
+    torch.cat of E outputs, and weight gradients produced as one (E, ., .) tensor. Where
+    grouped_mm does not apply, a per-expert loop of mm(out=...) into the same buffers does the
+    same. Only the up/gate pre-activations are saved; the hidden layer is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, sizes, activation, w_up, w_gate, w_down):  # x: (M, D) grouped by expert
+        grouped = _grouped_mm_ok(x, w_up, w_gate, w_down)
+        offsets = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32) if grouped else None
+        mm = (lambda a, b: F.grouped_mm(a, b, offs=offsets)) if grouped else (lambda a, b: _loop_mm(a, b, sizes))
+        pre_up = mm(x, w_up)  # (M, H)
+        pre_gate = mm(x, w_gate) if w_gate is not None else None
+        out = mm(_hidden(pre_up, pre_gate, activation), w_down)  # (M, D)
+        ctx.sizes, ctx.activation, ctx.offsets = sizes, activation, offsets
+        ctx.save_for_backward(x, w_up, w_gate, w_down, pre_up, pre_gate)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w_up, w_gate, w_down, pre_up, pre_gate = ctx.saved_tensors
+        go = grad_out.contiguous()
+        sizes, offsets = ctx.sizes, ctx.offsets
+        if offsets is not None:
+            mm = lambda a, b: F.grouped_mm(a, b, offs=offsets)  # noqa: E731  (M,K)@(E,K,N) -> (M,N)
+            wgrad = lambda a, b: F.grouped_mm(a.t(), b, offs=offsets)  # noqa: E731  (M,K),(M,N) -> (E,K,N)
+        else:
+            mm = lambda a, b: _loop_mm(a, b, sizes)  # noqa: E731
+            wgrad = lambda a, b: _loop_wgrad(a, b, sizes)  # noqa: E731
+        a = pre_up
+        if pre_gate is not None:
+            silu = F.silu(pre_gate)
+            dw_down = wgrad(silu * a, go)  # (E, H, D)
+            dh = mm(go, w_down.transpose(1, 2))  # (M, H)
+            da = dh * silu
+            dg = torch.ops.aten.silu_backward(dh.mul_(a), pre_gate)  # dh * a * silu'(g), one fused pass
+            dw_gate = wgrad(x, dg)
+            dx = mm(dg, w_gate.transpose(1, 2))
+        else:
+            hidden, act_grad = _act_grad(a, ctx.activation)
+            dw_down = wgrad(hidden, go)
+            da = mm(go, w_down.transpose(1, 2)).mul_(act_grad)
+            dw_gate, dx = None, None
+        dw_up = wgrad(x, da)
+        dx = mm(da, w_up.transpose(1, 2)) if dx is None else dx.add_(mm(da, w_up.transpose(1, 2)))
+        return dx, None, None, dw_up, dw_gate, dw_down
+
+
+def _hidden(pre_up: Tensor, pre_gate: Optional[Tensor], activation: str) -> Tensor:
+    if pre_gate is not None:
+        return F.silu(pre_gate).mul_(pre_up)
+    return F.gelu(pre_up) if activation == "gelu" else F.relu(pre_up)
+
+
+def _loop_mm(a: Tensor, b: Tensor, sizes: list[int]) -> Tensor:
+    """(M, K) rows grouped by expert @ (E, K, N) -> (M, N): the grouped matmul as a loop."""
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            torch.mm(a[start : start + n], b[e], out=out[start : start + n])
+        start += n
+    return out
+
+
+def _loop_wgrad(a: Tensor, b: Tensor, sizes: list[int]) -> Tensor:
+    """(M, K), (M, N) grouped by expert -> (E, K, N) with [e] = a_e^T b_e (zero for an expert with no rows)."""
+    out = a.new_empty(len(sizes), a.shape[1], b.shape[1])
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            torch.mm(a[start : start + n].t(), b[start : start + n], out=out[e])
+        else:
+            out[e].zero_()
+        start += n
+    return out
+
+
 class GroupedExperts(nn.Module):
     """E FFNs with weights w_up / w_gate: (E, D, H) and w_down: (E, H, D)."""
 
@@ -77,8 +181,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: Tensor, tokens_per_expert: list[int]) -> Tensor:
         """(M, D) assignments grouped by expert -> (M, D): each expert on its contiguous slice."""
-        # unbind once: its backward stacks the E gradients in one allocation, whereas indexing
-        # w[e] per expert would add E full-size zero-padded gradients (quadratic in E).
+        if not self._dropout():
+            return self._fused(x, tokens_per_expert)
+        # With expert dropout: plain autograd ops per expert. unbind once: its backward stacks the
+        # E gradients in one allocation, whereas indexing w[e] per expert would add E full-size
+        # zero-padded gradients (quadratic in E).
         ups, downs = self.w_up.unbind(0), self.w_down.unbind(0)
         gates = self.w_gate.unbind(0) if self.w_gate is not None else [None] * self.num_experts
         p = self._dropout()
@@ -88,6 +195,17 @@ class GroupedExperts(nn.Module):
             if tokens_per_expert[e]
         ]
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[1])
+
+    def _fused(self, x: Tensor, tokens_per_expert: list[int]) -> Tensor:
+        weights = [self.w_up, self.w_gate, self.w_down]
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # a custom Function is not autocast-aware: cast as autocast would
+            dtype = torch.get_autocast_dtype(device)
+            x = x.to(dtype)
+            weights = [w.to(dtype) if w is not None else None for w in weights]
+        elif x.dtype != self.w_up.dtype:
+            x = x.to(self.w_up.dtype)
+        return _GroupedFFN.apply(x, tokens_per_expert, self.activation, *weights)
 
     def forward_expert(self, e: int, x: Tensor) -> Tensor:
         """One expert on (n, D): the reference path's building block."""
