@@ -92,4 +92,5 @@ def combine(y: Tensor, plan: DispatchPlan, record: RoutingRecord) -> Tensor:
     full = plan.assignments.numel() == n * k
     buf = y.new_empty(n * k, y.shape[1]) if full else y.new_zeros(n * k, y.shape[1])  # (N*K, D)
     buf = buf.index_copy(0, plan.assignments, y * w[:, None])
-    return buf.view(n, k, y.shape[1]).sum(1)  # (N, K, D) -> (N, D)
+    slots = buf.view(n, k, y.shape[1])  # (N*K, D) -> (N, K, D)
+    return slots[:, 0] if k == 1 else slots.sum(1)  # (N, D)
