@@ -5,11 +5,13 @@ Times forward + backward of one layer on (N, D) tokens, gradients reset to None 
 iteration as a training step would. Each case runs in a fresh subprocess, --rounds times, the
 implementations interleaved round by round so that a slow spell of a shared machine hits them
 all alike; the reported time is the median of all --repeats x --rounds timed runs (after
---warmup in each). Peak memory is each case's own:
-  CPU: peak RSS during warm-up and timing minus the RSS before them (inputs and weights excluded);
+--warmup in each). Peak memory comes from one more run of each case, in its own process:
+  CPU: peak RSS over two forward + backward passes minus the RSS before them (inputs, weights
+       and a first pass on 16 tokens to load lazy kernels excluded), with glibc's default allocator, which unmaps large freed blocks, so
+       the peak follows live memory (it still includes the BLAS library's own workspaces);
   CUDA: torch.cuda.max_memory_allocated minus the memory allocated before them.
-On CPU the process tunes glibc malloc as `moectl train` does (moectl/runtime.py), for every
-implementation alike; --allocator default measures without it.
+For timing, the CPU process tunes glibc malloc as `moectl train` does (moectl/runtime.py), for
+every implementation alike; --allocator default times without it.
 
     python benchmarks/moe_layer.py                    # the table
     python benchmarks/moe_layer.py --json             # one JSON object per line
@@ -106,6 +108,12 @@ def run_case(args) -> dict:
             p.grad = None
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # One pass on a few tokens first: lazily loaded kernels and libraries are not the layer's memory.
+    tiny = x[:16].detach().clone().requires_grad_(True)
+    out = module(tiny)
+    (out[0] if isinstance(out, tuple) else out).backward(grad_out[:16])
+    for p in params:
+        p.grad = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -180,6 +188,18 @@ def main() -> None:
         f"--n={args.n}", f"--d={args.d}", f"--h={args.h}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
         f"--threads={args.threads}", f"--device={args.device}", f"--dtype={args.dtype}", f"--allocator={args.allocator}",
     ]
+    memory_passthrough = [p for p in passthrough if not p.startswith(("--repeats", "--warmup", "--allocator"))]
+    memory_passthrough += ["--repeats=1", "--warmup=1", "--allocator=default"]
+
+    def run_child(impl: str, e: int, k: int, flags: list[str]) -> dict:
+        cmd = [sys.executable, __file__, "--one", impl, str(e), str(k), *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            print(f"error: {impl} E={e} K={k} failed:\n{done.stderr}", file=sys.stderr)
+            sys.exit(1)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     rows = []
     for e in args.experts:
         for k in args.topk:
@@ -188,18 +208,12 @@ def main() -> None:
             samples: dict[str, list[dict]] = {impl: [] for impl in impls}
             for _ in range(args.rounds):
                 for impl in impls:
-                    cmd = [sys.executable, __file__, "--one", impl, str(e), str(k), *passthrough]
-                    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-                    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                    if done.returncode != 0:
-                        print(f"error: {impl} E={e} K={k} failed:\n{done.stderr}", file=sys.stderr)
-                        sys.exit(1)
-                    samples[impl].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    samples[impl].append(run_child(impl, e, k, passthrough))
             group = []
             for impl, runs in samples.items():
                 times = [t for r in runs for t in r.pop("times")]
                 row = {**runs[0], "ms_median": round(statistics.median(times), 3), "ms_min": round(min(times), 3)}
-                row["peak_mb"] = round(statistics.median(r["peak_mb"] for r in runs), 1)
+                row["peak_mb"] = run_child(impl, e, k, memory_passthrough)["peak_mb"]
                 row["runs"] = len(times)
                 group.append(row)
             dense = next((r["ms_median"] for r in group if r["impl"] == "dense"), None)

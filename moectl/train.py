@@ -300,7 +300,8 @@ def _collapse_message(step: int, slot: int, s, cfg: Config, collapsing: bool) ->
     return (
         f"step {step}: routing in layer {slot} is collapsing: max/mean expert load {s.max_over_mean:.2f} > "
         f"log.collapse_threshold={cfg.log.collapse_threshold} {window}, {s.dead_experts} dead experts; "
-        "if it persists, raise moe.aux_loss_coef"
+        "if it persists, raise the balancing loss (moe.aux_loss_coef, or moe.importance_loss_coef and "
+        "moe.load_loss_coef for noisy gating)"
     )
 
 

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from conftest import assert_sorted_equals_loop
 from moectl.models.layers import FeedForward
 from moectl.moe import MoELayer, RoutingRecord, dispatch, load_balancing_loss, router_z_loss
 from moectl.moe.record import make_record
@@ -70,25 +71,9 @@ def test_sorted_path_equals_loop_reference(activation, k, cf):
     x = torch.randn(n, D, dtype=torch.float64)
     target = torch.randn(n, D, dtype=torch.float64)
 
-    results = {}
-    for impl in ("sorted", "loop"):
-        layer.impl = impl
-        layer.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(True)
-        out, record = layer(xi)
-        (out * target).sum().backward()
-        grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
-        results[impl] = (out.detach(), xi.grad.clone(), grads, record)
-
-    out_s, gx_s, g_s, rec_s = results["sorted"]
-    out_l, gx_l, g_l, rec_l = results["loop"]
+    out_s, rec_s, _, g_s = assert_sorted_equals_loop(layer, x, target, tol=TOL)
     assert out_s.shape == (n, D)
-    torch.testing.assert_close(out_s, out_l, **TOL)
-    torch.testing.assert_close(gx_s, gx_l, **TOL)
-    assert set(g_s) == set(g_l) == {name for name, _ in layer.named_parameters()}
-    for name in g_s:
-        torch.testing.assert_close(g_s[name], g_l[name], **TOL, msg=lambda m: f"grad of {name}: {m}")
-    assert torch.equal(rec_s.kept, rec_l.kept)
+    assert set(g_s) == {name for name, _ in layer.named_parameters()}
     # The test has teeth: capacity 0.5 really drops, and outputs are not trivially zero.
     if cf == 0.5:
         assert int(rec_s.num_dropped) > 0

@@ -114,8 +114,9 @@ class _GroupedFFN(torch.autograd.Function):
             silu = F.silu(pre_gate)
             dw_down = wgrad(silu * a, go)  # (E, H, D)
             dh = mm(go, w_down.transpose(1, 2))  # (M, H)
-            da = dh * silu
-            dg = torch.ops.aten.silu_backward(dh.mul_(a), pre_gate)  # dh * a * silu'(g), one fused pass
+            da = silu.mul_(dh)  # in place: silu is not needed again
+            # dg = dh * a * silu'(g) in one fused pass, written over dh
+            dg = torch.ops.aten.silu_backward.grad_input(dh.mul_(a), pre_gate, grad_input=dh)
             dw_gate = wgrad(x, dg)
             dx = mm(dg, w_gate.transpose(1, 2))
         else:
