@@ -5,6 +5,7 @@ Heavy imports (torch, datasets) happen inside the commands so `moectl --help` st
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -12,7 +13,7 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from moectl import console
-from moectl.errors import MoectlError
+from moectl.errors import ConfigError, MoectlError, PeerFailed
 
 app = typer.Typer(
     name="moectl",
@@ -31,15 +32,30 @@ SetOption = Annotated[
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback of any error.")]
 
 
+def _report(message: str, exc: BaseException) -> None:
+    """Print an error once per job: in a multi-process run every rank meets the same config
+    error and rank 0 alone says it; any other error names the rank it happened on."""
+    rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        if isinstance(exc, ConfigError):
+            if rank not in ("", "0"):
+                return
+        else:
+            message = f"rank {rank}: {message}"
+    console.error(message)
+
+
 @contextmanager
 def user_errors(debug: bool) -> Iterator[None]:
     """The one place that turns errors into a clean message and an exit code."""
     try:
         yield
+    except PeerFailed:
+        raise typer.Exit(1) from None  # the failing rank has printed its own error
     except MoectlError as exc:
         if debug:
             raise
-        console.error(str(exc))
+        _report(str(exc), exc)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.error("interrupted")
@@ -50,7 +66,7 @@ def user_errors(debug: bool) -> Iterator[None]:
         if debug:
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        console.error(f"unexpected {exc.__class__.__name__}: {first} (rerun with --debug for the traceback)")
+        _report(f"unexpected {exc.__class__.__name__}: {first} (rerun with --debug for the traceback)", exc)
         raise typer.Exit(1) from None
 
 
@@ -80,11 +96,32 @@ def train(
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run name: outputs go to runs/NAME.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its latest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run of this name first.")] = False,
+    nproc_per_node: Annotated[
+        Optional[int],
+        typer.Option(
+            "--nproc-per-node",
+            min=1,
+            help="Train with N processes on this machine (DDP), started by torchrun's launcher: one per GPU, "
+            "or gloo processes on CPU.",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Train an LSTM-MoE or Transformer-MoE language model from one YAML config."""
     with user_errors(debug):
-        cfg = _load_config(config_path, overrides, run_name)
+        cfg = _load_config(config_path, overrides, run_name)  # a bad config stops here, before any process starts
+        if nproc_per_node is not None:
+            if "LOCAL_RANK" in os.environ:
+                raise ConfigError("--nproc-per-node starts torchrun itself; under torchrun, drop it")
+            from moectl.distributed import launch
+
+            args = ["train", str(config_path), *(a for o in overrides or [] for a in ("--set", o))]
+            args += ["--run-name", run_name] if run_name else []
+            args += [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--debug", debug)) if on]
+            code = launch(nproc_per_node, args)
+            if code:
+                raise typer.Exit(code)
+            return
         console.quiet_libraries()
         from moectl.train import fit
 

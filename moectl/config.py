@@ -152,6 +152,11 @@ class MoEConfig(Section):
     )
     routed_scaling: float = Field(1.0, gt=0, description="sigmoid: scale of the routed experts' weights (DeepSeek-V3).")
     aux_loss_coef: float = Field(0.01, ge=0, description="Switch load-balancing loss coefficient alpha.")
+    aux_loss_scope: Literal["local", "global"] = Field(
+        "local",
+        description="Token fractions f_i of the Switch loss: `local`, from each process's micro-batch (Switch); "
+        "`global`, summed over all data-parallel processes first (Megatron-core's global aux loss).",
+    )
     importance_loss_coef: float = Field(
         0.0, ge=0, description="Shazeer et al.'s importance loss weight: CV(sum of gate values)^2 (paper: 0.1)."
     )
@@ -228,9 +233,9 @@ class TrainConfig(Section):
     """The training loop."""
 
     max_steps: int = Field(1000, gt=0, description="Optimizer steps; the LR schedule spans them.")
-    batch_size: int = Field(32, gt=0, description="Sequences per optimizer step (global, across gradient accumulation).")
+    batch_size: int = Field(32, gt=0, description="Sequences per optimizer step, global: over gradient accumulation and all processes.")
     micro_batch_size: Optional[int] = Field(
-        None, gt=0, description="Sequences per forward pass; batch_size / micro_batch_size steps accumulate. Null: batch_size."
+        None, gt=0, description="Sequences per forward pass in each process; the rest of the batch accumulates. Null: the process's whole share of batch_size."
     )
     seed: int = Field(1337, description="Seed for init, dropout and data order.")
     device: str = Field("auto", description="`auto` (cuda, then mps, then cpu), or a torch device such as `cuda:1`.")
@@ -241,6 +246,9 @@ class TrainConfig(Section):
     eval_every: int = Field(200, gt=0, description="Evaluate on the validation split every this many steps (and at the end).")
     eval_batches: Optional[int] = Field(
         20, gt=0, description="Validation batches (of micro_batch_size) per evaluation. Null: the whole split."
+    )
+    dist_timeout: float = Field(
+        600.0, gt=0, description="Multi-process runs: seconds a collective waits for the other processes before the job fails."
     )
 
 

@@ -6,26 +6,35 @@ file, CI), the bar is replaced by one plain line per logging window.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 err = Console(stderr=True)
 out = Console()
 
 
+def is_main_process() -> bool:
+    """False in torchrun's ranks other than 0: they keep quiet, so every line is printed once."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def status(message: str) -> None:
-    err.print(f"[dim]>[/] {message}")
+    if is_main_process():
+        err.print(f"[dim]>[/] {escape(message)}")
 
 
 def warn(message: str) -> None:
-    err.print(f"[bold yellow]warning:[/] {message}")
+    if is_main_process():
+        err.print(f"[bold yellow]warning:[/] {escape(message)}")
 
 
 def error(message: str) -> None:
     for line in message.splitlines() or [""]:
-        err.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def human(n: float) -> str:
@@ -39,9 +48,10 @@ def human(n: float) -> str:
 class TrainProgress:
     """step, loss, lr, tokens/s, worst-layer imbalance, ETA."""
 
-    def __init__(self, total_steps: int, start_step: int, console: Console = err):
+    def __init__(self, total_steps: int, start_step: int, console: Console = err, enabled: bool = True):
         self.console = console
-        self.interactive = console.is_terminal
+        self.enabled = enabled
+        self.interactive = enabled and console.is_terminal
         self.total = total_steps
         self.fields = dict(loss="-", lr="-", tps="-", imb="-")
         self.progress: Optional[Progress] = None
@@ -82,7 +92,7 @@ class TrainProgress:
 
     def window_line(self, step: int) -> None:
         """The non-interactive stand-in for the bar, once per logging window."""
-        if not self.interactive:
+        if self.enabled and not self.interactive:
             f = self.fields
             self.console.print(
                 f"step {step}/{self.total} | loss {f['loss']} | lr {f['lr']} | {f['tps']} tok/s | imbalance {f['imb']}",
@@ -90,7 +100,8 @@ class TrainProgress:
             )
 
     def print(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        if self.enabled:
+            self.console.print(message, highlight=False)
 
 
 def quiet_libraries() -> None:
@@ -108,6 +119,8 @@ def quiet_libraries() -> None:
 
 def train_summary(result, config_arg) -> None:
     """The end-of-run summary: where things are, how good the model is, what to run next."""
+    if not is_main_process():
+        return
     from rich.panel import Panel
     from rich.table import Table
 
@@ -127,10 +140,13 @@ def train_summary(result, config_arg) -> None:
     grid.add_row("parameters", f"{human(result.params_total)} total, {human(result.params_active)} active per token")
     runs_root = result.run_dir.parent
     nxt = [f"tensorboard --logdir {runs_root}"]
+    resume = f"moectl train {result.run_dir} --resume" + (
+        f" --nproc-per-node {result.world_size}" if result.world_size > 1 else ""
+    )
     if result.interrupted:
-        nxt.insert(0, f"moectl train {result.run_dir} --resume")
+        nxt.insert(0, resume)
     else:
-        nxt.append(f"moectl train {result.run_dir} --resume --set train.max_steps={result.max_steps * 2}   # train longer")
+        nxt.append(f"{resume} --set train.max_steps={result.max_steps * 2}   # train longer")
     grid.add_row("next", "\n".join(nxt))
     title = "stopped early" if result.interrupted else "done"
     out.print(Panel(grid, title=f"moectl train: {title}", title_align="left", expand=False))

@@ -25,3 +25,11 @@ class CheckpointError(MoectlError):
 
 class TrainingError(MoectlError):
     """Training cannot go on (e.g. the loss diverged); the last checkpoint is intact."""
+
+
+class PeerFailed(MoectlError):
+    """Another process of a multi-process run failed and reports its own error; this one stops quietly."""
+
+
+class DistributedError(MoectlError):
+    """A multi-process run lost a process: it failed, was killed, or a collective timed out."""

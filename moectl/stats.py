@@ -99,6 +99,10 @@ class RoutingStats:
             self.tokens[i] += r.num_tokens
             self.dropped[i] += r.num_dropped.to(self.load.dtype)
 
+    def tensors(self) -> list[Tensor]:
+        """The accumulators, all sums: data-parallel training adds them up over ranks in place."""
+        return [getattr(self, name) for name in self.FIELDS]
+
     def empty(self) -> bool:
         return self.num_layers == 0 or float(self.tokens.sum()) == 0
 

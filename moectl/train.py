@@ -4,6 +4,11 @@ fit: check the run directory -> data and tokenizer -> model and optimizer -> (re
 for each step: micro-batches forward/backward, clip, AdamW step; every log.every steps log
 the window's losses and routing statistics; every train.eval_every steps evaluate; every
 checkpoint.every steps save. Ctrl-C finishes the current step, saves and returns.
+
+Under torchrun the same loop runs in every process (moectl/distributed.py): each rank takes
+its slice of every global batch, DDP averages the gradients (skipping the all-reduce on
+non-final micro-steps), routing statistics and logged losses are summed over ranks before
+they are logged, evaluation is split over ranks, and only rank 0 writes logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
-from moectl import __version__, checkpoint, config, console, data, runtime
+from moectl import __version__, checkpoint, config, console, data, distributed, runtime
 from moectl import tokenizer as tokenizers_
 from moectl.config import Config, OptimConfig
 from moectl.console import TrainProgress
+from moectl.distributed import Dist
 from moectl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from moectl.models import LanguageModel, build_model, moe_layers, moe_slots, parameter_counts
 from moectl.moe import LOSS_NAMES
@@ -49,6 +56,7 @@ class RunResult:
     tokens_per_sec: float
     params_total: int
     params_active: int
+    world_size: int = 1
 
     @property
     def eval_ppl(self) -> Optional[float]:
@@ -131,21 +139,54 @@ def evaluate(
     device: torch.device,
     amp: Optional[torch.dtype],
     stats: Optional[RoutingStats] = None,
+    dp: Dist = Dist(),
 ) -> float:
-    """Mean next-token cross-entropy (nats per token) over the given validation batches."""
+    """Mean next-token cross-entropy (nats per token) over the given validation batches.
+
+    With several processes each evaluates every world_size-th batch and the sums are combined,
+    so `stats` holds the whole validation set's routing on every rank.
+    """
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for ids in batches:
+    sums = torch.zeros(2, dtype=accumulator_dtype(device), device=device)  # (loss sum, tokens)
+    for ids in batches[dp.rank :: dp.world_size]:
         x, y = (t.to(device) for t in blocks.batch(ids))
         with autocast(device, amp):
             out = model(x, y)
-        total += out.lm_loss.double() * y.numel()
-        count += y.numel()
+        sums[0] += out.lm_loss.to(sums.dtype) * y.numel()
+        sums[1] += y.numel()
         if stats is not None:
             stats.update(out.routing)
+    distributed.all_reduce_sum_([sums, *(stats.tensors() if stats is not None else [])], dp)
     model.train(was_training)
-    return float(total) / count
+    total, count = sums.tolist()
+    return total / count
+
+
+def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) for each of `world_size` processes."""
+    tr = cfg.train
+    if tr.batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size={tr.batch_size} is the global batch and must be divisible by the {world_size} processes"
+        )
+    share = tr.batch_size // world_size
+    micro = tr.micro_batch_size or share
+    if share % micro:
+        raise ConfigError(
+            f"each of the {world_size} processes gets {share} sequences of train.batch_size={tr.batch_size}, "
+            f"not a multiple of train.micro_batch_size={micro}; change either"
+        )
+    return micro, share // micro
+
+
+def eval_chunks(batches: list, size: int) -> list:
+    """The validation set's batches re-cut to `size` sequences (each process's micro-batch), so
+    every world size evaluates the same sequences."""
+    if not batches:
+        return []
+    ids = np.concatenate(batches)
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
 # --------------------------------------------------------------------------------- run directory
@@ -272,6 +313,10 @@ class LossWindow:
             out.update({f"train/router/{k[len('router_'):]}": float(getattr(self, k)) / m for k in self.ROUTER_TERMS})
         return out
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The accumulators, all sums: data-parallel training adds them up over ranks in place."""
+        return [getattr(self, name) for name in self.FIELDS]
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).cpu() for name in self.FIELDS}
 
@@ -305,22 +350,59 @@ def _collapse_message(step: int, slot: int, s, cfg: Config, collapsing: bool) ->
     )
 
 
+def _summed_state(acc, dp: Dist) -> dict[str, torch.Tensor]:
+    """A window's sums over every rank, for the checkpoint (rank 0 carries them on at resume)."""
+    sums = [t.clone() for t in acc.tensors()]
+    distributed.all_reduce_sum_(sums, dp)
+    return {name: t.cpu() for name, t in zip(acc.FIELDS, sums)}
+
+
+def _restore_rng(saved, dp: Dist, seed: int) -> None:
+    """Each rank's RNG from the checkpoint (one state per rank; older checkpoints hold one)."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) == dp.world_size:
+        _set_rng_state(states[dp.rank])
+        return
+    console.warn(
+        f"the checkpoint was saved by {len(states)} processes and this run has {dp.world_size}: the data order "
+        "continues exactly, but dropout and routing noise take fresh random streams"
+    )
+    torch.manual_seed(seed + 7919 * (dp.rank + 1))
+
+
 def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Train as `cfg` says, in this process or as one rank of a torchrun job."""
+    dp, device = distributed.init(pick_device(cfg.train.device), cfg.train.dist_timeout)
+    try:
+        return _fit(cfg, dp, device, resume, overwrite)
+    except RuntimeError as exc:
+        lost = distributed.lost_contact(exc, cfg.train.dist_timeout) if dp.enabled else None
+        if lost is None:
+            raise
+        raise lost from exc
+    finally:
+        distributed.shutdown()
+
+
+def _fit(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: bool) -> RunResult:
     run_dir = run_directory(cfg)
-    resume_from = check_run_dir(run_dir, cfg, resume, overwrite)
-    device = pick_device(cfg.train.device)
-    amp = autocast_dtype(device, cfg.train.precision)
+    tr, seq_len = cfg.train, cfg.data.seq_len
+    micro, accum = batch_layout(cfg, dp.world_size)
+    # Rank 0 alone judges the run directory, before anyone writes to it.
+    resume_from = distributed.from_main(lambda: check_run_dir(run_dir, cfg, resume, overwrite), dp)
+    amp = autocast_dtype(device, tr.precision)
     if device.type == "cpu":
         runtime.keep_freed_memory()  # reuse big blocks across steps instead of re-faulting them in
-    tr, seq_len = cfg.train, cfg.data.seq_len
 
-    # Data and tokenizer. Nothing in the run directory changes until they are ready.
+    # Data and tokenizer: rank 0 tokenises and fills the caches, then the other ranks read them.
+    # Nothing in the run directory changes until they are ready.
     console.status(f"loading data ({cfg.data.source})")
-    corpus = data.prepare(cfg, tokenizer_file=run_dir / "tokenizer.json" if resume_from else None)
+    tokenizer_file = run_dir / "tokenizer.json" if resume_from else None
+    corpus = distributed.main_first(lambda: data.prepare(cfg, tokenizer_file=tokenizer_file), dp)
     train_blocks = data.Blocks(corpus.train, seq_len)
     val_blocks = data.Blocks(corpus.validation, seq_len)
-    sampler = data.BatchSampler(len(train_blocks), tr.batch_size, tr.seed)
-    val_batches = data.eval_batches(val_blocks, cfg.micro_batch_size, tr.eval_batches)
+    sampler = data.BatchSampler(len(train_blocks), tr.batch_size, tr.seed)  # global batches, same on every rank
+    val_batches = eval_chunks(data.eval_batches(val_blocks, cfg.micro_batch_size, tr.eval_batches), micro)
     vocab_size = corpus.tokenizer.get_vocab_size()
     console.status(
         f"tokens: {console.human(len(corpus.train.tokens))} train, {console.human(len(corpus.validation.tokens))} validation"
@@ -334,16 +416,19 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
             "the training text has no more merges to learn"
         )
 
-    # Model and optimizer.
+    # Model and optimizer. Every rank builds the same initial model; DDP keeps them equal.
     torch.manual_seed(tr.seed)
     model = build_model(cfg, vocab_size).to(device)
     optimizer = make_optimizer(model, cfg.optim)
+    if dp.enabled:
+        torch.manual_seed(tr.seed + 7919 * (dp.rank + 1))  # each rank its own dropout and routing noise
     slots = moe_slots(model)
     stats = RoutingStats(len(slots), cfg.moe.num_experts, device)
     window = LossWindow(device)
     total_params, active_params = parameter_counts(model)
     # Routers with aux-loss-free balancing get each optimizer step's chosen-token counts.
     bias_routers = [(i, layer.router) for i, layer in enumerate(moe_layers(model)) if layer.router.balances_with_bias]
+    count_reduce = distributed.sum_over_ranks if dp.enabled and cfg.moe.aux_loss_scope == "global" else None
     if cfg.is_moe and cfg.moe.router == "expert_choice":
         console.warn(
             "moe.router=expert_choice: each expert picks its tokens from the whole batch, so in this causal LM a "
@@ -366,10 +451,11 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
         try:
             optimizer.load_state_dict(state["optimizer"])
             sampler.load_state_dict(state["sampler"])
-            window.load_state_dict(state["window"])
-            stats.load_state_dict(state["routing_stats"])
-            _set_rng_state(state["rng"])
-        except (KeyError, ValueError, RuntimeError) as exc:
+            if dp.is_main:  # the saved window sums cover every rank; rank 0 carries them on
+                window.load_state_dict(state["window"])
+                stats.load_state_dict(state["routing_stats"])
+            _restore_rng(state["rng"], dp, tr.seed)
+        except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {resume_from} is corrupt: state.pt: {exc}") from None
         step, tokens_seen = meta["step"], meta.get("tokens_seen", 0)
         first_eval, eval_loss = meta.get("first_eval_loss"), meta.get("eval_loss")
@@ -386,28 +472,36 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
                 f"(train.max_steps={tr.max_steps}, optim.*) put lr {new_lr:.2e}; training continues on the new schedule"
             )
         console.status(f"resuming {run_dir} from step {step}")
-    else:
+    elif dp.is_main:
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizers_.save(corpus.tokenizer, run_dir / "tokenizer.json")
-    config.save(cfg, run_dir / "config.yaml")
+    if dp.is_main:
+        config.save(cfg, run_dir / "config.yaml")
+    ddp_model = distributed.wrap(model, dp, device)
 
-    tracker = Tracker(run_dir, cfg.log.tensorboard, purge_step=step + 1 if resume_from else None)
+    tracker = Tracker(run_dir, cfg.log.tensorboard and dp.is_main, purge_step=step + 1 if resume_from else None)
     tracker.text("config", "    " + config.dump(cfg).replace("\n", "\n    "), step)
+    processes = f"; {dp.world_size} processes ({micro}x{accum} sequences each per step)" if dp.enabled else ""
     console.status(
         f"{cfg.model.arch}: {console.human(total_params)} parameters, {console.human(active_params)} active per token"
-        f"; device {device}{' bf16' if amp else ''}; {tr.max_steps} steps of {tr.batch_size}x{seq_len} tokens"
+        f"; device {device}{' bf16' if amp else ''}; {tr.max_steps} steps of {tr.batch_size}x{seq_len} tokens{processes}"
     )
 
     def save(eval_loss: Optional[float]) -> Path:
+        """Every rank takes part (the window sums and RNG states are collected); rank 0 writes."""
+        window_sums, stats_sums = _summed_state(window, dp), _summed_state(stats, dp)
+        rng_states = distributed.gather_objects(_rng_state(), dp)
+        if not dp.is_main:
+            return checkpoint.step_dir(run_dir, step)
         state = {
             "optimizer": optimizer.state_dict(),
             "sampler": sampler.state_dict(),
-            "window": window.state_dict(),
-            "routing_stats": stats.state_dict(),
+            "window": window_sums,
+            "routing_stats": stats_sums,
             "collapsed": collapsed,
-            "rng": _rng_state(),
+            "rng": rng_states,
         }
         meta = {
             "tokens_seen": tokens_seen,
@@ -418,12 +512,13 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
             "eval_loss": eval_loss,
             "first_eval_loss": first_eval,
             "data": data_keys,
+            "world_size": dp.world_size,
         }
         return checkpoint.save(run_dir, step, model, state, meta, cfg.checkpoint.keep_last)
 
     def run_eval() -> float:
         eval_stats = RoutingStats(len(slots), cfg.moe.num_experts, device)
-        loss = evaluate(model, val_blocks, val_batches, device, amp, eval_stats)
+        loss = evaluate(model, val_blocks, val_batches, device, amp, eval_stats, dp)
         tracker.scalars({"eval/loss": loss, "eval/ppl": perplexity(loss)}, step)
         if slots:
             tracker.heatmap(eval_stats.summary(), step)
@@ -431,7 +526,10 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
         return loss
 
     def log_window(lr: float, seconds: float, tokens: int) -> None:
-        """Window means to TensorBoard and the console; routing statistics and collapse warnings."""
+        """Window means to TensorBoard and the console; routing statistics and collapse warnings.
+
+        The window's sums are first added up over ranks, so every number covers the whole batch."""
+        distributed.all_reduce_sum_(window.tensors() + stats.tensors(), dp)
         scalars = {**window.means(), "train/lr": lr, "train/tokens_per_sec": tokens / max(seconds, 1e-9)}
         tracker.scalars(scalars, step)
         imbalance = None
@@ -456,30 +554,36 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
         tracker.flush()
 
     train_seconds, window_seconds, window_tokens, session_tokens = 0.0, 0.0, 0, 0
-    last_ckpt = resume_from
+    last_ckpt, stopping = resume_from, False
+    share = slice(dp.rank * micro * accum, (dp.rank + 1) * micro * accum)  # this rank's part of a global batch
     try:
-        with StopOnInterrupt() as stop, TrainProgress(tr.max_steps, step) as progress:
+        with StopOnInterrupt() as stop, TrainProgress(tr.max_steps, step, enabled=dp.is_main) as progress:
             if step == 0:
                 eval_loss = first_eval = run_eval()
-            while step < tr.max_steps and not stop.requested:
+            while step < tr.max_steps and not stopping:
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg.optim, tr.max_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                ids = sampler.next().reshape(cfg.grad_accum_steps, cfg.micro_batch_size)  # (accum, micro)
+                ids = sampler.next()[share].reshape(accum, micro)  # (accum, micro) block ids
                 step_counts = [0] * len(bias_routers)  # chosen tokens per expert over this step's micro-batches
-                for micro_ids in ids:
+                for j, micro_ids in enumerate(ids):
                     x, y = (t.to(device, non_blocking=True) for t in train_blocks.batch(micro_ids))
-                    with autocast(device, amp):
-                        out = model(x, y)
-                    (out.loss / cfg.grad_accum_steps).backward()
+                    with distributed.gradient_sync(ddp_model, last_micro_step=j == accum - 1):
+                        with autocast(device, amp):
+                            out = ddp_model(x, y, count_reduce=count_reduce)
+                        (out.loss / accum).backward()
                     window.add_micro(out)
                     stats.update(out.routing)
-                    for j, (i, _) in enumerate(bias_routers):
-                        step_counts[j] = step_counts[j] + out.routing[i].chosen_per_expert()
+                    for k, (i, _) in enumerate(bias_routers):
+                        step_counts[k] = step_counts[k] + out.routing[i].chosen_per_expert()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip or float("inf"))
-                # One host sync per step: the progress bar's loss, and a divergence check before the update.
-                loss_now, norm_now = torch.stack([out.loss.detach().float(), grad_norm.float()]).tolist()
+                # One host sync per step: the progress bar's loss, a divergence check before the update,
+                # and (with several ranks) whether any rank was asked to stop: all ranks decide alike.
+                check = torch.stack([out.loss.detach().float(), grad_norm.float(), grad_norm.new_tensor(float(stop.requested))])
+                distributed.all_reduce_sum_([check], dp)
+                loss_now, norm_now, stop_votes = check.tolist()
+                loss_now, norm_now, stopping = loss_now / dp.world_size, norm_now / dp.world_size, stop_votes > 0
                 if not (math.isfinite(loss_now) and math.isfinite(norm_now)):
                     raise TrainingError(
                         f"step {step + 1}: the loss is {loss_now} and the gradient norm {norm_now}: training diverged; "
@@ -487,6 +591,7 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
                     )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                distributed.all_reduce_sum_([c for c in step_counts if torch.is_tensor(c)], dp)  # global counts
                 for (_, router), counts in zip(bias_routers, step_counts):
                     router.update_bias(counts)
                 window.add_step(grad_norm)
@@ -505,7 +610,7 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
                     eval_loss = run_eval()
                 if step % cfg.checkpoint.every == 0 or step == tr.max_steps:
                     last_ckpt = save(eval_loss)
-            if stop.requested:
+            if stopping:
                 last_ckpt = save(eval_loss)
                 progress.print(f"stopped at step {step}; checkpoint saved to {last_ckpt}")
     finally:
@@ -518,10 +623,10 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
         tokens_seen=tokens_seen,
         first_eval_loss=first_eval,
         eval_loss=eval_loss,
-        interrupted=stop.requested and step < tr.max_steps,
+        interrupted=stopping and step < tr.max_steps,
         train_seconds=train_seconds,
         tokens_per_sec=(session_tokens / train_seconds) if train_seconds else 0.0,
         params_total=total_params,
         params_active=active_params,
+        world_size=dp.world_size,
     )
-

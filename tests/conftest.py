@@ -62,6 +62,26 @@ def tiny_config(tmp_path: Path, arch: str = "transformer_moe", **sections) -> di
     return cfg
 
 
+def events(run_dir: Path):
+    """Everything a run logged to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"histograms": 0, "scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def scalar_series(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in events(run_dir).Scalars(tag)]
+
+
+def weights(ckpt: Path) -> dict:
+    """A checkpoint's tensors by name."""
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "model.safetensors"))
+
+
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -30,7 +30,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import assert_sorted_equals_loop, tiny_config
 from moectl import config
 from moectl.errors import ConfigError
-from moectl.models import build_moe_layer
+from moectl.models import build_model, build_moe_layer
 from moectl.moe import ROUTERS, MoELayer, make_router, routing_losses
 from moectl.moe.router import NOISE_EPS, smooth_load
 from moectl.train import fit
@@ -1012,3 +1012,21 @@ def test_every_router_trains_both_backbones(base_config, tmp_path, kind, arch):
         assert all(float(t.abs().max()) <= 3e-3 + 1e-9 for t in biases.values())
     else:
         assert not biases
+
+
+@pytest.mark.parametrize("arch", ["transformer_moe", "lstm_moe"])
+@pytest.mark.parametrize("kind", ROUTERS)
+def test_every_parameter_gets_a_gradient_in_every_training_step(kind, arch):
+    # DDP (find_unused_parameters off) needs a gradient for every parameter from every
+    # backward, even when a micro-batch leaves some experts or groups without tokens.
+    moe = {"router": kind, **ROUTER_MOE[kind], "num_experts": 8, "shared_experts": 1, "shared_expert_gate": True}
+    if kind == "hierarchical":
+        moe["num_groups"] = 4
+    cfg = config.from_dict({"model": {"arch": arch, "d_model": 16, "n_layers": 2, "n_heads": 2, "ffn_hidden": 32},
+                            "moe": moe})
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=50)
+    ids = torch.randint(0, 50, (1, 3))  # 3 tokens: most experts get none
+    model(ids, ids).loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing

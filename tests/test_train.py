@@ -12,30 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
-from conftest import tiny_config, write_config
+from conftest import events, scalar_series, tiny_config, weights, write_config
 from moectl import checkpoint, config, plots
 from moectl.cli import app
 from moectl.train import fit, lr_at
 
 runner = CliRunner()
-
-
-def events(run_dir: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(run_dir), size_guidance={"histograms": 0, "scalars": 0, "images": 0, "tensors": 0})
-    acc.Reload()
-    return acc
-
-
-def scalar_series(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    return [(e.step, e.value) for e in events(run_dir).Scalars(tag)]
-
-
-def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt / "model.safetensors"))
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moectl.moe import LOSS_NAMES, RoutingRecord, routing_losses
+from moectl.moe.losses import CountReduce
 
 
 @dataclass
@@ -62,7 +63,11 @@ class LanguageModel(nn.Module):
     def body(self, h: Tensor) -> tuple[Tensor, list[RoutingRecord]]:
         raise NotImplementedError
 
-    def forward(self, input_ids: Tensor, targets: Optional[Tensor] = None) -> ModelOutput:
+    def forward(
+        self, input_ids: Tensor, targets: Optional[Tensor] = None, count_reduce: Optional[CountReduce] = None
+    ) -> ModelOutput:
+        """`count_reduce`, when given, sums the Switch loss's assignment counts over data-parallel
+        processes (moe.aux_loss_scope=global); the model itself never communicates."""
         h = self.drop(self.embed(input_ids))  # (B, T) -> (B, T, D)
         h, records = self.body(h)
         logits = self.lm_head(h)  # (B, T, V)
@@ -74,7 +79,7 @@ class LanguageModel(nn.Module):
         zero = out.lm_loss.new_zeros(())
         out.aux_loss, out.z_loss = zero, zero
         if records:
-            per_layer = [routing_losses(r) for r in records]
+            per_layer = [routing_losses(r, count_reduce) for r in records]
             out.aux_terms = {name: torch.stack([t[name] for t in per_layer]).mean() for name in LOSS_NAMES}
             for name, value in out.aux_terms.items():
                 weighted = self.loss_coefs[name] * value

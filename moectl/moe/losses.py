@@ -18,6 +18,8 @@ CV^2 uses the population variance over the E entries, as the authors' tensor2ten
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -26,12 +28,23 @@ from moectl.moe.record import RoutingRecord
 LOSS_NAMES = ("load_balance", "importance", "load", "z")
 
 
-def load_balancing_loss(probs: Tensor, expert_idx: Tensor, chosen: Tensor | None = None) -> Tensor:
+CountReduce = Callable[[Tensor], Tensor]
+
+
+def load_balancing_loss(
+    probs: Tensor, expert_idx: Tensor, chosen: Tensor | None = None, count_reduce: CountReduce | None = None
+) -> Tensor:
+    """E * sum_i f_i * P_i. `count_reduce` (the `global` scope) sums the assignment counts behind
+    f over data-parallel processes; P stays local, so averaging the processes' gradients gives
+    the gradient of the loss over the whole batch."""
     num_experts = probs.shape[1]
     mask = torch.ones_like(expert_idx, dtype=probs.dtype) if chosen is None else chosen.to(probs.dtype)
-    counts = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
+    counts = torch.zeros(num_experts + 1, device=probs.device, dtype=probs.dtype)  # (E + 1,): last = total
     counts.scatter_add_(0, expert_idx.reshape(-1), mask.reshape(-1))
-    f = counts / mask.sum().clamp_min(1.0)  # (E,)
+    counts[num_experts] = mask.sum()
+    if count_reduce is not None:
+        counts = count_reduce(counts)
+    f = counts[:num_experts] / counts[num_experts].clamp_min(1.0)  # (E,)
     p = probs.mean(dim=0)  # (E,)
     return num_experts * (f * p).sum()
 
@@ -58,15 +71,15 @@ def router_z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
-def routing_losses(record: RoutingRecord) -> dict[str, Tensor]:
+def routing_losses(record: RoutingRecord, count_reduce: CountReduce | None = None) -> dict[str, Tensor]:
     """Every router loss of one MoE layer, unweighted; a hierarchical layer sums its two levels."""
     terms = {
-        "load_balance": load_balancing_loss(record.probs, record.expert_idx, record.chosen),
+        "load_balance": load_balancing_loss(record.probs, record.expert_idx, record.chosen, count_reduce),
         "importance": importance_loss(record),
         "load": load_loss(record),
         "z": router_z_loss(record.logits),
     }
     if record.group is not None:
-        for name, value in routing_losses(record.group).items():
+        for name, value in routing_losses(record.group, count_reduce).items():
             terms[name] = terms[name] + value
     return terms

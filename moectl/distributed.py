@@ -1,0 +1,233 @@
+"""Data parallelism on PyTorch's own engine: torchrun's environment, the process group, DDP,
+and the few collectives the training loop needs.
+
+The same `moectl train` runs with one process or many. Under torchrun (RANK, WORLD_SIZE and
+LOCAL_RANK in the environment, WORLD_SIZE > 1) `init` starts a process group (NCCL when the
+device is CUDA, gloo otherwise) and the loop wraps the model in DistributedDataParallel.
+Without torchrun every helper here is a no-op, so single-process code pays nothing.
+
+Failure handling: work that only rank 0 should do first (preparing data, checking the run
+directory) goes through `main_first` / `from_main`, which tell the other ranks whether it
+worked, so a failure on rank 0 stops every rank at once instead of leaving them waiting. Every
+collective has the process group's timeout (`train.dist_timeout`), so a rank that hangs or
+dies ends the job within that bound; torchrun also stops the others when one exits.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, Optional, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moectl.errors import ConfigError, DistributedError, PeerFailed
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def env_rank() -> int:
+    """This process's rank from torchrun's environment (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def init(device: torch.device, timeout_s: float) -> tuple[Dist, torch.device]:
+    """Join torchrun's process group when there is one; return the rank info and this rank's device."""
+    world = env_world_size()
+    if world <= 1:
+        return Dist(), device
+    rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "mps":
+        raise ConfigError("multi-process training does not support train.device=mps; use train.device=cpu")
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
+                "start at most one process per GPU (--nproc-per-node)"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return Dist(rank=rank, world_size=world, local_rank=local_rank), device
+
+
+def lost_contact(exc: BaseException, timeout_s: float) -> Optional[DistributedError]:
+    """A collective's failure because another rank went away, as a one-line user error (or None)."""
+    text = str(exc).lower()
+    markers = ("connection closed by peer", "connection reset by peer", "broken pipe", "nccl", "timed out", "timeout")
+    if not (isinstance(exc, getattr(dist, "DistError", ())) or any(m in text for m in markers)):
+        return None
+    return DistributedError(
+        "lost contact with the other processes: one of them failed (its error is above), was killed, or did not "
+        f"answer within train.dist_timeout={timeout_s:g} s"
+    )
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
+    """DDP over the model. Buffers are not re-broadcast each forward: the only one that changes
+    in training, the sigmoid router's expert bias, is updated from global counts on every rank."""
+    if not d.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    # Newer PyTorch renamed the switch (and syncs buffers once at init, which is harmless here).
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=ids, **no_sync)
+
+
+def gradient_sync(model: nn.Module, last_micro_step: bool):
+    """Context for one micro-step's forward and backward: DDP all-reduces the gradients only on
+    the last micro-step of an optimizer step; the others accumulate locally (`no_sync`)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and not last_micro_step:
+        return model.no_sync()
+    return nullcontext()
+
+
+# ---------------------------------------------------------------------------------- collectives
+
+
+def all_reduce_sum_(tensors: Sequence[Tensor], d: Dist) -> None:
+    """Sum each tensor over ranks, in place (one flattened all-reduce per dtype)."""
+    if not d.enabled or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def sum_over_ranks(t: Tensor) -> Tensor:
+    """A new tensor: `t` summed over ranks; not differentiable (used on counts).
+
+    Takes no `Dist`: the model calls it inside its forward, only ever under a process group.
+    """
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def gather_objects(obj: T, d: Dist) -> list[T]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not d.enabled:
+        return [obj]
+    out: list = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: object) -> object:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def from_main(fn: Callable[[], T], d: Dist) -> T:
+    """Rank 0 computes; every rank gets its result. If rank 0 raises, the others raise PeerFailed."""
+    if not d.enabled:
+        return fn()
+    if d.is_main:
+        try:
+            result = fn()
+        except BaseException:
+            _broadcast(("failed", None))
+            raise
+        _broadcast(("ok", result))
+        return result
+    status, result = _broadcast(None)
+    if status != "ok":
+        raise PeerFailed("rank 0 failed")
+    return result
+
+
+def main_first(fn: Callable[[], T], d: Dist) -> T:
+    """Rank 0 runs `fn` (filling caches), then the others run it too (reading them)."""
+    if not d.enabled:
+        return fn()
+    result = from_main(fn, d)
+    return result if d.is_main else fn()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------- launcher
+
+
+def launch(nproc_per_node: int, module_args: list[str]) -> int:
+    """Run `python -m moectl <module_args>` in `nproc_per_node` processes with torchrun's launcher
+    (standalone, one node) and return the exit code; a failed rank becomes one line on stderr."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from moectl import console
+
+    if nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # torchrun would set 1 and say so; give each process its share of the cores instead.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+    # The launcher's own log lines repeat what the ranks and the line below say.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc_per_node}", "--max-restarts=0", "--module", "moectl", *module_args]
+    )
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode if failure.exitcode > 0 else 1
+        if failure.exitcode < 0:
+            console.error(f"rank {rank} was killed by signal {-failure.exitcode}")
+        else:
+            console.error(f"rank {rank} exited with code {failure.exitcode}; its error is above")
+        return code
+    except (KeyboardInterrupt, SignalException):
+        return 130  # Ctrl-C reached the ranks too: they finished the step and saved
+    sys.stdout.flush()
+    return 0
