@@ -7,8 +7,9 @@ implementations interleaved round by round so that a slow spell of a shared mach
 all alike; the reported time is the median of all --repeats x --rounds timed runs (after
 --warmup in each). Peak memory comes from one more run of each case, in its own process:
   CPU: peak RSS over two forward + backward passes minus the RSS before them (inputs, weights
-       and a first pass on 16 tokens to load lazy kernels excluded), with glibc's default allocator, which unmaps large freed blocks, so
-       the peak follows live memory (it still includes the BLAS library's own workspaces);
+       and a first pass on 16 tokens to load lazy kernels excluded), with glibc's default
+       allocator, which unmaps large freed blocks, so the peak follows live memory (it still
+       includes the BLAS library's own workspaces);
   CUDA: torch.cuda.max_memory_allocated minus the memory allocated before them.
 For timing, the CPU process tunes glibc malloc as `moectl train` does (moectl/runtime.py), for
 every implementation alike; --allocator default times without it.

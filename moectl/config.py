@@ -398,11 +398,8 @@ class Config(Section):
 
     @property
     def micro_batch_size(self) -> int:
+        """Sequences per forward pass of a single-process run (train.batch_layout splits a batch over processes)."""
         return self.train.micro_batch_size or self.train.batch_size
-
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.train.batch_size // self.micro_batch_size
 
 
 SECTIONS: dict[str, type[Section]] = {

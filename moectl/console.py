@@ -110,7 +110,7 @@ def quiet_libraries() -> None:
 
     import datasets
 
-    if not err.is_terminal:
+    if not err.is_terminal or not is_main_process():
         datasets.disable_progress_bars()
     # Builders log read failures with a traceback before raising; moectl reports them in one line.
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)

@@ -91,8 +91,9 @@ def lost_contact(exc: BaseException, timeout_s: float) -> Optional[DistributedEr
     )
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+def shutdown(d: Dist) -> None:
+    """Leave the process group `init` joined (single-process runs have none to leave)."""
+    if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
 

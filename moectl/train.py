@@ -381,7 +381,7 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
             raise
         raise lost from exc
     finally:
-        distributed.shutdown()
+        distributed.shutdown(dp)
 
 
 def _fit(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: bool) -> RunResult:
@@ -580,7 +580,8 @@ def _fit(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: b
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip or float("inf"))
                 # One host sync per step: the progress bar's loss, a divergence check before the update,
                 # and (with several ranks) whether any rank was asked to stop: all ranks decide alike.
-                check = torch.stack([out.loss.detach().float(), grad_norm.float(), grad_norm.new_tensor(float(stop.requested))])
+                stop_vote = grad_norm.new_tensor(float(stop.requested))
+                check = torch.stack([out.loss.detach().float(), grad_norm.float(), stop_vote.float()])
                 distributed.all_reduce_sum_([check], dp)
                 loss_now, norm_now, stop_votes = check.tolist()
                 loss_now, norm_now, stopping = loss_now / dp.world_size, norm_now / dp.world_size, stop_votes > 0

@@ -133,6 +133,25 @@ def test_global_aux_loss_matches_one_process(tmp_path):
     assert [v for _, v in aux2] == pytest.approx([v for _, v in aux1], rel=1e-5)
 
 
+def test_sigmoid_bias_follows_global_counts_on_every_rank(tmp_path):
+    # Rank 0's saved bias equals the single process's only if it was updated from the counts of
+    # the whole batch; the weights match only if rank 1 routed with that same bias.
+    raw = tiny_config(tmp_path, **{**EXACT, "moe": {**EXACT["moe"], "router": "sigmoid", "bias_update_rate": 0.05},
+                                   "train": {**EXACT["train"], "max_steps": 4, "eval_every": 100},
+                                   "checkpoint": {"every": 100}})
+    cfg_file = write_config(tmp_path / "sigmoid.yaml", raw)
+    single = fit(config.load(cfg_file, ["run.name=single"]))
+    proc = moectl("train", str(cfg_file), "--nproc-per-node", "2", "--run-name", "double")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    double = checkpoint.latest(tmp_path / "runs" / "double")
+    w1, w2 = weights(single.checkpoint), weights(double)
+    biases = [k for k in w1 if k.endswith("expert_bias")]
+    assert biases and any(bool(w1[k].abs().sum() > 0) for k in biases)
+    for key in biases:
+        assert torch.equal(w1[key], w2[key]), key
+    assert_close_weights(single.checkpoint, double)
+
+
 def test_global_switch_loss_gradient_equals_the_whole_batch_gradient():
     # The maths behind `global`: two shards whose counts are summed, gradients averaged (as DDP
     # does), give the gradient of the loss over both shards together; `local` does not.
