@@ -35,13 +35,12 @@ DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceb
 def _report(message: str, exc: BaseException) -> None:
     """Print an error once per job: in a multi-process run every rank meets the same config
     error and rank 0 alone says it; any other error names the rank it happened on."""
-    rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         if isinstance(exc, ConfigError):
-            if rank not in ("", "0"):
+            if not console.is_main_process():
                 return
         else:
-            message = f"rank {rank}: {message}"
+            message = f"rank {os.environ.get('RANK', '0')}: {message}"
     console.error(message)
 
 

@@ -82,7 +82,7 @@ def init(device: torch.device, timeout_s: float) -> tuple[Dist, torch.device]:
 def lost_contact(exc: BaseException, timeout_s: float) -> Optional[DistributedError]:
     """A collective's failure because another rank went away, as a one-line user error (or None)."""
     text = str(exc).lower()
-    markers = ("connection closed by peer", "connection reset by peer", "broken pipe", "nccl", "timed out", "timeout")
+    markers = ("connection closed by peer", "connection reset by peer", "broken pipe", "aborted", "timed out", "timeout")
     if not (isinstance(exc, getattr(dist, "DistError", ())) or any(m in text for m in markers)):
         return None
     return DistributedError(
@@ -107,8 +107,8 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     ids = [device.index] if device.type == "cuda" else None
     # Newer PyTorch renamed the switch (and syncs buffers once at init, which is harmless here).
     newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-    no_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
-    return DistributedDataParallel(model, device_ids=ids, **no_sync)
+    buffers_at_init_only = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=ids, **buffers_at_init_only)
 
 
 def gradient_sync(model: nn.Module, last_micro_step: bool):

@@ -67,7 +67,8 @@ class LanguageModel(nn.Module):
         self, input_ids: Tensor, targets: Optional[Tensor] = None, count_reduce: Optional[CountReduce] = None
     ) -> ModelOutput:
         """`count_reduce`, when given, sums the Switch loss's assignment counts over data-parallel
-        processes (moe.aux_loss_scope=global); the model itself never communicates."""
+        processes (moe.aux_loss_scope=global); the training loop passes it, so model code stays
+        free of torch.distributed."""
         h = self.drop(self.embed(input_ids))  # (B, T) -> (B, T, D)
         h, records = self.body(h)
         logits = self.lm_head(h)  # (B, T, V)
