@@ -135,13 +135,31 @@ def load_model(path: Path, model: nn.Module) -> None:
     file = Path(path) / "model.safetensors"
     try:
         missing, unexpected = st_load(model, str(file), strict=False)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise _corrupt(path, "model.safetensors", exc) from None
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "")
+        raise CheckpointError(
+            f"checkpoint {path} does not match this model ({detail[:160]}); was it trained with another config?"
+        ) from None
+    except (SafetensorError, OSError, ValueError) as exc:
         raise _corrupt(path, "model.safetensors", exc) from None
     if missing or unexpected:
         detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
         raise CheckpointError(
             f"checkpoint {path} does not match this model ({detail}); was it trained with another config?"
         )
+
+
+def tensor_shape(path: Path, name: str) -> Optional[list[int]]:
+    """The shape of one stored tensor (None if absent or unreadable; load_model reports why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
+            return list(f.get_slice(name).get_shape()) if name in f.keys() else None
+    except Exception:  # a corrupt file: load_model gives the one-line error
+        return None
 
 
 def load_state(path: Path) -> dict[str, Any]:

@@ -130,6 +130,113 @@ def train(
             raise typer.Exit(130)
 
 
+RunArgument = Annotated[
+    Path,
+    typer.Argument(metavar="RUN", help="A run directory (its latest checkpoint) or a checkpoint directory.", show_default=False),
+]
+SplitOption = Annotated[str, typer.Option("--split", help="Split to use: validation or train.")]
+MaxBatchesOption = Annotated[
+    Optional[int],
+    typer.Option("--max-batches", min=1, help="Batches to use, spread over the split. Default: train.eval_batches."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (documented keys) instead of the report.")]
+
+
+@app.command("eval")
+def eval_command(
+    run: RunArgument,
+    split: SplitOption = "validation",
+    overrides: SetOption = None,
+    max_batches: MaxBatchesOption = None,
+    capacity_factor: Annotated[
+        Optional[str],
+        typer.Option("--capacity-factor", help="Eval capacity factor of the MoE layers (a number, or `dropless`)."),
+    ] = None,
+    as_json: JsonOption = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON to this file.")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Measure a checkpoint: loss, perplexity, bits per byte, and how each MoE layer routed."""
+    with user_errors(debug):
+        import json
+
+        from moectl import evaluate, trained
+        from moectl.fileio import atomic_write_text
+
+        extra = [f"moe.eval_capacity_factor={capacity_factor}"] if capacity_factor is not None else []
+        model = trained.load(run, (overrides or []) + extra)
+        console.quiet_libraries()
+        result = evaluate.run(model, split, max_batches)
+        text = json.dumps(result.to_dict(), indent=2) + "\n"
+        if out is not None:
+            atomic_write_text(out, text)
+        if as_json:
+            typer.echo(text, nl=False)
+        else:
+            console.eval_report(result)
+
+
+@app.command("route-stats")
+def route_stats_command(
+    run: RunArgument,
+    split: SplitOption = "validation",
+    overrides: SetOption = None,
+    max_batches: MaxBatchesOption = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Write stats.json, one CSV per layer, PNG heatmaps and TensorBoard events here."),
+    ] = None,
+    compare: Annotated[
+        Optional[Path], typer.Option("--compare", help="Another checkpoint of the same model: report routing drift.")
+    ] = None,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Explain a checkpoint's routing: balance per layer, each expert's share and specialisation."""
+    with user_errors(debug):
+        import json
+
+        from moectl import route_stats, trained
+
+        model = trained.load(run, overrides)
+        other = trained.load(compare, overrides) if compare is not None else None
+        console.quiet_libraries()
+        rep = route_stats.report(model, split, max_batches, other)
+        if out is not None:
+            route_stats.write_outputs(rep, out)
+        if as_json:
+            typer.echo(json.dumps(rep, indent=2))
+            return
+        typer.echo("\n".join(route_stats.render(rep)))
+        if out is not None:
+            console.status(f"wrote {out}/stats.json, layerNN.csv, load_heatmap.png, coselection_layerNN.png, tensorboard/")
+
+
+@app.command()
+def generate(
+    run: RunArgument,
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue (empty: start a new document).")] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate at most.")] = 100,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely tokens only.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Sample from the smallest set of mass p.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same text.")] = 0,
+    show_routing: Annotated[
+        Optional[int],
+        typer.Option("--show-routing", metavar="LAYER", help="Colour each new token by its top-1 expert in this MoE layer."),
+    ] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Sample text from a checkpoint, optionally showing which expert each new token went to."""
+    with user_errors(debug):
+        from moectl import generate as generation
+        from moectl import trained
+
+        model = trained.load(run)
+        result = generation.generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, show_routing)
+        console.generation(result, model.cfg.moe.num_experts, show_routing)
+
+
 @app.command("config")
 def show_config(
     config_path: Annotated[

@@ -264,8 +264,11 @@ class Corpus:
     eot_id: int
 
 
-def prepare(cfg: Config, tokenizer_file: Optional[Path] = None) -> Corpus:
-    """Load both splits, get the tokenizer (from `tokenizer_file` when resuming), and tokenise."""
+def prepare(cfg: Config, tokenizer_file: Optional[Path] = None, only: Optional[str] = None) -> Corpus:
+    """Load both splits, get the tokenizer (from `tokenizer_file` when resuming), and tokenise.
+
+    `only="training"` or `"validation"` tokenises just that split (the other comes back empty):
+    eval and route-stats read one split."""
     d = cfg.data
     train, validation = load_raw(d)
     check_text_column(train, d.text_column, "training")
@@ -276,7 +279,12 @@ def prepare(cfg: Config, tokenizer_file: Optional[Path] = None) -> Corpus:
     else:
         tok, tok_cached = tokenizers_.build(cfg.tokenizer, train, d.text_column, train._fingerprint, cache)
     eot = tokenizers_.eot_id(tok, cfg.tokenizer.eot_token)
-    splits = [tokenize(ds, name, d.text_column, tok, eot, cache, d.num_proc) for ds, name in ((train, "training"), (validation, "validation"))]
+    splits = [
+        tokenize(ds, name, d.text_column, tok, eot, cache, d.num_proc)
+        if only in (None, name)
+        else Split(name=name, tokens=np.zeros(0, dtype=np.int32), num_docs=0, num_bytes=0, from_cache=True, key="")
+        for ds, name in ((train, "training"), (validation, "validation"))
+    ]
     return Corpus(train=splits[0], validation=splits[1], tokenizer=tok, tokenizer_from_cache=tok_cached, eot_id=eot)
 
 

@@ -12,6 +12,12 @@ and route-stats report. Definitions (E experts; load_i = assignments expert i pr
 - router_entropy   mean over tokens of H(p(x)) / log E (1 = the router cannot tell experts apart)
 - drop_fraction    assignments dropped by capacity / assignments chosen
 - dead_experts     experts that processed no token in the window
+- top20_share      share of the load on the busiest 20% of experts (at least one); 0.2 = balanced
+- bottom20_share   share of the load on the idlest 20% of experts (at least one); 0.2 = balanced
+
+`RoutingProfile` (route-stats) accumulates more per layer from the same records: per-expert
+importance and drops, top-k co-selection, load by position and load by input token, and turns
+the layer counts into the same `LayerStats` through `summarize`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,6 +44,8 @@ class LayerStats:
     drop_fraction: float
     dead_experts: int
     tokens: int
+    top20_share: float = 0.0
+    bottom20_share: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +62,8 @@ def summarize(load: Tensor, entropy_sum: float, tokens: int, dropped: int) -> La
     h = float(-(nz * nz.log()).sum())
     log_e = math.log(e) if e > 1 else 1.0
     chosen = total + dropped
+    fifth = max(1, round(0.2 * e))
+    ordered = share.sort(descending=True).values
     return LayerStats(
         load=[int(v) for v in load64.tolist()],
         share=[float(v) for v in share.tolist()],
@@ -64,6 +75,8 @@ def summarize(load: Tensor, entropy_sum: float, tokens: int, dropped: int) -> La
         drop_fraction=dropped / chosen if chosen > 0 else 0.0,
         dead_experts=int((load64 == 0).sum()),
         tokens=tokens,
+        top20_share=float(ordered[:fifth].sum()),
+        bottom20_share=float(ordered[-fifth:].sum()),
     )
 
 
@@ -117,3 +130,75 @@ class RoutingStats:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for name in self.FIELDS:
             setattr(self, name, state[name].to(self.device, accumulator_dtype(self.device)))
+
+
+class RoutingProfile:
+    """Everything route-stats reports, accumulated per MoE layer over batches (float64 counts).
+
+    Per layer l: load (E,) kept assignments; chosen (E,) before capacity; importance (E,) summed
+    router probabilities; coselect (E, E) tokens that chose both i and j (diagonal: chose i);
+    by_position (T, E) kept assignments by position in the sequence; by_token (V, E) kept
+    assignments by input token id; plus the router-entropy sum and token count. `token_counts`
+    (V,) counts every routed token once, the corpus the lifts compare against.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, seq_len: int, vocab_size: int, device="cpu"):
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.num_experts, self.seq_len = num_experts, seq_len
+        self.load = z(num_layers, num_experts)
+        self.chosen = z(num_layers, num_experts)
+        self.importance = z(num_layers, num_experts)
+        self.coselect = z(num_layers, num_experts, num_experts)
+        self.by_position = z(num_layers, seq_len, num_experts)
+        self.by_token = z(num_layers, vocab_size, num_experts)
+        self.entropy_sum = z(num_layers)
+        self.tokens = z(num_layers)
+        self.token_counts = z(vocab_size)
+
+    @torch.no_grad()
+    def update(self, records: list[RoutingRecord], input_ids: Tensor) -> None:
+        """`input_ids` (B, T): the tokens the records route, in the same (B*T) order."""
+        ids = input_ids.reshape(-1).to(self.load.device)  # (N,)
+        n, e = ids.numel(), self.num_experts
+        self.token_counts += torch.bincount(ids, minlength=self.token_counts.numel()).double()
+        positions = torch.arange(n, device=ids.device) % input_ids.shape[-1]  # (N,)
+        for i, r in enumerate(records):
+            p = r.probs.detach().double()
+            self.load[i] += r.tokens_per_expert.double()
+            self.chosen[i] += r.chosen_per_expert().double()
+            self.importance[i] += p.sum(0)
+            self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log()).sum()
+            self.tokens[i] += n
+            picked = torch.zeros(n, e, dtype=torch.float64, device=p.device)  # (N, E) 1 where chosen
+            picked.scatter_(1, r.expert_idx, r.chosen.double())
+            self.coselect[i] += picked.T @ picked
+            kept = torch.zeros(n, e, dtype=torch.float64, device=p.device)  # (N, E) 1 where kept
+            kept.scatter_(1, r.expert_idx, r.kept.double())
+            self.by_position[i].index_add_(0, positions, kept)
+            self.by_token[i].index_add_(0, ids, kept)
+
+    def layer_stats(self, i: int) -> LayerStats:
+        dropped = float((self.chosen[i] - self.load[i]).sum())
+        return summarize(self.load[i], float(self.entropy_sum[i]), int(self.tokens[i]), int(round(dropped)))
+
+    def specialisation(self, i: int, expert: int, top: int = 5, min_count: int = 5) -> dict:
+        """Input tokens most over-represented in an expert's assignments, against all routed tokens.
+
+        lift(v) = P(v | expert) / P(v); tokens seen fewer than `min_count` times by the expert are
+        skipped (their lifts are noise). `top10_share`: the share of the expert's assignments
+        taken by its 10 most frequent tokens, a measure of how concentrated it is.
+        """
+        counts = self.by_token[i, :, expert]  # (V,)
+        total = float(counts.sum())
+        if total == 0:
+            return {"top_tokens": [], "top10_share": 0.0}
+        corpus = self.token_counts / self.token_counts.sum()
+        lift = (counts / total) / corpus.clamp_min(1e-30)
+        lift[counts < min_count] = 0
+        # Highest lift first; among equal lifts (e.g. tokens the expert takes every time), the most frequent.
+        best = torch.from_numpy(np.lexsort((-counts.cpu().numpy(), -lift.cpu().numpy()))[:top])
+        tokens = [
+            {"id": int(v), "count": int(counts[v]), "lift": float(lift[v])} for v in best.tolist() if lift[v] > 0
+        ]
+        top10 = float(counts.sort(descending=True).values[:10].sum()) / total
+        return {"top_tokens": tokens, "top10_share": top10}

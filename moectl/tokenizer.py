@@ -70,6 +70,28 @@ def eot_id(tok: Tokenizer, eot_token: str) -> int:
     return idx
 
 
+def token_byte_lengths(tok: Tokenizer) -> Optional["np.ndarray"]:
+    """(V,) UTF-8 bytes each token id stands for, for byte-level tokenizers (None for others).
+
+    In a byte-level vocabulary every character is one byte (GPT-2's byte-to-character map);
+    added tokens such as end-of-text stand for no text.
+    """
+    import numpy as np
+
+    if type(tok.decoder).__name__ != "ByteLevel":
+        return None
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    special = set(tok.get_added_tokens_decoder())
+    lengths = np.zeros(tok.get_vocab_size(), dtype=np.float64)
+    for token, idx in tok.get_vocab().items():
+        if idx in special:
+            continue
+        if not set(token) <= alphabet:
+            return None
+        lengths[idx] = len(token)
+    return lengths
+
+
 def fingerprint(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 

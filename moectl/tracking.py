@@ -88,6 +88,11 @@ class Tracker:
         image = plots.heatmap(share, vmax=2.0 / share.shape[1])
         self.writer.add_image("routing/load_heatmap", image, step, dataformats="HWC")
 
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An (H, W, 3) uint8 picture."""
+        if self.writer:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer:
             self.writer.add_text(tag, text, step)

@@ -1,0 +1,268 @@
+"""`moectl route-stats`: what a trained model's routers do, per layer and per expert.
+
+It runs the model over a split and accumulates a `stats.RoutingProfile` from the routing
+records: load and token share, importance (summed router probabilities), drops, the layer's
+balance statistics (the same `summarize` training logs with), top-k co-selection, load by
+position, and each expert's specialisation: the input tokens most over-represented in its
+assignments (lift against all routed tokens). `--compare` runs a second checkpoint over the
+same tokens and reports routing drift.
+
+Outputs: a terminal report (80 columns), a JSON dict with the documented `JSON_KEYS`, and in
+an output directory stats.json, one CSV per layer, PNG heatmaps and TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from moectl import data, plots
+from moectl.errors import ConfigError
+from moectl.evaluate import split_blocks
+from moectl.stats import RoutingProfile
+from moectl.trained import Trained
+
+POSITION_BINS = 8
+
+JSON_KEYS = {
+    "checkpoint": "the checkpoint directory analysed",
+    "step": "its training step",
+    "split": "the split routed (`validation` or `train`)",
+    "batches": "batches routed (of train.micro_batch_size sequences of data.seq_len tokens)",
+    "tokens": "tokens routed through each MoE layer",
+    "collapse_threshold": "max/mean load above which a layer is flagged as collapsed (log.collapse_threshold)",
+    "layers": "one entry per MoE layer, keys below",
+    "layers[].slot": "FFN slot of the layer (the transformer block, or the gap after LSTM layer N)",
+    "layers[].stats": "the layer's balance statistics: load, share, cv, max_over_mean, min_over_mean, load_entropy, "
+    "router_entropy, drop_fraction, dead_experts, tokens, top20_share, bottom20_share (see moectl/stats.py)",
+    "layers[].collapsed": "max_over_mean > collapse_threshold",
+    "layers[].experts": "per expert: expert, load (assignments processed), share, importance (share of summed router "
+    "probability), drop_fraction (chosen but dropped by capacity), top10_share (share of its assignments taken by its "
+    "10 most frequent input tokens), top_tokens (id, text, count, lift = P(token | expert) / P(token))",
+    "layers[].coselection": "(E, E) fraction of tokens that chose both experts i and j among their top-k (diagonal: i)",
+    "layers[].by_position": "bins (first position of each of the sequence's position bins) and share ((bins, E) "
+    "each bin's load split over experts)",
+    "compare": "with --compare: other (its checkpoint) and layers[] of slot, js_divergence (Jensen-Shannon divergence "
+    "of the two expert-share vectors, bits, 0-1) and top1_changed (fraction of tokens whose top-1 expert differs)",
+}
+
+
+def _check_moe(trained: Trained) -> None:
+    if not trained.slots:
+        raise ConfigError(f"{trained.run_dir} is a dense model: it has no MoE layers, so no routing to report")
+
+
+def profile(trained: Trained, split: str, max_batches: Optional[int], other: Optional[Trained] = None):
+    """Route the split's batches; returns (profile, batches, drift) where drift is per layer
+    [top-1 changed count, tokens] against `other`, or None."""
+    _check_moe(trained)
+    cfg = trained.cfg
+    blocks, _ = split_blocks(trained, split)
+    batches = data.eval_batches(blocks, cfg.micro_batch_size, max_batches or cfg.train.eval_batches)
+    prof = RoutingProfile(len(trained.slots), cfg.moe.num_experts, cfg.data.seq_len, trained.tokenizer.get_vocab_size())
+    drift = np.zeros((len(trained.slots), 2)) if other is not None else None
+    with torch.no_grad():
+        for ids in batches:
+            x, _ = blocks.batch(ids)
+            records = trained.model(x.to(trained.device)).routing
+            prof.update(records, x)
+            if other is not None:
+                theirs = other.model(x.to(other.device)).routing
+                for i, (a, b) in enumerate(zip(records, theirs)):
+                    top_a, top_b = a.dense_weights().argmax(-1), b.dense_weights().to(a.probs.device).argmax(-1)
+                    drift[i] += [float((top_a != top_b).sum()), top_a.numel()]
+    return prof, batches, drift
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon divergence in bits (0 = same distribution, 1 = disjoint)."""
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    p, q = p / max(p.sum(), 1e-300), q / max(q.sum(), 1e-300)
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray) -> float:
+        nz = a > 0
+        return float((a[nz] * np.log2(a[nz] / m[nz])).sum())
+
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+def token_text(trained: Trained, idx: int) -> str:
+    """A token as readable text: decoded when it is whole characters, else its raw vocabulary form."""
+    text = trained.tokenizer.decode([idx], skip_special_tokens=False)
+    if not text or "\ufffd" in text:
+        text = trained.tokenizer.id_to_token(idx) or f"<{idx}>"
+    return text
+
+
+def report(trained: Trained, split: str = "validation", max_batches: Optional[int] = None,
+           other: Optional[Trained] = None) -> dict:
+    """The full route-stats report as a JSON-ready dict (keys: JSON_KEYS)."""
+    if other is not None:
+        _check_compatible(trained, other)
+    prof, batches, drift = profile(trained, split, max_batches, other)
+    e, threshold = trained.cfg.moe.num_experts, trained.cfg.log.collapse_threshold
+    layers = []
+    for i, slot in enumerate(trained.slots):
+        s = prof.layer_stats(i)
+        importance = prof.importance[i] / prof.importance[i].sum().clamp_min(1e-300)
+        chosen = prof.chosen[i]
+        experts = []
+        for k in range(e):
+            spec = prof.specialisation(i, k)
+            for t in spec["top_tokens"]:
+                t["text"] = token_text(trained, t["id"])
+            experts.append({
+                "expert": k,
+                "load": int(prof.load[i, k]),
+                "share": s.share[k],
+                "importance": float(importance[k]),
+                "drop_fraction": float((chosen[k] - prof.load[i, k]) / chosen[k]) if chosen[k] > 0 else 0.0,
+                **spec,
+            })
+        tokens = max(float(prof.tokens[i]), 1.0)
+        bins = np.array_split(np.arange(trained.cfg.data.seq_len), min(POSITION_BINS, trained.cfg.data.seq_len))
+        by_pos = prof.by_position[i].numpy()
+        pos_load = np.stack([by_pos[b].sum(0) for b in bins])  # (bins, E)
+        pos_share = pos_load / np.maximum(pos_load.sum(1, keepdims=True), 1e-300)
+        layers.append({
+            "slot": slot,
+            "stats": s.to_dict(),
+            "collapsed": s.max_over_mean > threshold,
+            "experts": experts,
+            "coselection": (prof.coselect[i] / tokens).tolist(),
+            "by_position": {"bins": [int(b[0]) for b in bins], "share": pos_share.tolist()},
+        })
+    out = {
+        "checkpoint": str(trained.checkpoint),
+        "step": trained.step,
+        "split": split,
+        "batches": len(batches),
+        "tokens": int(prof.tokens[0]),
+        "collapse_threshold": threshold,
+        "layers": layers,
+    }
+    if other is not None:
+        theirs = other_shares(other, split, max_batches)
+        out["compare"] = {
+            "other": str(other.checkpoint),
+            "layers": [
+                {"slot": layer["slot"], "js_divergence": js_divergence(layer["stats"]["share"], theirs[i]),
+                 "top1_changed": float(drift[i, 0] / max(drift[i, 1], 1))}
+                for i, layer in enumerate(layers)
+            ],
+        }
+    return out
+
+
+def other_shares(other: Trained, split: str, max_batches: Optional[int]) -> list[list[float]]:
+    prof, _, _ = profile(other, split, max_batches)
+    return [prof.layer_stats(i).share for i in range(len(other.slots))]
+
+
+def _check_compatible(a: Trained, b: Trained) -> None:
+    if a.tokenizer.to_str() != b.tokenizer.to_str():
+        raise ConfigError(f"--compare: {b.run_dir} uses another tokenizer, so the same tokens cannot be routed through both")
+    if a.slots != b.slots or a.cfg.moe.num_experts != b.cfg.moe.num_experts:
+        raise ConfigError(
+            f"--compare: the models differ in MoE layers ({a.slots} vs {b.slots}) or experts "
+            f"({a.cfg.moe.num_experts} vs {b.cfg.moe.num_experts}); compare checkpoints of the same architecture"
+        )
+
+
+# ---------------------------------------------------------------------------------------- files
+
+
+def write_outputs(rep: dict, out_dir: Path) -> list[Path]:
+    """stats.json, layerNN.csv, load_heatmap.png, coselection_layerNN.png, tensorboard/."""
+    from moectl.stats import LayerStats
+    from moectl.tracking import Tracker, layer_tag
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "stats.json"]
+    (out_dir / "stats.json").write_text(json.dumps(rep, indent=2) + "\n")
+    for layer in rep["layers"]:
+        path = out_dir / f"layer{layer['slot']:02d}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["expert", "load", "share", "importance", "drop_fraction", "top10_share", "top_tokens"])
+            for x in layer["experts"]:
+                tops = " ".join(f"{t['text']!r}:{t['lift']:.2f}" for t in x["top_tokens"])
+                w.writerow([x["expert"], x["load"], f"{x['share']:.6f}", f"{x['importance']:.6f}",
+                            f"{x['drop_fraction']:.6f}", f"{x['top10_share']:.6f}", tops])
+        written.append(path)
+    shares = np.array([layer["stats"]["share"] for layer in rep["layers"]])  # (L, E)
+    heat = plots.heatmap(shares, vmax=2.0 / shares.shape[1])
+    plots.save_png(heat, out_dir / "load_heatmap.png")
+    written.append(out_dir / "load_heatmap.png")
+    tracker = Tracker(out_dir / "tensorboard")
+    stats = [LayerStats(**layer["stats"]) for layer in rep["layers"]]
+    tracker.routing([layer["slot"] for layer in rep["layers"]], stats, rep["step"], histograms=True)
+    tracker.heatmap(stats, rep["step"])
+    for layer in rep["layers"]:
+        co = np.array(layer["coselection"])
+        image = plots.heatmap(co, vmax=max(float(co.max()), 1e-12))
+        path = out_dir / f"coselection_layer{layer['slot']:02d}.png"
+        plots.save_png(image, path)
+        written.append(path)
+        tracker.image(f"{layer_tag(layer['slot'])}/coselection", image, rep["step"])
+    tracker.close()
+    written.append(out_dir / "tensorboard")
+    return written
+
+
+# ------------------------------------------------------------------------------------- terminal
+
+
+def _bar(fraction: float, width: int) -> str:
+    """A horizontal bar in eighths of a character."""
+    eighths = int(round(max(0.0, min(1.0, fraction)) * width * 8))
+    full, rest = divmod(eighths, 8)
+    return ("█" * full + ("▏▎▍▌▋▊▉"[rest - 1] if rest else "")).ljust(width)
+
+
+def _shown(text: str) -> str:
+    return repr(text)[1:-1].replace(" ", "·") or "∅"
+
+
+def render(rep: dict, width: int = 80) -> list[str]:
+    """The report as plain lines of at most `width` characters (markup-free, so it pipes well)."""
+    ckpt = rep["checkpoint"] if len(rep["checkpoint"]) <= width - 12 else "…" + rep["checkpoint"][-(width - 13):]
+    lines = [f"checkpoint  {ckpt}", f"routed      {rep['tokens']:,} {rep['split']} tokens per MoE layer, "
+             f"step {rep['step']}", ""]
+    most = []
+    for layer in rep["layers"]:
+        s, e = layer["stats"], len(layer["experts"])
+        flag = "  COLLAPSED" if layer["collapsed"] else ""
+        lines.append(f"layer {layer['slot']:02d}  cv {s['cv']:.2f}  max/mean {s['max_over_mean']:.2f}  "
+                     f"min/mean {s['min_over_mean']:.2f}  entropy {s['load_entropy']:.3f}{flag}")
+        lines.append(f"          dead {s['dead_experts']}  dropped {100 * s['drop_fraction']:.1f}%  "
+                     f"top 20% of experts {100 * s['top20_share']:.0f}%  bottom 20% {100 * s['bottom20_share']:.0f}%")
+        lines.append("  exp share (full bar: 2/E)      imp.  drop top10  tokens it takes most (lift)")
+        for x in layer["experts"]:
+            head = (f"  {x['expert']:>3} {_bar(x['share'] * e / 2, 14)} {100 * x['share']:5.1f}% "
+                    f"{100 * x['importance']:5.1f}% {100 * x['drop_fraction']:4.1f}% {100 * x['top10_share']:5.1f}%  ")
+            tokens = " ".join(f"{_shown(t['text'])}({t['lift']:.1f})" for t in x["top_tokens"])
+            room = width - len(head)
+            lines.append(head + (tokens if len(tokens) <= room else tokens[: max(room - 1, 0)] + "…"))
+            most.append((x["share"], layer["slot"], x["expert"]))
+        lines.append("")
+    busiest = max(most)
+    idlest = min(most)
+    collapsed = [f"{layer['slot']:02d}" for layer in rep["layers"] if layer["collapsed"]]
+    lines.append(f"most used:  layer {busiest[1]:02d} expert {busiest[2]} ({100 * busiest[0]:.1f}% of its layer's load)")
+    lines.append(f"least used: layer {idlest[1]:02d} expert {idlest[2]} ({100 * idlest[0]:.1f}%)")
+    lines.append(f"collapsed layers (max/mean > {rep['collapse_threshold']}): {', '.join(collapsed) or 'none'}")
+    if "compare" in rep:
+        lines.append("")
+        lines.append(f"drift against {rep['compare']['other']}:")
+        for c in rep["compare"]["layers"]:
+            lines.append(f"  layer {c['slot']:02d}  share divergence (Jensen-Shannon) {c['js_divergence']:.4f} bits; "
+                         f"top-1 changed {100 * c['top1_changed']:.1f}%")
+    return lines
+

@@ -1,0 +1,108 @@
+"""A trained model ready to use: what eval, route-stats and generate start from.
+
+`load(path)` takes a run directory (its latest checkpoint), or a checkpoint directory
+(`runs/NAME/checkpoints/step_NNNNNN`, whose run directory holds config.yaml and tokenizer.json),
+and returns the config, the model with its weights in eval mode, and the tokenizer.
+Anything missing or mismatched is one clear error; nothing is ever written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tokenizers import Tokenizer
+
+from moectl import checkpoint, config
+from moectl import tokenizer as tokenizers_
+from moectl.config import Config
+from moectl.errors import CheckpointError, ConfigError
+from moectl.models import LanguageModel, build_model, moe_layers, moe_slots
+
+# What a user may change when measuring a trained model: which data, and how capacity behaves.
+OVERRIDABLE = ("data.", "train.eval_batches", "train.micro_batch_size", "train.device", "train.precision",
+               "moe.eval_capacity_factor")
+
+
+@dataclass
+class Trained:
+    cfg: Config
+    model: LanguageModel
+    tokenizer: Tokenizer
+    checkpoint: Path
+    run_dir: Path
+    step: int
+    device: torch.device
+
+    @property
+    def slots(self) -> list[int]:
+        """FFN-slot index of each MoE layer, in routing-record order."""
+        return moe_slots(self.model)
+
+
+def resolve(path: Path) -> tuple[Path, Path]:
+    """(checkpoint directory, run directory) for a run or checkpoint directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run or checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; give a run directory (runs/NAME) or a checkpoint directory")
+    if (path / "model.safetensors").is_file():
+        return path, path.parent.parent
+    latest = checkpoint.latest(path)
+    if latest is None:
+        if (path / "config.yaml").is_file():
+            raise CheckpointError(f"{path} holds a run that never saved a checkpoint; train it (moectl train {path} --resume)")
+        raise CheckpointError(f"{path} is neither a run directory (config.yaml, checkpoints/) nor a checkpoint directory")
+    return latest, path
+
+
+def load(path: Path, overrides: Optional[list[str]] = None, device: Optional[str] = None) -> Trained:
+    """The model saved at `path`, with `overrides` (data and eval settings only) applied."""
+    from moectl.train import pick_device
+
+    ckpt, run_dir = resolve(path)
+    cfg_file, tok_file = run_dir / "config.yaml", run_dir / "tokenizer.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is missing, so the model's config is unknown; the checkpoint cannot be used")
+    if not tok_file.is_file():
+        raise CheckpointError(f"{tok_file} is missing; the checkpoint's tokenizer is needed to read and write text")
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith(OVERRIDABLE):
+            raise ConfigError(
+                f"--set {key}: only data.*, moe.eval_capacity_factor, train.eval_batches, train.micro_batch_size, "
+                "train.device and train.precision can change for a trained model"
+            )
+    cfg = config.load(cfg_file, overrides)
+    if device is not None:
+        cfg = config.with_values(cfg, "--device", **{"train.device": device})
+    tok = tokenizers_.load_file(tok_file)
+    meta = checkpoint.read_meta(ckpt)
+    rows = checkpoint.tensor_shape(ckpt, "embed.weight")
+    if rows is not None and rows[0] != tok.get_vocab_size():
+        raise CheckpointError(
+            f"{tok_file} has {tok.get_vocab_size()} tokens but the checkpoint's embedding has {rows[0]} rows: "
+            "the tokenizer does not belong to this checkpoint; restore the run's own tokenizer.json"
+        )
+    model = build_model(cfg, tok.get_vocab_size())
+    checkpoint.load_model(ckpt, model)
+    dev = pick_device(cfg.train.device)
+    model.to(dev).eval()
+    return Trained(cfg=cfg, model=model, tokenizer=tok, checkpoint=ckpt, run_dir=run_dir, step=meta["step"], device=dev)
+
+
+def check_layer(trained: Trained, layer: int) -> int:
+    """Index into the routing records of MoE layer `layer` (numbered by FFN slot, as in TensorBoard)."""
+    slots = trained.slots
+    if not slots:
+        raise ConfigError(f"{trained.run_dir} is a dense model: it has no MoE layers to show")
+    if layer not in slots:
+        raise ConfigError(f"layer {layer} is not an MoE layer of this model; its MoE layers are {slots}")
+    return slots.index(layer)
+
+
+def num_moe_layers(trained: Trained) -> int:
+    return len(moe_layers(trained.model))
