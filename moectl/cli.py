@@ -237,6 +237,33 @@ def generate(
         console.generation(result, model.cfg.moe.num_experts, show_routing)
 
 
+@app.command()
+def export(
+    run: RunArgument,
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the bundle to.", show_default=False)],
+    fmt: Annotated[
+        str, typer.Option("--format", help="safetensors: a self-contained bundle moectl's commands read.")
+    ] = "safetensors",
+    dtype: Annotated[str, typer.Option("--dtype", help="Weight precision: fp32, bf16 or fp16.")] = "fp32",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Ship a checkpoint: weights, config, tokenizer and a model card in one directory."""
+    with user_errors(debug):
+        from moectl import export as exporting
+        from moectl import trained
+
+        if fmt != "safetensors":
+            raise ConfigError(f"--format {fmt!r}: the supported format is safetensors")
+        if dtype not in exporting.DTYPES:
+            raise ConfigError(f"--dtype {dtype!r}: choose fp32, bf16 or fp16")
+        model = trained.load(run)
+        console.quiet_libraries()
+        path = exporting.export_bundle(model, out, dtype, overwrite)
+        console.status(f"wrote {path}: model.safetensors ({dtype}), config.yaml, tokenizer.json, meta.json, README.md")
+        typer.echo(f"moectl eval {path}\nmoectl route-stats {path}\nmoectl generate {path} --prompt \"...\"")
+
+
 @app.command("config")
 def show_config(
     config_path: Annotated[

@@ -1,8 +1,8 @@
 """A trained model ready to use: what eval, route-stats and generate start from.
 
-`load(path)` takes a run directory (its latest checkpoint), or a checkpoint directory
+`load(path)` takes a run directory (its latest checkpoint), a checkpoint directory
 (`runs/NAME/checkpoints/step_NNNNNN`, whose run directory holds config.yaml and tokenizer.json),
-and returns the config, the model with its weights in eval mode, and the tokenizer.
+or a bundle from `moectl export` (all of them in one directory), and returns the config, the model with its weights in eval mode, and the tokenizer.
 Anything missing or mismatched is one clear error; nothing is ever written.
 """
 
@@ -50,6 +50,8 @@ def resolve(path: Path) -> tuple[Path, Path]:
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; give a run directory (runs/NAME) or a checkpoint directory")
     if (path / "model.safetensors").is_file():
+        if (path / "config.yaml").is_file():  # an exported bundle holds everything itself
+            return path, path
         return path, path.parent.parent
     latest = checkpoint.latest(path)
     if latest is None:
