@@ -242,7 +242,12 @@ def export(
     run: RunArgument,
     out: Annotated[Path, typer.Option("--out", help="Directory to write the bundle to.", show_default=False)],
     fmt: Annotated[
-        str, typer.Option("--format", help="safetensors: a self-contained bundle moectl's commands read.")
+        str,
+        typer.Option(
+            "--format",
+            help="safetensors: a self-contained bundle moectl's commands read; hf: a Mixtral directory that "
+            "transformers loads with AutoModelForCausalLM.from_pretrained.",
+        ),
     ] = "safetensors",
     dtype: Annotated[str, typer.Option("--dtype", help="Weight precision: fp32, bf16 or fp16.")] = "fp32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")] = False,
@@ -253,12 +258,19 @@ def export(
         from moectl import export as exporting
         from moectl import trained
 
-        if fmt != "safetensors":
-            raise ConfigError(f"--format {fmt!r}: the supported format is safetensors")
+        if fmt not in exporting.FORMATS:
+            raise ConfigError(f"--format {fmt!r}: choose safetensors or hf")
         if dtype not in exporting.DTYPES:
             raise ConfigError(f"--dtype {dtype!r}: choose fp32, bf16 or fp16")
         model = trained.load(run)
         console.quiet_libraries()
+        if fmt == "hf":
+            from moectl import hf
+
+            path = hf.export_hf(model, out, dtype, overwrite)
+            console.status(f"wrote {path}: a Mixtral model ({dtype}) whose logits were checked against moectl's")
+            typer.echo(f'AutoModelForCausalLM.from_pretrained("{path}"); AutoTokenizer.from_pretrained("{path}")')
+            return
         path = exporting.export_bundle(model, out, dtype, overwrite)
         console.status(f"wrote {path}: model.safetensors ({dtype}), config.yaml, tokenizer.json, meta.json, README.md")
         typer.echo(f"moectl eval {path}\nmoectl route-stats {path}\nmoectl generate {path} --prompt \"...\"")

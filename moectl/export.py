@@ -31,17 +31,41 @@ from moectl.models import parameter_counts
 from moectl.trained import Trained
 
 BUNDLE_FORMAT = "moectl-safetensors-bundle-1"
+FORMATS = {"safetensors": BUNDLE_FORMAT, "hf": "moectl-hf-export-1"}  # meta.json "format" of each export
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def is_bundle(path: Path) -> bool:
+    """Whether `path` holds a moectl export (of either format): only those are ever replaced."""
     try:
-        return json.loads((Path(path) / "meta.json").read_text()).get("format") == BUNDLE_FORMAT
+        return json.loads((Path(path) / "meta.json").read_text()).get("format") in FORMATS.values()
     except (OSError, ValueError, AttributeError):
         return False
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def mark_bundle(directory: Path, trained: Trained, dtype: str, fmt: str, **extra) -> dict:
+    """Write meta.json: what the export is and where it came from."""
+    from moectl import checkpoint
+
+    meta_in = checkpoint.read_meta(trained.checkpoint)
+    meta = {
+        "format": FORMATS[fmt],
+        "source_checkpoint": str(trained.checkpoint),
+        "step": trained.step,
+        "dtype": dtype,
+        "tokens_seen": meta_in.get("tokens_seen", 0),
+        "eval_loss": meta_in.get("eval_loss"),
+        "config_hash": config.config_hash(trained.cfg),
+        "moectl_version": __version__,
+        "torch_version": torch.__version__,
+        "exported_at": time.time(),
+        **extra,
+    }
+    (Path(directory) / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file; choose a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -100,11 +124,10 @@ def export_bundle(trained: Trained, out: Path, dtype: str = "fp32", overwrite: b
     """Write the bundle (see the module docstring); returns its directory."""
     from safetensors.torch import save_model
 
-    from moectl import checkpoint, evaluate
+    from moectl import evaluate
 
     out = Path(out)
-    _check_target(out, overwrite)
-    meta_in = checkpoint.read_meta(trained.checkpoint)
+    check_target(out, overwrite)
     try:  # the card's routing summary and bits per byte, from the run's own validation data
         summary, note = evaluate.run(trained).to_dict(), None
     except DataError as exc:
@@ -120,20 +143,8 @@ def export_bundle(trained: Trained, out: Path, dtype: str = "fp32", overwrite: b
         os.chmod(tmp / "model.safetensors", 0o644)  # a bundle is for sharing
         config.save(trained.cfg, tmp / "config.yaml")
         shutil.copyfile(trained.run_dir / "tokenizer.json", tmp / "tokenizer.json")
-        meta = {
-            "format": BUNDLE_FORMAT,
-            "source_checkpoint": str(trained.checkpoint),
-            "step": trained.step,
-            "dtype": dtype,
-            "tokens_seen": meta_in.get("tokens_seen", 0),
-            "eval_loss": summary["loss"] if summary else meta_in.get("eval_loss"),
-            "bits_per_byte": summary["bits_per_byte"] if summary else None,
-            "config_hash": config.config_hash(trained.cfg),
-            "moectl_version": __version__,
-            "torch_version": torch.__version__,
-            "exported_at": time.time(),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        measured = {"eval_loss": summary["loss"], "bits_per_byte": summary["bits_per_byte"]} if summary else {}
+        meta = mark_bundle(tmp, trained, dtype, "safetensors", **measured)
         (tmp / "README.md").write_text(model_card(trained, meta, summary, note))
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -1,0 +1,191 @@
+"""Hugging Face transformers interop: `moectl export --format hf` writes a Mixtral directory that
+`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load as-is.
+
+Only a model that Mixtral computes exactly is exported; anything else is refused with one line
+naming the reason. What maps (moectl -> MixtralForCausalLM):
+
+  embed.weight                          model.embed_tokens.weight
+  blocks.i.attn_norm.weight             model.layers.i.input_layernorm.weight
+  blocks.i.attn.{q,k,v,o}_proj.weight   model.layers.i.self_attn.{q,k,v,o}_proj.weight
+  blocks.i.ffn_norm.weight              model.layers.i.post_attention_layernorm.weight
+  blocks.i.ffn.inner.router.weight      model.layers.i.block_sparse_moe.gate.weight
+  blocks.i.ffn.inner.experts.w_gate[e]  model.layers.i.block_sparse_moe.experts.e.w1.weight (transposed)
+  blocks.i.ffn.inner.experts.w_down[e]  model.layers.i.block_sparse_moe.experts.e.w2.weight (transposed)
+  blocks.i.ffn.inner.experts.w_up[e]    model.layers.i.block_sparse_moe.experts.e.w3.weight (transposed)
+  norm.weight, lm_head.weight           model.norm.weight, lm_head.weight
+
+The per-expert layout is the one Mixtral checkpoints use and transformers' own loading reads.
+Both use pre-norm RMSNorm, rotary embeddings in the rotate-half layout, softmax routing with the
+top-k weights renormalised, and SwiGLU experts: silu(x w1) * (x w3) w2.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from moectl.config import Config
+from moectl.errors import ConfigError, MoectlError
+from moectl.trained import Trained
+
+# transformers' name for moectl's tensors, per layer; (moectl name, HF name, transpose)
+EXPERT_TENSORS = (("w_gate", "w1"), ("w_down", "w2"), ("w_up", "w3"))
+
+
+def refusal(cfg: Config) -> Optional[str]:
+    """Why this model cannot be exported as Mixtral (None when it can)."""
+    m, moe = cfg.model, cfg.moe
+    if m.arch != "transformer_moe":
+        return f"model.arch={m.arch}: only transformer_moe has a transformers equivalent (Mixtral); use --format safetensors"
+    if moe.every != 1:
+        return f"moe.every={moe.every}: Mixtral has an MoE layer in every block, with no dense FFN blocks"
+    if moe.router not in ("topk", "noisy_topk"):
+        return (f"moe.router={moe.router}: Mixtral routes by softmax top-k with renormalised weights; "
+                "only topk and noisy_topk (whose evaluation routing is exactly that) export")
+    if moe.router == "topk" and not moe.renormalize:
+        return "moe.renormalize=false: Mixtral always renormalises the top-k weights"
+    eval_cf = moe.eval_capacity_factor
+    drops = (moe.capacity_factor is not None and eval_cf is None) or isinstance(eval_cf, float)
+    if drops:
+        return ("moe.capacity_factor: a capacity that drops tokens at evaluation has no Mixtral equivalent (Mixtral is "
+                "dropless); set moe.eval_capacity_factor=dropless if the model should run dropless")
+    if moe.shared_experts:
+        return f"moe.shared_experts={moe.shared_experts}: Mixtral has no shared experts"
+    if m.activation != "swiglu":
+        return f"model.activation={m.activation}: Mixtral's experts are SwiGLU"
+    return None
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise MoectlError(
+            "--format hf needs Hugging Face transformers: pip install 'moectl[hf]' (or pip install transformers)"
+        ) from None
+    return transformers
+
+
+def mixtral_config(trained: Trained, eot: Optional[int]):
+    from transformers import MixtralConfig
+
+    cfg, m = trained.cfg, trained.cfg.model
+    kwargs = dict(
+        vocab_size=trained.tokenizer.get_vocab_size(),
+        hidden_size=m.d_model,
+        intermediate_size=cfg.expert_hidden,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_heads,
+        head_dim=m.d_model // m.n_heads,
+        hidden_act="silu",
+        max_position_embeddings=cfg.data.seq_len,
+        rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=m.tie_embeddings,
+        num_local_experts=cfg.moe.num_experts,
+        num_experts_per_tok=cfg.moe.top_k,
+        router_jitter_noise=0.0,
+        sliding_window=None,
+        attention_dropout=0.0,
+        bos_token_id=None,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        architectures=["MixtralForCausalLM"],
+    )
+    import inspect
+
+    if "rope_parameters" in inspect.signature(MixtralConfig.__init__).parameters:
+        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": m.rope_theta}
+    else:  # transformers 4.x
+        kwargs["rope_theta"] = m.rope_theta
+    return MixtralConfig(**kwargs)
+
+
+def mixtral_state_dict(trained: Trained, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """moectl's weights under Mixtral's names, in the per-expert layout."""
+    sd = trained.model.state_dict()
+    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    if not trained.cfg.model.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(trained.cfg.model.n_layers):
+        src, dst = f"blocks.{i}.", f"model.layers.{i}."
+        out[dst + "input_layernorm.weight"] = sd[src + "attn_norm.weight"]
+        out[dst + "post_attention_layernorm.weight"] = sd[src + "ffn_norm.weight"]
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"{dst}self_attn.{proj}.weight"] = sd[f"{src}attn.{proj}.weight"]
+        moe = src + "ffn.inner."
+        out[dst + "block_sparse_moe.gate.weight"] = sd[moe + "router.weight"]
+        for ours, theirs in EXPERT_TENSORS:
+            stacked = sd[f"{moe}experts.{ours}"]  # (E, in, out): x @ w
+            for e in range(stacked.shape[0]):
+                out[f"{dst}block_sparse_moe.experts.{e}.{theirs}.weight"] = stacked[e].t()  # Linear: (out, in)
+    return {k: v.detach().to(dtype).contiguous().clone() for k, v in out.items()}
+
+
+def export_hf(trained: Trained, out: Path, dtype: str = "fp32", overwrite: bool = False, verify: bool = True) -> Path:
+    """Write the Mixtral directory atomically; with `verify`, load it in transformers and check
+    that its logits equal moectl's before it is put in place."""
+    from safetensors.torch import save_file
+
+    from moectl.export import DTYPES, check_target, mark_bundle
+
+    reason = refusal(trained.cfg)
+    if reason:
+        raise ConfigError(f"cannot export to transformers: {reason}")
+    transformers = _require_transformers()
+    transformers.utils.logging.set_verbosity_error()  # its load bars and notices; moectl reports the outcome
+    transformers.utils.logging.disable_progress_bar()
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    out = Path(out)
+    check_target(out, overwrite)
+    eot = trained.tokenizer.token_to_id(trained.cfg.tokenizer.eot_token)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        hf_config = mixtral_config(trained, eot)
+        setattr(hf_config, "dtype" if hasattr(hf_config, "dtype") else "torch_dtype", DTYPES[dtype])
+        hf_config.save_pretrained(tmp)
+        save_file(mixtral_state_dict(trained, DTYPES[dtype]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        eot_token = trained.cfg.tokenizer.eot_token if eot is not None else None
+        fast = PreTrainedTokenizerFast(tokenizer_object=trained.tokenizer, eos_token=eot_token, pad_token=eot_token)
+        fast.save_pretrained(tmp)
+        GenerationConfig(eos_token_id=eot, pad_token_id=eot).save_pretrained(tmp)
+        mark_bundle(tmp, trained, dtype, fmt="hf")
+        if verify:
+            diff = max_logit_difference(trained, tmp, DTYPES[dtype])
+            if diff > 1e-4:
+                raise MoectlError(
+                    f"export check failed: transformers' logits differ from moectl's by {diff:.3g}; nothing was written "
+                    "(please report this as a bug)"
+                )
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@torch.no_grad()
+def max_logit_difference(trained: Trained, hf_dir: Path, stored: torch.dtype = torch.float32, length: int = 32) -> float:
+    """Max |logit difference| between moectl and transformers on one random sequence, both in
+    fp32 with the weights as stored (rounded to `stored`)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    model = trained.model if stored == torch.float32 else copy.deepcopy(trained.model).to(stored).float()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, trained.tokenizer.get_vocab_size(), (1, min(length, trained.cfg.data.seq_len)), generator=g)
+    ours = model(ids.to(trained.device)).logits.float().cpu()
+    theirs = hf(ids).logits.float()
+    return float((ours - theirs).abs().max())

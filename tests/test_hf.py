@@ -1,0 +1,114 @@
+"""`moectl export --format hf`: transformers loads the directory as-is and computes the same model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from moectl import config, hf
+from moectl.cli import app
+from moectl.generate import generate
+from moectl.train import fit
+from moectl.trained import load
+
+transformers = pytest.importorskip("transformers")  # the `test` extra installs it, so CI runs these
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def corpus_config(tmp_path_factory) -> tuple:
+    tmp = tmp_path_factory.mktemp("hf")
+    return tmp, tiny_config(tmp, train={"max_steps": 3, "eval_every": 3}, model={"n_heads": 4})
+
+
+def trained_run(corpus_config, name: str, **sections):
+    tmp, raw = corpus_config
+    raw = {**raw, "run": {**raw["run"], "name": name}}
+    for key, values in sections.items():
+        raw[key] = {**raw.get(key, {}), **values}
+    return fit(config.from_dict(raw))
+
+
+@pytest.mark.parametrize(
+    "name,sections",
+    [
+        ("tied", {}),
+        ("untied_noisy", {"model": {"tie_embeddings": False}, "moe": {"router": "noisy_topk", "load_loss_coef": 0.1}}),
+        ("top1_dropless_eval", {"moe": {"top_k": 1, "capacity_factor": 1.25, "eval_capacity_factor": "dropless"}}),
+    ],
+)
+def test_transformers_loads_the_export_and_computes_the_same_logits(corpus_config, tmp_path, name, sections):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = trained_run(corpus_config, name, **sections)
+    out = tmp_path / "hf"
+    res = invoke("export", run.run_dir, "--format", "hf", "--out", out)
+    assert res.exit_code == 0, res.output
+    model = load(run.run_dir)
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "MixtralForCausalLM"
+    tok = AutoTokenizer.from_pretrained(str(out))
+    text = "def greet(name):\n    return f'hello {name}'\n"
+    ids = model.tokenizer.encode(text, add_special_tokens=False).ids
+    assert tok(text, add_special_tokens=False)["input_ids"] == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ours, hf_logits = model.model(x).logits, theirs(x).logits
+    assert float((ours - hf_logits).abs().max()) <= 1e-4
+
+    # Greedy generation of 20 tokens is the same token for token (prompt + 20 < data.seq_len = 32,
+    # so moectl never crops its context).
+    prompt = "def f(x):"
+    p_ids = model.tokenizer.encode(prompt, add_special_tokens=False).ids
+    assert len(p_ids) + 20 <= model.cfg.data.seq_len
+    g = generate(model, prompt, max_new_tokens=20, temperature=0.0)
+    hf_ids = theirs.generate(torch.tensor([p_ids]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert g.token_ids == hf_ids[0, len(p_ids) :].tolist()[: len(g.token_ids)] and len(g.token_ids) > 0
+    assert json.loads((out / "meta.json").read_text())["format"] == "moectl-hf-export-1"
+
+
+def test_bf16_export_is_checked_against_bf16_rounded_weights(corpus_config, tmp_path):
+    run = trained_run(corpus_config, "bf16")
+    res = invoke("export", run.run_dir, "--format", "hf", "--out", tmp_path / "hf16", "--dtype", "bf16")
+    assert res.exit_code == 0, res.output
+    from safetensors.torch import load_file
+
+    w = load_file(str(tmp_path / "hf16" / "model.safetensors"))
+    assert {str(t.dtype) for t in w.values()} == {"torch.bfloat16"}
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in w  # the per-expert layout
+
+
+@pytest.mark.parametrize(
+    "changes,reason",
+    [
+        ({"model": {"arch": "lstm_moe"}}, "model.arch=lstm_moe"),
+        ({"moe": {"router": "expert_choice"}}, "moe.router=expert_choice"),
+        ({"moe": {"router": "sigmoid"}}, "moe.router=sigmoid"),
+        ({"moe": {"capacity_factor": 1.0}}, "a capacity that drops tokens"),
+        ({"moe": {"capacity_factor": 2.0, "eval_capacity_factor": 1.5}}, "a capacity that drops tokens"),
+        ({"moe": {"shared_experts": 1}}, "moe.shared_experts=1"),
+        ({"moe": {"every": 2}}, "moe.every=2"),
+        ({"moe": {"renormalize": False}}, "moe.renormalize=false"),
+        ({"model": {"activation": "gelu"}}, "model.activation=gelu"),
+    ],
+)
+def test_models_transformers_would_compute_differently_are_refused(changes, reason):
+    cfg = config.from_dict({"model": {"arch": "transformer_moe"}, **changes})
+    assert reason in hf.refusal(cfg)
+    assert hf.refusal(config.from_dict({"model": {"arch": "transformer_moe"}})) is None
+
+
+def test_refusal_is_one_line_and_writes_nothing(corpus_config, tmp_path):
+    run = trained_run(corpus_config, "ec", moe={"router": "expert_choice"})
+    res = invoke("export", run.run_dir, "--format", "hf", "--out", tmp_path / "hf")
+    assert res.exit_code == 2 and res.output.count("error:") == 1
+    assert "cannot export to transformers: moe.router=expert_choice" in res.output
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
