@@ -247,6 +247,18 @@ class TrainConfig(Section):
     eval_batches: Optional[int] = Field(
         20, gt=0, description="Validation batches (of micro_batch_size) per evaluation. Null: the whole split."
     )
+    init_from: Optional[str] = Field(
+        None,
+        description="Start from these weights instead of a random init: a moectl run, checkpoint or export "
+        "bundle (same model: fine-tuning; a dense model of the same backbone into an MoE: sparse upcycling), or a "
+        "Hugging Face Mixtral directory. The run uses its tokenizer.",
+    )
+    freeze: Literal["none", "router", "all_but_experts"] = Field(
+        "none", description="Parameters left untrained: none, the routers, or everything but the routed experts."
+    )
+    upcycle_noise: float = Field(
+        0.0, ge=0, description="Sparse upcycling: std of the Gaussian noise added to each copied expert (relative to the weights' std)."
+    )
     dist_timeout: float = Field(
         600.0, gt=0, description="Multi-process runs: seconds a collective waits for the other processes before the job fails."
     )

@@ -189,3 +189,79 @@ def max_logit_difference(trained: Trained, hf_dir: Path, stored: torch.dtype = t
     ours = model(ids.to(trained.device)).logits.float().cpu()
     theirs = hf(ids).logits.float()
     return float((ours - theirs).abs().max())
+
+
+# ---------------------------------------------------------------------------------- import
+
+
+def is_mixtral_dir(path: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "mixtral"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_mixtral_config(path: Path, cfg: Config) -> None:
+    """The Mixtral directory's shapes must be the ones the moectl config builds; name the first that differs."""
+    import json
+
+    hc = json.loads((Path(path) / "config.json").read_text())
+    rope = (hc.get("rope_parameters") or {}).get("rope_theta", hc.get("rope_theta", 10000.0))
+    m = cfg.model
+    pairs = [
+        ("hidden_size", hc.get("hidden_size"), "model.d_model", m.d_model),
+        ("num_hidden_layers", hc.get("num_hidden_layers"), "model.n_layers", m.n_layers),
+        ("num_attention_heads", hc.get("num_attention_heads"), "model.n_heads", m.n_heads),
+        ("num_key_value_heads", hc.get("num_key_value_heads"), "model.n_heads (moectl has no grouped-query attention)", m.n_heads),
+        ("intermediate_size", hc.get("intermediate_size"), "moe.expert_hidden", cfg.expert_hidden),
+        ("num_local_experts", hc.get("num_local_experts"), "moe.num_experts", cfg.moe.num_experts),
+        ("num_experts_per_tok", hc.get("num_experts_per_tok"), "moe.top_k", cfg.moe.top_k),
+        ("tie_word_embeddings", hc.get("tie_word_embeddings", False), "model.tie_embeddings", m.tie_embeddings),
+        ("rms_norm_eps", hc.get("rms_norm_eps"), "model.norm_eps", m.norm_eps),
+        ("rope theta", rope, "model.rope_theta", m.rope_theta),
+    ]
+    for theirs_name, theirs, ours_name, ours in pairs:
+        if theirs != ours:
+            raise ConfigError(
+                f"train.init_from={str(path)!r}: its {theirs_name} is {theirs} but {ours_name} is {ours}; "
+                "set the model and moe sections to match the Mixtral checkpoint"
+            )
+    reason = refusal(cfg)
+    if reason:
+        raise ConfigError(f"train.init_from={str(path)!r} is a Mixtral model, but this config is not: {reason}")
+    if hc.get("head_dim") not in (None, m.d_model // m.n_heads):
+        raise ConfigError(f"train.init_from={str(path)!r}: head_dim {hc['head_dim']} != model.d_model / model.n_heads")
+
+
+def load_mixtral_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Mixtral directory (one or more safetensors files), by name."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"train.init_from={str(path)!r}: no .safetensors weights in the Mixtral directory")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def moectl_state_dict(hf_sd: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
+    """The inverse of `mixtral_state_dict`: Mixtral's per-expert tensors into moectl's names."""
+    get = lambda k: hf_sd[k].float()  # noqa: E731
+    out = {"embed.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
+    out["lm_head.weight"] = get("lm_head.weight") if "lm_head.weight" in hf_sd else out["embed.weight"]
+    for i in range(cfg.model.n_layers):
+        src, dst = f"model.layers.{i}.", f"blocks.{i}."
+        out[dst + "attn_norm.weight"] = get(src + "input_layernorm.weight")
+        out[dst + "ffn_norm.weight"] = get(src + "post_attention_layernorm.weight")
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"{dst}attn.{proj}.weight"] = get(f"{src}self_attn.{proj}.weight")
+        moe = src + "block_sparse_moe."
+        out[dst + "ffn.inner.router.weight"] = get(moe + "gate.weight")
+        for ours, theirs in EXPERT_TENSORS:
+            experts = [get(f"{moe}experts.{e}.{theirs}.weight").t() for e in range(cfg.moe.num_experts)]
+            out[f"{dst}ffn.inner.experts.{ours}"] = torch.stack(experts)  # (E, in, out)
+    return out

@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from moectl import __version__, checkpoint, config, console, data, distributed, runtime
+from moectl import __version__, checkpoint, config, console, data, distributed, runtime, warmstart
 from moectl import tokenizer as tokenizers_
 from moectl.config import Config, OptimConfig
 from moectl.console import TrainProgress
@@ -397,7 +397,7 @@ def _fit(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: b
     # Data and tokenizer: rank 0 tokenises and fills the caches, then the other ranks read them.
     # Nothing in the run directory changes until they are ready.
     console.status(f"loading data ({cfg.data.source})")
-    tokenizer_file = run_dir / "tokenizer.json" if resume_from else None
+    tokenizer_file = run_dir / "tokenizer.json" if resume_from else warmstart.source_tokenizer(cfg)
     corpus = distributed.main_first(lambda: data.prepare(cfg, tokenizer_file=tokenizer_file), dp)
     train_blocks = data.Blocks(corpus.train, seq_len)
     val_blocks = data.Blocks(corpus.validation, seq_len)
@@ -410,7 +410,7 @@ def _fit(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: b
         f" ({'cached' if corpus.tokenizer_from_cache else 'trained'} tokenizer)"
     )
     trained_tokenizer = cfg.tokenizer.path is None and cfg.tokenizer.name is None
-    if trained_tokenizer and not resume_from and vocab_size < cfg.tokenizer.vocab_size:
+    if trained_tokenizer and not resume_from and not tr.init_from and vocab_size < cfg.tokenizer.vocab_size:
         console.warn(
             f"the BPE has {vocab_size} tokens, fewer than tokenizer.vocab_size={cfg.tokenizer.vocab_size}: "
             "the training text has no more merges to learn"
@@ -419,6 +419,11 @@ def _fit(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: b
     # Model and optimizer. Every rank builds the same initial model; DDP keeps them equal.
     torch.manual_seed(tr.seed)
     model = build_model(cfg, vocab_size).to(device)
+    if tr.init_from and not resume_from:
+        console.status(warmstart.initialize(model, cfg))
+    frozen = warmstart.freeze(model, tr.freeze)
+    if frozen:
+        console.status(f"train.freeze={tr.freeze}: {console.human(frozen)} parameters stay as they are")
     optimizer = make_optimizer(model, cfg.optim)
     if dp.enabled:
         torch.manual_seed(tr.seed + 7919 * (dp.rank + 1))  # each rank its own dropout and routing noise

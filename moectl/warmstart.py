@@ -1,0 +1,136 @@
+"""Starting a run from existing weights (`train.init_from`) and freezing parts of it (`train.freeze`).
+
+Three sources:
+- a moectl run, checkpoint or export bundle of the same model: every tensor is loaded (fine-tuning,
+  e.g. on other data);
+- a dense moectl model of the same backbone, into an MoE model: sparse upcycling (Komatsuzaki et al.
+  2022). Everything outside the FFNs is copied; every expert of an MoE slot starts as a copy of that
+  slot's dense FFN (plus optional Gaussian noise of `train.upcycle_noise` times the weight's std);
+  routers keep their fresh init. With renormalised top-k weights (or K = 1 renormalised) the
+  upcycled model computes exactly the dense model before training;
+- a Hugging Face Mixtral directory, the inverse of `moectl export --format hf` (moectl/hf.py).
+
+The run uses the source's tokenizer, so token ids keep their meaning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moectl import checkpoint, config, hf, trained
+from moectl.config import Config
+from moectl.errors import ConfigError
+from moectl.models import build_model
+from moectl.models.layers import FFNSlot
+
+
+def _source(cfg: Config) -> Path:
+    path = Path(cfg.train.init_from)
+    if not path.exists():
+        raise ConfigError(f"train.init_from={cfg.train.init_from!r}: no such directory")
+    return path
+
+
+def source_tokenizer(cfg: Config) -> Optional[Path]:
+    """The tokenizer.json of `train.init_from` (None when there is no init_from)."""
+    if not cfg.train.init_from:
+        return None
+    path = _source(cfg)
+    tok = path / "tokenizer.json" if hf.is_mixtral_dir(path) else trained.resolve(path)[1] / "tokenizer.json"
+    if not tok.is_file():
+        raise ConfigError(f"train.init_from={cfg.train.init_from!r}: {tok} is missing; the source's tokenizer is needed")
+    return tok
+
+
+def initialize(model: nn.Module, cfg: Config) -> str:
+    """Load `train.init_from` into `model`; returns what was done, for the console."""
+    path = _source(cfg)
+    if hf.is_mixtral_dir(path):
+        hf.check_mixtral_config(path, cfg)
+        _load_exactly(model, hf.moectl_state_dict(hf.load_mixtral_state_dict(path), cfg), path)
+        return f"initialised from the Mixtral model in {path}"
+    ckpt, run_dir = trained.resolve(path)
+    source_cfg = config.load(run_dir / "config.yaml")
+    if source_cfg.backbone != cfg.backbone:
+        raise ConfigError(
+            f"train.init_from={str(path)!r} is a {source_cfg.model.arch} model and this run a {cfg.model.arch}: "
+            "the backbones must match"
+        )
+    if cfg.is_moe and not source_cfg.is_moe:
+        return upcycle(model, cfg, source_cfg, ckpt)
+    checkpoint.load_model(ckpt, model)
+    return f"initialised from {ckpt}"
+
+
+def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:160])
+        raise ConfigError(f"train.init_from={str(source)!r} does not fit this model: {detail}") from None
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
+    if missing or unexpected:
+        raise ConfigError(f"train.init_from={str(source)!r} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+@torch.no_grad()
+def upcycle(model: nn.Module, cfg: Config, dense_cfg: Config, ckpt: Path) -> str:
+    """Sparse upcycling: see the module docstring."""
+    if cfg.moe.shared_experts:
+        raise ConfigError("train.init_from: upcycling a dense model into one with moe.shared_experts is not supported")
+    if cfg.expert_hidden != dense_cfg.model.ffn_hidden or cfg.model.activation != dense_cfg.model.activation:
+        raise ConfigError(
+            f"train.init_from: upcycling copies the dense FFN into every expert, so moe.expert_hidden "
+            f"({cfg.expert_hidden}) and model.activation ({cfg.model.activation}) must equal the dense model's "
+            f"model.ffn_hidden ({dense_cfg.model.ffn_hidden}) and model.activation ({dense_cfg.model.activation})"
+        )
+    vocab = model.embed.weight.shape[0]
+    dense = build_model(dense_cfg, vocab)
+    checkpoint.load_model(ckpt, dense)
+    ffn_prefixes = tuple(name + "." for name, m in model.named_modules() if isinstance(m, FFNSlot))
+    outside = {k: v for k, v in dense.state_dict().items() if not k.startswith(ffn_prefixes)}
+    try:
+        missing, unexpected = model.load_state_dict(outside, strict=False)
+    except RuntimeError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "")
+        raise ConfigError(f"train.init_from={str(ckpt)!r}: the dense model's shapes differ from this one's: {detail}") from None
+    missing = [k for k in missing if not k.startswith(ffn_prefixes) and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ConfigError(f"train.init_from={str(ckpt)!r}: the dense model does not match this one outside the FFNs "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    copied = 0
+    ours = [m for m in model.modules() if isinstance(m, FFNSlot)]
+    theirs = [m for m in dense.modules() if isinstance(m, FFNSlot)]
+    for slot, source in zip(ours, theirs):
+        if not slot.is_moe:
+            slot.inner.load_state_dict(source.inner.state_dict())
+            continue
+        experts = slot.inner.experts
+        for name in ("w_up", "w_gate", "w_down"):
+            w = getattr(source.inner, name)
+            if w is None:
+                continue
+            target = getattr(experts, name)  # (E, in, out)
+            target.copy_(w.unsqueeze(0).expand_as(target))
+            if cfg.train.upcycle_noise:
+                target.add_(torch.randn(target.shape, generator=gen).to(target.device) * cfg.train.upcycle_noise * w.std())
+        copied += 1
+    return f"upcycled the dense model {ckpt} into {copied} MoE layers of {cfg.moe.num_experts} experts each"
+
+
+def freeze(model: nn.Module, mode: str) -> int:
+    """Stop gradients to the routers, or to everything but the routed experts; returns the frozen count."""
+    if mode == "none":
+        return 0
+    frozen = 0
+    for name, p in model.named_parameters():
+        is_router, is_expert = ".router." in name, ".experts." in name
+        if (mode == "router" and is_router) or (mode == "all_but_experts" and not is_expert):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
