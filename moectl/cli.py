@@ -268,7 +268,8 @@ def export(
             from moectl import hf
 
             path = hf.export_hf(model, out, dtype, overwrite)
-            console.status(f"wrote {path}: a Mixtral model ({dtype}) whose logits were checked against moectl's")
+            arch = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}[hf.architecture(model.cfg)]
+            console.status(f"wrote {path}: a {arch} model ({dtype}) whose logits were checked against moectl's")
             typer.echo(f'AutoModelForCausalLM.from_pretrained("{path}"); AutoTokenizer.from_pretrained("{path}")')
             return
         path = exporting.export_bundle(model, out, dtype, overwrite)

@@ -1,8 +1,13 @@
-"""Hugging Face transformers interop: `moectl export --format hf` writes a Mixtral directory that
-`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load as-is.
+"""Hugging Face transformers interop: `moectl export --format hf` writes a directory that
+`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load as-is, and
+`train.init_from` reads a Mixtral directory back.
 
-Only a model that Mixtral computes exactly is exported; anything else is refused with one line
-naming the reason. What maps (moectl -> MixtralForCausalLM):
+Only a model that transformers computes exactly is exported; anything else is refused with one
+line naming the reason. A plain top-k MoE in every block becomes MixtralForCausalLM; a gated
+shared expert, top-k weights without renormalising, or dense blocks between MoE blocks need
+Qwen2MoeForCausalLM. Both use pre-norm RMSNorm, rotary embeddings in the rotate-half layout,
+softmax routing in fp32 and SwiGLU experts silu(x W_gate) * (x W_up) W_down, as moectl does.
+Mixtral names (moectl -> transformers):
 
   embed.weight                          model.embed_tokens.weight
   blocks.i.attn_norm.weight             model.layers.i.input_layernorm.weight
@@ -14,9 +19,9 @@ naming the reason. What maps (moectl -> MixtralForCausalLM):
   blocks.i.ffn.inner.experts.w_up[e]    model.layers.i.block_sparse_moe.experts.e.w3.weight (transposed)
   norm.weight, lm_head.weight           model.norm.weight, lm_head.weight
 
-The per-expert layout is the one Mixtral checkpoints use and transformers' own loading reads.
-Both use pre-norm RMSNorm, rotary embeddings in the rotate-half layout, softmax routing with the
-top-k weights renormalised, and SwiGLU experts: silu(x w1) * (x w3) w2.
+Qwen2-MoE uses mlp.gate, mlp.experts.e.{gate,up,down}_proj, mlp.shared_expert.{gate,up,down}_proj
+and mlp.shared_expert_gate (a model without shared experts gets a zero one, which adds exactly 0).
+The per-expert layouts are the ones these models' checkpoints use and transformers' loading reads.
 """
 
 from __future__ import annotations
@@ -32,32 +37,35 @@ from moectl.config import Config
 from moectl.errors import ConfigError, MoectlError
 from moectl.trained import Trained
 
-# transformers' name for moectl's tensors, per layer; (moectl name, HF name, transpose)
-EXPERT_TENSORS = (("w_gate", "w1"), ("w_down", "w2"), ("w_up", "w3"))
 
 
 def refusal(cfg: Config) -> Optional[str]:
-    """Why this model cannot be exported as Mixtral (None when it can)."""
+    """Why transformers cannot compute this model exactly (None when it can)."""
     m, moe = cfg.model, cfg.moe
     if m.arch != "transformer_moe":
-        return f"model.arch={m.arch}: only transformer_moe has a transformers equivalent (Mixtral); use --format safetensors"
-    if moe.every != 1:
-        return f"moe.every={moe.every}: Mixtral has an MoE layer in every block, with no dense FFN blocks"
+        return f"model.arch={m.arch}: only transformer_moe has a transformers equivalent; use --format safetensors"
     if moe.router not in ("topk", "noisy_topk"):
-        return (f"moe.router={moe.router}: Mixtral routes by softmax top-k with renormalised weights; "
-                "only topk and noisy_topk (whose evaluation routing is exactly that) export")
-    if moe.router == "topk" and not moe.renormalize:
-        return "moe.renormalize=false: Mixtral always renormalises the top-k weights"
+        return (f"moe.router={moe.router}: Mixtral and Qwen2-MoE route by softmax top-k; only topk and noisy_topk "
+                "(whose evaluation routing is exactly that) export")
     eval_cf = moe.eval_capacity_factor
     drops = (moe.capacity_factor is not None and eval_cf is None) or isinstance(eval_cf, float)
     if drops:
-        return ("moe.capacity_factor: a capacity that drops tokens at evaluation has no Mixtral equivalent (Mixtral is "
-                "dropless); set moe.eval_capacity_factor=dropless if the model should run dropless")
-    if moe.shared_experts:
-        return f"moe.shared_experts={moe.shared_experts}: Mixtral has no shared experts"
+        return ("moe.capacity_factor: a capacity that drops tokens at evaluation has no transformers equivalent (Mixtral "
+                "and Qwen2-MoE are dropless); set moe.eval_capacity_factor=dropless if the model should run dropless")
+    if moe.shared_experts and not moe.shared_expert_gate:
+        return (f"moe.shared_experts={moe.shared_experts} without moe.shared_expert_gate: Qwen2-MoE, the transformers "
+                "architecture with a shared expert, always scales it by a sigmoid gate")
     if m.activation != "swiglu":
-        return f"model.activation={m.activation}: Mixtral's experts are SwiGLU"
+        return f"model.activation={m.activation}: Mixtral's and Qwen2-MoE's experts are SwiGLU"
     return None
+
+
+def architecture(cfg: Config) -> str:
+    """`mixtral`, or `qwen2_moe` for what only it has: a gated shared expert, top-k weights that are
+    not renormalised (its norm_topk_prob switch), or dense FFN blocks between MoE blocks (its
+    decoder_sparse_step, which counts blocks as moe.every does)."""
+    renormalized = cfg.moe.router == "noisy_topk" or cfg.moe.renormalize
+    return "qwen2_moe" if cfg.moe.shared_experts or not renormalized or cfg.moe.every != 1 else "mixtral"
 
 
 def _require_transformers():
@@ -70,45 +78,100 @@ def _require_transformers():
     return transformers
 
 
-def mixtral_config(trained: Trained, eot: Optional[int]):
-    from transformers import MixtralConfig
+def hf_config(trained: Trained, eot: Optional[int]):
+    """The transformers config of the exported model (Mixtral or Qwen2-MoE)."""
+    import inspect
 
-    cfg, m = trained.cfg, trained.cfg.model
-    kwargs = dict(
+    from transformers import MixtralConfig, Qwen2MoeConfig
+
+    cfg, m, moe = trained.cfg, trained.cfg.model, trained.cfg.moe
+    common = dict(
         vocab_size=trained.tokenizer.get_vocab_size(),
         hidden_size=m.d_model,
-        intermediate_size=cfg.expert_hidden,
         num_hidden_layers=m.n_layers,
         num_attention_heads=m.n_heads,
         num_key_value_heads=m.n_heads,
-        head_dim=m.d_model // m.n_heads,
         hidden_act="silu",
         max_position_embeddings=cfg.data.seq_len,
         rms_norm_eps=m.norm_eps,
         tie_word_embeddings=m.tie_embeddings,
-        num_local_experts=cfg.moe.num_experts,
-        num_experts_per_tok=cfg.moe.top_k,
-        router_jitter_noise=0.0,
-        sliding_window=None,
+        num_experts_per_tok=moe.top_k,
         attention_dropout=0.0,
         bos_token_id=None,
         eos_token_id=eot,
         pad_token_id=eot,
-        architectures=["MixtralForCausalLM"],
     )
-    import inspect
-
-    if "rope_parameters" in inspect.signature(MixtralConfig.__init__).parameters:
+    if architecture(cfg) == "qwen2_moe":
+        klass = Qwen2MoeConfig
+        kwargs = dict(
+            common,
+            intermediate_size=m.ffn_hidden,  # the dense blocks' FFN
+            moe_intermediate_size=cfg.expert_hidden,
+            shared_expert_intermediate_size=_shared_hidden(cfg) or 1,  # no shared experts: one zero expert
+            num_experts=moe.num_experts,
+            norm_topk_prob=moe.router == "noisy_topk" or moe.renormalize,
+            decoder_sparse_step=moe.every,
+            mlp_only_layers=[],
+            qkv_bias=False,
+            use_sliding_window=False,
+            architectures=["Qwen2MoeForCausalLM"],
+        )
+    else:
+        klass = MixtralConfig
+        kwargs = dict(
+            common,
+            intermediate_size=cfg.expert_hidden,
+            head_dim=m.d_model // m.n_heads,
+            num_local_experts=moe.num_experts,
+            router_jitter_noise=0.0,
+            sliding_window=None,
+            architectures=["MixtralForCausalLM"],
+        )
+    if "rope_parameters" in inspect.signature(klass.__init__).parameters:
         kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": m.rope_theta}
     else:  # transformers 4.x
         kwargs["rope_theta"] = m.rope_theta
-    return MixtralConfig(**kwargs)
+    return klass(**kwargs)
 
 
-def mixtral_state_dict(trained: Trained, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """moectl's weights under Mixtral's names, in the per-expert layout."""
+def _shared_hidden(cfg: Config) -> int:
+    return cfg.moe.shared_experts * (cfg.moe.shared_expert_hidden or cfg.expert_hidden)
+
+
+# Per-expert tensor names: (moectl, Mixtral, Qwen2-MoE)
+EXPERT_NAMES = (("w_gate", "w1", "gate_proj"), ("w_down", "w2", "down_proj"), ("w_up", "w3", "up_proj"))
+
+
+def hf_state_dict(trained: Trained, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """moectl's weights under the transformers architecture's names, in its per-expert layout."""
+    if architecture(trained.cfg) == "mixtral":
+        return mixtral_state_dict(trained, dtype)
     sd = trained.model.state_dict()
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    out = _shared_outside_ffn(trained, sd)
+    for i in range(trained.cfg.model.n_layers):
+        moe, dst = f"blocks.{i}.ffn.inner.", f"model.layers.{i}.mlp."
+        if moe + "router.weight" not in sd:  # a dense block: Qwen2MoeMLP
+            for ours, _, theirs in EXPERT_NAMES:
+                out[f"{dst}{theirs}.weight"] = sd[moe + ours].t()
+            continue
+        out[dst + "gate.weight"] = sd[moe + "router.weight"]
+        for ours, _, theirs in EXPERT_NAMES:
+            stacked = sd[f"{moe}experts.{ours}"]  # (E, in, out): x @ w
+            for e in range(stacked.shape[0]):
+                out[f"{dst}experts.{e}.{theirs}.weight"] = stacked[e].t()  # Linear: (out, in)
+        d, width = trained.cfg.model.d_model, _shared_hidden(trained.cfg)
+        for ours, _, theirs in EXPERT_NAMES:
+            w = sd.get(f"{moe}shared.{ours}")
+            zero = torch.zeros((1, d) if ours != "w_down" else (d, 1))  # no shared expert: a zero one adds 0
+            out[f"{dst}shared_expert.{theirs}.weight"] = w.t() if width else zero
+        gate = sd.get(moe + "shared_gate.weight")
+        out[dst + "shared_expert_gate.weight"] = gate if gate is not None else torch.zeros(1, d)
+    return {k: v.detach().to(dtype).contiguous().clone() for k, v in out.items()}
+
+
+def _shared_outside_ffn(trained: Trained, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Embeddings, norms and attention: the same names in Mixtral and Qwen2-MoE."""
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     if not trained.cfg.model.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(trained.cfg.model.n_layers):
@@ -117,9 +180,17 @@ def mixtral_state_dict(trained: Trained, dtype: torch.dtype) -> dict[str, torch.
         out[dst + "post_attention_layernorm.weight"] = sd[src + "ffn_norm.weight"]
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             out[f"{dst}self_attn.{proj}.weight"] = sd[f"{src}attn.{proj}.weight"]
-        moe = src + "ffn.inner."
+    return out
+
+
+def mixtral_state_dict(trained: Trained, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """moectl's weights under Mixtral's names, in the per-expert layout."""
+    sd = trained.model.state_dict()
+    out = _shared_outside_ffn(trained, sd)
+    for i in range(trained.cfg.model.n_layers):
+        moe, dst = f"blocks.{i}.ffn.inner.", f"model.layers.{i}."
         out[dst + "block_sparse_moe.gate.weight"] = sd[moe + "router.weight"]
-        for ours, theirs in EXPERT_TENSORS:
+        for ours, theirs, _ in EXPERT_NAMES:
             stacked = sd[f"{moe}experts.{ours}"]  # (E, in, out): x @ w
             for e in range(stacked.shape[0]):
                 out[f"{dst}block_sparse_moe.experts.{e}.{theirs}.weight"] = stacked[e].t()  # Linear: (out, in)
@@ -127,7 +198,7 @@ def mixtral_state_dict(trained: Trained, dtype: torch.dtype) -> dict[str, torch.
 
 
 def export_hf(trained: Trained, out: Path, dtype: str = "fp32", overwrite: bool = False, verify: bool = True) -> Path:
-    """Write the Mixtral directory atomically; with `verify`, load it in transformers and check
+    """Write the transformers directory atomically; with `verify`, load it in transformers and check
     that its logits equal moectl's before it is put in place."""
     from safetensors.torch import save_file
 
@@ -149,10 +220,10 @@ def export_hf(trained: Trained, out: Path, dtype: str = "fp32", overwrite: bool 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        hf_config = mixtral_config(trained, eot)
-        setattr(hf_config, "dtype" if hasattr(hf_config, "dtype") else "torch_dtype", DTYPES[dtype])
-        hf_config.save_pretrained(tmp)
-        save_file(mixtral_state_dict(trained, DTYPES[dtype]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config_ = hf_config(trained, eot)
+        setattr(config_, "dtype" if hasattr(config_, "dtype") else "torch_dtype", DTYPES[dtype])
+        config_.save_pretrained(tmp)
+        save_file(hf_state_dict(trained, DTYPES[dtype]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         eot_token = trained.cfg.tokenizer.eot_token if eot is not None else None
         fast = PreTrainedTokenizerFast(tokenizer_object=trained.tokenizer, eos_token=eot_token, pad_token=eot_token)
         fast.save_pretrained(tmp)
@@ -228,7 +299,8 @@ def check_mixtral_config(path: Path, cfg: Config) -> None:
                 f"train.init_from={str(path)!r}: its {theirs_name} is {theirs} but {ours_name} is {ours}; "
                 "set the model and moe sections to match the Mixtral checkpoint"
             )
-    reason = refusal(cfg)
+    reason = refusal(cfg) or (None if architecture(cfg) == "mixtral" else
+                              "it has shared experts, dense blocks or unrenormalised top-k weights, which Mixtral has not")
     if reason:
         raise ConfigError(f"train.init_from={str(path)!r} is a Mixtral model, but this config is not: {reason}")
     if hc.get("head_dim") not in (None, m.d_model // m.n_heads):
@@ -261,7 +333,7 @@ def moectl_state_dict(hf_sd: dict[str, torch.Tensor], cfg: Config) -> dict[str, 
             out[f"{dst}attn.{proj}.weight"] = get(f"{src}self_attn.{proj}.weight")
         moe = src + "block_sparse_moe."
         out[dst + "ffn.inner.router.weight"] = get(moe + "gate.weight")
-        for ours, theirs in EXPERT_TENSORS:
+        for ours, theirs, _ in EXPERT_NAMES:
             experts = [get(f"{moe}experts.{e}.{theirs}.weight").t() for e in range(cfg.moe.num_experts)]
             out[f"{dst}ffn.inner.experts.{ours}"] = torch.stack(experts)  # (E, in, out)
     return out

@@ -43,6 +43,9 @@ def trained_run(corpus_config, name: str, **sections):
         ("tied", {}),
         ("untied_noisy", {"model": {"tie_embeddings": False}, "moe": {"router": "noisy_topk", "load_loss_coef": 0.1}}),
         ("top1_dropless_eval", {"moe": {"top_k": 1, "capacity_factor": 1.25, "eval_capacity_factor": "dropless"}}),
+        ("qwen_shared", {"moe": {"shared_experts": 2, "shared_expert_gate": True, "shared_expert_hidden": 16}}),
+        ("qwen_raw_weights", {"moe": {"renormalize": False}}),
+        ("qwen_every2", {"model": {"n_layers": 4, "ffn_hidden": 48}, "moe": {"every": 2}}),
     ],
 )
 def test_transformers_loads_the_export_and_computes_the_same_logits(corpus_config, tmp_path, name, sections):
@@ -54,7 +57,8 @@ def test_transformers_loads_the_export_and_computes_the_same_logits(corpus_confi
     assert res.exit_code == 0, res.output
     model = load(run.run_dir)
     theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    assert type(theirs).__name__ == "MixtralForCausalLM"
+    expected = "Qwen2MoeForCausalLM" if name.startswith("qwen") else "MixtralForCausalLM"
+    assert type(theirs).__name__ == expected
     tok = AutoTokenizer.from_pretrained(str(out))
     text = "def greet(name):\n    return f'hello {name}'\n"
     ids = model.tokenizer.encode(text, add_special_tokens=False).ids
@@ -94,9 +98,7 @@ def test_bf16_export_is_checked_against_bf16_rounded_weights(corpus_config, tmp_
         ({"moe": {"router": "sigmoid"}}, "moe.router=sigmoid"),
         ({"moe": {"capacity_factor": 1.0}}, "a capacity that drops tokens"),
         ({"moe": {"capacity_factor": 2.0, "eval_capacity_factor": 1.5}}, "a capacity that drops tokens"),
-        ({"moe": {"shared_experts": 1}}, "moe.shared_experts=1"),
-        ({"moe": {"every": 2}}, "moe.every=2"),
-        ({"moe": {"renormalize": False}}, "moe.renormalize=false"),
+        ({"moe": {"shared_experts": 1}}, "moe.shared_experts=1 without moe.shared_expert_gate"),
         ({"model": {"activation": "gelu"}}, "model.activation=gelu"),
     ],
 )
@@ -104,6 +106,14 @@ def test_models_transformers_would_compute_differently_are_refused(changes, reas
     cfg = config.from_dict({"model": {"arch": "transformer_moe"}, **changes})
     assert reason in hf.refusal(cfg)
     assert hf.refusal(config.from_dict({"model": {"arch": "transformer_moe"}})) is None
+
+
+def test_architecture_choice():
+    def arch(**moe):
+        return hf.architecture(config.from_dict({"model": {"arch": "transformer_moe"}, "moe": moe}))
+
+    assert arch() == "mixtral" and arch(router="noisy_topk", renormalize=False) == "mixtral"
+    assert arch(renormalize=False) == arch(every=2) == arch(shared_experts=1, shared_expert_gate=True) == "qwen2_moe"
 
 
 def test_refusal_is_one_line_and_writes_nothing(corpus_config, tmp_path):
