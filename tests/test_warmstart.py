@@ -118,3 +118,16 @@ def test_init_from_errors_are_one_line(base, tmp_path):
     lstm = config.from_dict(with_changes(raw, "lstm", model={"arch": "lstm_moe"}, train={"init_from": str(run.run_dir)}))
     with pytest.raises(ConfigError, match="backbones must match"):
         warmstart.initialize(build_model(lstm, 300), lstm)
+
+
+def test_init_from_an_export_bundle_loads_every_tensor(base, tmp_path):
+    tmp, raw, run = base
+    bundle = tmp_path / "bundle"
+    assert runner.invoke(app, ["export", str(run.run_dir), "--out", str(bundle)]).exit_code == 0
+    cfg = config.from_dict(with_changes(raw, "from_bundle", train={"init_from": str(bundle)}))
+    assert warmstart.source_tokenizer(cfg) == bundle / "tokenizer.json"
+    source = load(run.run_dir)
+    model = build_model(cfg, source.tokenizer.get_vocab_size())
+    warmstart.initialize(model, cfg)
+    ids = torch.randint(0, source.tokenizer.get_vocab_size(), (1, 16), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(logits_of(model, ids), logits_of(source.model, ids))
