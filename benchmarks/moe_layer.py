@@ -48,7 +48,6 @@ def peak_rss_mb() -> float:
 
 def build(impl: str, e: int, k: int, d: int, h: int, device, dtype):
     """A module mapping (N, D) -> (N, D) for the given implementation."""
-    import torch
     from torch import nn
 
     if impl == "dense":

@@ -140,7 +140,7 @@ def _load_hub(cfg: DataConfig):
         return datasets.load_dataset(cfg.name, cfg.config_name)
     except datasets.exceptions.DatasetNotFoundError:
         raise DataError(f"data.name={cfg.name!r}: no such dataset on the Hugging Face Hub (or it is gated)") from None
-    except ConnectionError as exc:
+    except ConnectionError:
         raise DataError(
             f"data.name={cfg.name!r}: {hub.UNREACHABLE}; use local files (data.source=files), a save_to_disk copy "
             f"(data.source=disk) or the built-in corpus (data.source=stdlib)"

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
-import torch
 
 from moectl import data
 from moectl import tokenizer as tokenizers_

@@ -27,6 +27,7 @@ import torch
 
 from moectl import __version__, config
 from moectl.errors import CheckpointError, DataError
+from moectl.fileio import staged_directory
 from moectl.models import parameter_counts
 from moectl.trained import Trained
 
@@ -132,11 +133,7 @@ def export_bundle(trained: Trained, out: Path, dtype: str = "fp32", overwrite: b
         summary, note = evaluate.run(trained).to_dict(), None
     except DataError as exc:
         summary, note = None, f"(No routing summary: the validation data could not be read at export: {exc})"
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_directory(out) as tmp:
         # A cast copy keeps the source model exact (and its tied weights tied, stored once).
         model = trained.model if dtype == "fp32" else copy.deepcopy(trained.model).to(DTYPES[dtype])
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(trained.step)})
@@ -146,14 +143,4 @@ def export_bundle(trained: Trained, out: Path, dtype: str = "fp32", overwrite: b
         measured = {"eval_loss": summary["loss"], "bits_per_byte": summary["bits_per_byte"]} if summary else {}
         meta = mark_bundle(tmp, trained, dtype, "safetensors", **measured)
         (tmp / "README.md").write_text(model_card(trained, meta, summary, note))
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, trash)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

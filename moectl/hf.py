@@ -26,8 +26,6 @@ The per-expert layouts are the ones these models' checkpoints use and transforme
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +33,7 @@ import torch
 
 from moectl.config import Config
 from moectl.errors import ConfigError, MoectlError
+from moectl.fileio import staged_directory
 from moectl.trained import Trained
 
 
@@ -155,10 +154,7 @@ def hf_state_dict(trained: Trained, dtype: torch.dtype) -> dict[str, torch.Tenso
                 out[f"{dst}{theirs}.weight"] = sd[moe + ours].t()
             continue
         out[dst + "gate.weight"] = sd[moe + "router.weight"]
-        for ours, _, theirs in EXPERT_NAMES:
-            stacked = sd[f"{moe}experts.{ours}"]  # (E, in, out): x @ w
-            for e in range(stacked.shape[0]):
-                out[f"{dst}experts.{e}.{theirs}.weight"] = stacked[e].t()  # Linear: (out, in)
+        _unstack_experts(out, sd, moe, dst, column=2)
         d, width = trained.cfg.model.d_model, _shared_hidden(trained.cfg)
         for ours, _, theirs in EXPERT_NAMES:
             w = sd.get(f"{moe}shared.{ours}")
@@ -166,7 +162,20 @@ def hf_state_dict(trained: Trained, dtype: torch.dtype) -> dict[str, torch.Tenso
             out[f"{dst}shared_expert.{theirs}.weight"] = w.t() if width else zero
         gate = sd.get(moe + "shared_gate.weight")
         out[dst + "shared_expert_gate.weight"] = gate if gate is not None else torch.zeros(1, d)
-    return {k: v.detach().to(dtype).contiguous().clone() for k, v in out.items()}
+    return _cast(out, dtype)
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(dtype).contiguous().clone() for k, v in tensors.items()}
+
+
+def _unstack_experts(out: dict, sd: dict, moe: str, prefix: str, column: int) -> None:
+    """moectl's stacked (E, in, out) expert weights as one (out, in) Linear weight per expert,
+    named by EXPERT_NAMES[column] (1: Mixtral, 2: Qwen2-MoE)."""
+    for names in EXPERT_NAMES:
+        stacked = sd[f"{moe}experts.{names[0]}"]
+        for e in range(stacked.shape[0]):
+            out[f"{prefix}experts.{e}.{names[column]}.weight"] = stacked[e].t()
 
 
 def _shared_outside_ffn(trained: Trained, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -190,11 +199,8 @@ def mixtral_state_dict(trained: Trained, dtype: torch.dtype) -> dict[str, torch.
     for i in range(trained.cfg.model.n_layers):
         moe, dst = f"blocks.{i}.ffn.inner.", f"model.layers.{i}."
         out[dst + "block_sparse_moe.gate.weight"] = sd[moe + "router.weight"]
-        for ours, theirs, _ in EXPERT_NAMES:
-            stacked = sd[f"{moe}experts.{ours}"]  # (E, in, out): x @ w
-            for e in range(stacked.shape[0]):
-                out[f"{dst}block_sparse_moe.experts.{e}.{theirs}.weight"] = stacked[e].t()  # Linear: (out, in)
-    return {k: v.detach().to(dtype).contiguous().clone() for k, v in out.items()}
+        _unstack_experts(out, sd, moe, dst + "block_sparse_moe.", column=1)
+    return _cast(out, dtype)
 
 
 def export_hf(trained: Trained, out: Path, dtype: str = "fp32", overwrite: bool = False, verify: bool = True) -> Path:
@@ -215,11 +221,7 @@ def export_hf(trained: Trained, out: Path, dtype: str = "fp32", overwrite: bool 
     out = Path(out)
     check_target(out, overwrite)
     eot = trained.tokenizer.token_to_id(trained.cfg.tokenizer.eot_token)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_directory(out) as tmp:
         config_ = hf_config(trained, eot)
         setattr(config_, "dtype" if hasattr(config_, "dtype") else "torch_dtype", DTYPES[dtype])
         config_.save_pretrained(tmp)
@@ -236,12 +238,6 @@ def export_hf(trained: Trained, out: Path, dtype: str = "fp32", overwrite: bool 
                     f"export check failed: transformers' logits differ from moectl's by {diff:.3g}; nothing was written "
                     "(please report this as a bug)"
                 )
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -16,6 +16,9 @@ from moectl import hub
 from moectl.config import TokenizerConfig
 from moectl.errors import DataError
 from moectl.fileio import atomic_write_text
+
+if TYPE_CHECKING:
+    import numpy
 
 RECIPE_VERSION = "bytelevel-bpe-1"  # bump when training changes, so old cached tokenizers are not reused
 
@@ -70,7 +73,7 @@ def eot_id(tok: Tokenizer, eot_token: str) -> int:
     return idx
 
 
-def token_byte_lengths(tok: Tokenizer) -> Optional["np.ndarray"]:
+def token_byte_lengths(tok: Tokenizer) -> Optional["numpy.ndarray"]:
     """(V,) UTF-8 bytes each token id stands for, for byte-level tokenizers (None for others).
 
     In a byte-level vocabulary every character is one byte (GPT-2's byte-to-character map);
