@@ -82,7 +82,7 @@ def model_card(trained: Trained, meta: dict, eval_summary: Optional[dict], note:
     lines = [
         f"# {trained.run_dir.name}",
         "",
-        f"A {m.arch} language model trained with [moectl](https://pypi.org/project/moectl/) {__version__}, "
+        f"A {m.arch} language model trained with moectl {__version__}, "
         f"exported from `{trained.checkpoint}` (step {trained.step}).",
         "",
         "## Architecture",

@@ -59,13 +59,13 @@ def _check_moe(trained: Trained) -> None:
 
 def profile(trained: Trained, split: str, max_batches: Optional[int], other: Optional[Trained] = None):
     """Route the split's batches; returns (profile, batches, drift) where drift is per layer
-    [top-1 changed count, tokens] against `other`, or None."""
+    [top-1 changed count, tokens, then the other model's load per expert] against `other`, or None."""
     _check_moe(trained)
     cfg = trained.cfg
     blocks, _ = split_blocks(trained, split)
     batches = data.eval_batches(blocks, cfg.micro_batch_size, max_batches or cfg.train.eval_batches)
     prof = RoutingProfile(len(trained.slots), cfg.moe.num_experts, cfg.data.seq_len, trained.tokenizer.get_vocab_size())
-    drift = np.zeros((len(trained.slots), 2)) if other is not None else None
+    drift = np.zeros((len(trained.slots), 2 + cfg.moe.num_experts)) if other is not None else None
     with torch.no_grad():
         for ids in batches:
             x, _ = blocks.batch(ids)
@@ -75,7 +75,8 @@ def profile(trained: Trained, split: str, max_batches: Optional[int], other: Opt
                 theirs = other.model(x.to(other.device)).routing
                 for i, (a, b) in enumerate(zip(records, theirs)):
                     top_a, top_b = a.dense_weights().argmax(-1), b.dense_weights().to(a.probs.device).argmax(-1)
-                    drift[i] += [float((top_a != top_b).sum()), top_a.numel()]
+                    drift[i, :2] += [float((top_a != top_b).sum()), top_a.numel()]
+                    drift[i, 2:] += b.tokens_per_expert.cpu().numpy()
     return prof, batches, drift
 
 
@@ -148,21 +149,15 @@ def report(trained: Trained, split: str = "validation", max_batches: Optional[in
         "layers": layers,
     }
     if other is not None:
-        theirs = other_shares(other, split, max_batches)
         out["compare"] = {
             "other": str(other.checkpoint),
             "layers": [
-                {"slot": layer["slot"], "js_divergence": js_divergence(layer["stats"]["share"], theirs[i]),
+                {"slot": layer["slot"], "js_divergence": js_divergence(layer["stats"]["share"], drift[i, 2:]),
                  "top1_changed": float(drift[i, 0] / max(drift[i, 1], 1))}
                 for i, layer in enumerate(layers)
             ],
         }
     return out
-
-
-def other_shares(other: Trained, split: str, max_batches: Optional[int]) -> list[list[float]]:
-    prof, _, _ = profile(other, split, max_batches)
-    return [prof.layer_stats(i).share for i in range(len(other.slots))]
 
 
 def _check_compatible(a: Trained, b: Trained) -> None:
