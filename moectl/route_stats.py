@@ -64,7 +64,9 @@ def profile(trained: Trained, split: str, max_batches: Optional[int], other: Opt
     cfg = trained.cfg
     blocks, _ = split_blocks(trained, split)
     batches = data.eval_batches(blocks, cfg.micro_batch_size, max_batches or cfg.train.eval_batches)
-    prof = RoutingProfile(len(trained.slots), cfg.moe.num_experts, cfg.data.seq_len, trained.tokenizer.get_vocab_size())
+    prof = RoutingProfile(
+        len(trained.slots), cfg.moe.num_experts, cfg.data.seq_len, trained.tokenizer.get_vocab_size(), trained.device
+    )
     drift = np.zeros((len(trained.slots), 2 + cfg.moe.num_experts)) if other is not None else None
     with torch.no_grad():
         for ids in batches:
@@ -111,8 +113,8 @@ def report(trained: Trained, split: str = "validation", max_batches: Optional[in
     layers = []
     for i, slot in enumerate(trained.slots):
         s = prof.layer_stats(i)
-        importance = prof.importance[i] / prof.importance[i].sum().clamp_min(1e-300)
-        chosen = prof.chosen[i]
+        importance = (prof.importance[i] / prof.importance[i].sum().clamp_min(1e-30)).tolist()
+        chosen, load = prof.chosen[i].tolist(), prof.load[i].tolist()
         experts = []
         for k in range(e):
             spec = prof.specialisation(i, k)
@@ -120,15 +122,15 @@ def report(trained: Trained, split: str = "validation", max_batches: Optional[in
                 t["text"] = token_text(trained, t["id"])
             experts.append({
                 "expert": k,
-                "load": int(prof.load[i, k]),
+                "load": int(load[k]),
                 "share": s.share[k],
-                "importance": float(importance[k]),
-                "drop_fraction": float((chosen[k] - prof.load[i, k]) / chosen[k]) if chosen[k] > 0 else 0.0,
+                "importance": importance[k],
+                "drop_fraction": (chosen[k] - load[k]) / chosen[k] if chosen[k] > 0 else 0.0,
                 **spec,
             })
         tokens = max(float(prof.tokens[i]), 1.0)
         bins = np.array_split(np.arange(trained.cfg.data.seq_len), min(POSITION_BINS, trained.cfg.data.seq_len))
-        by_pos = prof.by_position[i].numpy()
+        by_pos = prof.by_position[i].cpu().numpy()
         pos_load = np.stack([by_pos[b].sum(0) for b in bins])  # (bins, E)
         pos_share = pos_load / np.maximum(pos_load.sum(1, keepdims=True), 1e-300)
         layers.append({
@@ -136,7 +138,7 @@ def report(trained: Trained, split: str = "validation", max_batches: Optional[in
             "stats": s.to_dict(),
             "collapsed": s.max_over_mean > threshold,
             "experts": experts,
-            "coselection": (prof.coselect[i] / tokens).tolist(),
+            "coselection": (prof.coselect[i] / tokens).cpu().tolist(),
             "by_position": {"bins": [int(b[0]) for b in bins], "share": pos_share.tolist()},
         })
     out = {

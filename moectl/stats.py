@@ -133,7 +133,7 @@ class RoutingStats:
 
 
 class RoutingProfile:
-    """Everything route-stats reports, accumulated per MoE layer over batches (float64 counts).
+    """Everything route-stats reports, accumulated per MoE layer over batches (float64 counts but on MPS).
 
     Per layer l: load (E,) kept assignments; chosen (E,) before capacity; importance (E,) summed
     router probabilities; coselect (E, E) tokens that chose both i and j (diagonal: chose i);
@@ -143,7 +143,8 @@ class RoutingProfile:
     """
 
     def __init__(self, num_layers: int, num_experts: int, seq_len: int, vocab_size: int, device="cpu"):
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        dtype = accumulator_dtype(device)
+        z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
         self.num_experts, self.seq_len = num_experts, seq_len
         self.load = z(num_layers, num_experts)
         self.chosen = z(num_layers, num_experts)
@@ -158,22 +159,24 @@ class RoutingProfile:
     @torch.no_grad()
     def update(self, records: list[RoutingRecord], input_ids: Tensor) -> None:
         """`input_ids` (B, T): the tokens the records route, in the same (B*T) order."""
-        ids = input_ids.reshape(-1).to(self.load.device)  # (N,)
+        dev, dtype = self.load.device, self.load.dtype
+        ids = input_ids.reshape(-1).to(dev)  # (N,)
         n, e = ids.numel(), self.num_experts
-        self.token_counts += torch.bincount(ids, minlength=self.token_counts.numel()).double()
-        positions = torch.arange(n, device=ids.device) % input_ids.shape[-1]  # (N,)
+        self.token_counts += torch.bincount(ids, minlength=self.token_counts.numel()).to(dtype)
+        positions = torch.arange(n, device=dev) % input_ids.shape[-1]  # (N,)
         for i, r in enumerate(records):
-            p = r.probs.detach().double()
-            self.load[i] += r.tokens_per_expert.double()
-            self.chosen[i] += r.chosen_per_expert().double()
+            p = r.probs.detach().to(dev, dtype)
+            self.load[i] += r.tokens_per_expert.to(dev, dtype)
+            self.chosen[i] += r.chosen_per_expert().to(dev, dtype)
             self.importance[i] += p.sum(0)
             self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log()).sum()
             self.tokens[i] += n
-            picked = torch.zeros(n, e, dtype=torch.float64, device=p.device)  # (N, E) 1 where chosen
-            picked.scatter_(1, r.expert_idx, r.chosen.double())
+            idx = r.expert_idx.to(dev)
+            picked = torch.zeros(n, e, dtype=dtype, device=dev)  # (N, E) 1 where chosen
+            picked.scatter_(1, idx, r.chosen.to(dev, dtype))
             self.coselect[i] += picked.T @ picked
-            kept = torch.zeros(n, e, dtype=torch.float64, device=p.device)  # (N, E) 1 where kept
-            kept.scatter_(1, r.expert_idx, r.kept.double())
+            kept = torch.zeros(n, e, dtype=dtype, device=dev)  # (N, E) 1 where kept
+            kept.scatter_(1, idx, r.kept.to(dev, dtype))
             self.by_position[i].index_add_(0, positions, kept)
             self.by_token[i].index_add_(0, ids, kept)
 
