@@ -324,3 +324,18 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_and_saves(tmp_path):
     stopped_at = checkpoint.read_meta(checkpoint.latest(run_dir))["step"]
     assert 5 <= stopped_at < 2000
     assert "--resume --nproc-per-node 2" in output
+
+
+def test_a_two_process_run_resumes_in_one_process(runs, tmp_path, capsys):
+    # The data position is global, so any number of processes can continue; the per-rank random
+    # streams cannot carry over, and moectl says so.
+    run_dir = tmp_path / "runs" / "double"
+    shutil.copytree(runs["double"], run_dir)
+    for step in (4, 6):
+        shutil.rmtree(checkpoint.step_dir(run_dir, step))
+    cfg = config.load(run_dir / "config.yaml", [f"run.dir={tmp_path / 'runs'}"])
+    result = fit(cfg, resume=True)
+    assert result.step == 6 and result.world_size == 1
+    assert "saved by 2 processes and this run has 1" in capsys.readouterr().err
+    # Without dropout or routing noise, the weights still match the uninterrupted 2-process run.
+    assert_close_weights(checkpoint.step_dir(runs["double"], 6), checkpoint.step_dir(run_dir, 6))
