@@ -191,11 +191,6 @@ def main_first(fn: Callable[[], T], d: Dist) -> T:
     return result if d.is_main else fn()
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()
-
-
 # ------------------------------------------------------------------------------------- launcher
 
 

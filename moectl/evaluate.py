@@ -71,6 +71,14 @@ def split_blocks(trained: Trained, split: str) -> tuple[data.Blocks, data.Split]
     return data.Blocks(chosen, trained.cfg.data.seq_len), chosen
 
 
+def split_batches(trained: Trained, split: str, max_batches: Optional[int]) -> tuple[data.Blocks, data.Split, list]:
+    """The split's blocks and the batches eval and route-stats score: `max_batches` of them (default
+    train.eval_batches, the ones training evaluates), spread over the split."""
+    blocks, tokens = split_blocks(trained, split)
+    cfg = trained.cfg
+    return blocks, tokens, data.eval_batches(blocks, cfg.micro_batch_size, max_batches or cfg.train.eval_batches)
+
+
 def byte_lengths(trained: Trained, split: data.Split) -> tuple[np.ndarray, bool]:
     """(V,) UTF-8 bytes per token id, and whether they are exact."""
     exact = tokenizers_.token_byte_lengths(trained.tokenizer)
@@ -90,8 +98,7 @@ def run(trained: Trained, split: str = "validation", max_batches: Optional[int] 
     from moectl.train import autocast_dtype, evaluate
 
     cfg = trained.cfg
-    blocks, tokens = split_blocks(trained, split)
-    batches = data.eval_batches(blocks, cfg.micro_batch_size, max_batches or cfg.train.eval_batches)
+    blocks, tokens, batches = split_batches(trained, split, max_batches)
     lengths, exact = byte_lengths(trained, tokens)
     n_tokens, n_bytes = 0, 0.0
     for ids in batches:

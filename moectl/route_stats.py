@@ -21,9 +21,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from moectl import data, plots
+from moectl import plots
 from moectl.errors import ConfigError
-from moectl.evaluate import split_blocks
+from moectl.evaluate import split_batches
 from moectl.stats import RoutingProfile
 from moectl.trained import Trained
 
@@ -62,8 +62,7 @@ def profile(trained: Trained, split: str, max_batches: Optional[int], other: Opt
     [top-1 changed count, tokens, then the other model's load per expert] against `other`, or None."""
     _check_moe(trained)
     cfg = trained.cfg
-    blocks, _ = split_blocks(trained, split)
-    batches = data.eval_batches(blocks, cfg.micro_batch_size, max_batches or cfg.train.eval_batches)
+    blocks, _, batches = split_batches(trained, split, max_batches)
     prof = RoutingProfile(
         len(trained.slots), cfg.moe.num_experts, cfg.data.seq_len, trained.tokenizer.get_vocab_size(), trained.device
     )

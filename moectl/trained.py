@@ -19,7 +19,7 @@ from moectl import checkpoint, config
 from moectl import tokenizer as tokenizers_
 from moectl.config import Config
 from moectl.errors import CheckpointError, ConfigError
-from moectl.models import LanguageModel, build_model, moe_layers, moe_slots
+from moectl.models import LanguageModel, build_model, moe_slots
 
 # What a user may change when measuring a trained model: which data, and how capacity behaves.
 OVERRIDABLE = ("data.", "train.eval_batches", "train.micro_batch_size", "train.device", "train.precision",
@@ -104,7 +104,3 @@ def check_layer(trained: Trained, layer: int) -> int:
     if layer not in slots:
         raise ConfigError(f"layer {layer} is not an MoE layer of this model; its MoE layers are {slots}")
     return slots.index(layer)
-
-
-def num_moe_layers(trained: Trained) -> int:
-    return len(moe_layers(trained.model))

@@ -92,6 +92,29 @@ def tiny_config_file(tmp_path: Path) -> Path:
     return write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path))
 
 
+def interrupt_after_first_checkpoint(args: list[str], run_dir: Path):
+    """Start `python -m moectl ARGS`, send Ctrl-C once its first checkpoint exists, and return
+    (exit code, combined output, the step of its latest checkpoint)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from moectl import checkpoint
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moectl", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+    )
+    deadline = time.time() + 120
+    while checkpoint.latest(run_dir) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    return proc.returncode, output, checkpoint.read_meta(checkpoint.latest(run_dir))["step"]
+
+
 def assert_sorted_equals_loop(layer, x, target, seed=None, tol=None):
     """Run an MoE layer's sorted path and its loop reference on the same input (and, with `seed`,
     the same random draws) and assert equal outputs, input gradients and parameter gradients.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import events, scalar_series, tiny_config, weights, write_config
+from conftest import events, interrupt_after_first_checkpoint, scalar_series, tiny_config, weights, write_config
 from moectl import checkpoint, config, distributed
 from moectl.errors import ConfigError
 from moectl.moe import load_balancing_loss
@@ -307,21 +306,10 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_and_saves(tmp_path):
     # Ctrl-C reaches torchrun's launcher, which passes it to the ranks; they agree on the step.
     raw = tiny_config(tmp_path, train={"max_steps": 2000, "eval_every": 10000}, checkpoint={"every": 5, "keep_last": 2})
     cfg_file = write_config(tmp_path / "tiny.yaml", raw)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moectl", "train", str(cfg_file), "--nproc-per-node", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-    )
     run_dir = tmp_path / "runs" / "tiny"
-    deadline = time.time() + 120
-    while checkpoint.latest(run_dir) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, output
+    code, output, stopped_at = interrupt_after_first_checkpoint(["train", str(cfg_file), "--nproc-per-node", "2"], run_dir)
+    assert code == 130, output
     assert output.count("stopped at step") == 1 and "error" not in output, output
-    stopped_at = checkpoint.read_meta(checkpoint.latest(run_dir))["step"]
     assert 5 <= stopped_at < 2000
     assert "--resume --nproc-per-node 2" in output
 

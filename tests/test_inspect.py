@@ -117,10 +117,9 @@ def test_eval_matches_training_and_reports_bits_per_byte(runs, arch, tmp_path):
     assert rep["bytes_exact"] and rep["step"] == 4
     # The bytes are the UTF-8 bytes of the scored text.
     model = trained.load(run.run_dir)
-    from moectl import data, evaluate
+    from moectl import evaluate
 
-    blocks, _ = evaluate.split_blocks(model, "validation")
-    batches = data.eval_batches(blocks, model.cfg.micro_batch_size, model.cfg.train.eval_batches)
+    blocks, _, batches = evaluate.split_batches(model, "validation", None)
     text_bytes = sum(len(model.tokenizer.decode(blocks.batch(b)[1].reshape(-1).tolist()).encode()) for b in batches)
     assert rep["bytes"] == pytest.approx(text_bytes, rel=0.01)
     assert [layer["slot"] for layer in rep["layers"]] == model.slots

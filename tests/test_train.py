@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import events, scalar_series, tiny_config, weights, write_config
+from conftest import events, interrupt_after_first_checkpoint, scalar_series, tiny_config, weights, write_config
 from moectl import checkpoint, config, plots
 from moectl.cli import app
 from moectl.train import fit, lr_at
@@ -161,22 +159,12 @@ def test_lr_schedule():
 def test_ctrl_c_saves_and_resume_matches_uninterrupted_run(tmp_path):
     raw = tiny_config(tmp_path, train={"max_steps": 250, "eval_every": 1000}, checkpoint={"every": 5, "keep_last": 2})
     cfg_file = write_config(tmp_path / "tiny.yaml", raw)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moectl", "train", str(cfg_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-    )
     run_dir = tmp_path / "runs" / "tiny"
-    deadline = time.time() + 120
-    while checkpoint.latest(run_dir) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, output
+    code, output, stopped_at = interrupt_after_first_checkpoint(["train", str(cfg_file)], run_dir)
+    assert code == 130, output
     assert "stopped at step" in output and "Traceback" not in output
-    stopped_at = checkpoint.read_meta(checkpoint.latest(run_dir))["step"]
     assert 5 <= stopped_at < 250
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     resumed = subprocess.run(
         [sys.executable, "-m", "moectl", "train", str(cfg_file), "--resume"],
