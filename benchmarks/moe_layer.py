@@ -77,8 +77,8 @@ def build(impl: str, e: int, k: int, d: int, h: int, device, dtype):
         return Flat(block).to(device, dtype)
     from moectl.moe import MoELayer
 
-    layer = MoELayer(d, e, k, h, "swiglu", capacity_factor=1.25 if impl == "moectl_cap1.25" else None)
-    layer.impl = "loop" if impl == "loop" else "sorted"
+    cf = 1.25 if impl == "moectl_cap1.25" else None
+    layer = MoELayer(d, e, k, h, "swiglu", capacity_factor=cf, impl="loop" if impl == "loop" else "sorted")
     return layer.to(device, dtype)
 
 

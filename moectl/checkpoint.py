@@ -1,13 +1,18 @@
-"""Checkpoints: `<run>/checkpoints/step_NNNNNN/` with
+"""Checkpoints and run directories: where they are, what they hold, and what may be replaced.
+
+A run directory `<run.dir>/<run.name>/` holds config.yaml, tokenizer.json, TensorBoard events
+and `checkpoints/step_NNNNNN/`, each with
 
   model.safetensors   the weights (tied tensors stored once)
-  state.pt            optimizer, LR schedule, RNG, data position and logging window; tensors and
-                      plain containers only, read with torch.load(weights_only=True)
-  meta.json           step, tokens seen, config hash, versions, last eval loss
+  state.pt            optimizer, sampler position, RNG state of every rank, the logging window's
+                      loss and routing sums, and which layers were flagged as collapsing; tensors
+                      and plain containers only, read with torch.load(weights_only=True)
+  meta.json           `metadata()`: step, tokens seen, config hash, versions, time, eval loss, ...
 
-A checkpoint is written into a hidden temporary directory and renamed into place, so a crash
-never leaves a half-written `step_*` directory that resume would pick up. Loading never
-unpickles arbitrary objects.
+A checkpoint is staged in a hidden directory and renamed into place (fileio.staged_directory),
+so a crash never leaves a half-written `step_*` that resume would pick up. Loading never
+unpickles arbitrary objects. An export bundle (export.py) is a checkpoint directory that also
+holds its config and tokenizer; `resolve` accepts both, and run directories.
 """
 
 from __future__ import annotations
@@ -23,10 +28,16 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from moectl.errors import CheckpointError
+from moectl import __version__, config
+from moectl.config import Config
+from moectl.errors import CheckpointError, ConfigError
+from moectl.fileio import staged_directory
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
-FILES = ("model.safetensors", "state.pt", "meta.json")
+# A resumed run must keep what defines its model and data; length, LR, logging and checkpoint
+# settings may change, and so may where and how fast the data is tokenised.
+FIXED_ON_RESUME = ("model", "moe", "tokenizer", "data")
+FREE_ON_RESUME = ("data.num_proc", "data.cache_dir")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -51,53 +62,61 @@ def latest(run_dir: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def resolve(path: Path) -> tuple[Path, Path]:
+    """(checkpoint directory, the directory with its config.yaml and tokenizer.json) for a run
+    directory (its latest checkpoint), a checkpoint directory or an export bundle."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run or checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; give a run directory (runs/NAME) or a checkpoint directory")
+    if (path / "model.safetensors").is_file():
+        if (path / "config.yaml").is_file():  # an exported bundle holds everything itself
+            return path, path
+        return path, path.parent.parent
+    found = latest(path)
+    if found is None:
+        if (path / "config.yaml").is_file():
+            raise CheckpointError(f"{path} holds a run that never saved a checkpoint; train it (moectl train {path} --resume)")
+        raise CheckpointError(f"{path} is neither a run directory (config.yaml, checkpoints/) nor a checkpoint directory")
+    return found, path
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+# ------------------------------------------------------------------------------------- writing
 
 
-def save(
-    run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], meta: dict[str, Any], keep_last: int
-) -> Path:
+def metadata(cfg: Config, **fields: Any) -> dict[str, Any]:
+    """meta.json of a checkpoint or an export: what made it, then the caller's fields."""
+    return {
+        "config_hash": config.config_hash(cfg),
+        "moectl_version": __version__,
+        "torch_version": torch.__version__,
+        "saved_at": time.time(),
+        **fields,
+    }
+
+
+def write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    (Path(directory) / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def save(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], meta: dict[str, Any], keep_last: int) -> Path:
     """Write checkpoint `step` atomically and prune to the newest `keep_last`."""
     from safetensors.torch import save_model
 
     final = step_dir(run_dir, step)
     if final.is_dir():  # this exact step is already saved (e.g. Ctrl-C right after a periodic save)
         return final
-    root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
-    torch.save(state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=2) + "\n")
-    for name in FILES:
-        _fsync_file(tmp / name)
-    _fsync_dir(tmp)
-    os.rename(tmp, final)
-    _fsync_dir(root)
+    with staged_directory(final) as tmp:
+        save_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        torch.save(state, tmp / "state.pt")
+        write_meta(tmp, {**meta, "step": step})
     prune(run_dir, keep_last)
     return final
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints, and leftovers of interrupted saves."""
+    """Delete all but the newest `keep_last` checkpoints, and what killed saves left behind."""
     root = checkpoints_dir(run_dir)
     for old in root.glob(".tmp-*"):
         if not old.name.endswith(f"-{os.getpid()}"):
@@ -107,6 +126,9 @@ def prune(run_dir: Path, keep_last: int) -> None:
         trash = root / f".tmp-trash-{path.name}"
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------- reading
 
 
 def _corrupt(path: Path, what: str, exc: BaseException) -> CheckpointError:
@@ -167,3 +189,70 @@ def load_state(path: Path) -> dict[str, Any]:
         return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or tampered pickles
         raise _corrupt(path, "state.pt", exc) from None
+
+
+# ------------------------------------------------------------------------------ run directories
+
+
+def run_directory(cfg: Config) -> Path:
+    return Path(cfg.run.dir) / cfg.run.name
+
+
+def _looks_like_a_run(run_dir: Path) -> bool:
+    return (run_dir / "config.yaml").is_file() or checkpoints_dir(run_dir).is_dir()
+
+
+def resume_conflicts(saved: Config, cfg: Config) -> list[str]:
+    """The changes from the run's saved config that resuming may not make."""
+    return [
+        f"{key}: {old!r} -> {new!r}"
+        for key, (old, new) in config.changed(saved, cfg).items()
+        if (key.split(".")[0] in FIXED_ON_RESUME and key not in FREE_ON_RESUME) or key == "train.seed"
+    ]
+
+
+def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> Optional[Path]:
+    """Refuse to clobber anything. Returns the checkpoint to resume from, or None to start at
+    step 0: a new run, or with --resume a run of this config killed before its first checkpoint."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is a file, not a run directory; choose another run.dir or run.name")
+    here = Path.cwd().resolve()
+    if run_dir.resolve() in (here, *here.parents):
+        raise CheckpointError(f"the run directory {run_dir} is the current directory or one of its parents; choose a run.dir")
+    ckpt = latest(run_dir)
+    saved_path = run_dir / "config.yaml"
+    if resume:
+        if ckpt is None and not saved_path.is_file():
+            raise CheckpointError(
+                f"--resume: no checkpoint in {checkpoints_dir(run_dir)} to resume; drop --resume to start a new run"
+            )
+        if not saved_path.is_file():
+            raise CheckpointError(f"--resume: {saved_path} is missing, so the run's config is unknown")
+        changed = resume_conflicts(config.load(saved_path), cfg)
+        if changed:
+            raise ConfigError(
+                f"--resume: the config differs from the run's in what defines the model or data ({'; '.join(changed)}); "
+                "resume with the same settings, or start a new run with --run-name"
+            )
+        if ckpt is not None and not (run_dir / "tokenizer.json").is_file():
+            raise CheckpointError(f"--resume: {run_dir / 'tokenizer.json'} is missing; the run cannot be continued")
+        return ckpt
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite and not _looks_like_a_run(run_dir):
+            raise CheckpointError(
+                f"--overwrite: {run_dir} does not look like a moectl run (no config.yaml or checkpoints/); "
+                "refusing to delete it: choose another run.dir or run.name"
+            )
+        if not overwrite:
+            if ckpt is None:
+                raise CheckpointError(
+                    f"{run_dir} holds a run that never saved a checkpoint; pass --resume to start it again from "
+                    "step 0, --overwrite to replace it, or --run-name NAME to start another run"
+                )
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints up to {ckpt.name}; pass --resume to continue it, "
+                "--overwrite to replace it, or --run-name NAME to start another run"
+            )
+    return None

@@ -5,14 +5,13 @@ Heavy imports (torch, datasets) happen inside the commands so `moectl --help` st
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
 
-from moectl import console
+from moectl import console, runtime
 from moectl.errors import ConfigError, MoectlError, PeerFailed
 
 app = typer.Typer(
@@ -35,12 +34,13 @@ DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceb
 def _report(message: str, exc: BaseException) -> None:
     """Print an error once per job: in a multi-process run every rank meets the same config
     error and rank 0 alone says it; any other error names the rank it happened on."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    env = runtime.torchrun_env()
+    if env.enabled:
         if isinstance(exc, ConfigError):
-            if not console.is_main_process():
+            if not env.is_main:
                 return
         else:
-            message = f"rank {os.environ.get('RANK', '0')}: {message}"
+            message = f"rank {env.rank}: {message}"
     console.error(message)
 
 
@@ -110,7 +110,7 @@ def train(
     with user_errors(debug):
         cfg = _load_config(config_path, overrides, run_name)  # a bad config stops here, before any process starts
         if nproc_per_node is not None:
-            if "LOCAL_RANK" in os.environ:
+            if runtime.under_torchrun():
                 raise ConfigError("--nproc-per-node starts torchrun itself; under torchrun, drop it")
             from moectl.distributed import launch
 
@@ -125,7 +125,7 @@ def train(
         from moectl.train import fit
 
         result = fit(cfg, resume=resume, overwrite=overwrite)
-        console.train_summary(result, config_path)
+        console.train_summary(result)
         if result.interrupted:
             raise typer.Exit(130)
 
@@ -160,11 +160,11 @@ def eval_command(
     with user_errors(debug):
         import json
 
-        from moectl import evaluate, trained
+        from moectl import evaluate, loaded_model
         from moectl.fileio import atomic_write_text
 
         extra = [f"moe.eval_capacity_factor={capacity_factor}"] if capacity_factor is not None else []
-        model = trained.load(run, (overrides or []) + extra)
+        model = loaded_model.load(run, (overrides or []) + extra)
         console.quiet_libraries()
         result = evaluate.run(model, split, max_batches)
         text = json.dumps(result.to_dict(), indent=2) + "\n"
@@ -173,7 +173,7 @@ def eval_command(
         if as_json:
             typer.echo(text, nl=False)
         else:
-            console.eval_report(result)
+            evaluate.show(result)
 
 
 @app.command("route-stats")
@@ -196,10 +196,10 @@ def route_stats_command(
     with user_errors(debug):
         import json
 
-        from moectl import route_stats, trained
+        from moectl import loaded_model, route_stats
 
-        model = trained.load(run, overrides)
-        other = trained.load(compare, overrides) if compare is not None else None
+        model = loaded_model.load(run, overrides)
+        other = loaded_model.load(compare, overrides) if compare is not None else None
         console.quiet_libraries()
         rep = route_stats.report(model, split, max_batches, other)
         if out is not None:
@@ -230,11 +230,11 @@ def generate(
     """Sample text from a checkpoint, optionally showing which expert each new token went to."""
     with user_errors(debug):
         from moectl import generate as generation
-        from moectl import trained
+        from moectl import loaded_model
 
-        model = trained.load(run)
+        model = loaded_model.load(run)
         result = generation.generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, show_routing)
-        console.generation(result, model.cfg.moe.num_experts, show_routing)
+        generation.show(result, model.cfg.moe.num_experts, show_routing)
 
 
 @app.command()
@@ -256,18 +256,16 @@ def export(
     """Ship a checkpoint: weights, config, tokenizer and a model card in one directory."""
     with user_errors(debug):
         from moectl import export as exporting
-        from moectl import trained
+        from moectl import hf, loaded_model
 
         if fmt not in exporting.FORMATS:
             raise ConfigError(f"--format {fmt!r}: choose safetensors or hf")
         if dtype not in exporting.DTYPES:
             raise ConfigError(f"--dtype {dtype!r}: choose fp32, bf16 or fp16")
-        model = trained.load(run)
+        model = loaded_model.load(run)
         console.quiet_libraries()
         if fmt == "hf":
-            from moectl import hf
-
-            path = hf.export_hf(model, out, dtype, overwrite)
+            path = exporting.export_hf(model, out, dtype, overwrite)
             arch = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}[hf.architecture(model.cfg)]
             console.status(f"wrote {path}: a {arch} model ({dtype}) whose logits were checked against moectl's")
             typer.echo(f'AutoModelForCausalLM.from_pretrained("{path}"); AutoTokenizer.from_pretrained("{path}")')

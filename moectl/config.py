@@ -62,6 +62,11 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+# The names a user picks from, defined once: validation, `moectl config` and the builders use these.
+ROUTERS = ("topk", "noisy_topk", "switch", "gshard_top2", "expert_choice", "soft", "hierarchical", "sigmoid")
+ACTIVATIONS = ("swiglu", "gelu", "relu")
+
+
 class RunConfig(Section):
     """Where the run lives."""
 
@@ -89,7 +94,7 @@ class ModelConfig(Section):
     n_layers: int = Field(4, gt=0, description="Transformer blocks, or stacked LSTM layers.")
     n_heads: int = Field(4, gt=0, description="Attention heads (transformer only); d_model must divide evenly.")
     ffn_hidden: int = Field(1024, gt=0, description="Hidden size of dense FFNs (non-MoE slots and dense baselines).")
-    activation: Optional[Literal["swiglu", "gelu", "relu"]] = Field(
+    activation: Optional[Literal[ACTIVATIONS]] = Field(
         None, description="FFN and expert activation. Null picks the paper's: swiglu (transformer), relu (LSTM)."
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on residual branches and embeddings.")
@@ -114,9 +119,7 @@ class MoEConfig(Section):
         1, gt=0, description="Make every `every`-th FFN slot an MoE layer (1: all of them); the others are dense."
     )
     expert_hidden: Optional[int] = Field(None, gt=0, description="H, each expert's hidden size. Null: model.ffn_hidden.")
-    router: Literal[
-        "topk", "noisy_topk", "switch", "gshard_top2", "expert_choice", "soft", "hierarchical", "sigmoid"
-    ] = Field("topk", description="Routing method; see README's router table.")
+    router: Literal[ROUTERS] = Field("topk", description=f"Routing method, one of {', '.join(ROUTERS)}; see README's router table.")
     renormalize: bool = Field(
         True, description="topk, sigmoid: renormalise the K chosen weights to sum to 1 (as Mixtral), or keep them raw."
     )
@@ -341,10 +344,6 @@ class Config(Section):
         if tr.micro_batch_size is not None and tr.batch_size % tr.micro_batch_size:
             raise ValueError(
                 f"train.batch_size={tr.batch_size} must be a multiple of train.micro_batch_size={tr.micro_batch_size}"
-            )
-        if self.optim.warmup_steps > tr.max_steps:
-            raise ValueError(
-                f"optim.warmup_steps={self.optim.warmup_steps} must be <= train.max_steps={tr.max_steps}"
             )
         if tok.path is not None and tok.name is not None:
             raise ValueError("tokenizer.path and tokenizer.name are both set; set at most one")
@@ -605,12 +604,10 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def diff(old: Config, new: Config, sections: tuple[str, ...]) -> list[str]:
-    """Dotted keys whose values differ between two configs, within the given sections."""
+def changed(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old value, new value)} for every key whose value differs."""
     a, b = to_dict(old), to_dict(new)
-    return [
-        f"{s}.{k}: {a[s][k]!r} -> {b[s][k]!r}" for s in sections for k in a[s] if a[s][k] != b[s][k]
-    ]
+    return {f"{s}.{k}": (a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]}
 
 
 # ------------------------------------------------------------------------------------ reference

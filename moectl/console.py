@@ -6,20 +6,16 @@ file, CI), the bar is replaced by one plain line per logging window.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from moectl.runtime import is_main_process
+
 err = Console(stderr=True)
 out = Console()
-
-
-def is_main_process() -> bool:
-    """False in torchrun's ranks other than 0: they keep quiet, so every line is printed once."""
-    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def status(message: str) -> None:
@@ -117,7 +113,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
 
 
-def train_summary(result, config_arg) -> None:
+def train_summary(result) -> None:
     """The end-of-run summary: where things are, how good the model is, what to run next."""
     if not is_main_process():
         return
@@ -150,59 +146,3 @@ def train_summary(result, config_arg) -> None:
     grid.add_row("next", "\n".join(nxt))
     title = "stopped early" if result.interrupted else "done"
     out.print(Panel(grid, title=f"moectl train: {title}", title_align="left", expand=False))
-
-
-def eval_report(result) -> None:
-    """`moectl eval`: the quality numbers, then one row per MoE layer."""
-    from rich.table import Table
-
-    out.print(
-        f"[bold]{result.checkpoint}[/] (step {result.step}), {result.split} split: {result.batches} batches, "
-        f"{human(result.tokens)} tokens, {human(result.bytes)} bytes{'' if result.bytes_exact else ' (estimated)'}",
-        highlight=False,
-    )
-    out.print(
-        f"loss [bold]{result.loss:.4f}[/] nats/token   perplexity [bold]{result.ppl:.2f}[/]   "
-        f"bits per byte [bold]{result.bits_per_byte:.4f}[/]   {human(result.tokens_per_sec)} tokens/s",
-        highlight=False,
-    )
-    if not result.layers:
-        return
-    cf = result.eval_capacity_factor
-    table = Table(title=f"routing (eval capacity factor: {'dropless' if cf is None else cf})", title_justify="left")
-    for name in ("layer", "cv", "max/mean", "min/mean", "entropy", "dead", "dropped"):
-        table.add_column(name, justify="right")
-    for s in result.layers:
-        table.add_row(
-            f"{s['slot']:02d}", f"{s['cv']:.3f}", f"{s['max_over_mean']:.2f}", f"{s['min_over_mean']:.2f}",
-            f"{s['load_entropy']:.3f}", str(s["dead_experts"]), f"{100 * s['drop_fraction']:.2f}%",
-        )
-    out.print(table)
-
-
-# Distinct colours for experts; beyond the list, xterm-256 colours.
-EXPERT_COLOURS = ("red", "green", "blue", "magenta", "cyan", "yellow", "bright_red", "bright_green",
-                  "bright_blue", "bright_magenta", "bright_cyan", "orange3", "purple", "turquoise2", "gold1", "deep_pink2")
-
-
-def expert_colour(expert: int) -> str:
-    return EXPERT_COLOURS[expert] if expert < len(EXPERT_COLOURS) else f"color({16 + (expert * 37) % 216})"
-
-
-def generation(result, num_experts: int, layer: Optional[int]) -> None:
-    """`moectl generate`: the prompt, then the new text, coloured by expert when asked, and a legend."""
-    from rich.text import Text
-
-    text = Text(result.prompt, style="dim")
-    if layer is None:
-        text.append(result.text)
-        out.print(text)
-        return
-    for piece, expert in zip(result.pieces, result.experts):
-        text.append(piece, style=f"bold {expert_colour(expert)}")
-    out.print(text)
-    legend = Text(f"layer {layer:02d}, top-1 expert of each new token: ")
-    used = sorted(set(result.experts))
-    for e in range(num_experts):
-        legend.append(f" {e} ", style=f"reverse {expert_colour(e)}" if e in used else "dim")
-    out.print(legend)

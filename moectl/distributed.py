@@ -1,9 +1,9 @@
-"""Data parallelism on PyTorch's own engine: torchrun's environment, the process group, DDP,
-and the few collectives the training loop needs.
+"""Data parallelism on PyTorch's own engine: the process group, DDP, the few collectives the
+training loop needs, and the `--nproc-per-node` launcher.
 
-The same `moectl train` runs with one process or many. Under torchrun (RANK, WORLD_SIZE and
-LOCAL_RANK in the environment, WORLD_SIZE > 1) `init` starts a process group (NCCL when the
-device is CUDA, gloo otherwise) and the loop wraps the model in DistributedDataParallel.
+The same `moectl train` runs with one process or many. Under torchrun (WORLD_SIZE > 1 in the
+environment moectl/runtime.py reads) `init` starts a process group (NCCL when the device is
+CUDA, gloo otherwise) and the loop wraps the model in DistributedDataParallel.
 Without torchrun every helper here is a no-op, so single-process code pays nothing.
 
 Failure handling: work that only rank 0 should do first (preparing data, checking the run
@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Optional, Sequence, TypeVar
 
@@ -28,55 +26,32 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moectl import console, runtime
 from moectl.errors import ConfigError, DistributedError, PeerFailed
+from moectl.runtime import Dist
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def env_rank() -> int:
-    """This process's rank from torchrun's environment (0 outside torchrun)."""
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
 def init(device: torch.device, timeout_s: float) -> tuple[Dist, torch.device]:
-    """Join torchrun's process group when there is one; return the rank info and this rank's device."""
-    world = env_world_size()
-    if world <= 1:
+    """Join torchrun's process group when there is one; return this rank's place and device."""
+    env = runtime.torchrun_env()
+    if not env.enabled:
         return Dist(), device
-    rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "mps":
         raise ConfigError("multi-process training does not support train.device=mps; use train.device=cpu")
     if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
+        if env.local_rank >= torch.cuda.device_count():
             raise ConfigError(
-                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
+                f"LOCAL_RANK={env.local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
                 "start at most one process per GPU (--nproc-per-node)"
             )
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    return Dist(rank=rank, world_size=world, local_rank=local_rank), device
+    return env, device
 
 
 def lost_contact(exc: BaseException, timeout_s: float) -> Optional[DistributedError]:
@@ -201,11 +176,7 @@ def launch(nproc_per_node: int, module_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from moectl import console
-
-    if nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # torchrun would set 1 and say so; give each process its share of the cores instead.
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+    runtime.share_cores(nproc_per_node)
     # The launcher's own log lines repeat what the ranks and the line below say.
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed"):

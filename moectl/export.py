@@ -1,4 +1,7 @@
-"""`moectl export --format safetensors`: a self-contained bundle of a trained model.
+"""`moectl export`: ship a trained model as a directory, in one of two formats.
+
+`--format safetensors`: a self-contained bundle that eval, route-stats, generate and
+train.init_from accept as they accept a run:
 
     DIR/model.safetensors   the weights, in fp32, bf16 or fp16
     DIR/config.yaml         the resolved config
@@ -6,9 +9,12 @@
     DIR/meta.json           what it is: format, source checkpoint, step, dtype, eval loss, versions
     DIR/README.md           a model card: architecture, parameters, data, quality, routing summary
 
-eval, route-stats and generate accept the bundle as they accept a run. The bundle is written
-into a hidden temporary directory beside DIR and renamed into place, so DIR is either complete
-or absent; an existing DIR is never replaced unless it is itself a moectl bundle and
+`--format hf`: a Mixtral or Qwen2-MoE directory that transformers' `AutoModelForCausalLM` and
+`AutoTokenizer` load as-is (the mapping is moectl/hf.py). It is loaded in transformers and its
+logits are checked against moectl's before it is put in place.
+
+Either is written into a hidden temporary directory beside DIR and renamed into place, so DIR
+is complete or absent; an existing DIR is replaced only when it is itself a moectl export and
 `overwrite` is set.
 """
 
@@ -16,23 +22,22 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import os
 import shutil
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from moectl import __version__, config
-from moectl.errors import CheckpointError, DataError
+from moectl import __version__, checkpoint, config, hf
+from moectl.errors import CheckpointError, ConfigError, DataError, MoectlError
+from moectl.evaluate import perplexity
+from moectl.evaluate import run as evaluate_run
 from moectl.fileio import staged_directory
+from moectl.loaded_model import LoadedModel
 from moectl.models import parameter_counts
-from moectl.trained import Trained
+from moectl.stats import COLUMNS
 
-BUNDLE_FORMAT = "moectl-safetensors-bundle-1"
-FORMATS = {"safetensors": BUNDLE_FORMAT, "hf": "moectl-hf-export-1"}  # meta.json "format" of each export
+FORMATS = {"safetensors": "moectl-safetensors-bundle-1", "hf": "moectl-hf-export-1"}  # meta.json "format"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -42,28 +47,6 @@ def is_bundle(path: Path) -> bool:
         return json.loads((Path(path) / "meta.json").read_text()).get("format") in FORMATS.values()
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def mark_bundle(directory: Path, trained: Trained, dtype: str, fmt: str, **extra) -> dict:
-    """Write meta.json: what the export is and where it came from."""
-    from moectl import checkpoint
-
-    meta_in = checkpoint.read_meta(trained.checkpoint)
-    meta = {
-        "format": FORMATS[fmt],
-        "source_checkpoint": str(trained.checkpoint),
-        "step": trained.step,
-        "dtype": dtype,
-        "tokens_seen": meta_in.get("tokens_seen", 0),
-        "eval_loss": meta_in.get("eval_loss"),
-        "config_hash": config.config_hash(trained.cfg),
-        "moectl_version": __version__,
-        "torch_version": torch.__version__,
-        "exported_at": time.time(),
-        **extra,
-    }
-    (Path(directory) / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
 
 
 def check_target(out: Path, overwrite: bool) -> None:
@@ -76,18 +59,33 @@ def check_target(out: Path, overwrite: bool) -> None:
             raise CheckpointError(f"--overwrite: {out} is not a moectl bundle (no meta.json of one); refusing to replace it")
 
 
-def model_card(trained: Trained, meta: dict, eval_summary: Optional[dict], note: Optional[str]) -> str:
-    cfg, m = trained.cfg, trained.cfg.model
-    total, active = parameter_counts(trained.model)
+def _export_meta(loaded: LoadedModel, fmt: str, dtype: str, **measured) -> dict:
+    source = checkpoint.read_meta(loaded.checkpoint)
+    fields = dict(format=FORMATS[fmt], source_checkpoint=str(loaded.checkpoint), step=loaded.step, dtype=dtype,
+                  tokens_seen=source.get("tokens_seen", 0), eval_loss=source.get("eval_loss"))
+    return checkpoint.metadata(loaded.cfg, **{**fields, **measured})
+
+
+def _cast_copy(loaded: LoadedModel, dtype: str) -> torch.nn.Module:
+    """The model with its weights rounded to `dtype` (the loaded model itself for fp32)."""
+    return loaded.model if dtype == "fp32" else copy.deepcopy(loaded.model).to(DTYPES[dtype])
+
+
+# ------------------------------------------------------------------------------ safetensors bundle
+
+
+def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], note: Optional[str]) -> str:
+    cfg, m = loaded.cfg, loaded.cfg.model
+    total, active = parameter_counts(loaded.model)
     lines = [
-        f"# {trained.run_dir.name}",
+        f"# {loaded.run_dir.name}",
         "",
         f"A {m.arch} language model trained with moectl {__version__}, "
-        f"exported from `{trained.checkpoint}` (step {trained.step}).",
+        f"exported from `{loaded.checkpoint}` (step {loaded.step}).",
         "",
         "## Architecture",
         "",
-        f"- {m.arch}: {m.n_layers} layers, d_model {m.d_model}, activation {m.activation}, vocabulary {trained.tokenizer.get_vocab_size()}",
+        f"- {m.arch}: {m.n_layers} layers, d_model {m.d_model}, activation {m.activation}, vocabulary {loaded.tokenizer.get_vocab_size()}",
         f"- parameters: {total:,} total, {active:,} active per token",
     ]
     if cfg.is_moe:
@@ -105,15 +103,14 @@ def model_card(trained: Trained, meta: dict, eval_summary: Optional[dict], note:
     lines += ["", "## Quality", ""]
     if meta.get("eval_loss") is not None:
         loss = meta["eval_loss"]
-        lines.append(f"Validation loss at export: {loss:.4f} nats/token (perplexity {math.exp(min(loss, 50)):.2f}).")
+        lines.append(f"Validation loss at export: {loss:.4f} nats/token (perplexity {perplexity(loss):.2f}).")
     if eval_summary is not None:
         lines.append(f"Bits per byte on the validation split: {eval_summary['bits_per_byte']:.4f}.")
     if eval_summary is not None and eval_summary["layers"]:
-        lines += ["", "## Routing", "", "| layer | cv | max/mean | min/mean | entropy | dead experts | dropped |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "## Routing", "", "| layer | " + " | ".join(c.label for c in COLUMNS) + " |",
+                  "|---" * (len(COLUMNS) + 1) + "|"]
         for s in eval_summary["layers"]:
-            lines.append(f"| {s['slot']} | {s['cv']:.3f} | {s['max_over_mean']:.2f} | {s['min_over_mean']:.2f} | "
-                         f"{s['load_entropy']:.3f} | {s['dead_experts']} | {100 * s['drop_fraction']:.2f}% |")
+            lines.append(f"| {s['slot']} | " + " | ".join(c.format(s[c.name]) for c in COLUMNS) + " |")
     if note:
         lines += ["", note]
     lines += ["", "## Use", "", "```bash", "moectl eval THIS_DIRECTORY", "moectl route-stats THIS_DIRECTORY",
@@ -121,26 +118,87 @@ def model_card(trained: Trained, meta: dict, eval_summary: Optional[dict], note:
     return "\n".join(lines)
 
 
-def export_bundle(trained: Trained, out: Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
-    """Write the bundle (see the module docstring); returns its directory."""
+def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """Write the safetensors bundle (see the module docstring); returns its directory."""
     from safetensors.torch import save_model
-
-    from moectl import evaluate
 
     out = Path(out)
     check_target(out, overwrite)
     try:  # the card's routing summary and bits per byte, from the run's own validation data
-        summary, note = evaluate.run(trained).to_dict(), None
+        summary, note = evaluate_run(loaded).to_dict(), None
     except DataError as exc:
         summary, note = None, f"(No routing summary: the validation data could not be read at export: {exc})"
     with staged_directory(out) as tmp:
         # A cast copy keeps the source model exact (and its tied weights tied, stored once).
-        model = trained.model if dtype == "fp32" else copy.deepcopy(trained.model).to(DTYPES[dtype])
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(trained.step)})
-        os.chmod(tmp / "model.safetensors", 0o644)  # a bundle is for sharing
-        config.save(trained.cfg, tmp / "config.yaml")
-        shutil.copyfile(trained.run_dir / "tokenizer.json", tmp / "tokenizer.json")
+        save_model(_cast_copy(loaded, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(loaded.step)})
+        (tmp / "model.safetensors").chmod(0o644)  # a bundle is for sharing
+        config.save(loaded.cfg, tmp / "config.yaml")
+        shutil.copyfile(loaded.run_dir / "tokenizer.json", tmp / "tokenizer.json")
         measured = {"eval_loss": summary["loss"], "bits_per_byte": summary["bits_per_byte"]} if summary else {}
-        meta = mark_bundle(tmp, trained, dtype, "safetensors", **measured)
-        (tmp / "README.md").write_text(model_card(trained, meta, summary, note))
+        meta = _export_meta(loaded, "safetensors", dtype, **measured)
+        checkpoint.write_meta(tmp, meta)
+        (tmp / "README.md").write_text(model_card(loaded, meta, summary, note))
     return out
+
+
+# ------------------------------------------------------------------------------ transformers
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise MoectlError(
+            "--format hf needs Hugging Face transformers: pip install 'moectl[hf]' (or pip install transformers)"
+        ) from None
+    transformers.utils.logging.set_verbosity_error()  # its load bars and notices; moectl reports the outcome
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def export_hf(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """Write the transformers directory atomically, after checking in transformers that its
+    logits equal moectl's (to 1e-4, with the weights as stored)."""
+    from safetensors.torch import save_file
+
+    reason = hf.refusal(loaded.cfg)
+    if reason:
+        raise ConfigError(f"cannot export to transformers: {reason}")
+    transformers = _require_transformers()
+    out = Path(out)
+    check_target(out, overwrite)
+    eot = loaded.tokenizer.token_to_id(loaded.cfg.tokenizer.eot_token)
+    with staged_directory(out) as tmp:
+        hf_config = hf.hf_config(loaded.cfg, loaded.tokenizer.get_vocab_size(), eot)
+        setattr(hf_config, "dtype" if hasattr(hf_config, "dtype") else "torch_dtype", DTYPES[dtype])
+        hf_config.save_pretrained(tmp)
+        stored = _cast_copy(loaded, dtype)
+        tensors = hf.to_transformers(loaded.cfg, stored.state_dict())
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        eot_token = loaded.cfg.tokenizer.eot_token if eot is not None else None
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=loaded.tokenizer, eos_token=eot_token, pad_token=eot_token)
+        fast.save_pretrained(tmp)
+        transformers.GenerationConfig(eos_token_id=eot, pad_token_id=eot).save_pretrained(tmp)
+        checkpoint.write_meta(tmp, _export_meta(loaded, "hf", dtype))
+        diff = max_logit_difference(loaded, stored.float(), tmp)
+        if diff > 1e-4:
+            raise MoectlError(
+                f"export check failed: transformers' logits differ from moectl's by {diff:.3g}; nothing was written "
+                "(please report this as a bug)"
+            )
+    return out
+
+
+@torch.no_grad()
+def max_logit_difference(loaded: LoadedModel, model: torch.nn.Module, hf_dir: Path, length: int = 32) -> float:
+    """Max |logit difference| between `model` (moectl) and the transformers directory on one
+    random sequence, both in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    theirs_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, loaded.tokenizer.get_vocab_size(), (1, min(length, loaded.cfg.data.seq_len)), generator=g)
+    ours = model(ids.to(loaded.device)).logits.float().cpu()
+    theirs = theirs_model(ids).logits.float()
+    return float((ours - theirs).abs().max())

@@ -4,7 +4,8 @@ new token was routed to in one MoE layer.
 Each step runs the model on the last data.seq_len tokens (the context it was trained on) and
 samples the next token from softmax(logits / temperature), restricted to the top-k tokens and
 to the smallest set whose probability reaches top-p. Temperature 0 is greedy. A seeded
-generator makes sampling reproducible. Generation stops at the end-of-text token.
+generator makes sampling reproducible. Generation stops at the end-of-text token. `show`
+prints the text, each new token coloured by its top-1 expert in the chosen layer.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Optional
 
 import torch
 
+from moectl import console
 from moectl.errors import ConfigError
-from moectl.trained import Trained, check_layer
+from moectl.loaded_model import LoadedModel, check_layer
 
 
 @dataclass
@@ -66,7 +68,7 @@ def token_pieces(tok, ids: list[int]) -> list[str]:
 
 @torch.no_grad()
 def generate(
-    trained: Trained,
+    loaded: LoadedModel,
     prompt: str,
     max_new_tokens: int = 100,
     temperature: float = 1.0,
@@ -81,8 +83,8 @@ def generate(
         raise ConfigError(f"--top-p {top_p}: must be in (0, 1]")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"--top-k {top_k}: must be >= 1")
-    record_index = check_layer(trained, show_layer) if show_layer is not None else None
-    tok, cfg = trained.tokenizer, trained.cfg
+    record_index = check_layer(loaded, show_layer) if show_layer is not None else None
+    tok, cfg = loaded.tokenizer, loaded.cfg
     eot = tok.token_to_id(cfg.tokenizer.eot_token)
     ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
     if not ids:
@@ -94,7 +96,7 @@ def generate(
     result = Generation(prompt=prompt)
 
     def forward():
-        out = trained.model(torch.tensor([ids[-cfg.data.seq_len :]], device=trained.device))  # (1, T)
+        out = loaded.model(torch.tensor([ids[-cfg.data.seq_len :]], device=loaded.device))  # (1, T)
         if record_index is not None and len(ids) > start:
             # The newest token's own routing: the expert with the largest gate weight for it.
             result.experts.append(int(out.routing[record_index].dense_weights()[-1].argmax()))
@@ -115,3 +117,31 @@ def generate(
         forward()  # route the last new token too
     result.pieces = token_pieces(tok, result.token_ids)
     return result
+
+
+# Distinct colours for experts; beyond the list, xterm-256 colours.
+EXPERT_COLOURS = ("red", "green", "blue", "magenta", "cyan", "yellow", "bright_red", "bright_green",
+                  "bright_blue", "bright_magenta", "bright_cyan", "orange3", "purple", "turquoise2", "gold1", "deep_pink2")
+
+
+def expert_colour(expert: int) -> str:
+    return EXPERT_COLOURS[expert] if expert < len(EXPERT_COLOURS) else f"color({16 + (expert * 37) % 216})"
+
+
+def show(result: Generation, num_experts: int, layer: Optional[int]) -> None:
+    """The prompt, then the new text, coloured by expert when asked, and a legend."""
+    from rich.text import Text
+
+    text = Text(result.prompt, style="dim")
+    if layer is None:
+        text.append(result.text)
+        console.out.print(text)
+        return
+    for piece, expert in zip(result.pieces, result.experts):
+        text.append(piece, style=f"bold {expert_colour(expert)}")
+    console.out.print(text)
+    legend = Text(f"layer {layer:02d}, top-1 expert of each new token: ")
+    used = sorted(set(result.experts))
+    for e in range(num_experts):
+        legend.append(f" {e} ", style=f"reverse {expert_colour(e)}" if e in used else "dim")
+    console.out.print(legend)

@@ -1,11 +1,10 @@
-"""Hugging Face transformers interop: `moectl export --format hf` writes a directory that
-`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load as-is, and
-`train.init_from` reads a Mixtral directory back.
+"""The mapping between moectl models and Hugging Face transformers' Mixtral and Qwen2-MoE: which
+configs have an exact equivalent, their transformers configs, and the state dicts both ways.
+Pure functions of configs and tensors: export.py writes the directory, warmstart.py reads one.
 
-Only a model that transformers computes exactly is exported; anything else is refused with one
-line naming the reason. A plain top-k MoE in every block becomes MixtralForCausalLM; a gated
-shared expert, top-k weights without renormalising, or dense blocks between MoE blocks need
-Qwen2MoeForCausalLM. Both use pre-norm RMSNorm, rotary embeddings in the rotate-half layout,
+Only a model that transformers computes exactly maps; `refusal` names the reason otherwise. A
+plain top-k MoE in every block becomes MixtralForCausalLM; a gated shared expert, top-k weights
+without renormalising, or dense blocks between MoE blocks need Qwen2MoeForCausalLM. Both use pre-norm RMSNorm, rotary embeddings in the rotate-half layout,
 softmax routing in fp32 and SwiGLU experts silu(x W_gate) * (x W_up) W_down, as moectl does.
 Mixtral names (moectl -> transformers):
 
@@ -26,16 +25,15 @@ The per-expert layouts are the ones these models' checkpoints use and transforme
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from moectl.config import Config
-from moectl.errors import ConfigError, MoectlError
-from moectl.fileio import staged_directory
-from moectl.trained import Trained
 
+Tensors = dict[str, torch.Tensor]
+# Per-expert tensor names: (moectl, Mixtral, Qwen2-MoE)
+EXPERT_NAMES = (("w_gate", "w1", "gate_proj"), ("w_down", "w2", "down_proj"), ("w_up", "w3", "up_proj"))
 
 
 def refusal(cfg: Config) -> Optional[str]:
@@ -59,33 +57,30 @@ def refusal(cfg: Config) -> Optional[str]:
     return None
 
 
+def _renormalized(cfg: Config) -> bool:
+    return cfg.moe.router == "noisy_topk" or cfg.moe.renormalize
+
+
 def architecture(cfg: Config) -> str:
     """`mixtral`, or `qwen2_moe` for what only it has: a gated shared expert, top-k weights that are
     not renormalised (its norm_topk_prob switch), or dense FFN blocks between MoE blocks (its
     decoder_sparse_step, which counts blocks as moe.every does)."""
-    renormalized = cfg.moe.router == "noisy_topk" or cfg.moe.renormalize
-    return "qwen2_moe" if cfg.moe.shared_experts or not renormalized or cfg.moe.every != 1 else "mixtral"
+    return "qwen2_moe" if cfg.moe.shared_experts or not _renormalized(cfg) or cfg.moe.every != 1 else "mixtral"
 
 
-def _require_transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise MoectlError(
-            "--format hf needs Hugging Face transformers: pip install 'moectl[hf]' (or pip install transformers)"
-        ) from None
-    return transformers
+def _shared_hidden(cfg: Config) -> int:
+    return cfg.moe.shared_experts * (cfg.moe.shared_expert_hidden or cfg.expert_hidden)
 
 
-def hf_config(trained: Trained, eot: Optional[int]):
-    """The transformers config of the exported model (Mixtral or Qwen2-MoE)."""
+def hf_config(cfg: Config, vocab_size: int, eot: Optional[int]):
+    """The transformers config of the model (MixtralConfig or Qwen2MoeConfig)."""
     import inspect
 
     from transformers import MixtralConfig, Qwen2MoeConfig
 
-    cfg, m, moe = trained.cfg, trained.cfg.model, trained.cfg.moe
+    m, moe = cfg.model, cfg.moe
     common = dict(
-        vocab_size=trained.tokenizer.get_vocab_size(),
+        vocab_size=vocab_size,
         hidden_size=m.d_model,
         num_hidden_layers=m.n_layers,
         num_attention_heads=m.n_heads,
@@ -108,7 +103,7 @@ def hf_config(trained: Trained, eot: Optional[int]):
             moe_intermediate_size=cfg.expert_hidden,
             shared_expert_intermediate_size=_shared_hidden(cfg) or 1,  # no shared experts: one zero expert
             num_experts=moe.num_experts,
-            norm_topk_prob=moe.router == "noisy_topk" or moe.renormalize,
+            norm_topk_prob=_renormalized(cfg),
             decoder_sparse_step=moe.every,
             mlp_only_layers=[],
             qkv_bias=False,
@@ -133,57 +128,47 @@ def hf_config(trained: Trained, eot: Optional[int]):
     return klass(**kwargs)
 
 
-def _shared_hidden(cfg: Config) -> int:
-    return cfg.moe.shared_experts * (cfg.moe.shared_expert_hidden or cfg.expert_hidden)
+# ---------------------------------------------------------------------- moectl -> transformers
 
 
-# Per-expert tensor names: (moectl, Mixtral, Qwen2-MoE)
-EXPERT_NAMES = (("w_gate", "w1", "gate_proj"), ("w_down", "w2", "down_proj"), ("w_up", "w3", "up_proj"))
-
-
-def hf_state_dict(trained: Trained, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """moectl's weights under the transformers architecture's names, in its per-expert layout."""
-    if architecture(trained.cfg) == "mixtral":
-        return mixtral_state_dict(trained, dtype)
-    sd = trained.model.state_dict()
-    out = _shared_outside_ffn(trained, sd)
-    for i in range(trained.cfg.model.n_layers):
-        moe, dst = f"blocks.{i}.ffn.inner.", f"model.layers.{i}.mlp."
+def to_transformers(cfg: Config, sd: Tensors) -> Tensors:
+    """moectl's weights under the architecture's names, in its per-expert layout (views of `sd`)."""
+    out = _outside_ffn(cfg, sd)
+    qwen = architecture(cfg) == "qwen2_moe"
+    column = 2 if qwen else 1
+    for i in range(cfg.model.n_layers):
+        moe = f"blocks.{i}.ffn.inner."
+        dst = f"model.layers.{i}.mlp." if qwen else f"model.layers.{i}.block_sparse_moe."
         if moe + "router.weight" not in sd:  # a dense block: Qwen2MoeMLP
-            for ours, _, theirs in EXPERT_NAMES:
-                out[f"{dst}{theirs}.weight"] = sd[moe + ours].t()
+            for names in EXPERT_NAMES:
+                out[f"{dst}{names[2]}.weight"] = sd[moe + names[0]].t()
             continue
         out[dst + "gate.weight"] = sd[moe + "router.weight"]
-        _unstack_experts(out, sd, moe, dst, column=2)
-        d, width = trained.cfg.model.d_model, _shared_hidden(trained.cfg)
-        for ours, _, theirs in EXPERT_NAMES:
-            w = sd.get(f"{moe}shared.{ours}")
-            zero = torch.zeros((1, d) if ours != "w_down" else (d, 1))  # no shared expert: a zero one adds 0
-            out[f"{dst}shared_expert.{theirs}.weight"] = w.t() if width else zero
-        gate = sd.get(moe + "shared_gate.weight")
-        out[dst + "shared_expert_gate.weight"] = gate if gate is not None else torch.zeros(1, d)
-    return _cast(out, dtype)
+        for names in EXPERT_NAMES:
+            stacked = sd[f"{moe}experts.{names[0]}"]  # (E, in, out) -> E of (out, in)
+            for e in range(stacked.shape[0]):
+                out[f"{dst}experts.{e}.{names[column]}.weight"] = stacked[e].t()
+        if qwen:
+            _shared_expert(cfg, sd, moe, dst, out)
+    return out
 
 
-def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to(dtype).contiguous().clone() for k, v in tensors.items()}
+def _shared_expert(cfg: Config, sd: Tensors, moe: str, dst: str, out: Tensors) -> None:
+    """Qwen2-MoE's gated shared expert; a model without one gets a zero expert, which adds 0."""
+    d, width = cfg.model.d_model, _shared_hidden(cfg)
+    for ours, _, theirs in EXPERT_NAMES:
+        zero = torch.zeros((1, d) if ours != "w_down" else (d, 1))
+        out[f"{dst}shared_expert.{theirs}.weight"] = sd[f"{moe}shared.{ours}"].t() if width else zero
+    gate = sd.get(moe + "shared_gate.weight")
+    out[dst + "shared_expert_gate.weight"] = gate if gate is not None else torch.zeros(1, d)
 
 
-def _unstack_experts(out: dict, sd: dict, moe: str, prefix: str, column: int) -> None:
-    """moectl's stacked (E, in, out) expert weights as one (out, in) Linear weight per expert,
-    named by EXPERT_NAMES[column] (1: Mixtral, 2: Qwen2-MoE)."""
-    for names in EXPERT_NAMES:
-        stacked = sd[f"{moe}experts.{names[0]}"]
-        for e in range(stacked.shape[0]):
-            out[f"{prefix}experts.{e}.{names[column]}.weight"] = stacked[e].t()
-
-
-def _shared_outside_ffn(trained: Trained, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _outside_ffn(cfg: Config, sd: Tensors) -> Tensors:
     """Embeddings, norms and attention: the same names in Mixtral and Qwen2-MoE."""
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
-    if not trained.cfg.model.tie_embeddings:
+    if not cfg.model.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
-    for i in range(trained.cfg.model.n_layers):
+    for i in range(cfg.model.n_layers):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         out[dst + "input_layernorm.weight"] = sd[src + "attn_norm.weight"]
         out[dst + "post_attention_layernorm.weight"] = sd[src + "ffn_norm.weight"]
@@ -192,89 +177,12 @@ def _shared_outside_ffn(trained: Trained, sd: dict[str, torch.Tensor]) -> dict[s
     return out
 
 
-def mixtral_state_dict(trained: Trained, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """moectl's weights under Mixtral's names, in the per-expert layout."""
-    sd = trained.model.state_dict()
-    out = _shared_outside_ffn(trained, sd)
-    for i in range(trained.cfg.model.n_layers):
-        moe, dst = f"blocks.{i}.ffn.inner.", f"model.layers.{i}."
-        out[dst + "block_sparse_moe.gate.weight"] = sd[moe + "router.weight"]
-        _unstack_experts(out, sd, moe, dst + "block_sparse_moe.", column=1)
-    return _cast(out, dtype)
+# ------------------------------------------------------------------------- Mixtral -> moectl
 
 
-def export_hf(trained: Trained, out: Path, dtype: str = "fp32", overwrite: bool = False, verify: bool = True) -> Path:
-    """Write the transformers directory atomically; with `verify`, load it in transformers and check
-    that its logits equal moectl's before it is put in place."""
-    from safetensors.torch import save_file
-
-    from moectl.export import DTYPES, check_target, mark_bundle
-
-    reason = refusal(trained.cfg)
-    if reason:
-        raise ConfigError(f"cannot export to transformers: {reason}")
-    transformers = _require_transformers()
-    transformers.utils.logging.set_verbosity_error()  # its load bars and notices; moectl reports the outcome
-    transformers.utils.logging.disable_progress_bar()
-    from transformers import GenerationConfig, PreTrainedTokenizerFast
-
-    out = Path(out)
-    check_target(out, overwrite)
-    eot = trained.tokenizer.token_to_id(trained.cfg.tokenizer.eot_token)
-    with staged_directory(out) as tmp:
-        config_ = hf_config(trained, eot)
-        setattr(config_, "dtype" if hasattr(config_, "dtype") else "torch_dtype", DTYPES[dtype])
-        config_.save_pretrained(tmp)
-        save_file(hf_state_dict(trained, DTYPES[dtype]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        eot_token = trained.cfg.tokenizer.eot_token if eot is not None else None
-        fast = PreTrainedTokenizerFast(tokenizer_object=trained.tokenizer, eos_token=eot_token, pad_token=eot_token)
-        fast.save_pretrained(tmp)
-        GenerationConfig(eos_token_id=eot, pad_token_id=eot).save_pretrained(tmp)
-        mark_bundle(tmp, trained, dtype, fmt="hf")
-        if verify:
-            diff = max_logit_difference(trained, tmp, DTYPES[dtype])
-            if diff > 1e-4:
-                raise MoectlError(
-                    f"export check failed: transformers' logits differ from moectl's by {diff:.3g}; nothing was written "
-                    "(please report this as a bug)"
-                )
-    return out
-
-
-@torch.no_grad()
-def max_logit_difference(trained: Trained, hf_dir: Path, stored: torch.dtype = torch.float32, length: int = 32) -> float:
-    """Max |logit difference| between moectl and transformers on one random sequence, both in
-    fp32 with the weights as stored (rounded to `stored`)."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    model = trained.model if stored == torch.float32 else copy.deepcopy(trained.model).to(stored).float()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, trained.tokenizer.get_vocab_size(), (1, min(length, trained.cfg.data.seq_len)), generator=g)
-    ours = model(ids.to(trained.device)).logits.float().cpu()
-    theirs = hf(ids).logits.float()
-    return float((ours - theirs).abs().max())
-
-
-# ---------------------------------------------------------------------------------- import
-
-
-def is_mixtral_dir(path: Path) -> bool:
-    import json
-
-    try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "mixtral"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def check_mixtral_config(path: Path, cfg: Config) -> None:
-    """The Mixtral directory's shapes must be the ones the moectl config builds; name the first that differs."""
-    import json
-
-    hc = json.loads((Path(path) / "config.json").read_text())
+def mixtral_mismatch(hc: dict[str, Any], cfg: Config) -> Optional[str]:
+    """The first way a Mixtral config.json (as a dict) differs from the model `cfg` builds, or why
+    `cfg` is not a Mixtral model at all; None when they are the same model."""
     rope = (hc.get("rope_parameters") or {}).get("rope_theta", hc.get("rope_theta", 10000.0))
     m = cfg.model
     pairs = [
@@ -291,33 +199,18 @@ def check_mixtral_config(path: Path, cfg: Config) -> None:
     ]
     for theirs_name, theirs, ours_name, ours in pairs:
         if theirs != ours:
-            raise ConfigError(
-                f"train.init_from={str(path)!r}: its {theirs_name} is {theirs} but {ours_name} is {ours}; "
-                "set the model and moe sections to match the Mixtral checkpoint"
-            )
+            return f"its {theirs_name} is {theirs} but {ours_name} is {ours}; set the model and moe sections to match it"
     reason = refusal(cfg) or (None if architecture(cfg) == "mixtral" else
                               "it has shared experts, dense blocks or unrenormalised top-k weights, which Mixtral has not")
     if reason:
-        raise ConfigError(f"train.init_from={str(path)!r} is a Mixtral model, but this config is not: {reason}")
+        return f"it is a Mixtral model, but this config is not: {reason}"
     if hc.get("head_dim") not in (None, m.d_model // m.n_heads):
-        raise ConfigError(f"train.init_from={str(path)!r}: head_dim {hc['head_dim']} != model.d_model / model.n_heads")
+        return f"its head_dim {hc['head_dim']} != model.d_model / model.n_heads"
+    return None
 
 
-def load_mixtral_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a Mixtral directory (one or more safetensors files), by name."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise ConfigError(f"train.init_from={str(path)!r}: no .safetensors weights in the Mixtral directory")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(str(f)))
-    return out
-
-
-def moectl_state_dict(hf_sd: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """The inverse of `mixtral_state_dict`: Mixtral's per-expert tensors into moectl's names."""
+def from_mixtral(hf_sd: Tensors, cfg: Config) -> Tensors:
+    """Mixtral's per-expert tensors under moectl's names, stacked per layer (fp32)."""
     get = lambda k: hf_sd[k].float()  # noqa: E731
     out = {"embed.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
     out["lm_head.weight"] = get("lm_head.weight") if "lm_head.weight" in hf_sd else out["embed.weight"]

@@ -24,8 +24,9 @@ import torch
 from moectl import plots
 from moectl.errors import ConfigError
 from moectl.evaluate import split_batches
-from moectl.stats import RoutingProfile
-from moectl.trained import Trained
+from moectl.loaded_model import LoadedModel
+from moectl.stats import COLUMNS, LayerStats, RoutingProfile
+from moectl.tracking import Tracker
 
 POSITION_BINS = 8
 
@@ -38,8 +39,8 @@ JSON_KEYS = {
     "collapse_threshold": "max/mean load above which a layer is flagged as collapsed (log.collapse_threshold)",
     "layers": "one entry per MoE layer, keys below",
     "layers[].slot": "FFN slot of the layer (the transformer block, or the gap after LSTM layer N)",
-    "layers[].stats": "the layer's balance statistics: load, share, cv, max_over_mean, min_over_mean, load_entropy, "
-    "router_entropy, drop_fraction, dead_experts, tokens, top20_share, bottom20_share (see moectl/stats.py)",
+    "layers[].stats": "the layer's balance statistics: load, share, tokens, "
+    + ", ".join(c.name for c in COLUMNS) + " (moectl/stats.py)",
     "layers[].collapsed": "max_over_mean > collapse_threshold",
     "layers[].experts": "per expert: expert, load (assignments processed), share, importance (share of summed router "
     "probability), drop_fraction (chosen but dropped by capacity), top10_share (share of its assignments taken by its "
@@ -52,25 +53,25 @@ JSON_KEYS = {
 }
 
 
-def _check_moe(trained: Trained) -> None:
-    if not trained.slots:
-        raise ConfigError(f"{trained.run_dir} is a dense model: it has no MoE layers, so no routing to report")
+def _check_moe(loaded: LoadedModel) -> None:
+    if not loaded.slots:
+        raise ConfigError(f"{loaded.run_dir} is a dense model: it has no MoE layers, so no routing to report")
 
 
-def profile(trained: Trained, split: str, max_batches: Optional[int], other: Optional[Trained] = None):
+def profile(loaded: LoadedModel, split: str, max_batches: Optional[int], other: Optional[LoadedModel] = None):
     """Route the split's batches; returns (profile, batches, drift) where drift is per layer
     [top-1 changed count, tokens, then the other model's load per expert] against `other`, or None."""
-    _check_moe(trained)
-    cfg = trained.cfg
-    blocks, _, batches = split_batches(trained, split, max_batches)
+    _check_moe(loaded)
+    cfg = loaded.cfg
+    blocks, _, batches = split_batches(loaded, split, max_batches)
     prof = RoutingProfile(
-        len(trained.slots), cfg.moe.num_experts, cfg.data.seq_len, trained.tokenizer.get_vocab_size(), trained.device
+        len(loaded.slots), cfg.moe.num_experts, cfg.data.seq_len, loaded.tokenizer.get_vocab_size(), loaded.device
     )
-    drift = np.zeros((len(trained.slots), 2 + cfg.moe.num_experts)) if other is not None else None
+    drift = np.zeros((len(loaded.slots), 2 + cfg.moe.num_experts)) if other is not None else None
     with torch.no_grad():
         for ids in batches:
             x, _ = blocks.batch(ids)
-            records = trained.model(x.to(trained.device)).routing
+            records = loaded.model(x.to(loaded.device)).routing
             prof.update(records, x)
             if other is not None:
                 theirs = other.model(x.to(other.device)).routing
@@ -94,31 +95,30 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
     return 0.5 * kl(p) + 0.5 * kl(q)
 
 
-def token_text(trained: Trained, idx: int) -> str:
+def token_text(loaded: LoadedModel, idx: int) -> str:
     """A token as readable text: decoded when it is whole characters, else its raw vocabulary form."""
-    text = trained.tokenizer.decode([idx], skip_special_tokens=False)
+    text = loaded.tokenizer.decode([idx], skip_special_tokens=False)
     if not text or "\ufffd" in text:
-        text = trained.tokenizer.id_to_token(idx) or f"<{idx}>"
+        text = loaded.tokenizer.id_to_token(idx) or f"<{idx}>"
     return text
 
 
-def report(trained: Trained, split: str = "validation", max_batches: Optional[int] = None,
-           other: Optional[Trained] = None) -> dict:
+def report(loaded: LoadedModel, split: str = "validation", max_batches: Optional[int] = None,
+           other: Optional[LoadedModel] = None) -> dict:
     """The full route-stats report as a JSON-ready dict (keys: JSON_KEYS)."""
     if other is not None:
-        _check_compatible(trained, other)
-    prof, batches, drift = profile(trained, split, max_batches, other)
-    e, threshold = trained.cfg.moe.num_experts, trained.cfg.log.collapse_threshold
+        _check_compatible(loaded, other)
+    prof, batches, drift = profile(loaded, split, max_batches, other)
+    e, threshold = loaded.cfg.moe.num_experts, loaded.cfg.log.collapse_threshold
     layers = []
-    for i, slot in enumerate(trained.slots):
-        s = prof.layer_stats(i)
+    for i, (slot, s) in enumerate(zip(loaded.slots, prof.summary())):
         importance = (prof.importance[i] / prof.importance[i].sum().clamp_min(1e-30)).tolist()
         chosen, load = prof.chosen[i].tolist(), prof.load[i].tolist()
         experts = []
         for k in range(e):
             spec = prof.specialisation(i, k)
             for t in spec["top_tokens"]:
-                t["text"] = token_text(trained, t["id"])
+                t["text"] = token_text(loaded, t["id"])
             experts.append({
                 "expert": k,
                 "load": int(load[k]),
@@ -128,7 +128,7 @@ def report(trained: Trained, split: str = "validation", max_batches: Optional[in
                 **spec,
             })
         tokens = max(float(prof.tokens[i]), 1.0)
-        bins = np.array_split(np.arange(trained.cfg.data.seq_len), min(POSITION_BINS, trained.cfg.data.seq_len))
+        bins = np.array_split(np.arange(loaded.cfg.data.seq_len), min(POSITION_BINS, loaded.cfg.data.seq_len))
         by_pos = prof.by_position[i].cpu().numpy()
         pos_load = np.stack([by_pos[b].sum(0) for b in bins])  # (bins, E)
         pos_share = pos_load / np.maximum(pos_load.sum(1, keepdims=True), 1e-300)
@@ -141,8 +141,8 @@ def report(trained: Trained, split: str = "validation", max_batches: Optional[in
             "by_position": {"bins": [int(b[0]) for b in bins], "share": pos_share.tolist()},
         })
     out = {
-        "checkpoint": str(trained.checkpoint),
-        "step": trained.step,
+        "checkpoint": str(loaded.checkpoint),
+        "step": loaded.step,
         "split": split,
         "batches": len(batches),
         "tokens": int(prof.tokens[0]),
@@ -161,7 +161,7 @@ def report(trained: Trained, split: str = "validation", max_batches: Optional[in
     return out
 
 
-def _check_compatible(a: Trained, b: Trained) -> None:
+def _check_compatible(a: LoadedModel, b: LoadedModel) -> None:
     if a.tokenizer.to_str() != b.tokenizer.to_str():
         raise ConfigError(f"--compare: {b.run_dir} uses another tokenizer, so the same tokens cannot be routed through both")
     if a.slots != b.slots or a.cfg.moe.num_experts != b.cfg.moe.num_experts:
@@ -176,9 +176,6 @@ def _check_compatible(a: Trained, b: Trained) -> None:
 
 def write_outputs(rep: dict, out_dir: Path) -> list[Path]:
     """stats.json, layerNN.csv, load_heatmap.png, coselection_layerNN.png, tensorboard/."""
-    from moectl.stats import LayerStats
-    from moectl.tracking import Tracker, layer_tag
-
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "stats.json"]
     (out_dir / "stats.json").write_text(json.dumps(rep, indent=2) + "\n")
@@ -206,7 +203,7 @@ def write_outputs(rep: dict, out_dir: Path) -> list[Path]:
         path = out_dir / f"coselection_layer{layer['slot']:02d}.png"
         plots.save_png(image, path)
         written.append(path)
-        tracker.image(f"{layer_tag(layer['slot'])}/coselection", image, rep["step"])
+        tracker.coselection(layer["slot"], image, rep["step"])
     tracker.close()
     written.append(out_dir / "tensorboard")
     return written
@@ -234,11 +231,14 @@ def render(rep: dict, width: int = 80) -> list[str]:
     most = []
     for layer in rep["layers"]:
         s, e = layer["stats"], len(layer["experts"])
-        flag = "  COLLAPSED" if layer["collapsed"] else ""
-        lines.append(f"layer {layer['slot']:02d}  cv {s['cv']:.2f}  max/mean {s['max_over_mean']:.2f}  "
-                     f"min/mean {s['min_over_mean']:.2f}  entropy {s['load_entropy']:.3f}{flag}")
-        lines.append(f"          dead {s['dead_experts']}  dropped {100 * s['drop_fraction']:.1f}%  "
-                     f"top 20% of experts {100 * s['top20_share']:.0f}%  bottom 20% {100 * s['bottom20_share']:.0f}%")
+        cells = ["COLLAPSED"] * layer["collapsed"] + [f"{c.label} {c.format(s[c.name])}" for c in COLUMNS]
+        line = f"layer {layer['slot']:02d}"
+        for cell in cells:
+            if len(line) + 2 + len(cell) > width:
+                lines.append(line)
+                line = " " * 8
+            line += "  " + cell
+        lines.append(line)
         lines.append("  exp share (full bar: 2/E)      imp.  drop top10  tokens it takes most (lift)")
         for x in layer["experts"]:
             head = (f"  {x['expert']:>3} {_bar(x['share'] * e / 2, 14)} {100 * x['share']:5.1f}% "

@@ -1,41 +1,60 @@
-"""Routing statistics, computed in one place from routing records.
+"""Routing statistics, computed in one place from routing records (moe/record.py).
 
-`RoutingStats` accumulates counts over a window of steps on the device (no host sync per
-step); `summarize()` turns a layer's counts into the numbers training logs and, later, eval
-and route-stats report. Definitions (E experts; load_i = assignments expert i processed):
+`COLUMNS` is the one list of per-layer statistics: TensorBoard's routing scalars, the progress
+bar's imbalance, `moectl eval`'s table, route-stats' report and the export model card all show
+these names, labels and formats. `summarize()` turns one layer's counts into a `LayerStats`:
+the columns plus load (E,) assignments processed per expert, share (E,) = load / sum(load),
+and the tokens routed. Population statistics over the E experts throughout.
 
-- share_i          load_i / sum(load)
-- cv               std(load) / mean(load), population std over the E experts (0 = balanced)
-- max_over_mean    max(load) / mean(load) (1 = balanced; E / K when every token picks the same K)
-- min_over_mean    min(load) / mean(load)
-- load_entropy     H(share) / log E (1 = balanced, 0 = one expert)
-- router_entropy   mean over tokens of H(p(x)) / log E (1 = the router cannot tell experts apart)
-- drop_fraction    assignments dropped by capacity / assignments chosen
-- dead_experts     experts that processed no token in the window
-- top20_share      share of the load on the busiest 20% of experts (at least one); 0.2 = balanced
-- bottom20_share   share of the load on the idlest 20% of experts (at least one); 0.2 = balanced
-
-`RoutingProfile` (route-stats) accumulates more per layer from the same records: per-expert
-importance and drops, top-k co-selection, load by position and load by input token, and turns
-the layer counts into the same `LayerStats` through `summarize`.
+Two accumulators, on the device (no host sync per step), over a window of forward passes:
+`RoutingStats` holds the counts `summarize` needs (training logs it every log.every steps;
+eval reports it); `RoutingProfile` extends it with what route-stats explains: per-expert
+importance and drops, top-k co-selection, load by position and load by input token.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from moectl.moe import RoutingRecord
+if TYPE_CHECKING:
+    from moectl.moe import RoutingRecord
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str  # the LayerStats field, JSON key and TensorBoard tag
+    label: str  # its header in tables
+    spec: str  # format spec of its value; "%" prints a fraction as a percentage
+    meaning: str
+
+    def format(self, value: float) -> str:
+        return f"{100 * value:.1f}%" if self.spec == "%" else format(value, self.spec)
+
+
+COLUMNS = (
+    Column("cv", "cv", ".3f", "std(load) / mean(load) (0 = balanced)"),
+    Column("max_over_mean", "max/mean", ".2f", "max(load) / mean(load) (1 = balanced; E / K when all tokens pick the same K)"),
+    Column("min_over_mean", "min/mean", ".2f", "min(load) / mean(load)"),
+    Column("load_entropy", "entropy", ".3f", "H(share) / log E (1 = balanced, 0 = one expert)"),
+    Column("router_entropy", "router H", ".3f", "mean over tokens of H(p(x)) / log E (1 = the router cannot tell experts apart)"),
+    Column("drop_fraction", "drop", "%", "assignments dropped by capacity / assignments chosen"),
+    Column("dead_experts", "dead", "d", "experts that processed no token"),
+    Column("top20_share", "top20", "%", "share of the load on the busiest 20% of experts (at least one; 0.2 = balanced)"),
+    Column("bottom20_share", "bot20", "%", "share of the load on the idlest 20% of experts (at least one)"),
+)
 
 
 @dataclass
 class LayerStats:
     load: list[int]  # (E,) assignments processed per expert
     share: list[float]  # (E,) load / sum(load)
+    tokens: int
     cv: float
     max_over_mean: float
     min_over_mean: float
@@ -43,16 +62,24 @@ class LayerStats:
     router_entropy: float
     drop_fraction: float
     dead_experts: int
-    tokens: int
-    top20_share: float = 0.0
-    bottom20_share: float = 0.0
+    top20_share: float
+    bottom20_share: float
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def row(self) -> list[str]:
+        """The columns, formatted."""
+        return [c.format(getattr(self, c.name)) for c in COLUMNS]
+
+
+def worst_imbalance(layers: list[LayerStats]) -> float:
+    """The most imbalanced layer's max/mean load: the progress bar's one routing number."""
+    return max(s.max_over_mean for s in layers)
+
 
 def summarize(load: Tensor, entropy_sum: float, tokens: int, dropped: int) -> LayerStats:
-    """One layer's statistics from its window counts (see the module docstring)."""
+    """One layer's statistics from its window counts (see COLUMNS)."""
     load64 = load.detach().double().cpu()
     e = load64.numel()
     total = float(load64.sum())
@@ -67,6 +94,7 @@ def summarize(load: Tensor, entropy_sum: float, tokens: int, dropped: int) -> La
     return LayerStats(
         load=[int(v) for v in load64.tolist()],
         share=[float(v) for v in share.tolist()],
+        tokens=tokens,
         cv=float(load64.std(unbiased=False) / mean) if mean > 0 else 0.0,
         max_over_mean=float(load64.max() / mean) if mean > 0 else 0.0,
         min_over_mean=float(load64.min() / mean) if mean > 0 else 0.0,
@@ -74,7 +102,6 @@ def summarize(load: Tensor, entropy_sum: float, tokens: int, dropped: int) -> La
         router_entropy=(entropy_sum / tokens) / log_e if tokens and e > 1 else 0.0,
         drop_fraction=dropped / chosen if chosen > 0 else 0.0,
         dead_experts=int((load64 == 0).sum()),
-        tokens=tokens,
         top20_share=float(ordered[:fifth].sum()),
         bottom20_share=float(ordered[-fifth:].sum()),
     )
@@ -85,44 +112,25 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-class RoutingStats:
-    """Per-layer routing counts accumulated over a window of forward passes."""
+class Sums:
+    """Accumulators that only ever add, kept on the device (float64, but float32 on MPS). Data-
+    parallel training adds them up over ranks in place (`tensors`); a checkpoint saves them.
+    Subclasses name them in FIELDS and create them in `reset`."""
 
-    FIELDS = ("load", "entropy_sum", "tokens", "dropped")
+    FIELDS: tuple[str, ...] = ()
 
-    def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu"):
-        self.num_layers = num_layers
-        self.num_experts = num_experts
+    def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.reset()
 
     def reset(self) -> None:
-        z = lambda *shape: torch.zeros(*shape, dtype=accumulator_dtype(self.device), device=self.device)  # noqa: E731
-        self.load = z(self.num_layers, self.num_experts)
-        self.entropy_sum = z(self.num_layers)
-        self.tokens = z(self.num_layers)
-        self.dropped = z(self.num_layers)
+        raise NotImplementedError
 
-    @torch.no_grad()
-    def update(self, records: list[RoutingRecord]) -> None:
-        for i, r in enumerate(records):
-            p = r.probs.detach()
-            self.load[i] += r.tokens_per_expert.to(self.load.dtype)
-            self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log()).sum().to(self.load.dtype)
-            self.tokens[i] += r.num_tokens
-            self.dropped[i] += r.num_dropped.to(self.load.dtype)
+    def zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=accumulator_dtype(self.device), device=self.device)
 
     def tensors(self) -> list[Tensor]:
-        """The accumulators, all sums: data-parallel training adds them up over ranks in place."""
         return [getattr(self, name) for name in self.FIELDS]
-
-    def empty(self) -> bool:
-        return self.num_layers == 0 or float(self.tokens.sum()) == 0
-
-    def summary(self) -> list[LayerStats]:
-        """Host sync: called once per logging window, not per step."""
-        entropy, tokens, dropped = self.entropy_sum.tolist(), self.tokens.tolist(), self.dropped.tolist()
-        return [summarize(self.load[i], entropy[i], int(tokens[i]), int(dropped[i])) for i in range(self.num_layers)]
 
     def state_dict(self) -> dict[str, Tensor]:
         return {name: getattr(self, name).cpu() for name in self.FIELDS}
@@ -132,57 +140,80 @@ class RoutingStats:
             setattr(self, name, state[name].to(self.device, accumulator_dtype(self.device)))
 
 
-class RoutingProfile:
-    """Everything route-stats reports, accumulated per MoE layer over batches (float64 counts but on MPS).
+class RoutingStats(Sums):
+    """Per-layer routing counts accumulated over a window of forward passes."""
 
-    Per layer l: load (E,) kept assignments; chosen (E,) before capacity; importance (E,) summed
-    router probabilities; coselect (E, E) tokens that chose both i and j (diagonal: chose i);
-    by_position (T, E) kept assignments by position in the sequence; by_token (V, E) kept
-    assignments by input token id; plus the router-entropy sum and token count. `token_counts`
-    (V,) counts every routed token once, the corpus the lifts compare against.
+    FIELDS = ("load", "entropy_sum", "tokens", "dropped")
+
+    def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu"):
+        self.num_layers, self.num_experts = num_layers, num_experts
+        super().__init__(device)
+
+    def reset(self) -> None:
+        self.load = self.zeros(self.num_layers, self.num_experts)
+        self.entropy_sum = self.zeros(self.num_layers)
+        self.tokens = self.zeros(self.num_layers)
+        self.dropped = self.zeros(self.num_layers)
+
+    @torch.no_grad()
+    def update(self, records: list[RoutingRecord]) -> None:
+        for i, r in enumerate(records):
+            p = r.probs.detach().to(self.device, self.load.dtype)
+            self.load[i] += r.tokens_per_expert.to(self.device, self.load.dtype)
+            self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log()).sum()
+            self.tokens[i] += r.num_tokens
+            self.dropped[i] += r.num_dropped.to(self.device, self.load.dtype)
+
+    def empty(self) -> bool:
+        return self.num_layers == 0 or float(self.tokens.sum()) == 0
+
+    def summary(self) -> list[LayerStats]:
+        """Host sync: called once per logging window, not per step."""
+        entropy, tokens, dropped = self.entropy_sum.tolist(), self.tokens.tolist(), self.dropped.tolist()
+        return [summarize(self.load[i], entropy[i], int(tokens[i]), round(dropped[i])) for i in range(self.num_layers)]
+
+
+class RoutingProfile(RoutingStats):
+    """The window counts plus everything route-stats explains, per MoE layer l:
+
+    chosen (E,) assignments before capacity; importance (E,) summed router probabilities;
+    coselect (E, E) tokens that chose both i and j (diagonal: chose i); by_position (T, E) kept
+    assignments by position in the sequence; by_token (V, E) kept assignments by input token id.
+    `token_counts` (V,) counts every routed token once, the corpus the lifts compare against.
     """
 
     def __init__(self, num_layers: int, num_experts: int, seq_len: int, vocab_size: int, device="cpu"):
-        dtype = accumulator_dtype(device)
-        z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        self.num_experts, self.seq_len = num_experts, seq_len
-        self.load = z(num_layers, num_experts)
-        self.chosen = z(num_layers, num_experts)
-        self.importance = z(num_layers, num_experts)
-        self.coselect = z(num_layers, num_experts, num_experts)
-        self.by_position = z(num_layers, seq_len, num_experts)
-        self.by_token = z(num_layers, vocab_size, num_experts)
-        self.entropy_sum = z(num_layers)
-        self.tokens = z(num_layers)
-        self.token_counts = z(vocab_size)
+        self.seq_len, self.vocab_size = seq_len, vocab_size
+        super().__init__(num_layers, num_experts, device)
+
+    def reset(self) -> None:
+        super().reset()
+        layers, e = self.num_layers, self.num_experts
+        self.chosen = self.zeros(layers, e)
+        self.importance = self.zeros(layers, e)
+        self.coselect = self.zeros(layers, e, e)
+        self.by_position = self.zeros(layers, self.seq_len, e)
+        self.by_token = self.zeros(layers, self.vocab_size, e)
+        self.token_counts = self.zeros(self.vocab_size)
 
     @torch.no_grad()
     def update(self, records: list[RoutingRecord], input_ids: Tensor) -> None:
         """`input_ids` (B, T): the tokens the records route, in the same (B*T) order."""
-        dev, dtype = self.load.device, self.load.dtype
+        super().update(records)
+        dev, dtype = self.device, self.load.dtype
         ids = input_ids.reshape(-1).to(dev)  # (N,)
         n, e = ids.numel(), self.num_experts
-        self.token_counts += torch.bincount(ids, minlength=self.token_counts.numel()).to(dtype)
+        self.token_counts += torch.bincount(ids, minlength=self.vocab_size).to(dtype)
         positions = torch.arange(n, device=dev) % input_ids.shape[-1]  # (N,)
         for i, r in enumerate(records):
-            p = r.probs.detach().to(dev, dtype)
-            self.load[i] += r.tokens_per_expert.to(dev, dtype)
             self.chosen[i] += r.chosen_per_expert().to(dev, dtype)
-            self.importance[i] += p.sum(0)
-            self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log()).sum()
-            self.tokens[i] += n
+            self.importance[i] += r.probs.detach().to(dev, dtype).sum(0)
             idx = r.expert_idx.to(dev)
-            picked = torch.zeros(n, e, dtype=dtype, device=dev)  # (N, E) 1 where chosen
-            picked.scatter_(1, idx, r.chosen.to(dev, dtype))
+            picked = torch.zeros(n, e, dtype=dtype, device=dev).scatter_(1, idx, r.chosen.to(dev, dtype))  # (N, E)
             self.coselect[i] += picked.T @ picked
-            kept = torch.zeros(n, e, dtype=dtype, device=dev)  # (N, E) 1 where kept
-            kept.scatter_(1, idx, r.kept.to(dev, dtype))
+            kept = torch.zeros(n, e, dtype=dtype, device=dev).scatter_(1, idx, r.kept.to(dev, dtype))  # (N, E)
             self.by_position[i].index_add_(0, positions, kept)
             self.by_token[i].index_add_(0, ids, kept)
-
-    def layer_stats(self, i: int) -> LayerStats:
-        dropped = float((self.chosen[i] - self.load[i]).sum())
-        return summarize(self.load[i], float(self.entropy_sum[i]), int(self.tokens[i]), int(round(dropped)))
 
     def specialisation(self, i: int, expert: int, top: int = 5, min_count: int = 5) -> dict:
         """Input tokens most over-represented in an expert's assignments, against all routed tokens.

@@ -1,12 +1,14 @@
-"""TensorBoard logging and the metric namespace.
+"""TensorBoard logging. Every tag moectl writes is named here, and only here:
 
 Scalars
-  train/loss, train/lm_loss, train/aux_loss, train/z_loss   means over the logging window;
+  train/{loss, lm_loss, aux_loss, z_loss}  means over the logging window;
                                      loss = lm_loss + aux_loss + z_loss (router terms weighted)
-  train/lr, train/grad_norm (pre-clip, window mean), train/tokens_per_sec
+  train/router/{load_balance, importance, load, z}   MoE models: each router loss unweighted
+                                     (moe/losses.py), window mean
+  train/grad_norm (pre-clip, window mean), train/lr, train/tokens_per_sec
   eval/loss, eval/ppl                validation cross-entropy (nats/token) and exp of it
-  routing/layerNN/{cv, max_over_mean, min_over_mean, load_entropy, router_entropy,
-                   drop_fraction, dead_experts}    per MoE layer over the window (see stats.py)
+  routing/layerNN/<column>           per MoE layer over the window, one per stats.COLUMNS name
+                                     (cv, max_over_mean, ..., bottom20_share)
   routing/worst_max_over_mean        the most imbalanced layer's max/mean
 Histograms
   routing/layerNN/experts            tokens per expert over the window, one bar per expert
@@ -14,6 +16,7 @@ Histograms
 Images
   routing/load_heatmap               at each eval: MoE layers (rows) x experts (columns),
                                      token share from 0 (dark) to 2 / E, twice uniform, or more (bright)
+  routing/layerNN/coselection        route-stats --out: how often experts i and j share a token
 Text
   config                             the resolved config
   routing/warnings                   collapse warnings
@@ -28,9 +31,7 @@ from typing import Optional
 import numpy as np
 
 from moectl import plots
-from moectl.stats import LayerStats
-
-SCALAR_FIELDS = ("cv", "max_over_mean", "min_over_mean", "load_entropy", "router_entropy", "drop_fraction", "dead_experts")
+from moectl.stats import COLUMNS, LayerStats, worst_imbalance
 
 
 def layer_tag(slot: int) -> str:
@@ -45,21 +46,27 @@ class Tracker:
 
             self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
+    def _scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         if self.writer:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
+            for name, value in values.items():
+                self.writer.add_scalar(prefix + name, value, step)
+
+    def train(self, means: dict[str, float], step: int) -> None:
+        """The window's training scalars by name: loss, ..., router/z, grad_norm, lr, tokens_per_sec."""
+        self._scalars("train/", means, step)
+
+    def evaluation(self, loss: float, ppl: float, step: int) -> None:
+        self._scalars("eval/", {"loss": loss, "ppl": ppl}, step)
 
     def routing(self, slots: list[int], layers: list[LayerStats], step: int, histograms: bool) -> None:
         if not self.writer or not layers:
             return
         for slot, s in zip(slots, layers):
             tag = layer_tag(slot)
-            for name in SCALAR_FIELDS:
-                self.writer.add_scalar(f"{tag}/{name}", getattr(s, name), step)
+            self._scalars(f"{tag}/", {c.name: getattr(s, c.name) for c in COLUMNS}, step)
             if histograms:
                 self.expert_histogram(f"{tag}/experts", s.load, step)
-        self.writer.add_scalar("routing/worst_max_over_mean", max(s.max_over_mean for s in layers), step)
+        self.writer.add_scalar("routing/worst_max_over_mean", worst_imbalance(layers), step)
 
     def expert_histogram(self, tag: str, load: list[int], step: int) -> None:
         """One bucket per expert with edges e +- 0.5, so each expert is its own bar."""
@@ -88,14 +95,19 @@ class Tracker:
         image = plots.heatmap(share, vmax=2.0 / share.shape[1])
         self.writer.add_image("routing/load_heatmap", image, step, dataformats="HWC")
 
-    def image(self, tag: str, image: np.ndarray, step: int) -> None:
-        """An (H, W, 3) uint8 picture."""
+    def coselection(self, slot: int, image: np.ndarray, step: int) -> None:
+        """An (H, W, 3) uint8 picture of one layer's co-selection matrix."""
         if self.writer:
-            self.writer.add_image(tag, image, step, dataformats="HWC")
+            self.writer.add_image(f"{layer_tag(slot)}/coselection", image, step, dataformats="HWC")
 
-    def text(self, tag: str, text: str, step: int) -> None:
+    def config(self, text: str, step: int) -> None:
+        """The resolved config YAML, shown as a code block."""
         if self.writer:
-            self.writer.add_text(tag, text, step)
+            self.writer.add_text("config", "    " + text.replace("\n", "\n    "), step)
+
+    def warning(self, text: str, step: int) -> None:
+        if self.writer:
+            self.writer.add_text("routing/warnings", text, step)
 
     def flush(self) -> None:
         if self.writer:

@@ -1,9 +1,15 @@
-"""The training loop: one explicit `fit()` to read top to bottom.
+"""`moectl train`: the training loop. `fit()` reads top to bottom and calls one named step at a time:
 
-fit: check the run directory -> data and tokenizer -> model and optimizer -> (resume) ->
-for each step: micro-batches forward/backward, clip, AdamW step; every log.every steps log
-the window's losses and routing statistics; every train.eval_every steps evaluate; every
-checkpoint.every steps save. Ctrl-C finishes the current step, saves and returns.
+  setup       check the run directory, load data and tokenizer, build the model and optimizer,
+              resume from a checkpoint, open the logs: a `Run` (fixed for the run) and a
+              `LoopState` (what the loop changes)
+  train_step  one optimizer step: micro-batches forward and backward (gradient accumulation),
+              clip, divergence check, AdamW, the sigmoid router's bias update
+  log_window  every log.every steps: the window's loss means and routing statistics to
+              TensorBoard and the console, collapse warnings
+  evaluate    every train.eval_every steps: the validation loss (evaluate.mean_loss) and heatmap
+  save        every checkpoint.every steps, at the end, and on Ctrl-C (the first Ctrl-C finishes
+              the step, saves and returns)
 
 Under torchrun the same loop runs in every process (moectl/distributed.py): each rank takes
 its slice of every global batch, DDP averages the gradients (skipping the all-reduce on
@@ -18,34 +24,32 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
-from moectl import __version__, checkpoint, config, console, data, distributed, runtime, warmstart
+from moectl import checkpoint, config, console, data, distributed, runtime, warmstart
 from moectl import tokenizer as tokenizers_
 from moectl.config import Config, OptimConfig
 from moectl.console import TrainProgress
-from moectl.distributed import Dist
 from moectl.errors import CheckpointError, ConfigError, DataError, TrainingError
+from moectl.evaluate import mean_loss, perplexity
 from moectl.models import LanguageModel, build_model, moe_layers, moe_slots, parameter_counts
 from moectl.moe import LOSS_NAMES
-from moectl.stats import RoutingStats, accumulator_dtype
+from moectl.runtime import Dist
+from moectl.stats import LayerStats, RoutingStats, Sums, worst_imbalance
 from moectl.tracking import Tracker
-
-# Sections that define the model and its data: a resumed run must not change them.
-FROZEN_ON_RESUME = ("model", "moe", "tokenizer")
-DATA_KEYS_FREE_ON_RESUME = ("num_proc", "cache_dir")
 
 
 @dataclass
 class RunResult:
     run_dir: Path
-    checkpoint: Path
+    checkpoint: Optional[Path]
     step: int
     max_steps: int
     tokens_seen: int
@@ -63,48 +67,242 @@ class RunResult:
         return perplexity(self.eval_loss) if self.eval_loss is not None else None
 
 
-def perplexity(loss: float) -> float:
-    """exp(loss), capped so a diverged loss reports a huge number instead of overflowing."""
-    return math.exp(min(loss, 50.0))
+@dataclass
+class Run:
+    """What setup builds. Which objects these are never changes during the run."""
+
+    cfg: Config
+    dp: Dist
+    device: torch.device
+    amp: Optional[torch.dtype]  # autocast dtype; None: fp32
+    run_dir: Path
+    model: LanguageModel
+    optimizer: torch.optim.Optimizer
+    train_blocks: data.Blocks
+    sampler: data.BatchSampler  # global batches of block ids, the same on every rank
+    val_blocks: data.Blocks
+    val_batches: list  # this process's micro-batches of validation block ids
+    data_keys: dict[str, str]  # identify the tokenised data: a resumed run checks they did not change
+    micro: int  # sequences per forward pass in this process
+    accum: int  # micro-batches per optimizer step in this process
+    slots: list[int]  # FFN slot of each MoE layer
+    bias_routers: list  # (routing-record index, router) of routers balanced by their expert bias
+    count_reduce: Optional[Callable]  # sums the Switch loss's counts over ranks (moe.aux_loss_scope=global)
+    window: "LossWindow"
+    stats: RoutingStats  # the logging window's routing counts
+    ddp_model: Optional[nn.Module] = None  # the model as the loop calls it: DDP-wrapped under torchrun
+    tracker: Optional[Tracker] = None
+    progress: Optional[TrainProgress] = None
 
 
-# ------------------------------------------------------------------------- device and precision
+@dataclass
+class LoopState:
+    """What the loop changes. All but the timings is saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    first_eval_loss: Optional[float] = None
+    eval_loss: Optional[float] = None
+    collapsed: list[bool] = field(default_factory=list)  # per MoE layer: over log.collapse_threshold last window
+    last_checkpoint: Optional[Path] = None
+    stopping: bool = False  # Ctrl-C on any rank: save after this step and return
+    seconds: float = 0.0  # training time in this session
+    session_tokens: int = 0
+    window_seconds: float = 0.0
+    window_tokens: int = 0
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("train.device='mps' but MPS is not available here; use train.device=auto or cpu")
-    return torch.device(name)
+def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Train as `cfg` says, in this process or as one rank of a torchrun job."""
+    dp, device = distributed.init(runtime.pick_device(cfg.train.device), cfg.train.dist_timeout)
+    try:
+        run, state = setup(cfg, dp, device, resume, overwrite)
+        tr = run.cfg.train
+        with StopOnInterrupt() as stop, run.progress, closing(run.tracker):
+            if state.step == 0:
+                state.first_eval_loss = evaluate(run, state)
+            while state.step < tr.max_steps and not state.stopping:
+                lr = train_step(run, state, stop.requested)
+                last = state.step == tr.max_steps
+                if last or state.step % run.cfg.log.every == 0:
+                    log_window(run, state, lr)
+                if last or state.step % tr.eval_every == 0:
+                    evaluate(run, state)
+                if last or state.step % run.cfg.checkpoint.every == 0:
+                    save(run, state)
+            if state.stopping:
+                save(run, state)
+                run.progress.print(f"stopped at step {state.step}; checkpoint saved to {state.last_checkpoint}")
+        total, active = parameter_counts(run.model)
+        return RunResult(
+            run_dir=run.run_dir,
+            checkpoint=state.last_checkpoint,
+            step=state.step,
+            max_steps=tr.max_steps,
+            tokens_seen=state.tokens_seen,
+            first_eval_loss=state.first_eval_loss,
+            eval_loss=state.eval_loss,
+            interrupted=state.stopping and state.step < tr.max_steps,
+            train_seconds=state.seconds,
+            tokens_per_sec=state.session_tokens / state.seconds if state.seconds else 0.0,
+            params_total=total,
+            params_active=active,
+            world_size=dp.world_size,
+        )
+    except RuntimeError as exc:
+        lost = distributed.lost_contact(exc, cfg.train.dist_timeout) if dp.enabled else None
+        if lost is None:
+            raise
+        raise lost from exc
+    finally:
+        distributed.shutdown(dp)
 
 
-def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
-    """None means plain fp32. The router always runs in fp32 regardless (moe/router.py)."""
-    if precision == "fp32":
-        return None
-    bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if precision == "bf16":
-        if not bf16_ok and device.type != "mps":
-            raise ConfigError(f"train.precision=bf16 is not supported on {device}; use train.precision=fp32")
-        return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" and bf16_ok else None
+# ----------------------------------------------------------------------------------------- setup
 
 
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: bool) -> tuple[Run, LoopState]:
+    """Everything before the first step. Nothing in the run directory changes until the data,
+    tokenizer and model are ready."""
+    cfg = _fit_warmup(cfg)
+    tr, run_dir = cfg.train, checkpoint.run_directory(cfg)
+    micro, accum = batch_layout(cfg, dp.world_size)
+    # Rank 0 alone judges the run directory, before anyone writes to it.
+    resume_from = distributed.from_main(lambda: checkpoint.check_run_dir(run_dir, cfg, resume, overwrite), dp)
+    if device.type == "cpu":
+        runtime.keep_freed_memory()  # reuse big blocks across steps instead of re-faulting them in
+    corpus = _prepare_data(cfg, dp, run_dir / "tokenizer.json" if resume_from else warmstart.source_tokenizer(cfg),
+                           new_tokenizer=not resume_from and not tr.init_from)
+
+    # Every rank builds the same initial model; DDP keeps them equal.
+    torch.manual_seed(tr.seed)
+    model = build_model(cfg, corpus.tokenizer.get_vocab_size()).to(device)
+    if tr.init_from and not resume_from:
+        console.status(warmstart.initialize(model, cfg))
+    frozen = warmstart.freeze(model, tr.freeze)
+    if frozen:
+        console.status(f"train.freeze={tr.freeze}: {console.human(frozen)} parameters stay as they are")
+    if dp.enabled:
+        torch.manual_seed(tr.seed + 7919 * (dp.rank + 1))  # each rank its own dropout and routing noise
+    _warn_about_lookahead(cfg)
+    train_blocks, val_blocks = data.Blocks(corpus.train, cfg.data.seq_len), data.Blocks(corpus.validation, cfg.data.seq_len)
+    slots = moe_slots(model)
+    run = Run(
+        cfg=cfg, dp=dp, device=device, amp=runtime.autocast_dtype(device, tr.precision), run_dir=run_dir, model=model,
+        optimizer=make_optimizer(model, cfg.optim),
+        train_blocks=train_blocks,
+        sampler=data.BatchSampler(len(train_blocks), tr.batch_size, tr.seed),
+        val_blocks=val_blocks,
+        val_batches=eval_chunks(data.eval_batches(val_blocks, cfg.micro_batch_size, tr.eval_batches), micro),
+        data_keys={"train": corpus.train.key, "validation": corpus.validation.key},
+        micro=micro, accum=accum, slots=slots,
+        bias_routers=[(i, layer.router) for i, layer in enumerate(moe_layers(model)) if layer.router.balances_with_bias],
+        count_reduce=distributed.sum_over_ranks if dp.enabled and cfg.moe.aux_loss_scope == "global" else None,
+        window=LossWindow(device),
+        stats=RoutingStats(len(slots), cfg.moe.num_experts, device),
+    )
+    state = LoopState(collapsed=[False] * len(slots))
+    if resume_from is not None:
+        restore(run, state, resume_from)
+    elif dp.is_main:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        if resume:  # --resume of a run that was killed before its first checkpoint
+            console.status(f"{run_dir} has no checkpoint yet: starting it again from step 0")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizers_.save(corpus.tokenizer, run_dir / "tokenizer.json")
+    if dp.is_main:
+        config.save(cfg, run_dir / "config.yaml")
+    run.ddp_model = distributed.wrap(model, dp, device)
+    # Resuming drops the events logged after the checkpoint; starting again drops all of them.
+    purge = state.step + 1 if resume_from else 0 if resume else None
+    run.tracker = Tracker(run_dir, cfg.log.tensorboard and dp.is_main, purge_step=purge)
+    run.tracker.config(config.dump(cfg), state.step)
+    run.progress = TrainProgress(tr.max_steps, state.step, enabled=dp.is_main)
+    total, active = parameter_counts(model)
+    processes = f"; {dp.world_size} processes ({micro}x{accum} sequences each per step)" if dp.enabled else ""
+    console.status(
+        f"{cfg.model.arch}: {console.human(total)} parameters, {console.human(active)} active per token"
+        f"; device {device}{' bf16' if run.amp else ''}; {tr.max_steps} steps of {tr.batch_size}x{cfg.data.seq_len} tokens"
+        f"{processes}"
+    )
+    return run, state
 
 
-# --------------------------------------------------------------------------- optimizer and LR
+def _fit_warmup(cfg: Config) -> Config:
+    """A run shorter than its warmup warms up over all of its steps, with a warning."""
+    warmup, steps = cfg.optim.warmup_steps, cfg.train.max_steps
+    if warmup <= steps:
+        return cfg
+    console.warn(f"optim.warmup_steps={warmup} is longer than train.max_steps={steps}: warming up over all {steps} steps")
+    return config.with_values(cfg, "optim.warmup_steps", **{"optim.warmup_steps": steps})
 
 
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def _prepare_data(cfg: Config, dp: Dist, tokenizer_file: Optional[Path], new_tokenizer: bool) -> data.Corpus:
+    """Rank 0 tokenises and fills the caches, then the other ranks read them."""
+    console.status(f"loading data ({cfg.data.source})")
+    corpus = distributed.main_first(lambda: data.prepare(cfg, tokenizer_file=tokenizer_file), dp)
+    vocab = corpus.tokenizer.get_vocab_size()
+    console.status(
+        f"tokens: {console.human(len(corpus.train.tokens))} train, {console.human(len(corpus.validation.tokens))} validation"
+        f" ({'cached' if corpus.train.from_cache else 'tokenised'}); vocab {vocab}"
+        f" ({'cached' if corpus.tokenizer_from_cache else 'trained'} tokenizer)"
+    )
+    trained_bpe = cfg.tokenizer.path is None and cfg.tokenizer.name is None
+    if new_tokenizer and trained_bpe and vocab < cfg.tokenizer.vocab_size:
+        console.warn(
+            f"the BPE has {vocab} tokens, fewer than tokenizer.vocab_size={cfg.tokenizer.vocab_size}: "
+            "the training text has no more merges to learn"
+        )
+    return corpus
+
+
+def _warn_about_lookahead(cfg: Config) -> None:
+    if cfg.is_moe and cfg.moe.router == "expert_choice":
+        console.warn(
+            "moe.router=expert_choice: each expert picks its tokens from the whole batch, so in this causal LM a "
+            "token's routing depends on other tokens, later positions included; the loss is optimistic and "
+            "token-by-token generation routes differently"
+        )
+    if cfg.is_moe and cfg.moe.drop_policy == "probability" and cfg.moe.capacity_factor is not None:
+        console.warn(
+            "moe.drop_policy=probability: which tokens an expert drops depends on the whole batch, later "
+            "positions included, so the model can see the future through its drops"
+        )
+
+
+def restore(run: Run, state: LoopState, ckpt: Path) -> None:
+    """Continue from `ckpt`: weights, optimizer, data position, logging window, RNG and counters."""
+    checkpoint.load_model(ckpt, run.model)
+    saved, meta = checkpoint.load_state(ckpt), checkpoint.read_meta(ckpt)
+    try:
+        run.optimizer.load_state_dict(saved["optimizer"])
+        run.sampler.load_state_dict(saved["sampler"])
+        if run.dp.is_main:  # the saved window sums cover every rank; rank 0 carries them on
+            run.window.load_state_dict(saved["window"])
+            run.stats.load_state_dict(saved["routing_stats"])
+        _restore_rng(saved["rng"], run.dp, run.cfg.train.seed)
+    except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.pt: {exc}") from None
+    if meta.get("data", run.data_keys) != run.data_keys:
+        raise DataError(
+            f"--resume: the training or validation data changed since {ckpt} was saved (its tokens differ), "
+            "so the run cannot continue on the same data; start a new run with --run-name"
+        )
+    state.step, state.tokens_seen = meta["step"], meta.get("tokens_seen", 0)
+    state.first_eval_loss, state.eval_loss = meta.get("first_eval_loss"), meta.get("eval_loss")
+    state.collapsed = list(saved.get("collapsed", state.collapsed))
+    state.last_checkpoint = ckpt
+    new_lr = lr_at(state.step - 1, run.cfg.optim, run.cfg.train.max_steps)
+    if meta.get("lr") and abs(new_lr - meta["lr"]) > 1e-3 * meta["lr"]:
+        console.warn(
+            f"the LR schedule changed: step {state.step} trained at lr {meta['lr']:.2e}, where the new settings "
+            f"(train.max_steps={run.cfg.train.max_steps}, optim.*) put lr {new_lr:.2e}; training continues on the new schedule"
+        )
+    console.status(f"resuming {run.run_dir} from step {state.step}")
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW; matrices decay, vectors (norm weights, biases) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -126,41 +324,6 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     progress = (step - cfg.warmup_steps) / (max_steps - cfg.warmup_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
-
-
-# ----------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(
-    model: LanguageModel,
-    blocks: data.Blocks,
-    batches: list,
-    device: torch.device,
-    amp: Optional[torch.dtype],
-    stats: Optional[RoutingStats] = None,
-    dp: Dist = Dist(),
-) -> float:
-    """Mean next-token cross-entropy (nats per token) over the given validation batches.
-
-    With several processes each evaluates every world_size-th batch and the sums are combined,
-    so `stats` holds the whole validation set's routing on every rank.
-    """
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, dtype=accumulator_dtype(device), device=device)  # (loss sum, tokens)
-    for ids in batches[dp.rank :: dp.world_size]:
-        x, y = (t.to(device) for t in blocks.batch(ids))
-        with autocast(device, amp):
-            out = model(x, y)
-        sums[0] += out.lm_loss.to(sums.dtype) * y.numel()
-        sums[1] += y.numel()
-        if stats is not None:
-            stats.update(out.routing)
-    distributed.all_reduce_sum_([sums, *(stats.tensors() if stats is not None else [])], dp)
-    model.train(was_training)
-    total, count = sums.tolist()
-    return total / count
 
 
 def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -189,67 +352,129 @@ def eval_chunks(batches: list, size: int) -> list:
     return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
-# --------------------------------------------------------------------------------- run directory
+# ------------------------------------------------------------------------------------ the steps
 
 
-def run_directory(cfg: Config) -> Path:
-    return Path(cfg.run.dir) / cfg.run.name
+def train_step(run: Run, state: LoopState, stop_requested: bool) -> float:
+    """One optimizer step over this rank's share of the next global batch; returns its LR."""
+    tr, dp = run.cfg.train, run.dp
+    started = time.perf_counter()
+    lr = lr_at(state.step, run.cfg.optim, tr.max_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    share = slice(dp.rank * run.micro * run.accum, (dp.rank + 1) * run.micro * run.accum)
+    ids = run.sampler.next()[share].reshape(run.accum, run.micro)  # (accum, micro) block ids
+    counts = [0] * len(run.bias_routers)  # chosen tokens per expert over this step's micro-batches
+    for j, micro_ids in enumerate(ids):
+        x, y = (t.to(run.device, non_blocking=True) for t in run.train_blocks.batch(micro_ids))
+        with distributed.gradient_sync(run.ddp_model, last_micro_step=j == run.accum - 1):
+            with runtime.autocast(run.device, run.amp):
+                out = run.ddp_model(x, y, count_reduce=run.count_reduce)
+            (out.loss / run.accum).backward()
+        run.window.add_micro(out)
+        run.stats.update(out.routing)
+        for k, (i, _) in enumerate(run.bias_routers):
+            counts[k] = counts[k] + out.routing[i].chosen_per_expert()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tr.grad_clip or float("inf"))
+    # One host sync per step: the progress bar's loss, a divergence check before the update, and
+    # (with several ranks) whether any rank was asked to stop: all ranks decide alike.
+    check = torch.stack([out.loss.detach().float(), grad_norm.float(), grad_norm.new_tensor(float(stop_requested)).float()])
+    distributed.all_reduce_sum_([check], dp)
+    loss, norm, stop_votes = check.tolist()
+    loss, norm = loss / dp.world_size, norm / dp.world_size
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise TrainingError(
+            f"step {state.step + 1}: the loss is {loss} and the gradient norm {norm}: training diverged; "
+            f"the last checkpoint ({state.last_checkpoint or 'none yet'}) is intact: lower optim.lr, then --resume"
+        )
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    distributed.all_reduce_sum_([c for c in counts if torch.is_tensor(c)], dp)  # global counts
+    for (_, router), c in zip(run.bias_routers, counts):
+        router.update_bias(c)
+    run.window.add_step(grad_norm)
+    tokens, seconds = tr.batch_size * run.cfg.data.seq_len, time.perf_counter() - started
+    state.step, state.stopping = state.step + 1, stop_votes > 0
+    state.tokens_seen, state.session_tokens, state.window_tokens = (
+        state.tokens_seen + tokens, state.session_tokens + tokens, state.window_tokens + tokens)
+    state.seconds, state.window_seconds = state.seconds + seconds, state.window_seconds + seconds
+    run.progress.update(state.step, loss, lr)
+    return lr
 
 
-def _looks_like_a_run(run_dir: Path) -> bool:
-    return (run_dir / "config.yaml").is_file() or checkpoint.checkpoints_dir(run_dir).is_dir()
+def log_window(run: Run, state: LoopState, lr: float) -> None:
+    """The window's means to TensorBoard and the console, its routing statistics and collapse
+    warnings. The window's sums are first added up over ranks, so every number covers the whole batch."""
+    cfg = run.cfg
+    distributed.all_reduce_sum_(run.window.tensors() + run.stats.tensors(), run.dp)
+    means = {**run.window.means(), "lr": lr, "tokens_per_sec": state.window_tokens / max(state.window_seconds, 1e-9)}
+    run.tracker.train(means, state.step)
+    imbalance = None
+    if run.slots and not run.stats.empty():
+        layers = run.stats.summary()
+        run.tracker.routing(run.slots, layers, state.step, cfg.log.histograms)
+        imbalance = worst_imbalance(layers)
+        for i, s in enumerate(layers):
+            collapsing = s.max_over_mean > cfg.log.collapse_threshold
+            if collapsing != state.collapsed[i]:
+                message = _collapse_message(state.step, run.slots[i], s, cfg, collapsing)
+                console.warn(message) if collapsing else run.progress.print(message)
+                run.tracker.warning(message, state.step)
+            state.collapsed[i] = collapsing
+    run.progress.update(state.step, means["loss"], lr, means["tokens_per_sec"], imbalance)
+    run.progress.window_line(state.step)
+    run.window.reset()
+    run.stats.reset()
+    state.window_seconds, state.window_tokens = 0.0, 0
+    run.tracker.flush()
 
 
-def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> Optional[Path]:
-    """Refuse to clobber anything; on resume return the checkpoint to continue from."""
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other; pass one")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir} is a file, not a run directory; choose another run.dir or run.name")
-    here = Path.cwd().resolve()
-    if run_dir.resolve() in (here, *here.parents):
-        raise CheckpointError(f"the run directory {run_dir} is the current directory or one of its parents; choose a run.dir")
-    ckpt = checkpoint.latest(run_dir)
-    if resume:
-        if ckpt is None:
-            raise CheckpointError(
-                f"--resume: no checkpoint in {checkpoint.checkpoints_dir(run_dir)} to resume; drop --resume to start a new run"
-            )
-        saved_path = run_dir / "config.yaml"
-        saved = config.load(saved_path) if saved_path.is_file() else None
-        if saved is None:
-            raise CheckpointError(f"--resume: {saved_path} is missing, so the run's config is unknown")
-        if not (run_dir / "tokenizer.json").is_file():
-            raise CheckpointError(f"--resume: {run_dir / 'tokenizer.json'} is missing; the run cannot be continued")
-        changed = config.diff(saved, cfg, FROZEN_ON_RESUME)
-        changed += [c for c in config.diff(saved, cfg, ("data",)) if c.split(":")[0].split(".")[1] not in DATA_KEYS_FREE_ON_RESUME]
-        changed += [c for c in config.diff(saved, cfg, ("train",)) if c.startswith("train.seed:")]
-        if changed:
-            raise ConfigError(
-                f"--resume: the config differs from the run's in what defines the model or data ({'; '.join(changed)}); "
-                "resume with the same settings, or start a new run with --run-name"
-            )
-        return ckpt
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if overwrite and not _looks_like_a_run(run_dir):
-            raise CheckpointError(
-                f"--overwrite: {run_dir} does not look like a moectl run (no config.yaml or checkpoints/); "
-                "refusing to delete it: choose another run.dir or run.name"
-            )
-        if not overwrite:
-            if ckpt is None:
-                raise CheckpointError(
-                    f"{run_dir} holds a run that never saved a checkpoint; pass --overwrite to start it again, "
-                    "or --run-name NAME to start another run"
-                )
-            raise CheckpointError(
-                f"{run_dir} already holds checkpoints up to {ckpt.name}; pass --resume to continue it, "
-                "--overwrite to replace it, or --run-name NAME to start another run"
-            )
-    return None
+def _collapse_message(step: int, slot: int, s: LayerStats, cfg: Config, collapsing: bool) -> str:
+    window = f"over steps {step - cfg.log.every + 1}-{step}"
+    if not collapsing:
+        return f"step {step}: routing in layer {slot} recovered: max/mean expert load {s.max_over_mean:.2f} {window}"
+    return (
+        f"step {step}: routing in layer {slot} is collapsing: max/mean expert load {s.max_over_mean:.2f} > "
+        f"log.collapse_threshold={cfg.log.collapse_threshold} {window}, {s.dead_experts} dead experts; "
+        "if it persists, raise the balancing loss (moe.aux_loss_coef, or moe.importance_loss_coef and "
+        "moe.load_loss_coef for noisy gating)"
+    )
 
 
-# ------------------------------------------------------------------------------ Ctrl-C handling
+def evaluate(run: Run, state: LoopState) -> float:
+    """The validation loss (split over ranks), logged with the routing heatmap; returns it."""
+    stats = RoutingStats(len(run.slots), run.cfg.moe.num_experts, run.device)
+    loss = mean_loss(run.model, run.val_blocks, run.val_batches, run.device, run.amp, stats, run.dp)
+    run.tracker.evaluation(loss, perplexity(loss), state.step)
+    if run.slots:
+        run.tracker.heatmap(stats.summary(), state.step)
+    run.progress.print(f"step {state.step}: eval loss {loss:.4f}, ppl {perplexity(loss):.2f}")
+    state.eval_loss = loss
+    return loss
+
+
+def save(run: Run, state: LoopState) -> None:
+    """A checkpoint of this step. Every rank takes part (the window sums and RNG states are
+    collected); rank 0 writes."""
+    window, routing = _summed_state(run.window, run.dp), _summed_state(run.stats, run.dp)
+    rng = distributed.gather_objects(_rng_state(), run.dp)
+    if run.dp.is_main:
+        saved = {"optimizer": run.optimizer.state_dict(), "sampler": run.sampler.state_dict(), "window": window,
+                 "routing_stats": routing, "collapsed": state.collapsed, "rng": rng}
+        meta = checkpoint.metadata(
+            run.cfg,
+            tokens_seen=state.tokens_seen,
+            lr=lr_at(state.step - 1, run.cfg.optim, run.cfg.train.max_steps) if state.step else None,
+            eval_loss=state.eval_loss,
+            first_eval_loss=state.first_eval_loss,
+            data=run.data_keys,
+            world_size=run.dp.world_size,
+        )
+        checkpoint.save(run.run_dir, state.step, run.model, saved, meta, run.cfg.checkpoint.keep_last)
+    state.last_checkpoint = checkpoint.step_dir(run.run_dir, state.step)
+
+
+# ------------------------------------------------------------------------------- loop helpers
 
 
 class StopOnInterrupt:
@@ -275,28 +500,19 @@ class StopOnInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-# -------------------------------------------------------------------------------------- the loop
-
-
-class LossWindow:
-    """Sums over the logging window, kept on the device: no host sync per micro-step."""
+class LossWindow(Sums):
+    """Loss sums over the logging window, kept on the device: no host sync per micro-step."""
 
     ROUTER_TERMS = tuple(f"router_{name}" for name in LOSS_NAMES)
     FIELDS = ("loss", "lm_loss", "aux_loss", "z_loss", *ROUTER_TERMS, "grad_norm", "micro_steps", "steps")
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
     def reset(self) -> None:
         for name in self.FIELDS:
-            setattr(self, name, torch.zeros((), dtype=accumulator_dtype(self.device), device=self.device))
+            setattr(self, name, self.zeros())
 
     def add_micro(self, out) -> None:
-        self.loss += out.loss.detach()
-        self.lm_loss += out.lm_loss.detach()
-        self.aux_loss += out.aux_loss.detach()
-        self.z_loss += out.z_loss.detach()
+        for name in ("loss", "lm_loss", "aux_loss", "z_loss"):
+            getattr(self, name).add_(getattr(out, name).detach())
         for name, value in out.aux_terms.items():
             getattr(self, f"router_{name}").add_(value.detach())
         self.micro_steps += 1
@@ -306,23 +522,20 @@ class LossWindow:
         self.steps += 1
 
     def means(self) -> dict[str, float]:
+        """Window means by their names under train/ (tracking.py)."""
         m, s = max(float(self.micro_steps), 1.0), max(float(self.steps), 1.0)
-        out = {f"train/{k}": float(getattr(self, k)) / m for k in ("loss", "lm_loss", "aux_loss", "z_loss")}
-        out["train/grad_norm"] = float(self.grad_norm) / s
+        out = {k: float(getattr(self, k)) / m for k in ("loss", "lm_loss", "aux_loss", "z_loss")}
+        out["grad_norm"] = float(self.grad_norm) / s
         if float(self.router_z) != 0.0:  # MoE models: each router loss, unweighted
-            out.update({f"train/router/{k[len('router_'):]}": float(getattr(self, k)) / m for k in self.ROUTER_TERMS})
+            out.update({f"router/{k[len('router_'):]}": float(getattr(self, k)) / m for k in self.ROUTER_TERMS})
         return out
 
-    def tensors(self) -> list[torch.Tensor]:
-        """The accumulators, all sums: data-parallel training adds them up over ranks in place."""
-        return [getattr(self, name) for name in self.FIELDS]
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).cpu() for name in self.FIELDS}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name in self.FIELDS:
-            setattr(self, name, state[name].to(self.device, accumulator_dtype(self.device)))
+def _summed_state(acc: Sums, dp: Dist) -> dict[str, torch.Tensor]:
+    """A window's sums over every rank, for the checkpoint (rank 0 carries them on at resume)."""
+    sums = [t.clone() for t in acc.tensors()]
+    distributed.all_reduce_sum_(sums, dp)
+    return {name: t.cpu() for name, t in zip(acc.FIELDS, sums)}
 
 
 def _rng_state() -> dict[str, object]:
@@ -332,307 +545,16 @@ def _rng_state() -> dict[str, object]:
     return state
 
 
-def _set_rng_state(state: dict[str, object]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _collapse_message(step: int, slot: int, s, cfg: Config, collapsing: bool) -> str:
-    window = f"over steps {step - cfg.log.every + 1}-{step}"
-    if not collapsing:
-        return f"step {step}: routing in layer {slot} recovered: max/mean expert load {s.max_over_mean:.2f} {window}"
-    return (
-        f"step {step}: routing in layer {slot} is collapsing: max/mean expert load {s.max_over_mean:.2f} > "
-        f"log.collapse_threshold={cfg.log.collapse_threshold} {window}, {s.dead_experts} dead experts; "
-        "if it persists, raise the balancing loss (moe.aux_loss_coef, or moe.importance_loss_coef and "
-        "moe.load_loss_coef for noisy gating)"
-    )
-
-
-def _summed_state(acc, dp: Dist) -> dict[str, torch.Tensor]:
-    """A window's sums over every rank, for the checkpoint (rank 0 carries them on at resume)."""
-    sums = [t.clone() for t in acc.tensors()]
-    distributed.all_reduce_sum_(sums, dp)
-    return {name: t.cpu() for name, t in zip(acc.FIELDS, sums)}
-
-
 def _restore_rng(saved, dp: Dist, seed: int) -> None:
     """Each rank's RNG from the checkpoint (one state per rank; older checkpoints hold one)."""
     states = saved if isinstance(saved, list) else [saved]
-    if len(states) == dp.world_size:
-        _set_rng_state(states[dp.rank])
+    if len(states) != dp.world_size:
+        console.warn(
+            f"the checkpoint was saved by {len(states)} processes and this run has {dp.world_size}: the data order "
+            "continues exactly, but dropout and routing noise take fresh random streams"
+        )
+        torch.manual_seed(seed + 7919 * (dp.rank + 1))
         return
-    console.warn(
-        f"the checkpoint was saved by {len(states)} processes and this run has {dp.world_size}: the data order "
-        "continues exactly, but dropout and routing noise take fresh random streams"
-    )
-    torch.manual_seed(seed + 7919 * (dp.rank + 1))
-
-
-def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
-    """Train as `cfg` says, in this process or as one rank of a torchrun job."""
-    dp, device = distributed.init(pick_device(cfg.train.device), cfg.train.dist_timeout)
-    try:
-        return _fit(cfg, dp, device, resume, overwrite)
-    except RuntimeError as exc:
-        lost = distributed.lost_contact(exc, cfg.train.dist_timeout) if dp.enabled else None
-        if lost is None:
-            raise
-        raise lost from exc
-    finally:
-        distributed.shutdown(dp)
-
-
-def _fit(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: bool) -> RunResult:
-    run_dir = run_directory(cfg)
-    tr, seq_len = cfg.train, cfg.data.seq_len
-    micro, accum = batch_layout(cfg, dp.world_size)
-    # Rank 0 alone judges the run directory, before anyone writes to it.
-    resume_from = distributed.from_main(lambda: check_run_dir(run_dir, cfg, resume, overwrite), dp)
-    amp = autocast_dtype(device, tr.precision)
-    if device.type == "cpu":
-        runtime.keep_freed_memory()  # reuse big blocks across steps instead of re-faulting them in
-
-    # Data and tokenizer: rank 0 tokenises and fills the caches, then the other ranks read them.
-    # Nothing in the run directory changes until they are ready.
-    console.status(f"loading data ({cfg.data.source})")
-    tokenizer_file = run_dir / "tokenizer.json" if resume_from else warmstart.source_tokenizer(cfg)
-    corpus = distributed.main_first(lambda: data.prepare(cfg, tokenizer_file=tokenizer_file), dp)
-    train_blocks = data.Blocks(corpus.train, seq_len)
-    val_blocks = data.Blocks(corpus.validation, seq_len)
-    sampler = data.BatchSampler(len(train_blocks), tr.batch_size, tr.seed)  # global batches, same on every rank
-    val_batches = eval_chunks(data.eval_batches(val_blocks, cfg.micro_batch_size, tr.eval_batches), micro)
-    vocab_size = corpus.tokenizer.get_vocab_size()
-    console.status(
-        f"tokens: {console.human(len(corpus.train.tokens))} train, {console.human(len(corpus.validation.tokens))} validation"
-        f" ({'cached' if corpus.train.from_cache else 'tokenised'}); vocab {vocab_size}"
-        f" ({'cached' if corpus.tokenizer_from_cache else 'trained'} tokenizer)"
-    )
-    trained_tokenizer = cfg.tokenizer.path is None and cfg.tokenizer.name is None
-    if trained_tokenizer and not resume_from and not tr.init_from and vocab_size < cfg.tokenizer.vocab_size:
-        console.warn(
-            f"the BPE has {vocab_size} tokens, fewer than tokenizer.vocab_size={cfg.tokenizer.vocab_size}: "
-            "the training text has no more merges to learn"
-        )
-
-    # Model and optimizer. Every rank builds the same initial model; DDP keeps them equal.
-    torch.manual_seed(tr.seed)
-    model = build_model(cfg, vocab_size).to(device)
-    if tr.init_from and not resume_from:
-        console.status(warmstart.initialize(model, cfg))
-    frozen = warmstart.freeze(model, tr.freeze)
-    if frozen:
-        console.status(f"train.freeze={tr.freeze}: {console.human(frozen)} parameters stay as they are")
-    optimizer = make_optimizer(model, cfg.optim)
-    if dp.enabled:
-        torch.manual_seed(tr.seed + 7919 * (dp.rank + 1))  # each rank its own dropout and routing noise
-    slots = moe_slots(model)
-    stats = RoutingStats(len(slots), cfg.moe.num_experts, device)
-    window = LossWindow(device)
-    total_params, active_params = parameter_counts(model)
-    # Routers with aux-loss-free balancing get each optimizer step's chosen-token counts.
-    bias_routers = [(i, layer.router) for i, layer in enumerate(moe_layers(model)) if layer.router.balances_with_bias]
-    count_reduce = distributed.sum_over_ranks if dp.enabled and cfg.moe.aux_loss_scope == "global" else None
-    if cfg.is_moe and cfg.moe.router == "expert_choice":
-        console.warn(
-            "moe.router=expert_choice: each expert picks its tokens from the whole batch, so in this causal LM a "
-            "token's routing depends on other tokens, later positions included; the loss is optimistic and "
-            "token-by-token generation routes differently"
-        )
-    if cfg.is_moe and cfg.moe.drop_policy == "probability" and cfg.moe.capacity_factor is not None:
-        console.warn(
-            "moe.drop_policy=probability: which tokens an expert drops depends on the whole batch, later "
-            "positions included, so the model can see the future through its drops"
-        )
-    step, tokens_seen, first_eval, eval_loss = 0, 0, None, None
-    collapsed = [False] * len(slots)  # per MoE layer: was it over log.collapse_threshold last window?
-    data_keys = {"train": corpus.train.key, "validation": corpus.validation.key}
-
-    if resume_from is not None:
-        checkpoint.load_model(resume_from, model)
-        state = checkpoint.load_state(resume_from)
-        meta = checkpoint.read_meta(resume_from)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            sampler.load_state_dict(state["sampler"])
-            if dp.is_main:  # the saved window sums cover every rank; rank 0 carries them on
-                window.load_state_dict(state["window"])
-                stats.load_state_dict(state["routing_stats"])
-            _restore_rng(state["rng"], dp, tr.seed)
-        except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint {resume_from} is corrupt: state.pt: {exc}") from None
-        step, tokens_seen = meta["step"], meta.get("tokens_seen", 0)
-        first_eval, eval_loss = meta.get("first_eval_loss"), meta.get("eval_loss")
-        collapsed = list(state.get("collapsed", collapsed))
-        if meta.get("data", data_keys) != data_keys:
-            raise DataError(
-                f"--resume: the training or validation data changed since {resume_from} was saved (its tokens differ), "
-                "so the run cannot continue on the same data; start a new run with --run-name"
-            )
-        new_lr = lr_at(step - 1, cfg.optim, tr.max_steps)
-        if meta.get("lr") and abs(new_lr - meta["lr"]) > 1e-3 * meta["lr"]:
-            console.warn(
-                f"the LR schedule changed: step {step} trained at lr {meta['lr']:.2e}, where the new settings "
-                f"(train.max_steps={tr.max_steps}, optim.*) put lr {new_lr:.2e}; training continues on the new schedule"
-            )
-        console.status(f"resuming {run_dir} from step {step}")
-    elif dp.is_main:
-        if overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizers_.save(corpus.tokenizer, run_dir / "tokenizer.json")
-    if dp.is_main:
-        config.save(cfg, run_dir / "config.yaml")
-    ddp_model = distributed.wrap(model, dp, device)
-
-    tracker = Tracker(run_dir, cfg.log.tensorboard and dp.is_main, purge_step=step + 1 if resume_from else None)
-    tracker.text("config", "    " + config.dump(cfg).replace("\n", "\n    "), step)
-    processes = f"; {dp.world_size} processes ({micro}x{accum} sequences each per step)" if dp.enabled else ""
-    console.status(
-        f"{cfg.model.arch}: {console.human(total_params)} parameters, {console.human(active_params)} active per token"
-        f"; device {device}{' bf16' if amp else ''}; {tr.max_steps} steps of {tr.batch_size}x{seq_len} tokens{processes}"
-    )
-
-    def save(eval_loss: Optional[float]) -> Path:
-        """Every rank takes part (the window sums and RNG states are collected); rank 0 writes."""
-        window_sums, stats_sums = _summed_state(window, dp), _summed_state(stats, dp)
-        rng_states = distributed.gather_objects(_rng_state(), dp)
-        if not dp.is_main:
-            return checkpoint.step_dir(run_dir, step)
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "sampler": sampler.state_dict(),
-            "window": window_sums,
-            "routing_stats": stats_sums,
-            "collapsed": collapsed,
-            "rng": rng_states,
-        }
-        meta = {
-            "tokens_seen": tokens_seen,
-            "config_hash": config.config_hash(cfg),
-            "moectl_version": __version__,
-            "torch_version": torch.__version__,
-            "lr": lr_at(step - 1, cfg.optim, tr.max_steps) if step else None,
-            "eval_loss": eval_loss,
-            "first_eval_loss": first_eval,
-            "data": data_keys,
-            "world_size": dp.world_size,
-        }
-        return checkpoint.save(run_dir, step, model, state, meta, cfg.checkpoint.keep_last)
-
-    def run_eval() -> float:
-        eval_stats = RoutingStats(len(slots), cfg.moe.num_experts, device)
-        loss = evaluate(model, val_blocks, val_batches, device, amp, eval_stats, dp)
-        tracker.scalars({"eval/loss": loss, "eval/ppl": perplexity(loss)}, step)
-        if slots:
-            tracker.heatmap(eval_stats.summary(), step)
-        progress.print(f"step {step}: eval loss {loss:.4f}, ppl {perplexity(loss):.2f}")
-        return loss
-
-    def log_window(lr: float, seconds: float, tokens: int) -> None:
-        """Window means to TensorBoard and the console; routing statistics and collapse warnings.
-
-        The window's sums are first added up over ranks, so every number covers the whole batch."""
-        distributed.all_reduce_sum_(window.tensors() + stats.tensors(), dp)
-        scalars = {**window.means(), "train/lr": lr, "train/tokens_per_sec": tokens / max(seconds, 1e-9)}
-        tracker.scalars(scalars, step)
-        imbalance = None
-        if slots and not stats.empty():
-            layers = stats.summary()
-            tracker.routing(slots, layers, step, cfg.log.histograms)
-            imbalance = max(s.max_over_mean for s in layers)
-            for i, s in enumerate(layers):
-                now = s.max_over_mean > cfg.log.collapse_threshold
-                if now != collapsed[i]:
-                    msg = _collapse_message(step, slots[i], s, cfg, now)
-                    if now:
-                        console.warn(msg)
-                    else:
-                        progress.print(msg)
-                    tracker.text("routing/warnings", msg, step)
-                collapsed[i] = now
-        progress.update(step, scalars["train/loss"], lr, scalars["train/tokens_per_sec"], imbalance)
-        progress.window_line(step)
-        window.reset()
-        stats.reset()
-        tracker.flush()
-
-    train_seconds, window_seconds, window_tokens, session_tokens = 0.0, 0.0, 0, 0
-    last_ckpt, stopping = resume_from, False
-    share = slice(dp.rank * micro * accum, (dp.rank + 1) * micro * accum)  # this rank's part of a global batch
-    try:
-        with StopOnInterrupt() as stop, TrainProgress(tr.max_steps, step, enabled=dp.is_main) as progress:
-            if step == 0:
-                eval_loss = first_eval = run_eval()
-            while step < tr.max_steps and not stopping:
-                t0 = time.perf_counter()
-                lr = lr_at(step, cfg.optim, tr.max_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                ids = sampler.next()[share].reshape(accum, micro)  # (accum, micro) block ids
-                step_counts = [0] * len(bias_routers)  # chosen tokens per expert over this step's micro-batches
-                for j, micro_ids in enumerate(ids):
-                    x, y = (t.to(device, non_blocking=True) for t in train_blocks.batch(micro_ids))
-                    with distributed.gradient_sync(ddp_model, last_micro_step=j == accum - 1):
-                        with autocast(device, amp):
-                            out = ddp_model(x, y, count_reduce=count_reduce)
-                        (out.loss / accum).backward()
-                    window.add_micro(out)
-                    stats.update(out.routing)
-                    for k, (i, _) in enumerate(bias_routers):
-                        step_counts[k] = step_counts[k] + out.routing[i].chosen_per_expert()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip or float("inf"))
-                # One host sync per step: the progress bar's loss, a divergence check before the update,
-                # and (with several ranks) whether any rank was asked to stop: all ranks decide alike.
-                stop_vote = grad_norm.new_tensor(float(stop.requested))
-                check = torch.stack([out.loss.detach().float(), grad_norm.float(), stop_vote.float()])
-                distributed.all_reduce_sum_([check], dp)
-                loss_now, norm_now, stop_votes = check.tolist()
-                loss_now, norm_now, stopping = loss_now / dp.world_size, norm_now / dp.world_size, stop_votes > 0
-                if not (math.isfinite(loss_now) and math.isfinite(norm_now)):
-                    raise TrainingError(
-                        f"step {step + 1}: the loss is {loss_now} and the gradient norm {norm_now}: training diverged; "
-                        f"the last checkpoint ({last_ckpt or 'none yet'}) is intact: lower optim.lr, then --resume"
-                    )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                distributed.all_reduce_sum_([c for c in step_counts if torch.is_tensor(c)], dp)  # global counts
-                for (_, router), counts in zip(bias_routers, step_counts):
-                    router.update_bias(counts)
-                window.add_step(grad_norm)
-                step += 1
-                tokens_seen += tr.batch_size * seq_len
-                dt = time.perf_counter() - t0
-                train_seconds, window_seconds = train_seconds + dt, window_seconds + dt
-                window_tokens += tr.batch_size * seq_len
-                session_tokens += tr.batch_size * seq_len
-                progress.update(step, loss_now, lr)
-
-                if step % cfg.log.every == 0 or step == tr.max_steps:
-                    log_window(lr, window_seconds, window_tokens)
-                    window_seconds, window_tokens = 0.0, 0
-                if step % tr.eval_every == 0 or step == tr.max_steps:
-                    eval_loss = run_eval()
-                if step % cfg.checkpoint.every == 0 or step == tr.max_steps:
-                    last_ckpt = save(eval_loss)
-            if stopping:
-                last_ckpt = save(eval_loss)
-                progress.print(f"stopped at step {step}; checkpoint saved to {last_ckpt}")
-    finally:
-        tracker.close()
-    return RunResult(
-        run_dir=run_dir,
-        checkpoint=last_ckpt,
-        step=step,
-        max_steps=tr.max_steps,
-        tokens_seen=tokens_seen,
-        first_eval_loss=first_eval,
-        eval_loss=eval_loss,
-        interrupted=stopping and step < tr.max_steps,
-        train_seconds=train_seconds,
-        tokens_per_sec=(session_tokens / train_seconds) if train_seconds else 0.0,
-        params_total=total_params,
-        params_active=active_params,
-        world_size=dp.world_size,
-    )
+    torch.set_rng_state(states[dp.rank]["torch"])
+    if "cuda" in states[dp.rank] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states[dp.rank]["cuda"])

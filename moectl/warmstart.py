@@ -8,20 +8,23 @@ Three sources:
   slot's dense FFN (plus optional Gaussian noise of `train.upcycle_noise` times the weight's std);
   routers keep their fresh init. With renormalised top-k weights (or K = 1 renormalised) the
   upcycled model computes exactly the dense model before training;
-- a Hugging Face Mixtral directory, the inverse of `moectl export --format hf` (moectl/hf.py).
+- a Hugging Face Mixtral directory (a transformers checkpoint, or what `moectl export --format hf`
+  wrote for a Mixtral-shaped model): its config must describe the model the moectl config builds,
+  and its tensors are mapped by moectl/hf.py.
 
 The run uses the source's tokenizer, so token ids keep their meaning.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from moectl import checkpoint, config, hf, trained
+from moectl import checkpoint, config, hf
 from moectl.config import Config
 from moectl.errors import ConfigError
 from moectl.models import build_model
@@ -40,7 +43,7 @@ def source_tokenizer(cfg: Config) -> Optional[Path]:
     if not cfg.train.init_from:
         return None
     path = _source(cfg)
-    tok = path / "tokenizer.json" if hf.is_mixtral_dir(path) else trained.resolve(path)[1] / "tokenizer.json"
+    tok = path / "tokenizer.json" if _mixtral_config(path) else checkpoint.resolve(path)[1] / "tokenizer.json"
     if not tok.is_file():
         raise ConfigError(f"train.init_from={cfg.train.init_from!r}: {tok} is missing; the source's tokenizer is needed")
     return tok
@@ -49,11 +52,14 @@ def source_tokenizer(cfg: Config) -> Optional[Path]:
 def initialize(model: nn.Module, cfg: Config) -> str:
     """Load `train.init_from` into `model`; returns what was done, for the console."""
     path = _source(cfg)
-    if hf.is_mixtral_dir(path):
-        hf.check_mixtral_config(path, cfg)
-        _load_exactly(model, hf.moectl_state_dict(hf.load_mixtral_state_dict(path), cfg), path)
+    mixtral = _mixtral_config(path)
+    if mixtral is not None:
+        mismatch = hf.mixtral_mismatch(mixtral, cfg)
+        if mismatch:
+            raise ConfigError(f"train.init_from={str(path)!r}: {mismatch}")
+        _load_exactly(model, hf.from_mixtral(_load_safetensors(path), cfg), path)
         return f"initialised from the Mixtral model in {path}"
-    ckpt, run_dir = trained.resolve(path)
+    ckpt, run_dir = checkpoint.resolve(path)
     source_cfg = config.load(run_dir / "config.yaml")
     if source_cfg.backbone != cfg.backbone:
         raise ConfigError(
@@ -66,13 +72,36 @@ def initialize(model: nn.Module, cfg: Config) -> str:
     return f"initialised from {ckpt}"
 
 
-def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+def _mixtral_config(path: Path) -> Optional[dict[str, Any]]:
+    """The config.json of a transformers Mixtral directory (None for anything else)."""
+    try:
+        hc = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return hc if isinstance(hc, dict) and hc.get("model_type") == "mixtral" else None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a transformers directory (one or more safetensors files), by name."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"train.init_from={str(path)!r}: no .safetensors weights in the Mixtral directory")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor], source: Path, skip: tuple[str, ...] = ()) -> None:
+    """Load `state`: every tensor of `model` but those under `skip` must be there, with its shape."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:160])
         raise ConfigError(f"train.init_from={str(source)!r} does not fit this model: {detail}") from None
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
+    missing = [k for k in missing if not k.startswith(skip) and not k.endswith("lm_head.weight")]  # lm_head: tied
     if missing or unexpected:
         raise ConfigError(f"train.init_from={str(source)!r} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
@@ -93,15 +122,7 @@ def upcycle(model: nn.Module, cfg: Config, dense_cfg: Config, ckpt: Path) -> str
     checkpoint.load_model(ckpt, dense)
     ffn_prefixes = tuple(name + "." for name, m in model.named_modules() if isinstance(m, FFNSlot))
     outside = {k: v for k, v in dense.state_dict().items() if not k.startswith(ffn_prefixes)}
-    try:
-        missing, unexpected = model.load_state_dict(outside, strict=False)
-    except RuntimeError as exc:
-        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "")
-        raise ConfigError(f"train.init_from={str(ckpt)!r}: the dense model's shapes differ from this one's: {detail}") from None
-    missing = [k for k in missing if not k.startswith(ffn_prefixes) and not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise ConfigError(f"train.init_from={str(ckpt)!r}: the dense model does not match this one outside the FFNs "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    _load_exactly(model, outside, ckpt, skip=ffn_prefixes)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     copied = 0
     ours = [m for m in model.modules() if isinstance(m, FFNSlot)]

@@ -115,17 +115,19 @@ def interrupt_after_first_checkpoint(args: list[str], run_dir: Path):
     return proc.returncode, output, checkpoint.read_meta(checkpoint.latest(run_dir))["step"]
 
 
-def assert_sorted_equals_loop(layer, x, target, seed=None, tol=None):
-    """Run an MoE layer's sorted path and its loop reference on the same input (and, with `seed`,
-    the same random draws) and assert equal outputs, input gradients and parameter gradients.
+def assert_sorted_equals_loop(make_layer, x, target, seed=None, tol=None):
+    """Build an MoE layer on its sorted path and on its loop reference (`make_layer(impl)`, the
+    loop copy given the sorted one's weights), run both on the same input (and, with `seed`, the
+    same random draws) and assert equal outputs, input gradients and parameter gradients.
     Returns (sorted output, sorted record, loop record, sorted parameter gradients)."""
     import torch
 
     tol = tol or dict(rtol=1e-5, atol=1e-6)
+    layers = {"sorted": make_layer("sorted"), "loop": make_layer("loop")}
+    layers["loop"].load_state_dict(layers["sorted"].state_dict())
     results = {}
-    for impl in ("sorted", "loop"):
-        layer.impl = impl
-        layer.zero_grad(set_to_none=True)
+    for impl, layer in layers.items():
+        assert layer.impl == impl
         xi = x.clone().requires_grad_(True)
         if seed is not None:
             torch.manual_seed(seed)
@@ -133,7 +135,6 @@ def assert_sorted_equals_loop(layer, x, target, seed=None, tol=None):
         (out * target).sum().backward()
         grads = {name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None}
         results[impl] = (out.detach(), xi.grad.clone(), grads, record)
-    layer.impl = "sorted"
     (out_s, gx_s, g_s, rec_s), (out_l, gx_l, g_l, rec_l) = results["sorted"], results["loop"]
     assert torch.equal(rec_s.kept, rec_l.kept) and torch.equal(rec_s.expert_idx, rec_l.expert_idx)
     torch.testing.assert_close(out_s, out_l, **tol)

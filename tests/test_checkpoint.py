@@ -60,13 +60,18 @@ def test_a_crash_while_saving_leaves_no_checkpoint_behind(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
         save(tmp_path, 2)
-    # The half-written step is only a hidden temporary directory: resume picks step 1.
+    # The failed save removed its staging directory: resume picks step 1.
     assert checkpoint.latest(tmp_path).name == "step_000001"
-    leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
-    assert leftovers == [f".tmp-step_000002-{os.getpid()}"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
     monkeypatch.undo()
-    save(tmp_path, 2)  # the next save of that step starts clean
-    assert checkpoint.latest(tmp_path).name == "step_000002"
+    # A killed process leaves its half-written staging directory: never read as a checkpoint, and
+    # the next save removes it.
+    killed = tmp_path / "checkpoints" / ".tmp-step_000002-999999"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    assert checkpoint.latest(tmp_path).name == "step_000001"
+    save(tmp_path, 2)
+    assert checkpoint.latest(tmp_path).name == "step_000002" and not killed.exists()
     assert sorted(p.name for p in checkpoint.latest(tmp_path).iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
 
 

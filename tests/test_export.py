@@ -12,7 +12,7 @@ from moectl import config
 from moectl.cli import app
 from moectl.models import parameter_counts
 from moectl.train import fit
-from moectl.trained import load
+from moectl.loaded_model import load
 
 runner = CliRunner()
 

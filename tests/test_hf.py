@@ -13,7 +13,7 @@ from moectl import config, hf
 from moectl.cli import app
 from moectl.generate import generate
 from moectl.train import fit
-from moectl.trained import load
+from moectl.loaded_model import load
 
 transformers = pytest.importorskip("transformers")  # the `test` extra installs it, so CI runs these
 runner = CliRunner()

@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import events, tiny_config
-from moectl import config, plots, route_stats, trained
+from moectl import config, loaded_model, plots, route_stats
 from moectl.cli import app
 from moectl.evaluate import JSON_KEYS as EVAL_KEYS
 from moectl.generate import filter_logits, token_pieces
@@ -70,7 +70,7 @@ def test_routing_profile_counts_a_hand_made_batch():
     assert prof.coselect[0].tolist() == [[3, 2, 1], [2, 3, 1], [1, 1, 2]]
     assert prof.by_position[0].tolist() == [[1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 0, 0]]
     assert prof.by_token[0, 5].tolist() == [2, 1, 1] and prof.by_token[0, 7].tolist() == [1, 0, 0]
-    s = prof.layer_stats(0)
+    s = prof.summary()[0]
     assert s.drop_fraction == pytest.approx(1 / 8) and s.load == [3, 2, 2]
     # Expert 0 took token 5 twice and token 7 once of its 3: lift(5) = (2/3) / (2/4), lift(7) = (1/3) / (1/4).
     spec = prof.specialisation(0, 0, min_count=1)
@@ -93,7 +93,7 @@ def test_sampling_filters_and_token_pieces(runs):
     assert torch.isinf(filter_logits(logits, 2, None)).tolist() == [True, False, False, True]
     # probabilities 0.64, 0.24, 0.09, 0.03: top-p 0.7 keeps the two that reach it
     assert torch.isinf(filter_logits(logits, None, 0.7)).tolist() == [True, False, False, True]
-    tok = trained.load(runs["transformer_moe"].run_dir).tokenizer
+    tok = loaded_model.load(runs["transformer_moe"].run_dir).tokenizer
     ids = tok.encode("é → ü ok", add_special_tokens=False).ids
     pieces = token_pieces(tok, ids)
     assert "".join(pieces) == tok.decode(ids) == "é → ü ok" and len(pieces) == len(ids)
@@ -116,7 +116,7 @@ def test_eval_matches_training_and_reports_bits_per_byte(runs, arch, tmp_path):
     assert rep["bits_per_byte"] == pytest.approx(rep["loss"] * rep["tokens"] / math.log(2) / rep["bytes"])
     assert rep["bytes_exact"] and rep["step"] == 4
     # The bytes are the UTF-8 bytes of the scored text.
-    model = trained.load(run.run_dir)
+    model = loaded_model.load(run.run_dir)
     from moectl import evaluate
 
     blocks, _, batches = evaluate.split_batches(model, "validation", None)
@@ -225,7 +225,7 @@ def test_generate_is_reproducible_and_shows_routing(runs, arch):
     assert first.stdout == second.stdout and first.stdout.startswith("def f(x):")
     other = invoke(*args[:-4], "--seed", "8", "--temperature", "1.5")
     assert other.stdout != first.stdout
-    model = trained.load(run.run_dir)
+    model = loaded_model.load(run.run_dir)
     layer = model.slots[-1]  # transformer: layers 0 and 1; LSTM: the one gap, 0
     shown = invoke(*args, "--show-routing", layer)
     assert shown.exit_code == 0, shown.output

@@ -25,11 +25,12 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 def make_layer(
-    k: int = 2, activation: str = "swiglu", cf=None, renormalize: bool = True, seed: int = 0, init_std: float = 0.5
+    k: int = 2, activation: str = "swiglu", cf=None, renormalize: bool = True, seed: int = 0, init_std: float = 0.5,
+    impl: str = "sorted",
 ) -> MoELayer:
     torch.manual_seed(seed)
     # A larger init than the default so router choices and expert outputs are O(1), not O(1e-3).
-    return MoELayer(D, E, k, H, activation, renormalize=renormalize, capacity_factor=cf, init_std=init_std)
+    return MoELayer(D, E, k, H, activation, renormalize=renormalize, capacity_factor=cf, init_std=init_std, impl=impl)
 
 
 def hand_record(expert_idx: list[list[int]], num_experts: int) -> RoutingRecord:
@@ -65,15 +66,16 @@ def reference_kept(expert_idx: torch.Tensor, capacity: int, priority=None) -> to
 @pytest.mark.parametrize("cf", [None, 0.5, 1.0, 1.25])
 def test_sorted_path_equals_loop_reference(activation, k, cf):
     # float64 experts: the two paths sum in different orders, and fp32 rounding would blur a real difference.
-    layer = make_layer(k, activation, cf, seed=k).double()
     n = 40
     torch.manual_seed(100 + k)
     x = torch.randn(n, D, dtype=torch.float64)
     target = torch.randn(n, D, dtype=torch.float64)
 
-    out_s, rec_s, _, g_s = assert_sorted_equals_loop(layer, x, target, tol=TOL)
+    out_s, rec_s, _, g_s = assert_sorted_equals_loop(
+        lambda impl: make_layer(k, activation, cf, seed=k, impl=impl).double(), x, target, tol=TOL
+    )
     assert out_s.shape == (n, D)
-    assert set(g_s) == {name for name, _ in layer.named_parameters()}
+    assert set(g_s) == {name for name, _ in make_layer(k, activation, cf).named_parameters()}
     # The test has teeth: capacity 0.5 really drops, and outputs are not trivially zero.
     if cf == 0.5:
         assert int(rec_s.num_dropped) > 0
@@ -91,18 +93,17 @@ def test_sorted_path_equals_loop_reference(activation, k, cf):
 def test_k_equals_e_with_zero_router_equals_dense_ffn(activation, renormalize):
     torch.manual_seed(0)
     dense = FeedForward(D, E * H, activation, init_std=0.3)
-    layer = MoELayer(D, E, E, H, activation, renormalize=renormalize, init_std=0.3)
-    with torch.no_grad():
-        layer.router.weight.zero_()
-        for e in range(E):
-            cols = slice(e * H, (e + 1) * H)
-            layer.experts.w_up[e].copy_(dense.w_up[:, cols])
-            if activation == "swiglu":
-                layer.experts.w_gate[e].copy_(dense.w_gate[:, cols])
-            layer.experts.w_down[e].copy_(dense.w_down[cols, :] * E)
     x = torch.randn(24, D)
     for impl in ("sorted", "loop"):
-        layer.impl = impl
+        layer = MoELayer(D, E, E, H, activation, renormalize=renormalize, init_std=0.3, impl=impl)
+        with torch.no_grad():
+            layer.router.weight.zero_()
+            for e in range(E):
+                cols = slice(e * H, (e + 1) * H)
+                layer.experts.w_up[e].copy_(dense.w_up[:, cols])
+                if activation == "swiglu":
+                    layer.experts.w_gate[e].copy_(dense.w_gate[:, cols])
+                layer.experts.w_down[e].copy_(dense.w_down[cols, :] * E)
         y, record = layer(x)
         torch.testing.assert_close(record.probs, torch.full_like(record.probs, 1.0 / E), rtol=0, atol=1e-7)
         torch.testing.assert_close(record.weights, torch.full_like(record.weights, 1.0 / E), rtol=0, atol=1e-7)
@@ -261,21 +262,20 @@ def test_capacity_matches_reference_priority_on_random_routing(capacity, k):
 
 def test_fully_dropped_token_outputs_exactly_zero():
     n, e, k = len(HAND_IDX), 3, 2
-    # capacity = ceil(0.5 * 6 * 2 / 3) = 2, as in the hand-checked case above.
-    layer = MoELayer(D, e, k, H, "swiglu", capacity_factor=0.5, init_std=0.5)
-    assert layer.capacity(n) == 2
     torch.manual_seed(3)
     x = torch.randn(n, D)
     logits = torch.zeros(n, e)
     for t, (first, second) in enumerate(HAND_IDX):
         logits[t, first], logits[t, second] = 3.0, 2.0
-    with torch.no_grad():
-        # The router reads the first 3 input features: logits == x[:, :3] exactly.
-        layer.router.weight.zero_()
-        layer.router.weight[:, :3] = torch.eye(3)
     x[:, :3] = logits
     for impl in ("sorted", "loop"):
-        layer.impl = impl
+        layer = MoELayer(D, e, k, H, "swiglu", capacity_factor=0.5, init_std=0.5, impl=impl)
+        # capacity = ceil(0.5 * 6 * 2 / 3) = 2, as in the hand-checked case above.
+        assert layer.capacity(n) == 2
+        with torch.no_grad():
+            # The router reads the first 3 input features: logits == x[:, :3] exactly.
+            layer.router.weight.zero_()
+            layer.router.weight[:, :3] = torch.eye(3)
         y, record = layer(x)
         assert record.expert_idx.tolist() == HAND_IDX
         assert record.kept.tolist() == HAND_KEPT
@@ -367,8 +367,7 @@ def test_aux_loss_alone_reaches_router_weight():
 
 @pytest.mark.parametrize("impl", ["sorted", "loop"])
 def test_lm_path_reaches_router_weight_through_combine_weights(impl):
-    layer = make_layer(k=2)
-    layer.impl = impl
+    layer = make_layer(k=2, impl=impl)
     x = torch.randn(32, D)
     y, _ = layer(x)
     (y * torch.randn_like(y)).sum().backward()

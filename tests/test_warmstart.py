@@ -14,7 +14,7 @@ from moectl.cli import app
 from moectl.errors import ConfigError
 from moectl.models import build_model
 from moectl.train import fit
-from moectl.trained import load
+from moectl.loaded_model import load
 
 runner = CliRunner()
 

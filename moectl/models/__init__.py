@@ -1,4 +1,6 @@
-"""Model registry: `build_model(cfg, vocab_size)` reads the config; the modules take plain arguments."""
+"""Model registry: `build_model(cfg, vocab_size)` and `build_moe_layer(cfg)` read the config; the
+modules they build take plain arguments. Also what callers ask of a built model: its MoE layers,
+their FFN slots, and its total and active parameter counts."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from moectl.moe import MoELayer, make_router
 __all__ = ["LanguageModel", "ModelOutput", "build_model", "moe_layers", "moe_slots", "parameter_counts"]
 
 
-def build_moe_layer(cfg: Config) -> MoELayer:
+def build_moe_layer(cfg: Config, impl: str = "sorted") -> MoELayer:
+    """One MoE layer as the config describes it; `impl` picks the expert path (moe/layer.py)."""
     m, moe = cfg.model, cfg.moe
     router_std = m.init_std if moe.router_init_std is None else moe.router_init_std
     router = make_router(
@@ -47,6 +50,7 @@ def build_moe_layer(cfg: Config) -> MoELayer:
         shared_hidden=moe.shared_experts * (moe.shared_expert_hidden or cfg.expert_hidden),
         shared_gate=moe.shared_expert_gate,
         expert_dropout=moe.expert_dropout,
+        impl=impl,
     )
 
 

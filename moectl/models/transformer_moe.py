@@ -1,8 +1,8 @@
 """Decoder-only Transformer with MoE FFNs (GShard / Switch / Mixtral layout).
 
 Pre-norm blocks: h += attn(RMSNorm(h)); h += ffn(RMSNorm(h)), rotary positions, causal
-scaled_dot_product_attention. The FFN of every `moe_every`-th block is an MoE layer, the
-others dense; with no MoE slots it is the dense baseline of the same shape.
+scaled_dot_product_attention. `make_ffn(i)` builds block i's FFN slot: an MoE layer (every
+`moe.every`-th block) or a dense FFN; with dense slots only it is the dense baseline.
 Shapes: B batch, T sequence length, D model dim.
 """
 

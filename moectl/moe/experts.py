@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ACTIVATIONS = ("swiglu", "gelu", "relu")
+from moectl.config import ACTIVATIONS
 
 
 def ffn(

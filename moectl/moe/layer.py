@@ -44,13 +44,17 @@ class MoELayer(nn.Module):
         shared_hidden: int = 0,
         shared_gate: bool = False,
         expert_dropout: float = 0.0,
+        impl: Literal["sorted", "loop"] = "sorted",
     ):
-        """`router` defaults to softmax top-k. Capacity factors of None mean dropless;
-        `eval_capacity_factor="train"` reuses the training one. `shared_hidden` > 0 adds a
-        shared dense FFN of that hidden size (n shared experts of size H: n * H)."""
+        """`router` defaults to softmax top-k over `top_k` experts, renormalised or not. Capacity
+        factors of None mean dropless; `eval_capacity_factor="train"` reuses the training one.
+        `shared_hidden` > 0 adds a shared dense FFN of that hidden size (n shared experts of size
+        H: n * H). `impl` picks the fast sorted path or the loop reference (see above)."""
         super().__init__()
+        if impl not in ("sorted", "loop"):
+            raise ValueError(f"impl={impl!r} must be 'sorted' or 'loop'")
         self.num_experts = num_experts
-        self.top_k = top_k
+        self._impl = impl
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = capacity_factor if eval_capacity_factor == "train" else eval_capacity_factor
         self.min_capacity = min_capacity
@@ -61,7 +65,6 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_hidden and shared_gate else None
         if self.shared_gate is not None:
             nn.init.normal_(self.shared_gate.weight, std=init_std)
-        self.impl: Literal["sorted", "loop"] = "sorted"
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Slots per expert for a batch of N tokens: max(min_capacity, ceil(factor * N * K / E)); None: dropless."""
@@ -102,6 +105,11 @@ class MoELayer(nn.Module):
                 w = weights[token, slot].to(x.dtype)[:, None]  # (n_e, 1)
                 out = out.index_add(0, token, w * self.experts.forward_expert(e, x[token]))
         return out
+
+    @property
+    def impl(self) -> str:
+        """Which path computes the experts, fixed at construction."""
+        return self._impl
 
     @property
     def active_experts(self) -> float:

@@ -14,7 +14,6 @@ Notation: N tokens, E experts, K slots per token.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -51,13 +50,6 @@ class RoutingRecord:
     def combine_weights(self) -> Tensor:
         """(N, K) the weights the layer applies: the router's, zero where dropped."""
         return self.weights * self.kept
-
-    def detach(self) -> "RoutingRecord":
-        values = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            values[f.name] = v.detach() if v is not None else None
-        return dataclasses.replace(self, **values)
 
     def chosen_per_expert(self) -> Tensor:
         """(E,) assignments the router chose per expert, before capacity."""

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moectl.config import ROUTERS
 from moectl.moe.record import RoutingRecord, make_record
 
-ROUTERS = ("topk", "noisy_topk", "switch", "gshard_top2", "expert_choice", "soft", "hierarchical", "sigmoid")
 NOISE_EPS = 1e-2  # floor of the noise std, as in the authors' tensor2tensor code
 
 
@@ -52,37 +52,43 @@ def _gate_weight(num_experts: int, d_model: int, init_std: float) -> nn.Paramete
 
 
 class Router(nn.Module):
-    """Base: subclasses set num_experts and implement forward(x) -> RoutingRecord."""
+    """Base: E experts, K per token (checked here, at most `max_k`), and the gate weight W_g^T
+    (E, D) when `init_std` is given; subclasses implement forward(x) -> RoutingRecord."""
 
-    num_experts: int
     #: capacity factors apply (False where the method fixes its own capacity or has none)
     uses_capacity: bool = True
     #: wants update_bias(tokens_per_expert) after every optimizer step (aux-loss-free balancing)
     balances_with_bias: bool = False
 
+    def __init__(self, d_model: int, num_experts: int, top_k: int, init_std: Optional[float], max_k: Optional[int] = None):
+        super().__init__()
+        max_k = num_experts if max_k is None else max_k
+        if not 1 <= top_k <= max_k:
+            raise ValueError(f"top_k={top_k} must be in [1, {max_k}] for {num_experts} experts")
+        self.num_experts, self.top_k = num_experts, top_k
+        if init_std is not None:
+            self.weight = _gate_weight(num_experts, d_model, init_std)
+
     @property
     def active_experts(self) -> float:
         """Experts run per token on average: what 'active parameters' counts."""
-        raise NotImplementedError
+        return float(self.top_k)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """(N, D) -> (N, E): x W_g in fp32."""
+        return x.float() @ self.weight.float().t()
 
 
 class TopKRouter(Router):
     """p = softmax(x W_g); keep the K largest p_i; weights p_i renormalised over the K, or raw."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, renormalize: bool = True, init_std: float = 0.02):
-        super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
-        self.weight = _gate_weight(num_experts, d_model, init_std)
-
-    @property
-    def active_experts(self) -> float:
-        return float(self.top_k)
+        super().__init__(d_model, num_experts, top_k, init_std)
+        self.renormalize = renormalize
 
     def forward(self, x: Tensor) -> RoutingRecord:
         with fp32(x):
-            logits = x.float() @ self.weight.float().t()  # (N, D) @ (D, E) -> (N, E)
+            logits = self.logits(x)  # (N, E)
             probs = logits.softmax(dim=-1)
             if self.top_k == 1:  # max is several times faster than topk for one expert
                 top_probs, expert_idx = probs.max(dim=-1, keepdim=True)  # (N, 1)
@@ -92,13 +98,13 @@ class TopKRouter(Router):
         return make_record(logits, probs, expert_idx, weights)
 
 
-def smooth_load(clean: Tensor, noisy: Tensor, noise_std: Tensor, top_vals: Tensor, top_idx: Tensor, k: int) -> Tensor:
+def smooth_load(clean: Tensor, noise_std: Tensor, top_vals: Tensor, top_idx: Tensor, k: int) -> Tensor:
     """Shazeer et al. 2017, Appendix A: P(x, i), the probability that expert i stays in the top k
     when only its own noise is drawn again.
 
     P(x, i) = Phi((clean_i - kth_excluding(H, k, i)) / std_i), where kth_excluding is the (k+1)-th
     largest noisy logit if i is in the top k, else the k-th largest. Shapes: (..., E) inputs,
-    top_vals / top_idx the top min(k + 1, E) of `noisy`; returns (..., E). With k = E every
+    top_vals / top_idx the top min(k + 1, E) of the noisy logits; returns (..., E). With k = E every
     expert is always chosen and P is 1.
     """
     if k >= clean.shape[-1]:
@@ -117,20 +123,12 @@ class NoisyTopKRouter(Router):
     experts start equal. In training the record carries the smooth load estimate (record.load)."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int):
-        super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-        self.num_experts, self.top_k = num_experts, top_k
-        self.weight = _gate_weight(num_experts, d_model, 0.0)
+        super().__init__(d_model, num_experts, top_k, init_std=0.0)
         self.noise_weight = _gate_weight(num_experts, d_model, 0.0)
-
-    @property
-    def active_experts(self) -> float:
-        return float(self.top_k)
 
     def noisy_logits(self, x: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """(clean, noisy, noise std); in eval, noisy == clean and std is None."""
-        clean = x.float() @ self.weight.float().t()  # (N, E)
+        clean = self.logits(x)  # (N, E)
         if not self.training:
             return clean, clean, None
         std = F.softplus(x.float() @ self.noise_weight.float().t()) + NOISE_EPS  # (N, E)
@@ -142,7 +140,7 @@ class NoisyTopKRouter(Router):
             clean, noisy, std = self.noisy_logits(x)
             top_vals, top_idx = noisy.topk(min(k + 1, self.num_experts), dim=-1)  # (N, k+1)
             weights = top_vals[:, :k].softmax(dim=-1)  # softmax over the kept logits: (N, K)
-            load = smooth_load(clean, noisy, std, top_vals, top_idx, k).sum(0) if std is not None else None
+            load = smooth_load(clean, std, top_vals, top_idx, k).sum(0) if std is not None else None
             probs = clean.softmax(dim=-1)
         return make_record(clean, probs, top_idx[:, :k], weights, load=load)
 
@@ -152,20 +150,15 @@ class SwitchRouter(Router):
     training; the expert output is scaled by its raw router probability p_i."""
 
     def __init__(self, d_model: int, num_experts: int, jitter_eps: float = 1e-2, init_std: float = 0.02):
-        super().__init__()
-        self.num_experts, self.jitter_eps = num_experts, jitter_eps
-        self.weight = _gate_weight(num_experts, d_model, init_std)
-
-    @property
-    def active_experts(self) -> float:
-        return 1.0
+        super().__init__(d_model, num_experts, 1, init_std)
+        self.jitter_eps = jitter_eps
 
     def forward(self, x: Tensor) -> RoutingRecord:
         with fp32(x):
             h = x.float()
             if self.training and self.jitter_eps > 0:
                 h = h * torch.empty_like(h).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-            logits = h @ self.weight.float().t()  # (N, E)
+            logits = self.logits(h)  # (N, E)
             probs = logits.softmax(dim=-1)
             top_prob, expert_idx = probs.max(dim=-1, keepdim=True)  # (N, 1)
         return make_record(logits, probs, expert_idx, top_prob)
@@ -177,19 +170,11 @@ class GShardTop2Router(Router):
     its first expert alone (with weight g1, as in the algorithm: no renormalisation)."""
 
     def __init__(self, d_model: int, num_experts: int, init_std: float = 0.02):
-        super().__init__()
-        if num_experts < 2:
-            raise ValueError("gshard_top2 needs at least 2 experts")
-        self.num_experts = num_experts
-        self.weight = _gate_weight(num_experts, d_model, init_std)
-
-    @property
-    def active_experts(self) -> float:
-        return 2.0  # at most; random routing skips some second experts in training
+        super().__init__(d_model, num_experts, 2, init_std)  # active: 2 at most (random routing skips some)
 
     def forward(self, x: Tensor) -> RoutingRecord:
         with fp32(x):
-            logits = x.float() @ self.weight.float().t()  # (N, E)
+            logits = self.logits(x)  # (N, E)
             probs = logits.softmax(dim=-1)
             top2, expert_idx = probs.topk(2, dim=-1)  # (N, 2)
             gates = top2 / top2.sum(dim=-1, keepdim=True)
@@ -208,10 +193,8 @@ class ExpertChoiceRouter(Router):
     uses_capacity = False
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: Optional[float], init_std: float = 0.02):
-        super().__init__()
-        self.num_experts, self.top_k = num_experts, top_k
+        super().__init__(d_model, num_experts, top_k, init_std)
         self.capacity_factor = 1.0 if capacity_factor is None else capacity_factor
-        self.weight = _gate_weight(num_experts, d_model, init_std)
 
     @property
     def active_experts(self) -> float:
@@ -223,7 +206,7 @@ class ExpertChoiceRouter(Router):
     def forward(self, x: Tensor) -> RoutingRecord:
         n, e = x.shape[0], self.num_experts
         with fp32(x):
-            logits = x.float() @ self.weight.float().t()  # (N, E)
+            logits = self.logits(x)  # (N, E)
             probs = logits.softmax(dim=-1)
             _, tokens = probs.t().topk(self.capacity(n), dim=-1)  # (E, C) each expert's tokens
             chosen = torch.zeros(e, n, dtype=torch.bool, device=x.device).scatter_(1, tokens, True).t()  # (N, E)
@@ -237,18 +220,12 @@ class SoftRouter(Router):
     uses_capacity = False
 
     def __init__(self, d_model: int, num_experts: int, init_std: float = 0.02):
-        super().__init__()
-        self.num_experts = num_experts
-        self.weight = _gate_weight(num_experts, d_model, init_std)
-
-    @property
-    def active_experts(self) -> float:
-        return float(self.num_experts)
+        super().__init__(d_model, num_experts, num_experts, init_std)  # K = E: every expert, every token
 
     def forward(self, x: Tensor) -> RoutingRecord:
         n, e = x.shape[0], self.num_experts
         with fp32(x):
-            logits = x.float() @ self.weight.float().t()  # (N, E)
+            logits = self.logits(x)  # (N, E)
             probs = logits.softmax(dim=-1)
         return make_record(logits, probs, torch.arange(e, device=x.device).expand(n, e), probs)
 
@@ -265,13 +242,11 @@ class HierarchicalRouter(Router):
     """
 
     def __init__(self, d_model: int, num_experts: int, num_groups: int, group_top_k: int, top_k: int):
-        super().__init__()
         if num_experts % num_groups:
             raise ValueError(f"num_experts={num_experts} must be a multiple of num_groups={num_groups}")
         per_group = num_experts // num_groups
-        if not 1 <= top_k <= per_group:
-            raise ValueError(f"top_k={top_k} must be in [1, experts per group={per_group}]")
-        self.num_experts, self.num_groups, self.per_group, self.top_k = num_experts, num_groups, per_group, top_k
+        super().__init__(d_model, num_experts, top_k, init_std=None, max_k=per_group)
+        self.num_groups, self.per_group = num_groups, per_group
         self.primary = NoisyTopKRouter(d_model, num_groups, group_top_k)
         # Zero init, as the paper's gates: (G, B, D) gate and noise weights of the secondary gates.
         self.weight = nn.Parameter(torch.zeros(num_groups, per_group, d_model))
@@ -303,7 +278,7 @@ class HierarchicalRouter(Router):
             probs = (group.probs[..., None] * clean.softmax(dim=-1)).reshape(n, -1)  # (N, E)
             load = None
             if std is not None:
-                p_in = smooth_load(clean, noisy, std, top_vals, top_idx, k)  # (N, G, B)
+                p_in = smooth_load(clean, std, top_vals, top_idx, k)  # (N, G, B)
                 routed = torch.zeros(n, self.num_groups, device=x.device).scatter_(1, groups, 1.0)  # (N, G) x in X^(a)
                 load_a = (p_in * routed[..., None]).sum(0)  # (G, B) Load_a(X^(a))
                 load = (group.load[:, None] * load_a / routed.sum(0).clamp_min(1.0)[:, None]).reshape(-1)  # (E,)
@@ -332,21 +307,13 @@ class SigmoidRouter(Router):
         renormalize: bool = True,
         init_std: float = 0.02,
     ):
-        super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-        self.num_experts, self.top_k = num_experts, top_k
+        super().__init__(d_model, num_experts, top_k, init_std)
         self.bias_update_rate, self.scaling, self.renormalize = bias_update_rate, scaling, renormalize
-        self.weight = _gate_weight(num_experts, d_model, init_std)
         self.register_buffer("expert_bias", torch.zeros(num_experts))
-
-    @property
-    def active_experts(self) -> float:
-        return float(self.top_k)
 
     def forward(self, x: Tensor) -> RoutingRecord:
         with fp32(x):
-            logits = x.float() @ self.weight.float().t()  # (N, E)
+            logits = self.logits(x)  # (N, E)
             scores = logits.sigmoid()
             _, expert_idx = (scores + self.expert_bias.float()).topk(self.top_k, dim=-1)  # (N, K) bias: selection only
             gates = scores.gather(1, expert_idx)
@@ -377,21 +344,18 @@ def make_router(
     bias_update_rate: float = 1e-3,
     scaling: float = 1.0,
 ) -> Router:
-    """The router named `kind` (one of ROUTERS), from plain arguments."""
-    if kind == "topk":
-        return TopKRouter(d_model, num_experts, top_k, renormalize, init_std)
-    if kind == "noisy_topk":
-        return NoisyTopKRouter(d_model, num_experts, top_k)
-    if kind == "switch":
-        return SwitchRouter(d_model, num_experts, jitter_eps, init_std)
-    if kind == "gshard_top2":
-        return GShardTop2Router(d_model, num_experts, init_std)
-    if kind == "expert_choice":
-        return ExpertChoiceRouter(d_model, num_experts, top_k, capacity_factor, init_std)
-    if kind == "soft":
-        return SoftRouter(d_model, num_experts, init_std)
-    if kind == "hierarchical":
-        return HierarchicalRouter(d_model, num_experts, num_groups, group_top_k, top_k)
-    if kind == "sigmoid":
-        return SigmoidRouter(d_model, num_experts, top_k, bias_update_rate, scaling, renormalize, init_std)
-    raise ValueError(f"unknown router {kind!r}; choose one of {', '.join(ROUTERS)}")
+    """The router named `kind` (one of config.ROUTERS), from plain arguments."""
+    d, e, k = d_model, num_experts, top_k
+    build = {
+        "topk": lambda: TopKRouter(d, e, k, renormalize, init_std),
+        "noisy_topk": lambda: NoisyTopKRouter(d, e, k),
+        "switch": lambda: SwitchRouter(d, e, jitter_eps, init_std),
+        "gshard_top2": lambda: GShardTop2Router(d, e, init_std),
+        "expert_choice": lambda: ExpertChoiceRouter(d, e, k, capacity_factor, init_std),
+        "soft": lambda: SoftRouter(d, e, init_std),
+        "hierarchical": lambda: HierarchicalRouter(d, e, num_groups, group_top_k, k),
+        "sigmoid": lambda: SigmoidRouter(d, e, k, bias_update_rate, scaling, renormalize, init_std),
+    }
+    if kind not in build:
+        raise ValueError(f"unknown router {kind!r}; choose one of {', '.join(ROUTERS)}")
+    return build[kind]()

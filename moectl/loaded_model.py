@@ -1,9 +1,10 @@
-"""A trained model ready to use: what eval, route-stats and generate start from.
+"""A saved model loaded and ready to use: what eval, route-stats, generate and export start from.
 
 `load(path)` takes a run directory (its latest checkpoint), a checkpoint directory
 (`runs/NAME/checkpoints/step_NNNNNN`, whose run directory holds config.yaml and tokenizer.json),
-or a bundle from `moectl export` (all of them in one directory), and returns the config, the model with its weights in eval mode, and the tokenizer.
-Anything missing or mismatched is one clear error; nothing is ever written.
+or a bundle from `moectl export` (all of them in one directory), and returns a `LoadedModel`:
+the config, the model with its weights on its device in eval mode, and the tokenizer. Anything
+missing or mismatched is one clear error; nothing is ever written.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional
 import torch
 from tokenizers import Tokenizer
 
-from moectl import checkpoint, config
+from moectl import checkpoint, config, runtime
 from moectl import tokenizer as tokenizers_
 from moectl.config import Config
 from moectl.errors import CheckpointError, ConfigError
@@ -27,7 +28,7 @@ OVERRIDABLE = ("data.", "train.eval_batches", "train.micro_batch_size", "train.d
 
 
 @dataclass
-class Trained:
+class LoadedModel:
     cfg: Config
     model: LanguageModel
     tokenizer: Tokenizer
@@ -42,30 +43,9 @@ class Trained:
         return moe_slots(self.model)
 
 
-def resolve(path: Path) -> tuple[Path, Path]:
-    """(checkpoint directory, run directory) for a run or checkpoint directory."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such run or checkpoint directory")
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is a file; give a run directory (runs/NAME) or a checkpoint directory")
-    if (path / "model.safetensors").is_file():
-        if (path / "config.yaml").is_file():  # an exported bundle holds everything itself
-            return path, path
-        return path, path.parent.parent
-    latest = checkpoint.latest(path)
-    if latest is None:
-        if (path / "config.yaml").is_file():
-            raise CheckpointError(f"{path} holds a run that never saved a checkpoint; train it (moectl train {path} --resume)")
-        raise CheckpointError(f"{path} is neither a run directory (config.yaml, checkpoints/) nor a checkpoint directory")
-    return latest, path
-
-
-def load(path: Path, overrides: Optional[list[str]] = None, device: Optional[str] = None) -> Trained:
+def load(path: Path, overrides: Optional[list[str]] = None) -> LoadedModel:
     """The model saved at `path`, with `overrides` (data and eval settings only) applied."""
-    from moectl.train import pick_device
-
-    ckpt, run_dir = resolve(path)
+    ckpt, run_dir = checkpoint.resolve(path)
     cfg_file, tok_file = run_dir / "config.yaml", run_dir / "tokenizer.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file} is missing, so the model's config is unknown; the checkpoint cannot be used")
@@ -79,8 +59,6 @@ def load(path: Path, overrides: Optional[list[str]] = None, device: Optional[str
                 "train.device and train.precision can change for a trained model"
             )
     cfg = config.load(cfg_file, overrides)
-    if device is not None:
-        cfg = config.with_values(cfg, "--device", **{"train.device": device})
     tok = tokenizers_.load_file(tok_file)
     meta = checkpoint.read_meta(ckpt)
     rows = checkpoint.tensor_shape(ckpt, "embed.weight")
@@ -91,16 +69,16 @@ def load(path: Path, overrides: Optional[list[str]] = None, device: Optional[str
         )
     model = build_model(cfg, tok.get_vocab_size())
     checkpoint.load_model(ckpt, model)
-    dev = pick_device(cfg.train.device)
+    dev = runtime.pick_device(cfg.train.device)
     model.to(dev).eval()
-    return Trained(cfg=cfg, model=model, tokenizer=tok, checkpoint=ckpt, run_dir=run_dir, step=meta["step"], device=dev)
+    return LoadedModel(cfg=cfg, model=model, tokenizer=tok, checkpoint=ckpt, run_dir=run_dir, step=meta["step"], device=dev)
 
 
-def check_layer(trained: Trained, layer: int) -> int:
+def check_layer(loaded: LoadedModel, layer: int) -> int:
     """Index into the routing records of MoE layer `layer` (numbered by FFN slot, as in TensorBoard)."""
-    slots = trained.slots
+    slots = loaded.slots
     if not slots:
-        raise ConfigError(f"{trained.run_dir} is a dense model: it has no MoE layers to show")
+        raise ConfigError(f"{loaded.run_dir} is a dense model: it has no MoE layers to show")
     if layer not in slots:
         raise ConfigError(f"layer {layer} is not an MoE layer of this model; its MoE layers are {slots}")
     return slots.index(layer)
