@@ -53,7 +53,8 @@ def test_train_writes_checkpoint_config_and_tensorboard(tmp_path):
     for tag in ["train/loss", "train/lm_loss", "train/aux_loss", "train/z_loss", "train/lr", "train/grad_norm",
                 "train/tokens_per_sec", "eval/loss", "eval/ppl", "routing/layer00/cv", "routing/layer01/max_over_mean",
                 "routing/layer00/load_entropy", "routing/layer00/router_entropy", "routing/layer00/drop_fraction",
-                "routing/layer00/dead_experts", "routing/worst_max_over_mean"]:
+                "routing/layer00/dead_experts", "routing/layer00/top20_share", "routing/layer00/bottom20_share",
+                "routing/worst_max_over_mean", "train/router/load_balance", "train/router/z"]:
         assert tag in tags["scalars"], tag
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
     assert [e.step for e in acc.Scalars("eval/loss")] == [0, 3, 6]
@@ -225,3 +226,37 @@ def test_divergence_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
     for _, path in checkpoint.list_checkpoints(run_dir):
         assert all(torch.isfinite(t).all() for t in weights(path).values()), path
     assert max(steps, default=0) < 20
+
+
+def test_a_run_shorter_than_its_warmup_warms_up_over_all_its_steps(tmp_path):
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, optim={"lr": 3e-3, "warmup_steps": 100}))
+    result = runner.invoke(app, ["train", str(cfg_file), "--set", "train.max_steps=4"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "warning: optim.warmup_steps=100 is longer than train.max_steps=4: warming up over all 4 steps" in said
+    run_dir = tmp_path / "runs" / "tiny"
+    assert config.load(run_dir / "config.yaml").optim.warmup_steps == 4  # what the run did is what it records
+    # Logged every 2 steps: the LR of the step just taken, linear up to the peak at the last step.
+    assert [v for _, v in scalar_series(run_dir, "train/lr")] == pytest.approx([3e-3 * 2 / 4, 3e-3 * 4 / 4])
+
+
+def test_resume_starts_again_a_run_killed_before_its_first_checkpoint(tmp_path):
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, checkpoint={"every": 100}))
+    reference = fit(config.load(cfg_file, ["run.name=reference"]))
+    # The killed run: its directory holds config.yaml, tokenizer.json and logs, but no checkpoint.
+    killed = fit(config.load(cfg_file))
+    shutil.rmtree(checkpoint.checkpoints_dir(killed.run_dir))
+
+    def said(result, code):  # rich wraps long lines
+        assert result.exit_code == code, result.output
+        return " ".join(result.output.split())
+
+    assert "never saved a checkpoint; pass --resume to start it again" in said(runner.invoke(app, ["train", str(cfg_file)]), 2)
+    other_model = runner.invoke(app, ["train", str(cfg_file), "--resume", "--set", "model.d_model=64"])
+    assert "model.d_model: 32 -> 64" in said(other_model, 2)
+    result = runner.invoke(app, ["train", str(cfg_file), "--resume"])
+    assert "has no checkpoint yet: starting it again from step 0" in said(result, 0)
+    assert_same_weights(reference.checkpoint, checkpoint.latest(killed.run_dir))
+    # The killed run's TensorBoard events are purged, not shown twice.
+    for tag in ("train/loss", "eval/loss"):
+        assert scalar_series(killed.run_dir, tag) == scalar_series(reference.run_dir, tag)
