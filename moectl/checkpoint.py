@@ -240,10 +240,10 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
             raise CheckpointError(f"--resume: {run_dir / 'tokenizer.json'} is missing; the run cannot be continued")
         return ckpt
     if run_dir.exists() and any(run_dir.iterdir()):
-        if overwrite and not _looks_like_a_run(run_dir):
+        if not _looks_like_a_run(run_dir):
             raise CheckpointError(
-                f"--overwrite: {run_dir} does not look like a moectl run (no config.yaml or checkpoints/); "
-                "refusing to delete it: choose another run.dir or run.name"
+                f"{run_dir} is not empty and does not look like a moectl run (no config.yaml or checkpoints/); "
+                "moectl will not write into it or delete it: choose another run.dir or run.name"
             )
         if not overwrite:
             if ckpt is None:

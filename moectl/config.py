@@ -2,7 +2,8 @@
 
 One YAML file becomes a `Config`. Precedence is code defaults < YAML < `--set key=value`.
 Every field has its default and its description here, in one place; `moectl config` prints
-them and README's config reference is generated from them.
+them and README's config reference is generated from them. The names a user picks from
+(ROUTERS, ACTIVATIONS) are defined here too, and the builders in moe/ use these lists.
 
 Errors name the file (or the `--set` flag), the dotted key path, the bad value and what was
 expected, e.g. `configs/x.yaml: moe.top_k=9 must be <= moe.num_experts=8`.

@@ -18,9 +18,9 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -54,22 +54,26 @@ def init(device: torch.device, timeout_s: float) -> tuple[Dist, torch.device]:
     return env, device
 
 
-def lost_contact(exc: BaseException, timeout_s: float) -> Optional[DistributedError]:
-    """A collective's failure because another rank went away, as a one-line user error (or None)."""
-    text = str(exc).lower()
-    markers = ("connection closed by peer", "connection reset by peer", "broken pipe", "aborted", "timed out", "timeout")
-    if not (isinstance(exc, getattr(dist, "DistError", ())) or any(m in text for m in markers)):
-        return None
-    return DistributedError(
-        "lost contact with the other processes: one of them failed (its error is above), was killed, or did not "
-        f"answer within train.dist_timeout={timeout_s:g} s"
-    )
-
-
-def shutdown(d: Dist) -> None:
-    """Leave the process group `init` joined (single-process runs have none to leave)."""
-    if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+@contextmanager
+def process_group(device: torch.device, timeout_s: float) -> Iterator[tuple[Dist, torch.device]]:
+    """This process's place in the job and its device, for the block's duration: the process group
+    is joined (`init`) and left afterwards; a collective that fails because another rank went away
+    becomes one DistributedError line instead of a torch traceback."""
+    d, device = init(device, timeout_s)
+    try:
+        yield d, device
+    except RuntimeError as exc:
+        text = str(exc).lower()
+        markers = ("connection closed by peer", "connection reset by peer", "broken pipe", "aborted", "timed out", "timeout")
+        if not d.enabled or not (isinstance(exc, getattr(dist, "DistError", ())) or any(m in text for m in markers)):
+            raise
+        raise DistributedError(
+            "lost contact with the other processes: one of them failed (its error is above), was killed, or did not "
+            f"answer within train.dist_timeout={timeout_s:g} s"
+        ) from exc
+    finally:
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:

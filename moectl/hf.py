@@ -155,12 +155,12 @@ def to_transformers(cfg: Config, sd: Tensors) -> Tensors:
 
 def _shared_expert(cfg: Config, sd: Tensors, moe: str, dst: str, out: Tensors) -> None:
     """Qwen2-MoE's gated shared expert; a model without one gets a zero expert, which adds 0."""
-    d, width = cfg.model.d_model, _shared_hidden(cfg)
+    d, width, dtype = cfg.model.d_model, _shared_hidden(cfg), sd[moe + "router.weight"].dtype
     for ours, _, theirs in EXPERT_NAMES:
-        zero = torch.zeros((1, d) if ours != "w_down" else (d, 1))
+        zero = torch.zeros((1, d) if ours != "w_down" else (d, 1), dtype=dtype)
         out[f"{dst}shared_expert.{theirs}.weight"] = sd[f"{moe}shared.{ours}"].t() if width else zero
     gate = sd.get(moe + "shared_gate.weight")
-    out[dst + "shared_expert_gate.weight"] = gate if gate is not None else torch.zeros(1, d)
+    out[dst + "shared_expert_gate.weight"] = gate if gate is not None else torch.zeros(1, d, dtype=dtype)
 
 
 def _outside_ffn(cfg: Config, sd: Tensors) -> Tensors:

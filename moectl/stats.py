@@ -68,10 +68,6 @@ class LayerStats:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def row(self) -> list[str]:
-        """The columns, formatted."""
-        return [c.format(getattr(self, c.name)) for c in COLUMNS]
-
 
 def worst_imbalance(layers: list[LayerStats]) -> float:
     """The most imbalanced layer's max/mean load: the progress bar's one routing number."""
@@ -158,9 +154,9 @@ class RoutingStats(Sums):
     @torch.no_grad()
     def update(self, records: list[RoutingRecord]) -> None:
         for i, r in enumerate(records):
-            p = r.probs.detach().to(self.device, self.load.dtype)
+            p = r.probs.detach()
             self.load[i] += r.tokens_per_expert.to(self.device, self.load.dtype)
-            self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log()).sum()
+            self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log()).sum().to(self.device, self.load.dtype)
             self.tokens[i] += r.num_tokens
             self.dropped[i] += r.num_dropped.to(self.device, self.load.dtype)
 

@@ -47,27 +47,6 @@ from moectl.tracking import Tracker
 
 
 @dataclass
-class RunResult:
-    run_dir: Path
-    checkpoint: Optional[Path]
-    step: int
-    max_steps: int
-    tokens_seen: int
-    first_eval_loss: Optional[float]
-    eval_loss: Optional[float]
-    interrupted: bool
-    train_seconds: float
-    tokens_per_sec: float
-    params_total: int
-    params_active: int
-    world_size: int = 1
-
-    @property
-    def eval_ppl(self) -> Optional[float]:
-        return perplexity(self.eval_loss) if self.eval_loss is not None else None
-
-
-@dataclass
 class Run:
     """What setup builds. Which objects these are never changes during the run."""
 
@@ -81,7 +60,7 @@ class Run:
     train_blocks: data.Blocks
     sampler: data.BatchSampler  # global batches of block ids, the same on every rank
     val_blocks: data.Blocks
-    val_batches: list  # this process's micro-batches of validation block ids
+    val_batches: list  # the validation block ids, in chunks of one micro-batch; each rank scores its share
     data_keys: dict[str, str]  # identify the tokenised data: a resumed run checks they did not change
     micro: int  # sequences per forward pass in this process
     accum: int  # micro-batches per optimizer step in this process
@@ -97,32 +76,55 @@ class Run:
 
 @dataclass
 class LoopState:
-    """What the loop changes. All but the timings is saved in every checkpoint."""
+    """What the loop changes. A checkpoint keeps what resuming needs: the step, tokens seen, the
+    eval losses and the collapse flags (the rest of the state is the Run's objects')."""
 
     step: int = 0
     tokens_seen: int = 0
     first_eval_loss: Optional[float] = None
     eval_loss: Optional[float] = None
     collapsed: list[bool] = field(default_factory=list)  # per MoE layer: over log.collapse_threshold last window
-    last_checkpoint: Optional[Path] = None
+    checkpoint: Optional[Path] = None  # the newest checkpoint
     stopping: bool = False  # Ctrl-C on any rank: save after this step and return
-    seconds: float = 0.0  # training time in this session
+    train_seconds: float = 0.0  # in this session
     session_tokens: int = 0
     window_seconds: float = 0.0
     window_tokens: int = 0
 
 
+@dataclass
+class RunResult(LoopState):
+    """What fit() returns: the loop's final state, and what describes the run."""
+
+    run_dir: Path = Path()
+    max_steps: int = 0
+    world_size: int = 1
+    params_total: int = 0
+    params_active: int = 0
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopping and self.step < self.max_steps
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.session_tokens / self.train_seconds if self.train_seconds else 0.0
+
+    @property
+    def eval_ppl(self) -> Optional[float]:
+        return perplexity(self.eval_loss) if self.eval_loss is not None else None
+
+
 def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Train as `cfg` says, in this process or as one rank of a torchrun job."""
-    dp, device = distributed.init(runtime.pick_device(cfg.train.device), cfg.train.dist_timeout)
-    try:
+    with distributed.process_group(runtime.pick_device(cfg.train.device), cfg.train.dist_timeout) as (dp, device):
         run, state = setup(cfg, dp, device, resume, overwrite)
         tr = run.cfg.train
         with StopOnInterrupt() as stop, run.progress, closing(run.tracker):
             if state.step == 0:
                 state.first_eval_loss = evaluate(run, state)
             while state.step < tr.max_steps and not state.stopping:
-                lr = train_step(run, state, stop.requested)
+                lr = train_step(run, state, stop)
                 last = state.step == tr.max_steps
                 if last or state.step % run.cfg.log.every == 0:
                     log_window(run, state, lr)
@@ -132,30 +134,10 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
                     save(run, state)
             if state.stopping:
                 save(run, state)
-                run.progress.print(f"stopped at step {state.step}; checkpoint saved to {state.last_checkpoint}")
+                run.progress.print(f"stopped at step {state.step}; checkpoint saved to {state.checkpoint}")
         total, active = parameter_counts(run.model)
-        return RunResult(
-            run_dir=run.run_dir,
-            checkpoint=state.last_checkpoint,
-            step=state.step,
-            max_steps=tr.max_steps,
-            tokens_seen=state.tokens_seen,
-            first_eval_loss=state.first_eval_loss,
-            eval_loss=state.eval_loss,
-            interrupted=state.stopping and state.step < tr.max_steps,
-            train_seconds=state.seconds,
-            tokens_per_sec=state.session_tokens / state.seconds if state.seconds else 0.0,
-            params_total=total,
-            params_active=active,
-            world_size=dp.world_size,
-        )
-    except RuntimeError as exc:
-        lost = distributed.lost_contact(exc, cfg.train.dist_timeout) if dp.enabled else None
-        if lost is None:
-            raise
-        raise lost from exc
-    finally:
-        distributed.shutdown(dp)
+        return RunResult(**vars(state), run_dir=run.run_dir, max_steps=tr.max_steps, world_size=dp.world_size,
+                         params_total=total, params_active=active)
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -167,6 +149,7 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
     cfg = _fit_warmup(cfg)
     tr, run_dir = cfg.train, checkpoint.run_directory(cfg)
     micro, accum = batch_layout(cfg, dp.world_size)
+    amp = runtime.autocast_dtype(device, tr.precision)
     # Rank 0 alone judges the run directory, before anyone writes to it.
     resume_from = distributed.from_main(lambda: checkpoint.check_run_dir(run_dir, cfg, resume, overwrite), dp)
     if device.type == "cpu":
@@ -188,7 +171,7 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
     train_blocks, val_blocks = data.Blocks(corpus.train, cfg.data.seq_len), data.Blocks(corpus.validation, cfg.data.seq_len)
     slots = moe_slots(model)
     run = Run(
-        cfg=cfg, dp=dp, device=device, amp=runtime.autocast_dtype(device, tr.precision), run_dir=run_dir, model=model,
+        cfg=cfg, dp=dp, device=device, amp=amp, run_dir=run_dir, model=model,
         optimizer=make_optimizer(model, cfg.optim),
         train_blocks=train_blocks,
         sampler=data.BatchSampler(len(train_blocks), tr.batch_size, tr.seed),
@@ -292,7 +275,7 @@ def restore(run: Run, state: LoopState, ckpt: Path) -> None:
     state.step, state.tokens_seen = meta["step"], meta.get("tokens_seen", 0)
     state.first_eval_loss, state.eval_loss = meta.get("first_eval_loss"), meta.get("eval_loss")
     state.collapsed = list(saved.get("collapsed", state.collapsed))
-    state.last_checkpoint = ckpt
+    state.checkpoint = ckpt
     new_lr = lr_at(state.step - 1, run.cfg.optim, run.cfg.train.max_steps)
     if meta.get("lr") and abs(new_lr - meta["lr"]) > 1e-3 * meta["lr"]:
         console.warn(
@@ -355,7 +338,7 @@ def eval_chunks(batches: list, size: int) -> list:
 # ------------------------------------------------------------------------------------ the steps
 
 
-def train_step(run: Run, state: LoopState, stop_requested: bool) -> float:
+def train_step(run: Run, state: LoopState, stop: "StopOnInterrupt") -> float:
     """One optimizer step over this rank's share of the next global batch; returns its LR."""
     tr, dp = run.cfg.train, run.dp
     started = time.perf_counter()
@@ -378,14 +361,14 @@ def train_step(run: Run, state: LoopState, stop_requested: bool) -> float:
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tr.grad_clip or float("inf"))
     # One host sync per step: the progress bar's loss, a divergence check before the update, and
     # (with several ranks) whether any rank was asked to stop: all ranks decide alike.
-    check = torch.stack([out.loss.detach().float(), grad_norm.float(), grad_norm.new_tensor(float(stop_requested)).float()])
+    check = torch.stack([out.loss.detach().float(), grad_norm.float(), grad_norm.new_tensor(float(stop.requested)).float()])
     distributed.all_reduce_sum_([check], dp)
     loss, norm, stop_votes = check.tolist()
     loss, norm = loss / dp.world_size, norm / dp.world_size
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise TrainingError(
             f"step {state.step + 1}: the loss is {loss} and the gradient norm {norm}: training diverged; "
-            f"the last checkpoint ({state.last_checkpoint or 'none yet'}) is intact: lower optim.lr, then --resume"
+            f"the last checkpoint ({state.checkpoint or 'none yet'}) is intact: lower optim.lr, then --resume"
         )
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -397,7 +380,7 @@ def train_step(run: Run, state: LoopState, stop_requested: bool) -> float:
     state.step, state.stopping = state.step + 1, stop_votes > 0
     state.tokens_seen, state.session_tokens, state.window_tokens = (
         state.tokens_seen + tokens, state.session_tokens + tokens, state.window_tokens + tokens)
-    state.seconds, state.window_seconds = state.seconds + seconds, state.window_seconds + seconds
+    state.train_seconds, state.window_seconds = state.train_seconds + seconds, state.window_seconds + seconds
     run.progress.update(state.step, loss, lr)
     return lr
 
@@ -471,7 +454,7 @@ def save(run: Run, state: LoopState) -> None:
             world_size=run.dp.world_size,
         )
         checkpoint.save(run.run_dir, state.step, run.model, saved, meta, run.cfg.checkpoint.keep_last)
-    state.last_checkpoint = checkpoint.step_dir(run.run_dir, state.step)
+    state.checkpoint = checkpoint.step_dir(run.run_dir, state.step)
 
 
 # ------------------------------------------------------------------------------- loop helpers

@@ -126,7 +126,12 @@ def test_model_code_is_single_device():
     for module, path in modules().items():
         if module.startswith(("moectl.models", "moectl.moe")):
             for node in ast.walk(ast.parse(path.read_text())):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    names = [f"{node.module}.{a.name}" for a in node.names]
+                else:
+                    continue
                 assert not any(n.startswith("torch.distributed") for n in names), f"{module} imports torch.distributed"
 
 

@@ -178,10 +178,11 @@ def test_overwrite_never_deletes_what_is_not_a_run(tmp_path):
     precious = tmp_path / "runs" / "notes"
     precious.mkdir(parents=True)
     (precious / "thesis.txt").write_text("irreplaceable")
-    assert_clean_failure(
-        runner.invoke(app, ["train", str(cfg_file), "--run-name", "notes", "--overwrite"]),
-        "does not look like a moectl run",
-    )
+    for flags in (["--overwrite"], []):  # neither replaced nor written into
+        assert_clean_failure(
+            runner.invoke(app, ["train", str(cfg_file), "--run-name", "notes", *flags]), "does not look like a moectl run"
+        )
+    assert [p.name for p in precious.iterdir()] == ["thesis.txt"]
     assert (precious / "thesis.txt").read_text() == "irreplaceable"
 
 

@@ -32,3 +32,11 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_quickstart_command_names_a_shipped_config():
     assert "moectl train configs/quickstart.yaml" in README
     assert (ROOT / "configs" / "quickstart.yaml").is_file()
+
+
+def test_readme_router_table_lists_exactly_the_routers_config_accepts():
+    from moectl.config import ROUTERS
+
+    section = README.split("## Routing methods", 1)[1].split("\n## ", 1)[0]
+    table = next(block for block in section.split("\n\n") if block.startswith("| `moe.router`"))
+    assert tuple(re.findall(r"^\| `([a-z_0-9]+)` \|", table, re.M)) == ROUTERS

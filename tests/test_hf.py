@@ -12,8 +12,9 @@ from conftest import tiny_config
 from moectl import config, hf
 from moectl.cli import app
 from moectl.generate import generate
-from moectl.train import fit
 from moectl.loaded_model import load
+from moectl.models import build_model
+from moectl.train import fit
 
 transformers = pytest.importorskip("transformers")  # the `test` extra installs it, so CI runs these
 runner = CliRunner()
@@ -114,6 +115,17 @@ def test_architecture_choice():
 
     assert arch() == "mixtral" and arch(router="noisy_topk", renormalize=False) == "mixtral"
     assert arch(renormalize=False) == arch(every=2) == arch(shared_experts=1, shared_expert_gate=True) == "qwen2_moe"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_mapped_tensor_keeps_the_weights_dtype(dtype):
+    # Qwen2-MoE without shared experts gets zero placeholders for them: in the export dtype too.
+    cfg = config.from_dict({"model": {"arch": "transformer_moe", "d_model": 32, "n_layers": 2, "n_heads": 2},
+                            "moe": {"num_experts": 4, "every": 2}})
+    assert hf.architecture(cfg) == "qwen2_moe"
+    tensors = hf.to_transformers(cfg, build_model(cfg, 300).to(dtype).state_dict())
+    assert "model.layers.1.mlp.shared_expert_gate.weight" in tensors
+    assert {t.dtype for t in tensors.values()} == {dtype}
 
 
 def test_refusal_is_one_line_and_writes_nothing(corpus_config, tmp_path):

@@ -177,6 +177,25 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted_run(tmp_path):
     assert_same_weights(straight.checkpoint, checkpoint.latest(run_dir))
 
 
+def test_ctrl_c_during_a_step_finishes_that_step_and_saves_it(tmp_path, monkeypatch):
+    import signal
+
+    import moectl.train as train_module
+
+    sent, real_lr_at = [], train_module.lr_at
+
+    def lr_at(step, *args):
+        if step == 1 and not sent:  # step 2 has begun: Ctrl-C arrives before its forward pass
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(step, *args)
+
+    monkeypatch.setattr(train_module, "lr_at", lr_at)
+    result = fit(config.from_dict(tiny_config(tmp_path)))
+    assert sent and result.interrupted and result.step == 2
+    assert checkpoint.latest(result.run_dir).name == "step_000002"
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     # Without router losses (they are per micro-batch by design) and dropout, 2 x 2 accumulated
     # sequences give the same update as one batch of 4.
