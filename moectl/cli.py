@@ -234,7 +234,7 @@ def generate(
 
         model = loaded_model.load(run)
         result = generation.generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, show_routing)
-        generation.show(result, model.cfg.moe.num_experts, show_routing)
+        generation.show(result, model, show_routing)
 
 
 @app.command()

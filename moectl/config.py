@@ -66,6 +66,18 @@ def _yaml_load(text: str) -> Any:
 # The names a user picks from, defined once: validation, `moectl config` and the builders use these.
 ROUTERS = ("topk", "noisy_topk", "switch", "gshard_top2", "expert_choice", "soft", "hierarchical", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
+# Each router's balancing losses as its paper defines them: what a null moe.*_loss_coef becomes
+# (per MoE layer; unlisted losses are 0). README's router table says why.
+PAPER_LOSSES = {
+    "topk": {"aux_loss_coef": 0.01},  # the Switch / GShard load-balancing loss at Switch's alpha
+    "noisy_topk": {"importance_loss_coef": 0.1, "load_loss_coef": 0.1},  # Shazeer et al. 2017
+    "switch": {"aux_loss_coef": 0.01},  # Fedus et al. 2021
+    "gshard_top2": {"aux_loss_coef": 0.01},  # Lepikhin et al. 2020, Algorithm 1 (top-1 counts)
+    "expert_choice": {},  # balanced by construction
+    "soft": {},  # every expert runs on every token
+    "hierarchical": {"importance_loss_coef": 0.1, "load_loss_coef": 0.1},  # Importance_H, Load_H
+    "sigmoid": {"seq_aux_loss_coef": 1e-4},  # DeepSeek-V3: the bias balances; a tiny sequence-wise loss
+}
 
 
 class RunConfig(Section):
@@ -103,7 +115,22 @@ class ModelConfig(Section):
     rope_theta: float = Field(10000.0, gt=0, description="Rotary embedding base (transformer only).")
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon (transformer only).")
     init_std: float = Field(0.02, gt=0, description="Std of the normal init of linear and embedding weights.")
-    lstm_residual: bool = Field(True, description="LSTM only: residual connections around each LSTM and FFN layer.")
+    lstm_residual: bool = Field(
+        True,
+        description="LSTM only: residual connections around each LSTM and FFN layer. Without them a token that "
+        "capacity drops passes sigmoid(0) = 0.5 in every unit (0 with lstm_sigmoid: false) to the next LSTM.",
+    )
+    lstm_sigmoid: bool = Field(
+        True,
+        description="LSTM only: each FFN slot's output (MoE, or dense in lstm_dense) goes through a sigmoid before "
+        "dropout and the residual, as in Shazeer et al. 2017, App. C.1; false: the raw output.",
+    )
+    head: Literal["linear", "mixture"] = Field(
+        "linear",
+        description="Output head. `mixture`: p(y | h) = sum_i g_i(h) softmax(W_i h)_y with gate g = softmax(W_g h) over "
+        "head_experts softmaxes (Jordan & Jacobs 1994); its gate is routed and reported like an MoE layer's.",
+    )
+    head_experts: int = Field(4, ge=2, description="mixture head: E_h, the softmax experts it mixes.")
 
 
 class MoEConfig(Section):
@@ -121,8 +148,11 @@ class MoEConfig(Section):
     )
     expert_hidden: Optional[int] = Field(None, gt=0, description="H, each expert's hidden size. Null: model.ffn_hidden.")
     router: Literal[ROUTERS] = Field("topk", description=f"Routing method, one of {', '.join(ROUTERS)}; see README's router table.")
-    renormalize: bool = Field(
-        True, description="topk, sigmoid: renormalise the K chosen weights to sum to 1 (as Mixtral), or keep them raw."
+    renormalize: Optional[bool] = Field(
+        None,
+        description="topk, sigmoid: renormalise the K chosen weights to sum to 1 (as Mixtral), or keep them raw. Null: "
+        "renormalise when K > 1; with K = 1 keep the raw weight (as Switch), since a renormalised single weight is "
+        "always 1 and the router would get no gradient from the language-model loss (true with K = 1 is refused).",
     )
     capacity_factor: Optional[float] = Field(
         None,
@@ -151,31 +181,56 @@ class MoEConfig(Section):
     jitter_eps: float = Field(0.01, ge=0, lt=1, description="switch: router input times U(1 - eps, 1 + eps) in training.")
     num_groups: int = Field(4, gt=0, description="hierarchical: groups G; each holds E / G experts.")
     group_top_k: int = Field(1, gt=0, description="hierarchical: groups each token is routed to.")
+    balance_primary: bool = Field(
+        False,
+        description="hierarchical: also apply the importance and load losses to the primary gate over groups (not in "
+        "the paper, which balances Importance_H and Load_H of the leaf experts only).",
+    )
     bias_update_rate: float = Field(
         1e-3, ge=0, description="sigmoid: the expert bias moves by rate * sign(mean load - load) after each step."
     )
     routed_scaling: float = Field(1.0, gt=0, description="sigmoid: scale of the routed experts' weights (DeepSeek-V3).")
-    aux_loss_coef: float = Field(0.01, ge=0, description="Switch load-balancing loss coefficient alpha.")
+    n_group: int = Field(
+        1, gt=0, description="sigmoid: DeepSeek-V3's group-limited routing splits the E experts into n_group groups "
+        "(V3: 8); 1 turns it off."
+    )
+    topk_group: int = Field(
+        1, gt=0, description="sigmoid: only the topk_group groups with the largest sum of their two best s_i + b_i "
+        "are eligible for a token's top-K (V3: 4)."
+    )
+    aux_loss_coef: Optional[float] = Field(
+        None,
+        ge=0,
+        description="Load-balancing loss alpha per MoE layer: Switch's E * sum_i f_i P_i (gshard_top2: GShard's, f_i "
+        "from first choices only). Null: the router's paper default (0.01 for topk, switch, gshard_top2; else 0).",
+    )
     aux_loss_scope: Literal["local", "global"] = Field(
         "local",
         description="Token fractions f_i of the Switch loss: `local`, from each process's micro-batch (Switch); "
         "`global`, summed over all data-parallel processes first (Megatron-core's global aux loss).",
     )
-    importance_loss_coef: float = Field(
-        0.0, ge=0, description="Shazeer et al.'s importance loss weight: CV(sum of gate values)^2 (paper: 0.1)."
+    importance_loss_coef: Optional[float] = Field(
+        None, ge=0, description="Shazeer et al.'s importance loss CV(sum of gate values)^2, per MoE layer. Null: 0.1 "
+        "for noisy_topk and hierarchical (the paper's), else 0."
     )
-    load_loss_coef: float = Field(
-        0.0, ge=0, description="Shazeer et al.'s load loss weight: CV(smooth load)^2; noisy_topk, hierarchical (paper: 0.1)."
+    load_loss_coef: Optional[float] = Field(
+        None, ge=0, description="Shazeer et al.'s load loss CV(smooth load)^2, per MoE layer; noisy_topk, hierarchical. "
+        "Null: 0.1 for those (the paper's), else 0."
     )
-    z_loss_coef: float = Field(0.001, ge=0, description="ST-MoE router z-loss coefficient.")
+    seq_aux_loss_coef: Optional[float] = Field(
+        None, ge=0, description="sigmoid: DeepSeek-V3's sequence-wise balance loss alpha * sum_i f_i P_i, per sequence "
+        "and MoE layer. Null: 1e-4 for sigmoid (V3's), else 0."
+    )
+    z_loss_coef: float = Field(0.001, ge=0, description="ST-MoE's router z-loss coefficient, per MoE layer, any router.")
 
     @property
     def loss_coefs(self) -> dict[str, float]:
-        """Coefficient of each routing loss, by the names moe/losses.py uses."""
+        """Coefficient of each routing loss, by the names moe/losses.py uses (resolved: never null)."""
         return {
-            "load_balance": self.aux_loss_coef,
-            "importance": self.importance_loss_coef,
-            "load": self.load_loss_coef,
+            "load_balance": self.aux_loss_coef or 0.0,
+            "importance": self.importance_loss_coef or 0.0,
+            "load": self.load_loss_coef or 0.0,
+            "seq_balance": self.seq_aux_loss_coef or 0.0,
             "z": self.z_loss_coef,
         }
 
@@ -256,6 +311,12 @@ class TrainConfig(Section):
         description="Start from these weights instead of a random init: a moectl run, checkpoint or export "
         "bundle (same model: fine-tuning; a dense model of the same backbone into an MoE: sparse upcycling), or a "
         "Hugging Face Mixtral directory. The run uses its tokenizer.",
+    )
+    objective: Literal["likelihood", "em", "hard_em"] = Field(
+        "likelihood",
+        description="model.head=mixture: `likelihood` descends -log p(y); `em` is generalised EM (per batch, "
+        "responsibilities r_i = g_i p_i(y) / sum_j g_j p_j(y) held fixed, one step on -sum_i r_i (log g_i + log "
+        "p_i(y))); `hard_em` uses the one-hot argmax of r.",
     )
     freeze: Literal["none", "router", "all_but_experts"] = Field(
         "none", description="Parameters left untrained: none, the routers, or everything but the routed experts."
@@ -356,10 +417,27 @@ class Config(Section):
                 raise ValueError(f"data.{key} is only used with data.source={source}, but data.source={d.source}")
         if tr.device not in ("auto", "cpu", "mps") and not tr.device.startswith("cuda"):
             raise ValueError(f"train.device={tr.device!r} must be auto, cpu, mps, cuda or cuda:N")
+        if m.head == "mixture" and m.tie_embeddings:
+            raise ValueError(
+                "model.head=mixture gives each of its experts an output matrix of its own, which cannot all be the "
+                "input embedding; set model.tie_embeddings=false"
+            )
+        if tr.objective != "likelihood" and m.head != "mixture":
+            raise ValueError(f"train.objective={tr.objective} trains a mixture head by EM; set model.head=mixture")
         return self
 
     def _check_router(self) -> None:
-        moe = self.moe
+        moe, k = self.moe, self.moe.top_k
+        if k == 1 and moe.renormalize and moe.router in ("topk", "sigmoid"):
+            raise ValueError(
+                f"moe.top_k=1 with moe.renormalize=true: the one weight is always 1, so the router gets no gradient "
+                "from the language-model loss; set moe.renormalize=false (Switch keeps the raw probability)"
+            )
+        if k == 1 and moe.router == "noisy_topk":
+            raise ValueError(
+                "moe.top_k=1 with moe.router=noisy_topk: a softmax over one kept logit is always 1, so the gate gets no "
+                "gradient from the language-model loss; use moe.top_k >= 2 (Shazeer et al. used 2 to 4) or moe.router=switch"
+            )
         if moe.router == "switch" and moe.top_k != 1:
             raise ValueError(f"moe.top_k={moe.top_k} must be 1 for moe.router=switch (Switch routes each token to one expert)")
         if moe.router == "gshard_top2" and moe.top_k != 2:
@@ -377,17 +455,43 @@ class Config(Section):
                 raise ValueError(f"moe.group_top_k={moe.group_top_k} must be <= moe.num_groups={g}")
         elif moe.router != "soft" and moe.top_k > moe.num_experts:
             raise ValueError(f"moe.top_k={moe.top_k} must be <= moe.num_experts={moe.num_experts}")
-        if moe.load_loss_coef > 0 and moe.router not in ("noisy_topk", "hierarchical"):
+        if (moe.seq_aux_loss_coef or 0) > 0 and moe.router != "sigmoid":
+            raise ValueError(f"moe.seq_aux_loss_coef={moe.seq_aux_loss_coef} is DeepSeek-V3's loss: it needs moe.router=sigmoid")
+        if (moe.n_group, moe.topk_group) != (1, 1):
+            self._check_groups()
+        if (moe.load_loss_coef or 0) > 0 and moe.router not in ("noisy_topk", "hierarchical"):
             raise ValueError(
                 f"moe.load_loss_coef={moe.load_loss_coef} needs moe.router=noisy_topk or hierarchical: the smooth "
                 "load estimator comes from their gate noise"
             )
 
+    def _check_groups(self) -> None:
+        moe = self.moe
+        g, per_group = moe.n_group, moe.num_experts // moe.n_group
+        if moe.router != "sigmoid":
+            raise ValueError("moe.n_group and moe.topk_group are DeepSeek-V3's group-limited routing: set moe.router=sigmoid")
+        if moe.num_experts % g or (g > 1 and per_group < 2):
+            raise ValueError(f"moe.num_experts={moe.num_experts} must split into moe.n_group={g} groups of at least 2 experts")
+        if moe.topk_group > g:
+            raise ValueError(f"moe.topk_group={moe.topk_group} must be <= moe.n_group={g}")
+        if moe.top_k > moe.topk_group * per_group:
+            raise ValueError(
+                f"moe.top_k={moe.top_k} must be <= the experts of moe.topk_group={moe.topk_group} groups "
+                f"({moe.topk_group * per_group})"
+            )
+
     @model_validator(mode="after")
-    def _fill_arch_defaults(self) -> "Config":
+    def _fill_defaults(self) -> "Config":
         # Resolved here, so the config written to the run directory is explicit.
-        if self.model.activation is None:
-            self.model.activation = "swiglu" if self.model.arch.startswith("transformer") else "relu"
+        m, moe = self.model, self.moe
+        if m.activation is None:
+            m.activation = "swiglu" if m.arch.startswith("transformer") else "relu"
+        if moe.renormalize is None:
+            moe.renormalize = moe.top_k > 1
+        paper = PAPER_LOSSES[moe.router] if self.is_moe else {}
+        for key in ("aux_loss_coef", "importance_loss_coef", "load_loss_coef", "seq_aux_loss_coef"):
+            if getattr(moe, key) is None:
+                setattr(moe, key, paper.get(key, 0.0))
         return self
 
     # Derived values, so builders and the training loop never recompute them differently.

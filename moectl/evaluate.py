@@ -138,6 +138,7 @@ def byte_lengths(loaded: LoadedModel, split: data.Split) -> tuple[np.ndarray, bo
 def run(loaded: LoadedModel, split: str = "validation", max_batches: Optional[int] = None) -> EvalResult:
     """`moectl eval`: `max_batches` batches (default train.eval_batches, as training's evaluation)."""
     cfg = loaded.cfg
+    loaded.warn_about_lookahead()
     blocks, tokens, batches = split_batches(loaded, split, max_batches)
     lengths, exact = byte_lengths(loaded, tokens)
     n_tokens, n_bytes = 0, 0.0
@@ -147,7 +148,7 @@ def run(loaded: LoadedModel, split: str = "validation", max_batches: Optional[in
         n_bytes += float(lengths[y.numpy()].sum())
     if n_bytes <= 0:
         raise DataError(f"the {split} split's evaluated tokens hold no text bytes")
-    stats = RoutingStats(len(loaded.slots), cfg.moe.num_experts, loaded.device)
+    stats = RoutingStats(len(loaded.slots), loaded.experts, loaded.device)
     start = time.perf_counter()
     amp = runtime.autocast_dtype(loaded.device, cfg.train.precision)
     loss = mean_loss(loaded.model, blocks, batches, loaded.device, amp, stats)

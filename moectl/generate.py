@@ -5,7 +5,8 @@ Each step runs the model on the last data.seq_len tokens (the context it was tra
 samples the next token from softmax(logits / temperature), restricted to the top-k tokens and
 to the smallest set whose probability reaches top-p. Temperature 0 is greedy. A seeded
 generator makes sampling reproducible. Generation stops at the end-of-text token. `show`
-prints the text, each new token coloured by its top-1 expert in the chosen layer.
+prints the text, each new token coloured by its top-1 expert in the chosen layer. Expert-choice
+models are refused: their routing compares a token with later ones, which generation has not.
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ def generate(
         raise ConfigError(f"--top-p {top_p}: must be in (0, 1]")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"--top-k {top_k}: must be >= 1")
+    if loaded.cfg.is_moe and loaded.cfg.moe.router == "expert_choice":
+        raise ConfigError(
+            "moe.router=expert_choice routes each token by comparing it with the whole batch, later positions "
+            "included, so token-by-token generation cannot route as the model was trained; measure it with moectl eval"
+        )
+    loaded.warn_about_lookahead()
     record_index = check_layer(loaded, show_layer) if show_layer is not None else None
     tok, cfg = loaded.tokenizer, loaded.cfg
     eot = tok.token_to_id(cfg.tokenizer.eot_token)
@@ -128,7 +135,7 @@ def expert_colour(expert: int) -> str:
     return EXPERT_COLOURS[expert] if expert < len(EXPERT_COLOURS) else f"color({16 + (expert * 37) % 216})"
 
 
-def show(result: Generation, num_experts: int, layer: Optional[int]) -> None:
+def show(result: Generation, loaded: LoadedModel, layer: Optional[int]) -> None:
     """The prompt, then the new text, coloured by expert when asked, and a legend."""
     from rich.text import Text
 
@@ -142,6 +149,6 @@ def show(result: Generation, num_experts: int, layer: Optional[int]) -> None:
     console.out.print(text)
     legend = Text(f"layer {layer:02d}, top-1 expert of each new token: ")
     used = sorted(set(result.experts))
-    for e in range(num_experts):
+    for e in range(loaded.experts[check_layer(loaded, layer)]):
         legend.append(f" {e} ", style=f"reverse {expert_colour(e)}" if e in used else "dim")
     console.out.print(legend)

@@ -16,11 +16,11 @@ from typing import Optional
 import torch
 from tokenizers import Tokenizer
 
-from moectl import checkpoint, config, runtime
+from moectl import checkpoint, config, console, runtime
 from moectl import tokenizer as tokenizers_
 from moectl.config import Config
 from moectl.errors import CheckpointError, ConfigError
-from moectl.models import LanguageModel, build_model, moe_slots
+from moectl.models import LanguageModel, build_model, lookahead, moe_slots, routed_experts
 
 # What a user may change when measuring a trained model: which data, and how capacity behaves.
 OVERRIDABLE = ("data.", "train.eval_batches", "train.micro_batch_size", "train.device", "train.precision",
@@ -39,8 +39,18 @@ class LoadedModel:
 
     @property
     def slots(self) -> list[int]:
-        """FFN-slot index of each MoE layer, in routing-record order."""
+        """The slot of each routing record: MoE layers by FFN slot, then a mixture head's gate."""
         return moe_slots(self.model)
+
+    @property
+    def experts(self) -> list[int]:
+        """The experts behind each routing record."""
+        return routed_experts(self.model)
+
+    def warn_about_lookahead(self) -> None:
+        """Say so when this model's routing sees later tokens (train says it too)."""
+        for warning in lookahead(self.cfg, training=False):
+            console.warn(warning)
 
 
 def load(path: Path, overrides: Optional[list[str]] = None) -> LoadedModel:

@@ -37,6 +37,20 @@ def heatmap(matrix: np.ndarray, vmax: float, gap: int = 1) -> np.ndarray:
     return img
 
 
+def load_heatmap(shares: list[list[float]]) -> np.ndarray:
+    """Layers (rows) x experts (columns) of token share, from 0 (dark) to 2 / E, twice uniform, or
+    more (bright); a layer with fewer experts than the widest has white cells after its last."""
+    width = max(len(row) for row in shares)
+    scaled = np.full((len(shares), width), np.nan)
+    for i, row in enumerate(shares):
+        scaled[i, : len(row)] = np.asarray(row, dtype=np.float64) * len(row) / 2.0
+    image = heatmap(scaled, vmax=1.0)
+    cell = cell_size(width)
+    for i, row in enumerate(shares):
+        image[i * cell : (i + 1) * cell, len(row) * cell :] = 255
+    return image
+
+
 def save_png(image: np.ndarray, path: str | Path) -> None:
     from PIL import Image
 

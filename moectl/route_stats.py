@@ -64,10 +64,8 @@ def profile(loaded: LoadedModel, split: str, max_batches: Optional[int], other: 
     _check_moe(loaded)
     cfg = loaded.cfg
     blocks, _, batches = split_batches(loaded, split, max_batches)
-    prof = RoutingProfile(
-        len(loaded.slots), cfg.moe.num_experts, cfg.data.seq_len, loaded.tokenizer.get_vocab_size(), loaded.device
-    )
-    drift = np.zeros((len(loaded.slots), 2 + cfg.moe.num_experts)) if other is not None else None
+    prof = RoutingProfile(len(loaded.slots), loaded.experts, cfg.data.seq_len, loaded.tokenizer.get_vocab_size(), loaded.device)
+    drift = np.zeros((len(loaded.slots), 2 + prof.num_experts)) if other is not None else None
     with torch.no_grad():
         for ids in batches:
             x, _ = blocks.batch(ids)
@@ -78,7 +76,7 @@ def profile(loaded: LoadedModel, split: str, max_batches: Optional[int], other: 
                 for i, (a, b) in enumerate(zip(records, theirs)):
                     top_a, top_b = a.dense_weights().argmax(-1), b.dense_weights().to(a.probs.device).argmax(-1)
                     drift[i, :2] += [float((top_a != top_b).sum()), top_a.numel()]
-                    drift[i, 2:] += b.tokens_per_expert.cpu().numpy()
+                    drift[i, 2 : 2 + b.num_experts] += b.tokens_per_expert.cpu().numpy()
     return prof, batches, drift
 
 
@@ -108,10 +106,11 @@ def report(loaded: LoadedModel, split: str = "validation", max_batches: Optional
     """The full route-stats report as a JSON-ready dict (keys: JSON_KEYS)."""
     if other is not None:
         _check_compatible(loaded, other)
+    loaded.warn_about_lookahead()
     prof, batches, drift = profile(loaded, split, max_batches, other)
-    e, threshold = loaded.cfg.moe.num_experts, loaded.cfg.log.collapse_threshold
+    threshold = loaded.cfg.log.collapse_threshold
     layers = []
-    for i, (slot, s) in enumerate(zip(loaded.slots, prof.summary())):
+    for i, (slot, s, e) in enumerate(zip(loaded.slots, prof.summary(), prof.experts)):
         importance = (prof.importance[i] / prof.importance[i].sum().clamp_min(1e-30)).tolist()
         chosen, load = prof.chosen[i].tolist(), prof.load[i].tolist()
         experts = []
@@ -129,7 +128,7 @@ def report(loaded: LoadedModel, split: str = "validation", max_batches: Optional
             })
         tokens = max(float(prof.tokens[i]), 1.0)
         bins = np.array_split(np.arange(loaded.cfg.data.seq_len), min(POSITION_BINS, loaded.cfg.data.seq_len))
-        by_pos = prof.by_position[i].cpu().numpy()
+        by_pos = prof.by_position[i, :, :e].cpu().numpy()
         pos_load = np.stack([by_pos[b].sum(0) for b in bins])  # (bins, E)
         pos_share = pos_load / np.maximum(pos_load.sum(1, keepdims=True), 1e-300)
         layers.append({
@@ -137,7 +136,7 @@ def report(loaded: LoadedModel, split: str = "validation", max_batches: Optional
             "stats": s.to_dict(),
             "collapsed": s.max_over_mean > threshold,
             "experts": experts,
-            "coselection": (prof.coselect[i] / tokens).cpu().tolist(),
+            "coselection": (prof.coselect[i, :e, :e] / tokens).cpu().tolist(),
             "by_position": {"bins": [int(b[0]) for b in bins], "share": pos_share.tolist()},
         })
     out = {
@@ -153,7 +152,8 @@ def report(loaded: LoadedModel, split: str = "validation", max_batches: Optional
         out["compare"] = {
             "other": str(other.checkpoint),
             "layers": [
-                {"slot": layer["slot"], "js_divergence": js_divergence(layer["stats"]["share"], drift[i, 2:]),
+                {"slot": layer["slot"],
+                 "js_divergence": js_divergence(layer["stats"]["share"], drift[i, 2 : 2 + len(layer["experts"])]),
                  "top1_changed": float(drift[i, 0] / max(drift[i, 1], 1))}
                 for i, layer in enumerate(layers)
             ],
@@ -164,10 +164,10 @@ def report(loaded: LoadedModel, split: str = "validation", max_batches: Optional
 def _check_compatible(a: LoadedModel, b: LoadedModel) -> None:
     if a.tokenizer.to_str() != b.tokenizer.to_str():
         raise ConfigError(f"--compare: {b.run_dir} uses another tokenizer, so the same tokens cannot be routed through both")
-    if a.slots != b.slots or a.cfg.moe.num_experts != b.cfg.moe.num_experts:
+    if a.slots != b.slots or a.experts != b.experts:
         raise ConfigError(
             f"--compare: the models differ in MoE layers ({a.slots} vs {b.slots}) or experts "
-            f"({a.cfg.moe.num_experts} vs {b.cfg.moe.num_experts}); compare checkpoints of the same architecture"
+            f"({a.experts} vs {b.experts}); compare checkpoints of the same architecture"
         )
 
 
@@ -189,9 +189,7 @@ def write_outputs(rep: dict, out_dir: Path) -> list[Path]:
                 w.writerow([x["expert"], x["load"], f"{x['share']:.6f}", f"{x['importance']:.6f}",
                             f"{x['drop_fraction']:.6f}", f"{x['top10_share']:.6f}", tops])
         written.append(path)
-    shares = np.array([layer["stats"]["share"] for layer in rep["layers"]])  # (L, E)
-    heat = plots.heatmap(shares, vmax=2.0 / shares.shape[1])
-    plots.save_png(heat, out_dir / "load_heatmap.png")
+    plots.save_png(plots.load_heatmap([layer["stats"]["share"] for layer in rep["layers"]]), out_dir / "load_heatmap.png")
     written.append(out_dir / "load_heatmap.png")
     tracker = Tracker(out_dir / "tensorboard")
     stats = [LayerStats(**layer["stats"]) for layer in rep["layers"]]

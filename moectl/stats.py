@@ -137,12 +137,15 @@ class Sums:
 
 
 class RoutingStats(Sums):
-    """Per-layer routing counts accumulated over a window of forward passes."""
+    """Per-layer routing counts accumulated over a window of forward passes. `experts`: E of each
+    layer (one number for all); per-expert counts are stored padded to the largest E."""
 
     FIELDS = ("load", "entropy_sum", "tokens", "dropped")
 
-    def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu"):
-        self.num_layers, self.num_experts = num_layers, num_experts
+    def __init__(self, num_layers: int, experts: int | list[int], device: torch.device | str = "cpu"):
+        self.num_layers = num_layers
+        self.experts = [experts] * num_layers if isinstance(experts, int) else list(experts)
+        self.num_experts = max(self.experts, default=0)
         super().__init__(device)
 
     def reset(self) -> None:
@@ -154,8 +157,8 @@ class RoutingStats(Sums):
     @torch.no_grad()
     def update(self, records: list[RoutingRecord]) -> None:
         for i, r in enumerate(records):
-            p = r.probs.detach()
-            self.load[i] += r.tokens_per_expert.to(self.device, self.load.dtype)
+            p, e = r.probs.detach(), r.num_experts
+            self.load[i, :e] += r.tokens_per_expert.to(self.device, self.load.dtype)
             self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log()).sum().to(self.device, self.load.dtype)
             self.tokens[i] += r.num_tokens
             self.dropped[i] += r.num_dropped.to(self.device, self.load.dtype)
@@ -166,7 +169,8 @@ class RoutingStats(Sums):
     def summary(self) -> list[LayerStats]:
         """Host sync: called once per logging window, not per step."""
         entropy, tokens, dropped = self.entropy_sum.tolist(), self.tokens.tolist(), self.dropped.tolist()
-        return [summarize(self.load[i], entropy[i], int(tokens[i]), round(dropped[i])) for i in range(self.num_layers)]
+        return [summarize(self.load[i, : self.experts[i]], entropy[i], int(tokens[i]), round(dropped[i]))
+                for i in range(self.num_layers)]
 
 
 class RoutingProfile(RoutingStats):
@@ -178,9 +182,9 @@ class RoutingProfile(RoutingStats):
     `token_counts` (V,) counts every routed token once, the corpus the lifts compare against.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, seq_len: int, vocab_size: int, device="cpu"):
+    def __init__(self, num_layers: int, experts: int | list[int], seq_len: int, vocab_size: int, device="cpu"):
         self.seq_len, self.vocab_size = seq_len, vocab_size
-        super().__init__(num_layers, num_experts, device)
+        super().__init__(num_layers, experts, device)
 
     def reset(self) -> None:
         super().reset()
@@ -198,18 +202,19 @@ class RoutingProfile(RoutingStats):
         super().update(records)
         dev, dtype = self.device, self.load.dtype
         ids = input_ids.reshape(-1).to(dev)  # (N,)
-        n, e = ids.numel(), self.num_experts
+        n = ids.numel()
         self.token_counts += torch.bincount(ids, minlength=self.vocab_size).to(dtype)
         positions = torch.arange(n, device=dev) % input_ids.shape[-1]  # (N,)
         for i, r in enumerate(records):
-            self.chosen[i] += r.chosen_per_expert().to(dev, dtype)
-            self.importance[i] += r.probs.detach().to(dev, dtype).sum(0)
+            e = r.num_experts  # this layer's experts: the first e of the padded columns
+            self.chosen[i, :e] += r.chosen_per_expert().to(dev, dtype)
+            self.importance[i, :e] += r.probs.detach().to(dev, dtype).sum(0)
             idx = r.expert_idx.to(dev)
             picked = torch.zeros(n, e, dtype=dtype, device=dev).scatter_(1, idx, r.chosen.to(dev, dtype))  # (N, E)
-            self.coselect[i] += picked.T @ picked
+            self.coselect[i, :e, :e] += picked.T @ picked
             kept = torch.zeros(n, e, dtype=dtype, device=dev).scatter_(1, idx, r.kept.to(dev, dtype))  # (N, E)
-            self.by_position[i].index_add_(0, positions, kept)
-            self.by_token[i].index_add_(0, ids, kept)
+            self.by_position[i, :, :e].index_add_(0, positions, kept)
+            self.by_token[i, :, :e].index_add_(0, ids, kept)
 
     def specialisation(self, i: int, expert: int, top: int = 5, min_count: int = 5) -> dict:
         """Input tokens most over-represented in an expert's assignments, against all routed tokens.

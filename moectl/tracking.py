@@ -91,9 +91,7 @@ class Tracker:
     def heatmap(self, layers: list[LayerStats], step: int) -> None:
         if not self.writer or not layers:
             return
-        share = np.array([s.share for s in layers])  # (L, E)
-        image = plots.heatmap(share, vmax=2.0 / share.shape[1])
-        self.writer.add_image("routing/load_heatmap", image, step, dataformats="HWC")
+        self.writer.add_image("routing/load_heatmap", plots.load_heatmap([s.share for s in layers]), step, dataformats="HWC")
 
     def coselection(self, slot: int, image: np.ndarray, step: int) -> None:
         """An (H, W, 3) uint8 picture of one layer's co-selection matrix."""

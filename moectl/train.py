@@ -39,7 +39,7 @@ from moectl.config import Config, OptimConfig
 from moectl.console import TrainProgress
 from moectl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from moectl.evaluate import mean_loss, perplexity
-from moectl.models import LanguageModel, build_model, moe_layers, moe_slots, parameter_counts
+from moectl.models import LanguageModel, build_model, lookahead, moe_layers, moe_slots, parameter_counts, routed_experts
 from moectl.moe import LOSS_NAMES
 from moectl.runtime import Dist
 from moectl.stats import LayerStats, RoutingStats, Sums, worst_imbalance
@@ -167,7 +167,8 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
         console.status(f"train.freeze={tr.freeze}: {console.human(frozen)} parameters stay as they are")
     if dp.enabled:
         torch.manual_seed(tr.seed + 7919 * (dp.rank + 1))  # each rank its own dropout and routing noise
-    _warn_about_lookahead(cfg)
+    for warning in lookahead(cfg, training=True):
+        console.warn(warning)
     train_blocks, val_blocks = data.Blocks(corpus.train, cfg.data.seq_len), data.Blocks(corpus.validation, cfg.data.seq_len)
     slots = moe_slots(model)
     run = Run(
@@ -182,7 +183,7 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
         bias_routers=[(i, layer.router) for i, layer in enumerate(moe_layers(model)) if layer.router.balances_with_bias],
         count_reduce=distributed.sum_over_ranks if dp.enabled and cfg.moe.aux_loss_scope == "global" else None,
         window=LossWindow(device),
-        stats=RoutingStats(len(slots), cfg.moe.num_experts, device),
+        stats=RoutingStats(len(slots), routed_experts(model), device),
     )
     state = LoopState(collapsed=[False] * len(slots))
     if resume_from is not None:
@@ -238,20 +239,6 @@ def _prepare_data(cfg: Config, dp: Dist, tokenizer_file: Optional[Path], new_tok
             "the training text has no more merges to learn"
         )
     return corpus
-
-
-def _warn_about_lookahead(cfg: Config) -> None:
-    if cfg.is_moe and cfg.moe.router == "expert_choice":
-        console.warn(
-            "moe.router=expert_choice: each expert picks its tokens from the whole batch, so in this causal LM a "
-            "token's routing depends on other tokens, later positions included; the loss is optimistic and "
-            "token-by-token generation routes differently"
-        )
-    if cfg.is_moe and cfg.moe.drop_policy == "probability" and cfg.moe.capacity_factor is not None:
-        console.warn(
-            "moe.drop_policy=probability: which tokens an expert drops depends on the whole batch, later "
-            "positions included, so the model can see the future through its drops"
-        )
 
 
 def restore(run: Run, state: LoopState, ckpt: Path) -> None:
@@ -426,7 +413,7 @@ def _collapse_message(step: int, slot: int, s: LayerStats, cfg: Config, collapsi
 
 def evaluate(run: Run, state: LoopState) -> float:
     """The validation loss (split over ranks), logged with the routing heatmap; returns it."""
-    stats = RoutingStats(len(run.slots), run.cfg.moe.num_experts, run.device)
+    stats = RoutingStats(len(run.slots), run.stats.experts, run.device)
     loss = mean_loss(run.model, run.val_blocks, run.val_batches, run.device, run.amp, stats, run.dp)
     run.tracker.evaluation(loss, perplexity(loss), state.step)
     if run.slots:

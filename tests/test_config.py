@@ -365,7 +365,8 @@ def test_config_hash_and_changed_keys():
     assert re.fullmatch(r"[0-9a-f]{16}", config.config_hash(a))
     c = config.load(None, ["moe.top_k=1", "train.seed=5"])
     assert config.config_hash(c) != config.config_hash(a)
-    assert config.changed(a, c) == {"moe.top_k": (2, 1), "train.seed": (1337, 5)}
+    # renormalize follows K unless set: a top-1 router keeps its raw weight.
+    assert config.changed(a, c) == {"moe.top_k": (2, 1), "moe.renormalize": (True, False), "train.seed": (1337, 5)}
     assert config.changed(a, b) == {}
     d = config.load(None, ["optim.lr=2e-3"])
     assert config.changed(a, d) == {"optim.lr": (0.001, 0.002)}

@@ -43,7 +43,8 @@ def trained_run(corpus_config, name: str, **sections):
     [
         ("tied", {}),
         ("untied_noisy", {"model": {"tie_embeddings": False}, "moe": {"router": "noisy_topk", "load_loss_coef": 0.1}}),
-        ("top1_dropless_eval", {"moe": {"top_k": 1, "capacity_factor": 1.25, "eval_capacity_factor": "dropless"}}),
+        # Top-1 keeps its raw weight (a renormalised one is always 1), which only Qwen2-MoE expresses.
+        ("qwen_top1_dropless_eval", {"moe": {"top_k": 1, "capacity_factor": 1.25, "eval_capacity_factor": "dropless"}}),
         ("qwen_shared", {"moe": {"shared_experts": 2, "shared_expert_gate": True, "shared_expert_hidden": 16}}),
         ("qwen_raw_weights", {"moe": {"renormalize": False}}),
         ("qwen_every2", {"model": {"n_layers": 4, "ffn_hidden": 48}, "moe": {"every": 2}}),

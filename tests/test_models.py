@@ -102,16 +102,19 @@ def test_moe_slots_match_routing_records(arch, n_layers, every, slots):
 
 
 @pytest.mark.parametrize("arch,n_layers", [("transformer_moe", 4), ("lstm_moe", 3)])
-def test_aux_and_z_loss_are_coef_times_mean_over_layers(arch, n_layers):
+def test_aux_and_z_loss_add_each_layers_term_times_its_coefficient(arch, n_layers):
+    # Switch, GShard and ST-MoE: every MoE layer carries its own alpha * loss (not a mean over layers).
     model = make_model(arch, model={"n_layers": n_layers}, moe={"aux_loss_coef": 0.3, "z_loss_coef": 0.07})
     ids, targets = batch()
     out = model(ids, targets)
     assert len(out.routing) == len(moe_slots(model)) >= 2
     lb = [float(load_balancing_loss(r.probs, r.expert_idx)) for r in out.routing]
     z = [float(router_z_loss(r.logits)) for r in out.routing]
-    assert float(out.aux_loss) == pytest.approx(0.3 * sum(lb) / len(lb), rel=1e-6)
-    assert float(out.z_loss) == pytest.approx(0.07 * sum(z) / len(z), rel=1e-6)
-    # The layers really differ, so a sum or a single layer would not pass.
+    assert float(out.aux_loss) == pytest.approx(0.3 * sum(lb), rel=1e-6)
+    assert float(out.z_loss) == pytest.approx(0.07 * sum(z), rel=1e-6)
+    # Logged: each term's mean over the layers, unweighted.
+    assert float(out.aux_terms["z"]) == pytest.approx(sum(z) / len(z), rel=1e-6)
+    # The layers really differ, so a mean or a single layer would not pass.
     assert len(set(z)) == len(z)
 
 

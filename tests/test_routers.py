@@ -623,17 +623,19 @@ def test_hierarchical_matches_appendix_b_by_hand():
     assert rec.load.tolist() == pytest.approx(expect_load, rel=1e-4, abs=1e-6)
 
 
-def test_hierarchical_losses_sum_both_levels():
+def test_hierarchical_losses_are_the_leaf_terms_and_the_primary_gate_only_when_asked():
     e, _, _, extra = SPECS["hierarchical"]
     router = build_router("hierarchical", seed=120)
     router.train()
     n = 32
     torch.manual_seed(121)
     rec = router(torch.randn(n, D))
-    both = routing_losses(rec)
+    paper = routing_losses(rec)  # Importance_H and Load_H of the leaf experts only (Appendix B)
+    both = routing_losses(rec, include_group=True)  # moe.balance_primary: the primary gate's terms added
     leaf = routing_losses(dataclasses.replace(rec, group=None))
     primary = routing_losses(rec.group)
     for name in both:
+        assert float(paper[name]) == float(leaf[name]), name
         assert float(both[name]) == pytest.approx(float(leaf[name]) + float(primary[name]), rel=1e-6), name
     # The primary level's own terms, written out: importance and load over the G groups.
     g = extra["num_groups"]
@@ -841,13 +843,6 @@ def test_drop_policy_probability_keeps_the_most_confident_tokens(router_kind, re
     layer.drop_policy = "position"
     _, rec = layer(x)
     assert [t for t in range(6) if rec.kept[t, 0]] == [0, 1]
-
-
-def test_drop_policy_probability_with_renormalised_topk_router():
-    layer, x = overfull_layer("topk", "probability", renormalize=True)
-    _, rec = layer(x)
-    assert rec.expert_idx[:, 0].tolist() == [0, 0, 0, 0, 0, 0, 1, 2]
-    assert [t for t in range(6) if rec.kept[t, 0]] == expected_probability_kept()
 
 
 def test_hierarchical_capacity_counts_every_assignment():

@@ -8,12 +8,13 @@ from torch import nn
 
 from moectl.config import Config
 from moectl.models.base import LanguageModel, ModelOutput
+from moectl.models.head import MixtureHead
 from moectl.models.layers import FeedForward, FFNSlot
 from moectl.models.lstm_moe import LSTMMoE
 from moectl.models.transformer_moe import TransformerMoE
 from moectl.moe import MoELayer, make_router
 
-__all__ = ["LanguageModel", "ModelOutput", "build_model", "moe_layers", "moe_slots", "parameter_counts"]
+__all__ = ["LanguageModel", "ModelOutput", "build_model", "moe_layers", "moe_slots", "parameter_counts", "routed_experts"]
 
 
 def build_moe_layer(cfg: Config, impl: str = "sorted") -> MoELayer:
@@ -33,6 +34,8 @@ def build_moe_layer(cfg: Config, impl: str = "sorted") -> MoELayer:
         group_top_k=moe.group_top_k,
         bias_update_rate=moe.bias_update_rate,
         scaling=moe.routed_scaling,
+        n_group=moe.n_group,
+        topk_group=moe.topk_group,
     )
     eval_cf = moe.eval_capacity_factor
     return MoELayer(
@@ -70,12 +73,35 @@ def build_model(cfg: Config, vocab_size: int) -> LanguageModel:
         make_ffn=make_ffn,
         dropout=m.dropout,
         tie_embeddings=m.tie_embeddings,
-        loss_coefs=moe.loss_coefs,
+        loss_coefs=moe.loss_coefs if cfg.is_moe else {},
         init_std=m.init_std,
+        head_experts=m.head_experts if m.head == "mixture" else 0,
+        objective=cfg.train.objective,
+        balance_primary=moe.balance_primary,
     )
     if cfg.backbone == "transformer":
         return TransformerMoE(n_heads=m.n_heads, rope_theta=m.rope_theta, norm_eps=m.norm_eps, **common)
-    return LSTMMoE(residual=m.lstm_residual, **common)
+    return LSTMMoE(residual=m.lstm_residual, sigmoid=m.lstm_sigmoid, **common)
+
+
+def lookahead(cfg: Config, training: bool) -> list[str]:
+    """Why this model's routing can see later tokens of a causal LM (none for causal routing)."""
+    if not cfg.is_moe:
+        return []
+    moe, found = cfg.moe, []
+    if moe.router == "expert_choice":
+        found.append(
+            "moe.router=expert_choice: each expert picks its tokens from the whole batch, so in this causal LM a "
+            "token's routing depends on other tokens, later positions included; the loss is optimistic and "
+            "token-by-token generation routes differently"
+        )
+    capacity = moe.capacity_factor if training or moe.eval_capacity_factor is None else moe.eval_capacity_factor
+    if moe.drop_policy == "probability" and capacity not in (None, "dropless"):
+        found.append(
+            "moe.drop_policy=probability: which tokens an expert drops depends on the whole batch, later "
+            "positions included, so the model can see the future through its drops"
+        )
+    return found
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -94,6 +120,14 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 def moe_slots(model: nn.Module) -> list[int]:
-    """FFN-slot indices that hold MoE layers, in the order the model returns routing records."""
+    """The slot of each routing record the model returns, in order: the FFN-slot index of each MoE
+    layer, then, for a mixture head, the slot after the last FFN slot (its gate)."""
     slots = [m for m in model.modules() if isinstance(m, FFNSlot)]
-    return [i for i, slot in enumerate(slots) if slot.is_moe]
+    head = [len(slots)] if isinstance(getattr(model, "head", None), MixtureHead) else []
+    return [i for i, slot in enumerate(slots) if slot.is_moe] + head
+
+
+def routed_experts(model: nn.Module) -> list[int]:
+    """The number of experts behind each routing record, in the order of moe_slots."""
+    head = getattr(model, "head", None)
+    return [layer.num_experts for layer in moe_layers(model)] + ([head.num_experts] if isinstance(head, MixtureHead) else [])

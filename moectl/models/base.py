@@ -1,10 +1,13 @@
 """What every backbone shares: embeddings, output head, loss assembly and the named output.
 
 A backbone implements `body(h) -> (h, records)` on (B, T, D) hidden states. The base turns
-token ids into embeddings, runs the body, projects to the vocabulary and assembles the loss:
-loss = lm_loss + aux_loss + z_loss. Each router loss (moe/losses.py) is averaged over the MoE
-layers, so coefficients need no retuning with depth, then weighted by its coefficient; aux_loss
-is the weighted sum of the balancing losses (load_balance, importance, load).
+token ids into embeddings, runs the body, applies the head (a linear softmax, or the mixture of
+softmaxes of models/head.py) and assembles the loss: loss = objective + aux_loss + z_loss, the
+objective being the next-token cross-entropy lm_loss (or the EM loss of a mixture head). Each
+router loss of moe/losses.py is computed per MoE layer, weighted by its coefficient and summed
+over the layers, as Switch, GShard and ST-MoE do; aux_loss holds the balancing losses
+(load_balance, importance, load, seq_balance). The mixture head's gate adds a routing record
+(reported like a layer's) but no router loss.
 """
 
 from __future__ import annotations
@@ -16,19 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moectl.models.head import MixtureHead, mixture_log_probs, objective_loss
 from moectl.moe import LOSS_NAMES, RoutingRecord, routing_losses
 from moectl.moe.losses import CountReduce
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # (B, T, V)
-    loss: Optional[Tensor] = None  # lm_loss + aux_loss + z_loss, when targets are given
+    logits: Tensor  # (B, T, V); a mixture head gives log-probabilities, which softmax alike
+    loss: Optional[Tensor] = None  # objective + aux_loss + z_loss, when targets are given
     lm_loss: Optional[Tensor] = None  # mean next-token cross-entropy (nats)
-    aux_loss: Optional[Tensor] = None  # weighted balancing losses, each a mean over MoE layers
-    z_loss: Optional[Tensor] = None  # weighted router z-loss, mean over MoE layers
+    aux_loss: Optional[Tensor] = None  # weighted balancing losses, summed over MoE layers
+    z_loss: Optional[Tensor] = None  # weighted router z-loss, summed over MoE layers
     aux_terms: dict[str, Tensor] = field(default_factory=dict)  # each router loss unweighted, mean over layers
-    routing: list[RoutingRecord] = field(default_factory=list)  # one per MoE layer, input to output
+    routing: list[RoutingRecord] = field(default_factory=list)  # one per MoE layer, input to output, then the head's
 
 
 class LanguageModel(nn.Module):
@@ -40,16 +44,26 @@ class LanguageModel(nn.Module):
         loss_coefs: Optional[dict[str, float]],
         dropout: float,
         init_std: float,
+        head_experts: int = 0,
+        objective: str = "likelihood",
+        balance_primary: bool = False,
     ):
+        """`head_experts` > 0: a mixture head of that many softmaxes, trained by `objective`
+        (models/head.py); else a linear head. `balance_primary`: hierarchical routers' primary
+        gates get router losses too (moe/losses.py)."""
         super().__init__()
         self.vocab_size = vocab_size
         self.loss_coefs = {name: (loss_coefs or {}).get(name, 0.0) for name in LOSS_NAMES}
         self.init_std = init_std
+        self.objective, self.balance_primary = objective, balance_primary
         self.embed = nn.Embedding(vocab_size, d_model)
         self.drop = nn.Dropout(dropout)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        if head_experts:
+            self.head = MixtureHead(d_model, vocab_size, head_experts, init_std)
+        else:
+            self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+            if tie_embeddings:
+                self.lm_head.weight = self.embed.weight
 
     def init_weights(self) -> None:
         """Normal(0, init_std) for linear and embedding weights; called once by subclasses.
@@ -69,10 +83,17 @@ class LanguageModel(nn.Module):
         """`count_reduce`, when given, sums the Switch loss's assignment counts over data-parallel
         processes (moe.aux_loss_scope=global); the training loop passes it, so model code stays
         free of torch.distributed."""
+        b, t = input_ids.shape
         h = self.drop(self.embed(input_ids))  # (B, T) -> (B, T, D)
         h, records = self.body(h)
-        logits = self.lm_head(h)  # (B, T, V)
-        out = ModelOutput(logits=logits, routing=records)
+        routing = list(records)
+        if hasattr(self, "head"):  # the mixture of softmaxes
+            log_g, log_p, gate = self.head(h.reshape(b * t, -1))  # (B, T, D) -> (N, D): (N, E_h), (N, E_h, V)
+            logits = mixture_log_probs(log_g, log_p).view(b, t, -1)  # (N, V) -> (B, T, V)
+            routing.append(gate)
+        else:
+            logits = self.lm_head(h)  # (B, T, V)
+        out = ModelOutput(logits=logits, routing=routing)
         if targets is None:
             return out
         # (B, T, V) -> (N, V) against (B, T) -> (N,)
@@ -80,13 +101,16 @@ class LanguageModel(nn.Module):
         zero = out.lm_loss.new_zeros(())
         out.aux_loss, out.z_loss = zero, zero
         if records:
-            per_layer = [routing_losses(r, count_reduce) for r in records]
-            out.aux_terms = {name: torch.stack([t[name] for t in per_layer]).mean() for name in LOSS_NAMES}
-            for name, value in out.aux_terms.items():
-                weighted = self.loss_coefs[name] * value
+            per_layer = [routing_losses(r, count_reduce, t, self.balance_primary) for r in records]
+            for name in LOSS_NAMES:
+                terms = torch.stack([losses[name] for losses in per_layer])  # (L,)
+                out.aux_terms[name] = terms.mean()
                 if name == "z":
-                    out.z_loss = weighted
+                    out.z_loss = self.loss_coefs[name] * terms.sum()
                 else:
-                    out.aux_loss = out.aux_loss + weighted
-        out.loss = out.lm_loss + out.aux_loss + out.z_loss
+                    out.aux_loss = out.aux_loss + self.loss_coefs[name] * terms.sum()
+        objective = out.lm_loss
+        if self.objective != "likelihood":  # EM on the mixture head (config allows no other)
+            objective = objective_loss(log_g, log_p, targets.reshape(-1), self.objective)
+        out.loss = objective + out.aux_loss + out.z_loss
         return out

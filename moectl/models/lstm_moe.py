@@ -1,8 +1,10 @@
 """The LSTM language model with MoE layers of Shazeer et al. 2017 ("Outrageously large
 neural networks", Appendix C): embedding -> LSTM -> MoE -> LSTM -> ... -> softmax.
 
-An FFN slot (MoE, or dense in the baseline) sits between each pair of stacked LSTM layers,
-with dropout on every layer's output and optional residual connections around each layer.
+An FFN slot (MoE, or dense in the baseline) sits between each pair of stacked LSTM layers. As
+in the paper's Appendix C.1 its output passes through a sigmoid (`sigmoid`) before dropout and
+the residual connection; every layer's output gets dropout, and residual connections around
+each layer are optional (`residual`).
 Shapes: B batch, T sequence length, D model dim (= LSTM units = MoE input/output).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
 from moectl.models.base import LanguageModel
@@ -27,11 +30,13 @@ class LSTMMoE(LanguageModel):
         dropout: float = 0.0,
         tie_embeddings: bool = True,
         residual: bool = True,
+        sigmoid: bool = True,
         loss_coefs: Optional[dict[str, float]] = None,
         init_std: float = 0.02,
+        **head,
     ):
-        super().__init__(vocab_size, d_model, tie_embeddings, loss_coefs, dropout, init_std)
-        self.residual = residual
+        super().__init__(vocab_size, d_model, tie_embeddings, loss_coefs, dropout, init_std, **head)
+        self.residual, self.sigmoid = residual, sigmoid
         self.lstms = nn.ModuleList(nn.LSTM(d_model, d_model, batch_first=True) for _ in range(n_layers))
         self.ffns = nn.ModuleList(make_ffn(i) for i in range(n_layers - 1))
         self.init_weights()
@@ -46,7 +51,7 @@ class LSTMMoE(LanguageModel):
             h = self._add(h, y)
             if i < len(self.ffns):
                 y, record = self.ffns[i](h)
-                h = self._add(h, y)
+                h = self._add(h, torch.sigmoid(y) if self.sigmoid else y)  # the paper's sigmoid before dropout
                 if record is not None:
                     records.append(record)
         return h, records

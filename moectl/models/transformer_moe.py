@@ -46,8 +46,9 @@ class TransformerMoE(LanguageModel):
         norm_eps: float = 1e-5,
         loss_coefs: Optional[dict[str, float]] = None,
         init_std: float = 0.02,
+        **head,
     ):
-        super().__init__(vocab_size, d_model, tie_embeddings, loss_coefs, dropout, init_std)
+        super().__init__(vocab_size, d_model, tie_embeddings, loss_coefs, dropout, init_std, **head)
         self.rotary = RotaryEmbedding(d_model // n_heads, rope_theta)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout, norm_eps, make_ffn(i)) for i in range(n_layers))
         self.norm = RMSNorm(d_model, norm_eps)

@@ -1,10 +1,13 @@
 """Token dispatch: sort assignments by expert, apply capacity, and undo the sort.
 
 An assignment is one chosen (token, slot) pair; there are at most N*K of them, numbered
-token-major, a = n*K + k. Under capacity, assignments are served in priority order: by `priority` (lower
-first; the backbones pass each token's position in its sequence), ties broken by token, then
-by slot. Position priority keeps a causal LM causal: a token is only ever displaced by tokens
-at the same or earlier positions, never by later ones.
+token-major, a = n*K + k. Under capacity each expert serves its assignments in one of two orders:
+- token-major (position priority): by the token's `priority` (lower first; the backbones pass each
+  token's position in its sequence), ties broken by token, then by slot. A causal LM stays causal:
+  a token is only ever displaced by tokens at the same or earlier positions, never by later ones.
+- rank by rank (`by_rank`, batch-prioritised routing, Riquelme et al. 2021): every token's first
+  choice, in priority order, before any token's second choice, and so on, so a second choice
+  never takes the slot of another token's first choice.
 
 Memory is O(N*K*D): no (N, E, capacity) one-hot tensor, no weight copy per token.
 
@@ -37,11 +40,12 @@ class DispatchPlan:
 
 
 def plan(
-    record: RoutingRecord, capacity: Optional[int], priority: Optional[Tensor] = None
+    record: RoutingRecord, capacity: Optional[int], priority: Optional[Tensor] = None, by_rank: bool = False
 ) -> tuple[DispatchPlan, RoutingRecord]:
     """Group the chosen assignments by expert and drop those past `capacity` (None: dropless).
 
     `priority` (N,) orders tokens for capacity (lower is served first); None means token order.
+    `by_rank` serves all first choices before any second choice (see above).
     Returns the plan and the record updated with kept / tokens_per_expert / num_dropped.
     """
     n, k = record.expert_idx.shape
@@ -55,11 +59,13 @@ def plan(
         counts = chosen
         kept = record.chosen
     else:
-        if priority is None:
-            order = torch.sort(flat_expert, stable=True).indices
-        else:  # two stable sorts: by priority, then by expert, so priority orders each expert's queue
-            by_priority = torch.sort(priority.repeat_interleave(k), stable=True).indices  # (N*K,)
-            order = by_priority[torch.sort(flat_expert[by_priority], stable=True).indices]
+        # Stable sorts from the least to the most significant key: priority, (rank), expert.
+        queue = torch.arange(n * k, device=flat_expert.device)  # (N*K,) token-major
+        if priority is not None:
+            queue = torch.sort(priority.repeat_interleave(k), stable=True).indices
+        if by_rank:
+            queue = queue[torch.sort(queue % k, stable=True).indices]
+        order = queue[torch.sort(flat_expert[queue], stable=True).indices]
         starts = torch.cumsum(bucket_counts, 0) - bucket_counts  # (E+1,) first sorted position of each expert
         sorted_expert = flat_expert[order]
         rank = torch.arange(n * k, device=order.device) - starts[sorted_expert]  # (N*K,) place in queue

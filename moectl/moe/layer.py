@@ -5,9 +5,10 @@ Two implementations of the same function:
 - "loop": the obviously-correct reference, one boolean mask per expert. Tests check they agree.
 
 Around the router: capacity (separate train and eval factors, a minimum, dropless), the drop
-priority (by position, which keeps a causal LM causal, or by router probability: Riquelme et
-al.'s batch-prioritised routing), and always-on shared experts (DeepSeekMoE, Qwen-MoE)
-whose output is added to the routed experts', optionally scaled by a sigmoid gate.
+priority (by position, which keeps a causal LM causal, or Riquelme et al.'s batch-prioritised
+routing: rank by rank, each rank by the token's largest routing weight, noise included), and
+always-on shared experts (DeepSeekMoE, Qwen-MoE) whose output is added to the routed experts',
+optionally scaled by a sigmoid gate.
 
 Notation: N tokens, D model dim, H expert hidden size, E experts, K experts per token.
 """
@@ -78,11 +79,10 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor, positions: Optional[Tensor] = None) -> tuple[Tensor, RoutingRecord]:
         """(N, D) -> (N, D). `positions` (N,): each token's place in its sequence, for drop priority."""
         record = self.router(x)  # route
-        if self.drop_policy == "probability":  # batch-prioritised routing: the highest router probability first
-            priority = -record.probs.max(dim=-1).values
-        else:
-            priority = positions
-        plan, record = dispatch.plan(record, self.capacity(x.shape[0]), priority)  # sort by expert, drop overflow
+        by_rank = self.drop_policy == "probability"
+        # Batch-prioritised routing: the largest weight the gate gave the token goes first; else position.
+        priority = -record.weights.max(dim=-1).values if by_rank else positions
+        plan, record = dispatch.plan(record, self.capacity(x.shape[0]), priority, by_rank)  # sort by expert, drop overflow
         if self.impl == "loop":
             out = self._forward_loop(x, record)
         else:

@@ -1,44 +1,51 @@
 """Router losses, computed from the routing record and returned, never stored globally.
 
-All are returned unweighted; the model multiplies each by its coefficient and averages over
-MoE layers. A hierarchical record adds its primary gate's terms (both levels are balanced).
-Notation: N tokens, E experts, K slots per token.
+All are returned unweighted, per MoE layer; the model multiplies each by its coefficient and
+adds the layers up, as Switch, GShard and ST-MoE do (each layer carries its own term).
+Notation: N tokens, E experts, K slots per token, T tokens per sequence.
 
 - load_balance: Switch Transformer (Fedus et al. 2021, eq. 4-6): E * sum_i f_i * P_i, with f_i
-  the fraction of the chosen assignments that went to expert i (before capacity drops) and P_i
-  the mean router probability. 1.0 under perfectly uniform routing for any K. (transformers'
-  Mixtral loss uses per-slot fractions and equals K times this.) Gradients flow through P only.
+  the fraction of the counted assignments that went to expert i (before capacity drops) and P_i
+  the mean router probability. The counted assignments are every chosen slot (Switch, top-k) or
+  each token's first choice (GShard, Algorithm 1: record.counted). 1.0 under perfectly uniform
+  routing for any K. (transformers' Mixtral loss uses per-slot fractions and equals K times
+  this.) Gradients flow through P only.
 - importance: Shazeer et al. 2017: CV(sum_x G(x))^2, G the router's (pre-capacity) weights.
 - load: Shazeer et al. 2017: CV(Load(X))^2 with the smooth, differentiable load estimator that
   noisy top-k gating computes (record.load).
+- seq_balance: DeepSeek-V3 (eq. 17-20), per sequence: f_i = E / (K T) * sum_t 1[i chosen for t],
+  P_i = mean over the sequence of the normalised affinities s'_i (record.probs), loss =
+  sum_i f_i P_i, averaged over the sequences.
 - z: ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean_x logsumexp(logits(x))^2.
 
+A hierarchical record's primary gate (record.group) is balanced too only with `include_group`:
+Shazeer et al.'s Appendix B balances the leaf experts' Importance_H and Load_H alone.
 CV^2 uses the population variance over the E entries, as the authors' tensor2tensor code does.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from moectl.moe.record import RoutingRecord
 
-LOSS_NAMES = ("load_balance", "importance", "load", "z")
+LOSS_NAMES = ("load_balance", "importance", "load", "seq_balance", "z")
 
 
 CountReduce = Callable[[Tensor], Tensor]
 
 
 def load_balancing_loss(
-    probs: Tensor, expert_idx: Tensor, chosen: Tensor | None = None, count_reduce: CountReduce | None = None
+    probs: Tensor, expert_idx: Tensor, counted: Tensor | None = None, count_reduce: CountReduce | None = None
 ) -> Tensor:
-    """E * sum_i f_i * P_i. `count_reduce` (the `global` scope) sums the assignment counts behind
-    f over data-parallel processes; P stays local, so averaging the processes' gradients gives
-    the gradient of the loss over the whole batch."""
+    """E * sum_i f_i * P_i over the `counted` (N, K) assignments (all when None). `count_reduce`
+    (the `global` scope) sums the counts behind f over data-parallel processes; P stays local, so
+    averaging the processes' gradients gives the gradient of the loss over the whole batch."""
     num_experts = probs.shape[1]
-    mask = torch.ones_like(expert_idx, dtype=probs.dtype) if chosen is None else chosen.to(probs.dtype)
+    mask = torch.ones_like(expert_idx, dtype=probs.dtype) if counted is None else counted.to(probs.dtype)
     counts = torch.zeros(num_experts + 1, device=probs.device, dtype=probs.dtype)  # (E + 1,): last = total
     counts.scatter_add_(0, expert_idx.reshape(-1), mask.reshape(-1))
     counts[num_experts] = mask.sum()
@@ -67,19 +74,36 @@ def load_loss(record: RoutingRecord) -> Tensor:
     return cv_squared(record.load)
 
 
+def sequence_balance_loss(probs: Tensor, expert_idx: Tensor, chosen: Tensor, seq_len: int) -> Tensor:
+    """DeepSeek-V3's sequence-wise balance loss over the B = N / T sequences (tokens sequence-major)."""
+    n, e = probs.shape
+    k = expert_idx.shape[1]
+    picked = torch.zeros_like(probs).scatter_add_(1, expert_idx, chosen.to(probs.dtype))  # (N, E) 1 where chosen
+    f = picked.view(-1, seq_len, e).sum(1) * (e / (k * seq_len))  # (B, E)
+    p = probs.view(-1, seq_len, e).mean(1)  # (B, E)
+    return (f * p).sum(-1).mean()
+
+
 def router_z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
-def routing_losses(record: RoutingRecord, count_reduce: CountReduce | None = None) -> dict[str, Tensor]:
-    """Every router loss of one MoE layer, unweighted; a hierarchical layer sums its two levels."""
+def routing_losses(
+    record: RoutingRecord, count_reduce: CountReduce | None = None, seq_len: Optional[int] = None, include_group: bool = False
+) -> dict[str, Tensor]:
+    """Every router loss of one MoE layer, unweighted. `seq_len` T: the layer's N tokens are
+    sequences of T (needed for seq_balance, else 0); `include_group` adds a hierarchical record's
+    primary-gate terms."""
+    counted = record.chosen if record.counted is None else record.counted & record.chosen
     terms = {
-        "load_balance": load_balancing_loss(record.probs, record.expert_idx, record.chosen, count_reduce),
+        "load_balance": load_balancing_loss(record.probs, record.expert_idx, counted, count_reduce),
         "importance": importance_loss(record),
         "load": load_loss(record),
+        "seq_balance": (sequence_balance_loss(record.probs, record.expert_idx, record.chosen, seq_len)
+                        if seq_len else record.probs.new_zeros(())),
         "z": router_z_loss(record.logits),
     }
-    if record.group is not None:
-        for name, value in routing_losses(record.group, count_reduce).items():
+    if include_group and record.group is not None:
+        for name, value in routing_losses(record.group, count_reduce, seq_len).items():
             terms[name] = terms[name] + value
     return terms

@@ -32,6 +32,7 @@ class RoutingRecord:
     tokens_per_expert: Tensor  # (E,) int64 assignments each expert actually processed
     num_dropped: Tensor  # () int64 chosen assignments dropped by capacity
     load: Optional[Tensor] = None  # (E,) differentiable load estimate (noisy top-k's smooth estimator)
+    counted: Optional[Tensor] = None  # (N, K) bool: the slots the load-balancing loss counts (None: all chosen)
     group: Optional["RoutingRecord"] = None  # hierarchical MoE: the primary gate's record over groups
 
     @property

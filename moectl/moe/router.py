@@ -167,7 +167,8 @@ class SwitchRouter(Router):
 class GShardTop2Router(Router):
     """GShard (Lepikhin et al. 2020, Algorithm 1): top-2 gates normalised so g1 + g2 = 1; in
     training the second expert is used only if 2 * g2 > u, u ~ U(0, 1), else the token goes to
-    its first expert alone (with weight g1, as in the algorithm: no renormalisation)."""
+    its first expert alone (with weight g1, as in the algorithm: no renormalisation). Its aux
+    loss counts first choices only (record.counted)."""
 
     def __init__(self, d_model: int, num_experts: int, init_std: float = 0.02):
         super().__init__(d_model, num_experts, 2, init_std)  # active: 2 at most (random routing skips some)
@@ -181,7 +182,9 @@ class GShardTop2Router(Router):
             chosen = torch.ones_like(expert_idx, dtype=torch.bool)
             if self.training:
                 chosen[:, 1] = 2.0 * gates[:, 1] > torch.rand_like(gates[:, 1])
-        return make_record(logits, probs, expert_idx, gates, chosen)
+        first = torch.zeros_like(chosen)
+        first[:, 0] = True  # the aux loss's c_e counts each token's first choice (Algorithm 1)
+        return make_record(logits, probs, expert_idx, gates, chosen, counted=first)
 
 
 class ExpertChoiceRouter(Router):
@@ -290,9 +293,12 @@ class SigmoidRouter(Router):
 
     s_i = sigmoid(x W_g)_i; the top K of s_i + b_i are selected, where the bias b only steers
     selection; weights are s_i over the selected (renormalised to sum 1, or raw) times
-    `scaling`. After each optimizer step, update_bias(counts) moves b_i by
+    `scaling`. Group-limited routing (V3 §2.1.2, `n_group` > 1): the experts form n_group
+    groups, a group's score is the sum of its two largest s_i + b_i, and only the `topk_group`
+    best groups are eligible. After each optimizer step, update_bias(counts) moves b_i by
     rate * sign(mean load - load_i). The bias is a buffer, so it is saved with the weights.
-    probs (for statistics and the optional Switch loss) are s normalised to sum 1.
+    probs (the normalised affinities s' of V3's sequence-wise loss, and the statistics) are s
+    normalised to sum 1 over all experts.
     """
 
     balances_with_bias = True
@@ -306,16 +312,27 @@ class SigmoidRouter(Router):
         scaling: float = 1.0,
         renormalize: bool = True,
         init_std: float = 0.02,
+        n_group: int = 1,
+        topk_group: int = 1,
     ):
         super().__init__(d_model, num_experts, top_k, init_std)
+        if num_experts % n_group or not 1 <= topk_group <= n_group:
+            raise ValueError(f"num_experts={num_experts}, n_group={n_group}, topk_group={topk_group} do not fit")
         self.bias_update_rate, self.scaling, self.renormalize = bias_update_rate, scaling, renormalize
+        self.n_group, self.topk_group = n_group, topk_group
         self.register_buffer("expert_bias", torch.zeros(num_experts))
 
     def forward(self, x: Tensor) -> RoutingRecord:
         with fp32(x):
             logits = self.logits(x)  # (N, E)
             scores = logits.sigmoid()
-            _, expert_idx = (scores + self.expert_bias.float()).topk(self.top_k, dim=-1)  # (N, K) bias: selection only
+            select = scores + self.expert_bias.float()  # (N, E) the bias steers selection only
+            if self.n_group > 1:
+                grouped = select.view(select.shape[0], self.n_group, -1)  # (N, G, E/G)
+                best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices  # (N, M) groups
+                shut = torch.ones(grouped.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, best, False)
+                select = grouped.masked_fill(shut[..., None], float("-inf")).view_as(select)
+            _, expert_idx = select.topk(self.top_k, dim=-1)  # (N, K)
             gates = scores.gather(1, expert_idx)
             if self.renormalize:
                 gates = gates / gates.sum(dim=-1, keepdim=True)
@@ -343,6 +360,8 @@ def make_router(
     group_top_k: int = 1,
     bias_update_rate: float = 1e-3,
     scaling: float = 1.0,
+    n_group: int = 1,
+    topk_group: int = 1,
 ) -> Router:
     """The router named `kind` (one of config.ROUTERS), from plain arguments."""
     d, e, k = d_model, num_experts, top_k
@@ -354,7 +373,7 @@ def make_router(
         "expert_choice": lambda: ExpertChoiceRouter(d, e, k, capacity_factor, init_std),
         "soft": lambda: SoftRouter(d, e, init_std),
         "hierarchical": lambda: HierarchicalRouter(d, e, num_groups, group_top_k, k),
-        "sigmoid": lambda: SigmoidRouter(d, e, k, bias_update_rate, scaling, renormalize, init_std),
+        "sigmoid": lambda: SigmoidRouter(d, e, k, bias_update_rate, scaling, renormalize, init_std, n_group, topk_group),
     }
     if kind not in build:
         raise ValueError(f"unknown router {kind!r}; choose one of {', '.join(ROUTERS)}")

@@ -1,0 +1,244 @@
+"""Routing exactly as published (../shared/MOE_MATH.md): each rule below is transcribed from its
+paper in plain Python and compared with moectl on random inputs, and each test also shows the
+case the earlier convention got wrong, so it cannot pass by accident.
+
+Notation: N tokens, D model dim, E experts, K experts per token, T tokens per sequence.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from moectl import config
+from moectl.hf import refusal
+from moectl.models import build_model
+from moectl.moe import MoELayer, make_router, routing_losses
+from moectl.moe.dispatch import plan
+
+D, H = 12, 8
+
+
+def kept_batch_prioritised(expert_idx: list[list[int]], weights: list[list[float]], chosen, capacity: int, e: int):
+    """Riquelme et al. 2021 (V-MoE), as MOE_MATH.md states it: a token's priority is the largest
+    routing weight it was given; capacity is filled rank by rank, every token's k-th choice in
+    descending priority before any token's (k+1)-th choice."""
+    n, k = len(expert_idx), len(expert_idx[0])
+    priority = [max(w for w, c in zip(weights[t], chosen[t]) if c) for t in range(n)]
+    order = sorted(range(n), key=lambda t: -priority[t])  # stable: ties keep token order
+    used, kept = [0] * e, [[False] * k for _ in range(n)]
+    for rank in range(k):
+        for t in order:
+            ex = expert_idx[t][rank]
+            if chosen[t][rank] and used[ex] < capacity:
+                kept[t][rank] = True
+                used[ex] += 1
+    return kept
+
+
+@pytest.mark.parametrize("kind", ["topk", "noisy_topk", "gshard_top2", "sigmoid"])
+def test_batch_prioritised_routing_fills_capacity_rank_by_rank(kind):
+    e, n, differs = 4, 40, 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        router = make_router(kind, D, e, 2, init_std=1.0)
+        if kind == "noisy_topk":  # its paper's zero init would tie every weight
+            torch.nn.init.normal_(router.weight, std=1.0)
+            torch.nn.init.normal_(router.noise_weight, std=0.5)
+        layer = MoELayer(D, e, 2, H, capacity_factor=0.75, router=router, drop_policy="probability").train()
+        x = torch.randn(n, D)
+        torch.manual_seed(100 + seed)  # the noise and random routing this forward draws ...
+        _, rec = layer(x)
+        torch.manual_seed(100 + seed)  # ... drawn again for the router alone
+        raw = router(x)
+        cap = layer.capacity(n)
+        expect = kept_batch_prioritised(raw.expert_idx.tolist(), raw.weights.tolist(), raw.chosen.tolist(), cap, e)
+        assert rec.kept.tolist() == expect, seed
+        # No second choice ever holds a slot that a first choice of the same expert was refused.
+        for ex in range(e):
+            first_dropped = bool(((rec.expert_idx[:, 0] == ex) & rec.chosen[:, 0] & ~rec.kept[:, 0]).any())
+            second_kept = bool(((rec.expert_idx[:, 1] == ex) & rec.kept[:, 1]).any())
+            assert not (first_dropped and second_kept), (seed, ex)
+        # The token-major order (a token's 2nd choice right after its 1st) keeps other assignments.
+        _, token_major = plan(raw, cap, -raw.weights.max(dim=-1).values, by_rank=False)
+        differs += int(not torch.equal(token_major.kept, rec.kept))
+    assert differs > 0
+
+
+def test_batch_priority_is_the_noisy_weight_not_the_clean_probability():
+    # Noisy top-k: the clean softmax ranks tokens one way, the weights the noisy gate gave another.
+    torch.manual_seed(3)
+    router = make_router("noisy_topk", D, 4, 2)
+    torch.nn.init.normal_(router.weight, std=0.3)
+    torch.nn.init.normal_(router.noise_weight, std=1.0)
+    layer = MoELayer(D, 4, 2, H, capacity_factor=0.5, router=router, drop_policy="probability").train()
+    x = torch.randn(64, D)
+    torch.manual_seed(7)
+    _, rec = layer(x)
+    by_weight = (-rec.weights.max(dim=-1).values).argsort(stable=True)
+    by_clean = (-rec.probs.max(dim=-1).values).argsort(stable=True)
+    assert not torch.equal(by_weight, by_clean)
+    _, by_clean_plan = plan(rec, layer.capacity(64), -rec.probs.max(dim=-1).values, by_rank=True)
+    assert not torch.equal(by_clean_plan.kept, rec.kept)  # the clean priority would keep other tokens
+
+
+def test_gshard_aux_loss_counts_first_choices_only():
+    """GShard Algorithm 1: c_e = tokens whose first choice is e, m_e = mean_x p_e(x),
+    loss = E * sum_e (c_e / N) * m_e."""
+    e, n = 6, 50
+    torch.manual_seed(11)
+    router = make_router("gshard_top2", D, e, 2, init_std=1.0).train()
+    with torch.no_grad():
+        rec = router(torch.randn(n, D))
+    assert not bool(rec.chosen[:, 1].all())  # random routing dropped some second experts
+    c = [sum(1 for t in range(n) if rec.expert_idx[t, 0] == ex) for ex in range(e)]
+    m = rec.probs.mean(0).tolist()
+    expect = e * sum(c[ex] / n * m[ex] for ex in range(e))
+    assert float(routing_losses(rec)["load_balance"]) == pytest.approx(expect, rel=1e-6)
+    both = [sum(1 for t in range(n) for s in (0, 1) if rec.chosen[t, s] and rec.expert_idx[t, s] == ex) for ex in range(e)]
+    total = sum(both)
+    assert abs(expect - e * sum(both[ex] / total * m[ex] for ex in range(e))) > 1e-4  # counting both slots differs
+
+
+def sigmoid_router(e: int, k: int, n_group: int = 1, topk_group: int = 1, seed: int = 0):
+    torch.manual_seed(seed)
+    router = make_router("sigmoid", D, e, k, init_std=1.0, scaling=2.5, n_group=n_group, topk_group=topk_group)
+    router.expert_bias.copy_(torch.randn(e) * 0.3)
+    return router
+
+
+def test_sigmoid_group_limited_routing_matches_deepseek_v3():
+    """V3 §2.1.2 and its model code: a group's score is the sum of its two largest s_i + b_i; the
+    top-K of s_i + b_i is taken among the topk_group best groups only; weights are the chosen
+    s_i renormalised, times the routed scaling."""
+    e, k, g, m, n = 16, 4, 4, 2, 30
+    router = sigmoid_router(e, k, g, m, seed=21)
+    x = torch.randn(n, D)
+    rec = router(x)
+    s = torch.sigmoid(x @ router.weight.t()).tolist()
+    b = router.expert_bias.tolist()
+    per, outside = e // g, 0
+    for t in range(n):
+        sel = [s[t][i] + b[i] for i in range(e)]
+        score = [sum(sorted(sel[a * per : (a + 1) * per], reverse=True)[:2]) for a in range(g)]
+        groups = sorted(range(g), key=lambda a: -score[a])[:m]
+        eligible = [i for i in range(e) if i // per in groups]
+        top = sorted(eligible, key=lambda i: -sel[i])[:k]
+        assert sorted(rec.expert_idx[t].tolist()) == sorted(top), t
+        total = sum(s[t][i] for i in top)
+        got = dict(zip(rec.expert_idx[t].tolist(), rec.weights[t].tolist()))
+        for i in top:
+            assert got[i] == pytest.approx(2.5 * s[t][i] / total, rel=1e-5)
+        outside += sorted(range(e), key=lambda i: -sel[i])[:k] != top
+    assert outside > 0  # the limit really changes choices for some tokens
+    # One group of everything (the default) is plain top-K of s + b.
+    plain = sigmoid_router(e, k, seed=21)
+    assert torch.equal(plain(x).expert_idx, (torch.sigmoid(x @ plain.weight.t()) + plain.expert_bias).topk(k).indices)
+
+
+def test_sigmoid_sequence_wise_balance_loss_matches_deepseek_v3():
+    """V3 eq. 17-20, per sequence of T tokens: s' = s / sum_j s_j, f_i = E / (K T) * sum_t
+    1[i in token t's top-K], P_i = mean_t s'_i, loss = sum_i f_i P_i; averaged over sequences."""
+    e, k, t_len, b = 8, 2, 5, 3
+    router = sigmoid_router(e, k, seed=31)
+    rec = router(torch.randn(b * t_len, D))
+    s = torch.sigmoid(rec.logits).tolist()
+    per_sequence = []
+    for q in range(b):
+        tokens = range(q * t_len, (q + 1) * t_len)
+        f = [e / (k * t_len) * sum(i in rec.expert_idx[t].tolist() for t in tokens) for i in range(e)]
+        p = [sum(s[t][i] / sum(s[t]) for t in tokens) / t_len for i in range(e)]
+        per_sequence.append(sum(fi * pi for fi, pi in zip(f, p)))
+    expect = sum(per_sequence) / b
+    assert float(routing_losses(rec, seq_len=t_len)["seq_balance"]) == pytest.approx(expect, rel=1e-6)
+    batch_level = float(routing_losses(rec, seq_len=b * t_len)["seq_balance"])
+    assert abs(batch_level - expect) > 1e-5  # per sequence, not over the whole batch
+    assert float(routing_losses(rec)["seq_balance"]) == 0.0  # without sequences there is none
+
+
+def test_deepseek_v3_config_defaults_and_refusals():
+    v3 = config.from_dict({"moe": {"router": "sigmoid", "num_experts": 16, "top_k": 4, "n_group": 4, "topk_group": 2}})
+    assert v3.moe.aux_loss_coef == 0.0 and v3.moe.seq_aux_loss_coef == 1e-4  # no Switch loss unless asked for
+    asked = config.from_dict({"moe": {"router": "sigmoid", "aux_loss_coef": 0.01}})
+    assert asked.moe.aux_loss_coef == 0.01
+    assert "moe.router=sigmoid" in refusal(v3)  # transformers' Mixtral / Qwen2-MoE cannot express it
+    for bad, message in [
+        ({"n_group": 3}, "must split into moe.n_group=3 groups"),
+        ({"n_group": 4, "topk_group": 5}, "moe.topk_group=5 must be <= moe.n_group=4"),
+        ({"n_group": 4, "topk_group": 1, "top_k": 5}, "moe.top_k=5 must be <= the experts of moe.topk_group=1 groups (4)"),
+        ({"router": "topk", "n_group": 2}, "set moe.router=sigmoid"),
+        ({"router": "topk", "seq_aux_loss_coef": 1e-4}, "needs moe.router=sigmoid"),
+    ]:
+        with pytest.raises(config.ConfigError, match=re.escape(message)):
+            config.from_dict({"moe": {"router": "sigmoid", "num_experts": 16, "top_k": 4, **bad}})
+
+
+def test_each_router_gets_its_papers_losses_by_default():
+    coefs = {r: config.from_dict({"moe": {"router": r, "top_k": 2 if r != "switch" else 1, "num_groups": 2}}).moe.loss_coefs
+             for r in config.ROUTERS}
+    assert coefs["switch"]["load_balance"] == coefs["topk"]["load_balance"] == coefs["gshard_top2"]["load_balance"] == 0.01
+    for shazeer in ("noisy_topk", "hierarchical"):
+        assert coefs[shazeer] == {"load_balance": 0.0, "importance": 0.1, "load": 0.1, "seq_balance": 0.0, "z": 0.001}
+    for balanced in ("expert_choice", "soft"):
+        assert coefs[balanced]["load_balance"] == coefs[balanced]["importance"] == 0.0
+    assert coefs["sigmoid"]["load_balance"] == 0.0 and coefs["sigmoid"]["seq_balance"] == 1e-4
+    dense = config.from_dict({"model": {"arch": "transformer_dense"}})
+    assert dense.moe.aux_loss_coef == 0.0
+
+
+def test_top1_renormalised_weights_are_refused_and_the_raw_default_trains_the_router():
+    for moe, fix in [
+        ({"top_k": 1, "renormalize": True}, "set moe.renormalize=false"),
+        ({"router": "sigmoid", "top_k": 1, "renormalize": True}, "set moe.renormalize=false"),
+        ({"router": "noisy_topk", "top_k": 1}, "use moe.top_k >= 2"),
+    ]:
+        with pytest.raises(config.ConfigError, match=fix):
+            config.from_dict({"moe": moe})
+    cfg = config.from_dict({"model": {"d_model": D, "n_layers": 1, "n_heads": 2, "ffn_hidden": 16},
+                            "moe": {"num_experts": 4, "top_k": 1, "aux_loss_coef": 0.0, "z_loss_coef": 0.0}})
+    assert cfg.moe.renormalize is False
+    torch.manual_seed(0)
+    model = build_model(cfg, 50)
+    ids = torch.randint(0, 50, (2, 9))
+    model(ids[:, :-1], ids[:, 1:]).loss.backward()
+    assert model.blocks[0].ffn.inner.router.weight.grad.abs().max() > 0
+    # What the refusal prevents: renormalised top-1 weights are all 1, and the router's gradient is
+    # 0 up to rounding (d(p / p) / dp = 0), against O(1e-2) with the raw weight.
+    layer = MoELayer(D, 4, 1, H, renormalize=True)
+    y, rec = layer(torch.randn(20, D))
+    y.sum().backward()
+    assert torch.equal(rec.weights, torch.ones_like(rec.weights)) and float(layer.router.weight.grad.abs().max()) < 1e-8
+
+
+def test_lstm_moe_output_passes_a_sigmoid_before_dropout_and_the_residual():
+    """Shazeer et al. 2017, App. C.1: h <- h + dropout(sigmoid(MoE(h))) between the LSTM layers."""
+    base = {"model": {"arch": "lstm_moe", "d_model": D, "n_layers": 2, "ffn_hidden": 16},
+            "moe": {"num_experts": 4, "capacity_factor": 0.5}}
+    ids = torch.randint(0, 50, (2, 7))
+    for sigmoid in (True, False):
+        torch.manual_seed(0)
+        model = build_model(config.from_dict({**base, "model": {**base["model"], "lstm_sigmoid": sigmoid}}), 50).eval()
+        h0 = model.embed(ids)
+        h1 = h0 + model.lstms[0](h0)[0]
+        y, rec = model.ffns[0](h1)
+        h2 = h1 + (torch.sigmoid(y) if sigmoid else y)
+        h3 = h2 + model.lstms[1](h2)[0]
+        torch.testing.assert_close(model.body(h0)[0], h3)
+        dropped = (~rec.kept).all(dim=1).view(2, 7)  # tokens capacity dropped entirely
+        assert bool(dropped.any())
+        # What a dropped token adds: sigmoid(0) = 0.5 in every unit, or nothing without the sigmoid.
+        torch.testing.assert_close((h2 - h1)[dropped], torch.full_like(h1[dropped], 0.5 if sigmoid else 0.0))
+    assert config.from_dict({"model": {"arch": "lstm_moe"}}).model.lstm_sigmoid  # the paper's form by default
+
+
+def test_aux_losses_add_up_over_layers_in_every_shipped_config():
+    # Coefficients are per layer (the papers' convention): no shipped config may halve or double
+    # them "to make up" for averaging.
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+        text = path.read_text()
+        assert "twice" not in text and "mean over" not in text, path
+        config.load(path)
