@@ -1,10 +1,10 @@
 """TensorBoard logging. Every tag moectl writes is named here, and only here:
 
 Scalars
-  train/{loss, lm_loss, aux_loss, z_loss}  means over the logging window;
-                                     loss = lm_loss + aux_loss + z_loss (router terms weighted)
-  train/router/{load_balance, importance, load, z}   MoE models: each router loss unweighted
-                                     (moe/losses.py), window mean
+  train/{loss, lm_loss, aux_loss, z_loss}  means over the logging window; loss = the objective
+                                     (lm_loss, or a mixture head's EM loss) + aux_loss + z_loss
+  train/router/{load_balance, importance, load, seq_balance, z}   MoE models: each router loss
+                                     unweighted (moe/losses.py), mean over layers and window
   train/grad_norm (pre-clip, window mean), train/lr, train/tokens_per_sec
   eval/loss, eval/ppl                validation cross-entropy (nats/token) and exp of it
   routing/layerNN/<column>           per MoE layer over the window, one per stats.COLUMNS name

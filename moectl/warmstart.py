@@ -6,7 +6,7 @@ Three sources:
 - a dense moectl model of the same backbone, into an MoE model: sparse upcycling (Komatsuzaki et al.
   2022). Everything outside the FFNs is copied; every expert of an MoE slot starts as a copy of that
   slot's dense FFN (plus optional Gaussian noise of `train.upcycle_noise` times the weight's std);
-  routers keep their fresh init. With renormalised top-k weights (or K = 1 renormalised) the
+  routers keep their fresh init. With renormalised top-k weights (K > 1) the
   upcycled model computes exactly the dense model before training;
 - a Hugging Face Mixtral directory (a transformers checkpoint, or what `moectl export --format hf`
   wrote for a Mixtral-shaped model): its config must describe the model the moectl config builds,

@@ -8,9 +8,10 @@
   expert_choice  Zhou et al. 2022: each expert takes its top-C tokens
   soft           dense gating (Jacobs, Jordan et al. 1991): every expert, weighted by softmax
   hierarchical   Shazeer et al. 2017 Appendix B: a primary gate picks groups, a gate per group
-                 picks experts in it; both levels balanced
+                 picks experts in it
   sigmoid        DeepSeek-V3: sigmoid scores, a per-expert bias used for selection only and
-                 updated after each step towards uniform load (aux-loss-free balancing)
+                 updated after each step towards uniform load (aux-loss-free balancing),
+                 optionally limited to the best groups of experts
 
 Routing math runs in fp32 even under bf16 autocast (Switch Transformer's "selective
 precision"): the softmax over E logits and the top-k comparison are where low precision
@@ -238,9 +239,9 @@ class HierarchicalRouter(Router):
     G groups; each group a has its own noisy top-k gate over its B = E / G experts.
 
     Expert (a, b) is expert a * B + b; its weight is G_primary(x)_a * G_a(x)_b, so each token's
-    weights sum to 1. Losses balance both levels: the record's `group` is the primary gate's
-    record, and the leaf load is Load_H(X)_{a,b} = Load_primary(X)_a * Load_a(X^(a))_b / |X^(a)|,
-    X^(a) the tokens sent to group a. The leaf logits are primary + secondary logits (their
+    weights sum to 1. The leaf load is Load_H(X)_{a,b} = Load_primary(X)_a * Load_a(X^(a))_b /
+    |X^(a)|, X^(a) the tokens sent to group a; the record's `group` is the primary gate's record
+    (balanced too only with moe.balance_primary, moe/losses.py). The leaf logits are primary + secondary logits (their
     logsumexp is the joint log-partition, for the z-loss); probs are G_p softmax times G_a softmax.
     """
 
