@@ -314,9 +314,9 @@ class TrainConfig(Section):
     )
     objective: Literal["likelihood", "em", "hard_em"] = Field(
         "likelihood",
-        description="model.head=mixture: `likelihood` descends -log p(y); `em` is generalised EM (per batch, "
-        "responsibilities r_i = g_i p_i(y) / sum_j g_j p_j(y) held fixed, one step on -sum_i r_i (log g_i + log "
-        "p_i(y))); `hard_em` uses the one-hot argmax of r.",
+        description="model.head=mixture: `likelihood` descends -log p(y); `em` is generalised EM (Jordan & Jacobs "
+        "1994; per batch, responsibilities r_i = g_i p_i(y) / sum_j g_j p_j(y) held fixed, one step on -sum_i r_i "
+        "(log g_i + log p_i(y))); `hard_em` uses the one-hot argmax of r.",
     )
     freeze: Literal["none", "router", "all_but_experts"] = Field(
         "none", description="Parameters left untrained: none, the routers, or everything but the routed experts."

@@ -132,8 +132,10 @@ class Sums:
         return {name: getattr(self, name).cpu() for name in self.FIELDS}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """A field the state lacks (saved before it existed) keeps its zeros."""
         for name in self.FIELDS:
-            setattr(self, name, state[name].to(self.device, accumulator_dtype(self.device)))
+            if name in state:
+                setattr(self, name, state[name].to(self.device, accumulator_dtype(self.device)))
 
 
 class RoutingStats(Sums):
@@ -179,6 +181,8 @@ class RoutingProfile(RoutingStats):
     chosen (E,) assignments before capacity; importance (E,) summed router probabilities;
     coselect (E, E) tokens that chose both i and j (diagonal: chose i); by_position (T, E) kept
     assignments by position in the sequence; by_token (V, E) kept assignments by input token id.
+    For a dense gate, where every expert takes every token (soft routing, a mixture head),
+    by_position and by_token sum the gate weights instead, so they still show who takes what.
     `token_counts` (V,) counts every routed token once, the corpus the lifts compare against.
     """
 
@@ -212,7 +216,9 @@ class RoutingProfile(RoutingStats):
             idx = r.expert_idx.to(dev)
             picked = torch.zeros(n, e, dtype=dtype, device=dev).scatter_(1, idx, r.chosen.to(dev, dtype))  # (N, E)
             self.coselect[i, :e, :e] += picked.T @ picked
-            kept = torch.zeros(n, e, dtype=dtype, device=dev).scatter_(1, idx, r.kept.to(dev, dtype))  # (N, E)
+            dense = r.top_k == e and bool(r.chosen.all())  # every expert takes every token
+            mass = r.combine_weights if dense else r.kept  # dense gates: the weight each expert got
+            kept = torch.zeros(n, e, dtype=dtype, device=dev).scatter_(1, idx, mass.detach().to(dev, dtype))  # (N, E)
             self.by_position[i, :, :e].index_add_(0, positions, kept)
             self.by_token[i, :, :e].index_add_(0, ids, kept)
 

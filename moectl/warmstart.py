@@ -150,7 +150,7 @@ def freeze(model: nn.Module, mode: str) -> int:
         return 0
     frozen = 0
     for name, p in model.named_parameters():
-        is_router, is_expert = ".router." in name, ".experts." in name
+        is_router, is_expert = ".router." in name or name.startswith("head.gate."), ".experts." in name
         if (mode == "router" and is_router) or (mode == "all_but_experts" and not is_expert):
             p.requires_grad_(False)
             frozen += p.numel()

@@ -161,3 +161,26 @@ def test_expert_choice_routing_warns_in_eval_and_route_stats_and_generate_refuse
     res = runner.invoke(app, ["generate", str(run.run_dir), "--prompt", "def"])
     said = " ".join(res.output.split())
     assert res.exit_code == 2 and "token-by-token generation cannot route" in said and "Traceback" not in said
+
+
+def test_the_head_gate_is_read_by_its_weights_and_frozen_with_the_routers():
+    # A dense gate sends every token to every expert, so route-stats reads who takes what from the
+    # gate weights: token 5 goes 0.9 + 0.9 to expert 0, token 6 mostly to expert 1.
+    from moectl.moe.record import make_record
+    from moectl.stats import RoutingProfile
+    from moectl.warmstart import freeze
+
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.9, 0.1]])
+    rec = make_record(probs.log(), probs, torch.arange(2).expand(3, 2), probs)
+    prof = RoutingProfile(1, 2, seq_len=3, vocab_size=8)
+    prof.update([rec], torch.tensor([[5, 6, 5]]))
+    assert prof.load[0].tolist() == [3, 3]  # each expert computed every token
+    assert prof.by_token[0, 5].tolist() == pytest.approx([1.8, 0.2]) and prof.by_token[0, 6].tolist() == pytest.approx([0.2, 0.8])
+    # A sparse router (top-1 of 2 here) is read by its assignments, whatever their weights.
+    sparse = make_record(probs.log(), probs, probs.argmax(1, keepdim=True), probs.max(1, keepdim=True).values)
+    prof = RoutingProfile(1, 2, seq_len=3, vocab_size=8)
+    prof.update([sparse], torch.tensor([[5, 6, 5]]))
+    assert prof.by_token[0, 5].tolist() == [2.0, 0.0] and prof.by_token[0, 6].tolist() == [0.0, 1.0]
+    model = mixture_model("likelihood", "lstm_moe")
+    freeze(model, "router")
+    assert not model.head.gate.weight.requires_grad and model.head.proj.requires_grad
