@@ -117,6 +117,7 @@ def test_em_never_lowers_the_likelihood_and_recovers_a_planted_mixture():
     assert float(match) < 0.1, experts
 
 
+@torch.no_grad()
 def test_the_em_objective_of_the_model_matches_the_head_loss():
     model = mixture_model("em")
     ids = torch.randint(0, V, (2, 6))
