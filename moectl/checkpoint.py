@@ -230,7 +230,7 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
             )
         if not saved_path.is_file():
             raise CheckpointError(f"--resume: {saved_path} is missing, so the run's config is unknown")
-        changed = resume_conflicts(config.load(saved_path), cfg)
+        changed = resume_conflicts(config.load(saved_path, saved=True), cfg)
         if changed:
             raise ConfigError(
                 f"--resume: the config differs from the run's in what defines the model or data ({'; '.join(changed)}); "

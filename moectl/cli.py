@@ -76,7 +76,7 @@ def _load_config(path: Path, overrides: Optional[list[str]], run_name: Optional[
     if path.is_dir():
         if not (path / "config.yaml").is_file():
             raise MoectlError(f"{path} is a directory without config.yaml; give a config file or a run directory")
-        cfg = config.load(path / "config.yaml", overrides)
+        cfg = config.load(path / "config.yaml", overrides, saved=True)
         run_dir = path.resolve()
         cfg = config.with_values(cfg, str(path), **{"run.dir": str(run_dir.parent), "run.name": run_dir.name})
     else:

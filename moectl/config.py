@@ -509,6 +509,11 @@ class Config(Section):
         return self.model.n_layers if self.backbone == "transformer" else self.model.n_layers - 1
 
     @property
+    def moe_slots(self) -> list[int]:
+        """The FFN slots that hold MoE layers: slot i when (i + 1) % moe.every == 0 (every=2: dense, MoE, ...)."""
+        return [i for i in range(self.num_ffn_slots) if (i + 1) % self.moe.every == 0] if self.is_moe else []
+
+    @property
     def expert_hidden(self) -> int:
         return self.moe.expert_hidden or self.model.ffn_hidden
 
@@ -646,8 +651,9 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", overrides: Optional
         raise ConfigError(_format_errors(exc, source, overrides or {})) from None
 
 
-def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None) -> Config:
-    """Read a YAML config, apply `--set` overrides, validate, and fill `run.name` from the file name."""
+def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None, saved: bool = False) -> Config:
+    """Read a YAML config, apply `--set` overrides, validate, and fill `run.name` from the file name.
+    `saved`: the config.yaml moectl wrote into a run or bundle, read as the model it trained."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -671,6 +677,8 @@ def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None) ->
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, not {type(loaded).__name__}")
         raw = loaded
+        if saved:
+            _read_as_trained(raw, source)
     parsed = dict(parse_override(item) for item in overrides or [])
     for key, value in parsed.items():
         _apply(raw, key, value, f"--set {key}")
@@ -678,6 +686,21 @@ def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None) ->
     if cfg.run.name is None:
         cfg.run.name = Path(path).stem if path is not None else "run"
     return cfg
+
+
+def _read_as_trained(raw: dict[str, Any], source: str) -> None:
+    """A run's config.yaml from before model.lstm_sigmoid and per-layer router losses (it has no
+    moe.seq_aux_loss_coef, added with them) describes a model without the sigmoid whose router
+    losses were averaged over its MoE layers: read it so, with each coefficient divided by those
+    layers, which gives the same training objective under the per-layer sum."""
+    model, moe = raw.get("model"), raw.get("moe")
+    if not isinstance(model, dict) or not isinstance(moe, dict) or "seq_aux_loss_coef" in moe:
+        return
+    model.setdefault("lstm_sigmoid", False)
+    layers = len(from_dict(raw, source).moe_slots)
+    for key in ("aux_loss_coef", "importance_loss_coef", "load_loss_coef", "z_loss_coef"):
+        if layers and isinstance(moe.get(key), (int, float)):
+            moe[key] = moe[key] / layers
 
 
 def with_values(cfg: Config, source: str, **values: Any) -> Config:

@@ -68,7 +68,7 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> LoadedModel:
                 f"--set {key}: only data.*, moe.eval_capacity_factor, train.eval_batches, train.micro_batch_size, "
                 "train.device and train.precision can change for a trained model"
             )
-    cfg = config.load(cfg_file, overrides)
+    cfg = config.load(cfg_file, overrides, saved=True)
     tok = tokenizers_.load_file(tok_file)
     meta = checkpoint.read_meta(ckpt)
     rows = checkpoint.tensor_shape(ckpt, "embed.weight")

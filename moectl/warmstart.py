@@ -60,7 +60,7 @@ def initialize(model: nn.Module, cfg: Config) -> str:
         _load_exactly(model, hf.from_mixtral(_load_safetensors(path), cfg), path)
         return f"initialised from the Mixtral model in {path}"
     ckpt, run_dir = checkpoint.resolve(path)
-    source_cfg = config.load(run_dir / "config.yaml")
+    source_cfg = config.load(run_dir / "config.yaml", saved=True)
     if source_cfg.backbone != cfg.backbone:
         raise ConfigError(
             f"train.init_from={str(path)!r} is a {source_cfg.model.arch} model and this run a {cfg.model.arch}: "

@@ -143,7 +143,8 @@ def test_sigmoid_sequence_wise_balance_loss_matches_deepseek_v3():
     1[i in token t's top-K], P_i = mean_t s'_i, loss = sum_i f_i P_i; averaged over sequences."""
     e, k, t_len, b = 8, 2, 5, 3
     router = sigmoid_router(e, k, seed=31)
-    rec = router(torch.randn(b * t_len, D))
+    with torch.no_grad():
+        rec = router(torch.randn(b * t_len, D))
     s = torch.sigmoid(rec.logits).tolist()
     per_sequence = []
     for q in range(b):
@@ -242,3 +243,29 @@ def test_aux_losses_add_up_over_layers_in_every_shipped_config():
         text = path.read_text()
         assert "twice" not in text and "mean over" not in text, path
         config.load(path)
+
+
+def test_a_run_saved_before_these_rules_is_read_as_the_model_it_trained(tmp_path):
+    # Its config.yaml has no lstm_sigmoid (its LSTM had none) and averaged its router losses over
+    # the MoE layers: read back, the coefficients are per layer, so the objective is unchanged.
+    old = config.from_dict({"model": {"arch": "lstm_moe", "n_layers": 3, "d_model": D, "ffn_hidden": 16},
+                            "moe": {"num_experts": 4, "aux_loss_coef": 0.02, "z_loss_coef": 0.001}})
+    raw = config.to_dict(old)
+    del raw["model"]["lstm_sigmoid"], raw["moe"]["seq_aux_loss_coef"], raw["model"]["head"]
+    path = tmp_path / "config.yaml"
+    path.write_text(__import__("yaml").safe_dump(raw))
+    assert config.load(path).model.lstm_sigmoid  # as a new config: today's defaults
+    read = config.load(path, saved=True)
+    assert read.model.lstm_sigmoid is False and len(read.moe_slots) == 2
+    assert read.moe.aux_loss_coef == pytest.approx(0.01) and read.moe.z_loss_coef == pytest.approx(0.0005)
+    torch.manual_seed(0)
+    model = build_model(read, 50)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        out = model(ids[:, :-1], ids[:, 1:])
+    terms = out.aux_terms  # each loss's mean over the layers: what the old convention weighted
+    assert float(out.aux_loss) == pytest.approx(0.02 * float(terms["load_balance"]), rel=1e-5)
+    assert float(out.z_loss) == pytest.approx(0.001 * float(terms["z"]), rel=1e-5)
+    saved_now = tmp_path / "new.yaml"
+    config.save(read, saved_now)
+    assert config.load(saved_now, saved=True) == read  # a config saved today is read as written

@@ -61,8 +61,7 @@ def build_model(cfg: Config, vocab_size: int) -> LanguageModel:
     m, moe = cfg.model, cfg.moe
 
     def make_ffn(slot: int) -> FFNSlot:
-        # Slot i is an MoE layer when (i + 1) % every == 0: every=2 gives dense, MoE, dense, MoE...
-        if cfg.is_moe and (slot + 1) % moe.every == 0:
+        if slot in cfg.moe_slots:
             return FFNSlot(build_moe_layer(cfg))
         return FFNSlot(FeedForward(m.d_model, m.ffn_hidden, m.activation, m.init_std))
 
