@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from moectl.errors import ConfigError
 from moectl.fileio import atomic_write_text
@@ -166,8 +167,9 @@ class MoEConfig(Section):
     min_capacity: int = Field(0, ge=0, description="Lower bound on the capacity of each expert.")
     drop_policy: Literal["position", "probability"] = Field(
         "position",
-        description="Who keeps a slot when an expert is full: earlier positions (causal-safe), or the tokens "
-        "with the highest router probability (batch-prioritised routing; sees later tokens).",
+        description="Who keeps a slot when an expert is full: earlier positions (causal-safe), or Riquelme et al.'s "
+        "batch-prioritised routing: every token's first choice before any second choice, each rank by the largest "
+        "routing weight the token was given (sees later tokens).",
     )
     shared_experts: int = Field(0, ge=0, description="Always-on shared experts added to the routed output (DeepSeekMoE).")
     shared_expert_hidden: Optional[int] = Field(
@@ -180,7 +182,10 @@ class MoEConfig(Section):
     )
     jitter_eps: float = Field(0.01, ge=0, lt=1, description="switch: router input times U(1 - eps, 1 + eps) in training.")
     num_groups: int = Field(4, gt=0, description="hierarchical: groups G; each holds E / G experts.")
-    group_top_k: int = Field(1, gt=0, description="hierarchical: groups each token is routed to.")
+    group_top_k: int = Field(
+        1, gt=0, description="hierarchical: groups each token is routed to. With 1 the primary gate's weight is always "
+        "1, so it learns only from Load_H and the z-loss, not from the language-model loss."
+    )
     balance_primary: bool = Field(
         False,
         description="hierarchical: also apply the importance and load losses to the primary gate over groups (not in "
@@ -379,14 +384,16 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+    _trained: bool = PrivateAttr(False)  # read from a run's own config.yaml (see from_dict)
 
     @model_validator(mode="after")
-    def _cross_field_checks(self) -> "Config":
+    def _cross_field_checks(self, info: ValidationInfo) -> "Config":
         m, moe, d, tok, tr = self.model, self.moe, self.data, self.tokenizer, self.train
+        trained = bool(info.context and info.context.get("trained"))  # a run's own saved config
         if self.backbone == "lstm" and m.n_layers < 2:
             raise ValueError(f"model.n_layers={m.n_layers} must be >= 2 for an LSTM model (FFN slots sit between layers)")
         if self.is_moe:
-            self._check_router()
+            self._check_router(trained)
         if self.is_moe and moe.every > self.num_ffn_slots:
             raise ValueError(
                 f"moe.every={moe.every} leaves {m.arch} with no MoE layer: it has {self.num_ffn_slots} FFN slots "
@@ -426,14 +433,15 @@ class Config(Section):
             raise ValueError(f"train.objective={tr.objective} trains a mixture head by EM; set model.head=mixture")
         return self
 
-    def _check_router(self) -> None:
+    def _check_router(self, trained: bool) -> None:
+        """`trained`: the model already exists, so what only matters for training is not refused."""
         moe, k = self.moe, self.moe.top_k
-        if k == 1 and moe.renormalize and moe.router in ("topk", "sigmoid"):
+        if k == 1 and moe.renormalize and moe.router in ("topk", "sigmoid") and not trained:
             raise ValueError(
                 f"moe.top_k=1 with moe.renormalize=true: the one weight is always 1, so the router gets no gradient "
                 "from the language-model loss; set moe.renormalize=false (Switch keeps the raw probability)"
             )
-        if k == 1 and moe.router == "noisy_topk":
+        if k == 1 and moe.router == "noisy_topk" and not trained:
             raise ValueError(
                 "moe.top_k=1 with moe.router=noisy_topk: a softmax over one kept logit is always 1, so the gate gets no "
                 "gradient from the language-model loss; use moe.top_k >= 2 (Shazeer et al. used 2 to 4) or moe.router=switch"
@@ -643,10 +651,16 @@ def _apply(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
 # --------------------------------------------------------------------------------- load / dump
 
 
-def from_dict(raw: dict[str, Any], source: str = "<config>", overrides: Optional[dict[str, Any]] = None) -> Config:
-    """Validate a raw mapping (YAML already parsed, overrides already applied)."""
+def from_dict(
+    raw: dict[str, Any], source: str = "<config>", overrides: Optional[dict[str, Any]] = None, trained: bool = False
+) -> Config:
+    """Validate a raw mapping (YAML already parsed, overrides already applied). `trained`: the
+    config a run saved, whose model exists: rules that only guard training (a top-1 router whose
+    one weight is always 1) do not refuse it."""
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw, context={"trained": trained})
+        cfg._trained = trained
+        return cfg
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source, overrides or {})) from None
 
@@ -682,7 +696,7 @@ def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None, sa
     parsed = dict(parse_override(item) for item in overrides or [])
     for key, value in parsed.items():
         _apply(raw, key, value, f"--set {key}")
-    cfg = from_dict(raw, source, parsed)
+    cfg = from_dict(raw, source, parsed, trained=saved)
     if cfg.run.name is None:
         cfg.run.name = Path(path).stem if path is not None else "run"
     return cfg
@@ -690,14 +704,17 @@ def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None, sa
 
 def _read_as_trained(raw: dict[str, Any], source: str) -> None:
     """A run's config.yaml from before model.lstm_sigmoid and per-layer router losses (it has no
-    moe.seq_aux_loss_coef, added with them) describes a model without the sigmoid whose router
-    losses were averaged over its MoE layers: read it so, with each coefficient divided by those
-    layers, which gives the same training objective under the per-layer sum."""
+    moe.seq_aux_loss_coef, added with them) describes a model without the sigmoid, without V3's
+    sequence-wise loss, balancing both levels of a hierarchical router, whose router losses were
+    averaged over its MoE layers: read it so, with each coefficient divided by those layers, which
+    gives the same objective under the per-layer sum. (GShard's first-choice counting and the
+    rank-by-rank batch priority are corrections and apply to it too.)"""
     model, moe = raw.get("model"), raw.get("moe")
     if not isinstance(model, dict) or not isinstance(moe, dict) or "seq_aux_loss_coef" in moe:
         return
     model.setdefault("lstm_sigmoid", False)
-    layers = len(from_dict(raw, source).moe_slots)
+    moe.update(seq_aux_loss_coef=0.0, balance_primary=True)  # no V3 sequence loss; both hierarchical levels
+    layers = len(from_dict(raw, source, trained=True).moe_slots)
     for key in ("aux_loss_coef", "importance_loss_coef", "load_loss_coef", "z_loss_coef"):
         if layers and isinstance(moe.get(key), (int, float)):
             moe[key] = moe[key] / layers
@@ -709,10 +726,7 @@ def with_values(cfg: Config, source: str, **values: Any) -> Config:
     for key, value in values.items():
         _check_key(key)
         _apply(raw, key, value, source)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source, {})) from None
+    return from_dict(raw, source, trained=cfg._trained)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

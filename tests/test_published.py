@@ -23,30 +23,32 @@ D, H = 12, 8
 
 def kept_batch_prioritised(expert_idx: list[list[int]], weights: list[list[float]], chosen, capacity: int, e: int):
     """Riquelme et al. 2021 (V-MoE), as MOE_MATH.md states it: a token's priority is the largest
-    routing weight it was given; capacity is filled rank by rank, every token's k-th choice in
-    descending priority before any token's (k+1)-th choice."""
+    routing weight it was given; capacity is filled rank by rank, every token's k-th choice (its
+    k-th largest weight) in descending priority before any token's (k+1)-th choice."""
     n, k = len(expert_idx), len(expert_idx[0])
     priority = [max(w for w, c in zip(weights[t], chosen[t]) if c) for t in range(n)]
     order = sorted(range(n), key=lambda t: -priority[t])  # stable: ties keep token order
+    ranked = [sorted(range(k), key=lambda s: -weights[t][s]) for t in range(n)]  # slots by weight
     used, kept = [0] * e, [[False] * k for _ in range(n)]
     for rank in range(k):
         for t in order:
-            ex = expert_idx[t][rank]
-            if chosen[t][rank] and used[ex] < capacity:
-                kept[t][rank] = True
+            slot = ranked[t][rank]
+            ex = expert_idx[t][slot]
+            if chosen[t][slot] and used[ex] < capacity:
+                kept[t][slot] = True
                 used[ex] += 1
     return kept
 
 
-@pytest.mark.parametrize("kind", ["topk", "noisy_topk", "gshard_top2", "sigmoid"])
+@pytest.mark.parametrize("kind", ["topk", "noisy_topk", "gshard_top2", "sigmoid", "hierarchical"])
 def test_batch_prioritised_routing_fills_capacity_rank_by_rank(kind):
-    e, n, differs = 4, 40, 0
+    e, n, differs = 8, 40, 0
     for seed in range(6):
         torch.manual_seed(seed)
-        router = make_router(kind, D, e, 2, init_std=1.0)
-        if kind == "noisy_topk":  # its paper's zero init would tie every weight
-            torch.nn.init.normal_(router.weight, std=1.0)
-            torch.nn.init.normal_(router.noise_weight, std=0.5)
+        router = make_router(kind, D, e, 2, init_std=1.0, num_groups=2, group_top_k=2)
+        for name, p in router.named_parameters():  # noisy gates start at zero, which would tie every weight
+            if "weight" in name:
+                torch.nn.init.normal_(p, std=1.0 if "noise" not in name else 0.5)
         layer = MoELayer(D, e, 2, H, capacity_factor=0.75, router=router, drop_policy="probability").train()
         x = torch.randn(n, D)
         torch.manual_seed(100 + seed)  # the noise and random routing this forward draws ...
@@ -56,11 +58,13 @@ def test_batch_prioritised_routing_fills_capacity_rank_by_rank(kind):
         cap = layer.capacity(n)
         expect = kept_batch_prioritised(raw.expert_idx.tolist(), raw.weights.tolist(), raw.chosen.tolist(), cap, e)
         assert rec.kept.tolist() == expect, seed
-        # No second choice ever holds a slot that a first choice of the same expert was refused.
+        # No later choice ever holds a slot that an earlier choice of the same expert was refused.
+        first = rec.weights.argmax(dim=1, keepdim=True)  # each token's first choice
+        is_first = torch.zeros_like(rec.kept).scatter_(1, first, True)
         for ex in range(e):
-            first_dropped = bool(((rec.expert_idx[:, 0] == ex) & rec.chosen[:, 0] & ~rec.kept[:, 0]).any())
-            second_kept = bool(((rec.expert_idx[:, 1] == ex) & rec.kept[:, 1]).any())
-            assert not (first_dropped and second_kept), (seed, ex)
+            first_dropped = bool(((rec.expert_idx == ex) & is_first & rec.chosen & ~rec.kept).any())
+            later_kept = bool(((rec.expert_idx == ex) & ~is_first & rec.kept).any())
+            assert not (first_dropped and later_kept), (seed, ex)
         # The token-major order (a token's 2nd choice right after its 1st) keeps other assignments.
         _, token_major = plan(raw, cap, -raw.weights.max(dim=-1).values, by_rank=False)
         differs += int(not torch.equal(token_major.kept, rec.kept))
@@ -234,15 +238,33 @@ def test_lstm_moe_output_passes_a_sigmoid_before_dropout_and_the_residual():
     assert config.from_dict({"model": {"arch": "lstm_moe"}}).model.lstm_sigmoid  # the paper's form by default
 
 
-def test_aux_losses_add_up_over_layers_in_every_shipped_config():
-    # Coefficients are per layer (the papers' convention): no shipped config may halve or double
-    # them "to make up" for averaging.
-    from pathlib import Path
+def test_the_lstm_sigmoid_comes_before_dropout_in_training():
+    # With dropout p the added term is 0 or sigmoid(y) / (1 - p), never sigmoid of a dropped 0 (0.5).
+    cfg = config.from_dict({"model": {"arch": "lstm_moe", "d_model": D, "n_layers": 2, "ffn_hidden": 16, "dropout": 0.5},
+                            "moe": {"num_experts": 4}})
+    torch.manual_seed(0)
+    model = build_model(cfg, 50).train()
+    seen = {}
+    model.ffns[0].register_forward_hook(lambda m, args, out: seen.update(h1=args[0], y=out[0]))
+    model.lstms[1].register_forward_pre_hook(lambda m, args: seen.update(h2=args[0]))
+    with torch.no_grad():
+        model(torch.randint(0, 50, (2, 7)))
+    added, kept = seen["h2"] - seen["h1"], torch.sigmoid(seen["y"]) / 0.5
+    dropped = added.abs() < 1e-7
+    assert bool(dropped.any()) and bool((~dropped).any())
+    torch.testing.assert_close(added[~dropped], kept[~dropped])
 
-    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
-        text = path.read_text()
-        assert "twice" not in text and "mean over" not in text, path
-        config.load(path)
+
+def test_the_sequence_wise_loss_enters_the_model_loss_per_sequence_and_layer():
+    cfg = config.from_dict({"model": {"d_model": D, "n_layers": 2, "n_heads": 2, "ffn_hidden": 16},
+                            "moe": {"router": "sigmoid", "num_experts": 4, "seq_aux_loss_coef": 0.3, "z_loss_coef": 0.0}})
+    torch.manual_seed(0)
+    model = build_model(cfg, 50)
+    ids = torch.randint(0, 50, (3, 9))
+    with torch.no_grad():
+        out = model(ids[:, :-1], ids[:, 1:])
+        per_layer = [routing_losses(r, seq_len=8)["seq_balance"] for r in out.routing]
+    assert float(out.aux_loss) == pytest.approx(0.3 * float(sum(per_layer)), rel=1e-5) and float(out.aux_loss) > 0
 
 
 def test_a_run_saved_before_these_rules_is_read_as_the_model_it_trained(tmp_path):
@@ -266,6 +288,13 @@ def test_a_run_saved_before_these_rules_is_read_as_the_model_it_trained(tmp_path
     terms = out.aux_terms  # each loss's mean over the layers: what the old convention weighted
     assert float(out.aux_loss) == pytest.approx(0.02 * float(terms["load_balance"]), rel=1e-5)
     assert float(out.z_loss) == pytest.approx(0.001 * float(terms["z"]), rel=1e-5)
+    assert read.moe.seq_aux_loss_coef == 0.0 and read.moe.balance_primary  # what the run trained with
     saved_now = tmp_path / "new.yaml"
     config.save(read, saved_now)
     assert config.load(saved_now, saved=True) == read  # a config saved today is read as written
+    # A top-1 run with renormalised weights (the old default) still loads: its model exists.
+    raw["moe"].update(top_k=1, renormalize=True)
+    path.write_text(__import__("yaml").safe_dump(raw))
+    assert config.load(path, saved=True).moe.renormalize
+    with pytest.raises(config.ConfigError, match="moe.renormalize=false"):
+        config.load(path)  # training a new one is refused

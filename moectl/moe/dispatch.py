@@ -7,7 +7,8 @@ token-major, a = n*K + k. Under capacity each expert serves its assignments in o
   a token is only ever displaced by tokens at the same or earlier positions, never by later ones.
 - rank by rank (`by_rank`, batch-prioritised routing, Riquelme et al. 2021): every token's first
   choice, in priority order, before any token's second choice, and so on, so a second choice
-  never takes the slot of another token's first choice.
+  never takes the slot of another token's first choice. A token's k-th choice is the slot with
+  its k-th largest routing weight (a hierarchical router's slots are ordered by group, not weight).
 
 Memory is O(N*K*D): no (N, E, capacity) one-hot tensor, no weight copy per token.
 
@@ -64,7 +65,8 @@ def plan(
         if priority is not None:
             queue = torch.sort(priority.repeat_interleave(k), stable=True).indices
         if by_rank:
-            queue = queue[torch.sort(queue % k, stable=True).indices]
+            rank = torch.argsort(torch.argsort(-record.weights, dim=1, stable=True), dim=1).reshape(-1)  # (N*K,)
+            queue = queue[torch.sort(rank[queue], stable=True).indices]
         order = queue[torch.sort(flat_expert[queue], stable=True).indices]
         starts = torch.cumsum(bucket_counts, 0) - bucket_counts  # (E+1,) first sorted position of each expert
         sorted_expert = flat_expert[order]
