@@ -52,6 +52,8 @@ class LanguageModel(nn.Module):
         (models/head.py); else a linear head. `balance_primary`: hierarchical routers' primary
         gates get router losses too (moe/losses.py)."""
         super().__init__()
+        if objective != "likelihood" and not head_experts:
+            raise ValueError(f"objective={objective!r} trains a mixture head by EM; give head_experts > 0")
         self.vocab_size = vocab_size
         self.loss_coefs = {name: (loss_coefs or {}).get(name, 0.0) for name in LOSS_NAMES}
         self.init_std = init_std
