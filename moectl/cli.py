@@ -275,6 +275,24 @@ def export(
         typer.echo(f"moectl eval {path}\nmoectl route-stats {path}\nmoectl generate {path} --prompt \"...\"")
 
 
+@app.command()
+def sweep(
+    sweep_path: Annotated[Path, typer.Argument(metavar="SWEEP", help="Sweep file: base config, grid, variants.", show_default=False)],
+    overrides: SetOption = None,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Cells trained at a time, each with its share of the cores.")] = 1,
+    report: Annotated[bool, typer.Option("--report", help="Only report the cells finished so far; train nothing.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Train a grid of configurations over seeds and compare them: mean and 95% CI per group."""
+    with user_errors(debug):
+        from moectl import sweep as sweeping
+
+        console.quiet_libraries()
+        code = sweeping.sweep_command(sweep_path, overrides, jobs, report)
+        if code:
+            raise typer.Exit(code)
+
+
 @app.command("config")
 def show_config(
     config_path: Annotated[

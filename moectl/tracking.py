@@ -20,6 +20,8 @@ Images
 Text
   config                             the resolved config
   routing/warnings                   collapse warnings
+HParams (moectl sweep, in <sweep>/hparams)
+  hparam/<metric>                    each cell's final metrics against its swept values
 NN is the FFN slot: the transformer block, or the gap after LSTM layer NN.
 """
 
@@ -102,6 +104,12 @@ class Tracker:
         """The resolved config YAML, shown as a code block."""
         if self.writer:
             self.writer.add_text("config", "    " + text.replace("\n", "\n    "), step)
+
+    def hparams(self, values: dict, metrics: dict[str, float], run_name: str) -> None:
+        """One run of a sweep in the HParams dashboard: its swept values and final metrics."""
+        if self.writer:
+            shown = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
+            self.writer.add_hparams(shown, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=run_name)
 
     def warning(self, text: str, step: int) -> None:
         if self.writer:

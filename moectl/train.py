@@ -439,6 +439,7 @@ def save(run: Run, state: LoopState) -> None:
             first_eval_loss=state.first_eval_loss,
             data=run.data_keys,
             world_size=run.dp.world_size,
+            tokens_per_sec=state.session_tokens / state.train_seconds if state.train_seconds else None,
         )
         checkpoint.save(run.run_dir, state.step, run.model, saved, meta, run.cfg.checkpoint.keep_last)
     state.checkpoint = checkpoint.step_dir(run.run_dir, state.step)

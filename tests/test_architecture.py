@@ -19,7 +19,8 @@ PACKAGE = ROOT / "moectl"
 # Top to bottom. A module belongs to the first entry that is it or a package holding it.
 LAYERS = [
     ("entry", ["moectl.__main__", "moectl.cli"]),
-    ("commands", ["moectl.train", "moectl.evaluate", "moectl.route_stats", "moectl.generate", "moectl.export"]),
+    ("commands", ["moectl.train", "moectl.evaluate", "moectl.route_stats", "moectl.generate", "moectl.export",
+                  "moectl.sweep"]),
     ("services", ["moectl.checkpoint", "moectl.loaded_model", "moectl.warmstart", "moectl.hf", "moectl.tracking",
                   "moectl.data", "moectl.tokenizer", "moectl.distributed", "moectl.hub"]),
     ("models", ["moectl.models"]),

@@ -1,0 +1,388 @@
+"""`moectl sweep`: train a grid of configurations, usually over several seeds, and compare them.
+
+A sweep file:
+
+    base: configs/quickstart.yaml        # the config every cell starts from
+    name: routers                        # the cells go to <run.dir>/<name>/<cell>/ (default: the file's stem)
+    set: {train.max_steps: 200}          # overrides for every cell (`--set` adds more)
+    grid:                                # every combination of these values is a cell
+      moe.router: [topk, switch, sigmoid]
+      train.seed: [1, 2, 3]
+    variants:                            # optional: named sets of keys, each crossed with the grid
+      - {name: moe}
+      - {name: dense, model.arch: transformer_dense}
+
+Every cell is validated before any starts. A cell that changes `moe.router` also gets what that
+router needs unless the sweep sets it (`ROUTER_NEEDS`: Switch's top_k 1, GShard's 2, and the
+router's own paper losses and weight normalisation); the runner prints what it set.
+
+Each cell is an ordinary run directory, trained by `moectl train` in a child process (its
+output in <sweep>/logs/<cell>.log), so eval, route-stats, TensorBoard and export work on it. Cells
+run one after another or `jobs` at a time, each with its share of the cores. A finished cell
+is skipped, a stopped one resumed; a failed one is reported and the others go on. Ctrl-C
+stops the running cells at their next step (they save) and a rerun continues.
+
+The report groups the cells over `train.seed` and gives each group's mean and 95% confidence
+interval (Student's t) of the final metrics (`METRICS`), in a table, summary.csv, summary.json,
+TensorBoard's HParams dashboard and one PNG per metric against the swept values.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from moectl import checkpoint, config, console, plots
+from moectl.config import Config
+from moectl.errors import ConfigError
+
+SWEEP_KEYS = ("base", "name", "set", "grid", "variants")
+SEED = "train.seed"
+# What a cell that names a router gets with it, unless the sweep sets it: null losses and
+# normalisation resolve to that router's paper defaults (config.PAPER_LOSSES).
+ROUTER_NEEDS = {
+    "switch": {"moe.top_k": 1},
+    "gshard_top2": {"moe.top_k": 2},
+    "*": {"moe.aux_loss_coef": None, "moe.importance_loss_coef": None, "moe.load_loss_coef": None,
+          "moe.seq_aux_loss_coef": None, "moe.renormalize": None},
+}
+METRICS = {  # the report's columns: name -> what it is
+    "eval_loss": "final validation loss, nats per token",
+    "bits_per_byte": "final validation bits per byte",
+    "tokens_per_sec": "training throughput of the cell's last session",
+    "max_over_mean": "the most imbalanced MoE layer's max/mean expert load on the validation batches",
+    "maxvio": "MaxVio (Wang et al. 2024): max/mean load - 1 on the validation batches, mean over MoE layers",
+    "drop_fraction": "assignments dropped by capacity on the validation batches, mean over MoE layers",
+    "router_z": "router z-loss mean_x logsumexp(logits)^2, unweighted, over the last training window",
+}
+# Student's t, 97.5% quantile, by degrees of freedom (a 95% two-sided interval); 1.96 beyond.
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
+
+
+@dataclass
+class Cell:
+    name: str
+    variant: Optional[str]  # its variant's name
+    values: dict[str, Any]  # what the grid and its variant set
+    needs: dict[str, Any]  # what the runner set for the cell's router
+    overrides: list[str]  # every --set of the cell
+    cfg: Config
+    run_dir: Path
+    status: str = "pending"  # pending, done, skipped, failed, stopped
+    error: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Sweep:
+    path: Path
+    name: str
+    base: Path
+    root: Path
+    keys: list[str]  # the swept keys, in grid order (variant first, if any)
+    cells: list[Cell]
+
+
+def _as_set(value: Any) -> str:
+    return json.dumps(value)  # JSON is YAML: numbers, strings, null and lists parse back as they were
+
+
+def _cell_name(values: dict[str, Any], variant: Optional[str]) -> str:
+    shorts = [k.rsplit(".", 1)[-1] for k in values]
+    parts = [f"{s if shorts.count(s) == 1 else k}={v}" for s, (k, v) in zip(shorts, values.items())]
+    return "_".join(([variant] if variant else []) + parts).replace("/", "-").replace(" ", "") or "base"
+
+
+def load(path: Path, overrides: Optional[list[str]] = None) -> Sweep:
+    """Read and validate a sweep file and every cell's config; nothing runs."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such sweep file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a sweep file is a mapping with base, grid and optionally name, set, variants")
+    for key in raw:
+        if key not in SWEEP_KEYS:
+            raise ConfigError(f"{path}: unknown key {key!r}; a sweep file has {', '.join(SWEEP_KEYS)}")
+    if "base" not in raw:
+        raise ConfigError(f"{path}: no `base:` config to start the cells from")
+    base = Path(raw["base"])
+    if not base.is_file():
+        raise ConfigError(f"{path}: base: {base}: no such config file")
+    shared = raw.get("set") or {}
+    shared = [f"{k}={_as_set(v)}" for k, v in shared.items()] if isinstance(shared, dict) else list(shared)
+    shared += list(overrides or [])
+    grid, variants = raw.get("grid") or {}, raw.get("variants") or [{}]
+    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+        raise ConfigError(f"{path}: grid: give each key a non-empty list of values, e.g. grid: {{train.seed: [1, 2, 3]}}")
+    if not grid and variants == [{}]:
+        raise ConfigError(f"{path}: the grid is empty; give grid: {{key: [values]}} or variants")
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+        raise ConfigError(f"{path}: variants: give a list of mappings, e.g. [{{name: dense, model.arch: transformer_dense}}]")
+    shared_keys = {item.split("=", 1)[0].strip() for item in shared}
+    base_cfg = config.load(base, shared)
+    name = str(raw.get("name") or path.stem)
+    root = Path(base_cfg.run.dir) / name
+    cells = []
+    for variant in variants:
+        variant = dict(variant)
+        label = variant.pop("name", None)
+        for combo in itertools.product(*grid.values()):
+            values = {**variant, **dict(zip(grid, combo))}
+            router = values.get("moe.router")
+            needs = {} if router is None else {
+                k: v for k, v in {**ROUTER_NEEDS["*"], **ROUTER_NEEDS.get(router, {})}.items()
+                if k not in values and k not in shared_keys
+            }
+            cell_name = _cell_name(dict(zip(grid, combo)), label)
+            sets = shared + [f"{k}={_as_set(v)}" for k, v in {**needs, **values}.items()]
+            try:
+                cfg = config.load(base, sets + [f"run.dir={root}", f"run.name={cell_name}"])
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: cell {cell_name}: {exc}") from None
+            cells.append(Cell(cell_name, label, values, needs, sets, cfg, root / cell_name))
+    if len({c.name for c in cells}) != len(cells):
+        raise ConfigError(f"{path}: two cells share a name; give each variant a distinct `name:`")
+    keys = (["variant"] if any(c.variant for c in cells) else []) + list(grid)
+    return Sweep(path, name, base, root, keys, cells)
+
+
+def finished(cell: Cell) -> bool:
+    ckpt = checkpoint.latest(cell.run_dir)
+    return ckpt is not None and checkpoint.read_meta(ckpt)["step"] >= cell.cfg.train.max_steps
+
+
+# ---------------------------------------------------------------------------------------- running
+
+
+def _start(sweep: Sweep, cell: Cell, threads: int) -> subprocess.Popen:
+    args = [sys.executable, "-m", "moectl", "train", str(sweep.base), *(a for o in cell.overrides for a in ("--set", o)),
+            "--set", f"run.dir={sweep.root}", "--run-name", cell.name]
+    started_before = (cell.run_dir / "config.yaml").is_file() or checkpoint.latest(cell.run_dir) is not None
+    args += ["--resume"] if started_before else []
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)), "PYTHONUNBUFFERED": "1"}
+    log_path(sweep, cell).parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path(sweep, cell), "a")
+    # Its own session: a Ctrl-C at the terminal reaches this process alone, which passes on one.
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def log_path(sweep: Sweep, cell: Cell) -> Path:
+    return sweep.root / "logs" / f"{cell.name}.log"
+
+
+def _error_line(sweep: Sweep, cell: Cell) -> str:
+    lines = log_path(sweep, cell).read_text(errors="replace").splitlines()
+    return next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "no output")
+
+
+def run(sweep: Sweep, jobs: int = 1) -> bool:
+    """Train every unfinished cell; True when all finished. A Ctrl-C stops the running cells
+    (they save) and raises KeyboardInterrupt."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    todo = []
+    for cell in sweep.cells:
+        if finished(cell):
+            cell.status = "skipped"
+        else:
+            todo.append(cell)
+    running: dict[subprocess.Popen, tuple[Cell, float]] = {}
+    total, started = len(sweep.cells), 0
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                cell = todo.pop(0)
+                started += 1
+                needs = f" (for its router: {', '.join(f'{k}={v}' for k, v in cell.needs.items())})" if cell.needs else ""
+                console.status(f"cell {cell.name}: training, {len(todo) + len(running) + 1} of {total} to go{needs}; "
+                               f"log {log_path(sweep, cell)}")
+                running[_start(sweep, cell, threads)] = (cell, time.perf_counter())
+            for proc in [p for p in running if p.poll() is not None]:
+                cell, t0 = running.pop(proc)
+                if proc.returncode == 0:
+                    cell.status = "done"
+                    console.status(f"cell {cell.name}: done in {time.perf_counter() - t0:.0f} s")
+                else:
+                    cell.status, cell.error = "failed", _error_line(sweep, cell)
+                    console.warn(f"cell {cell.name} failed: {cell.error}")
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        console.warn("interrupt: the running cells save a checkpoint and stop; rerun the sweep to continue")
+        for proc, (cell, _) in running.items():
+            proc.send_signal(signal.SIGINT)
+            cell.status = "stopped"
+        for proc in running:
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    return all(c.status in ("done", "skipped") for c in sweep.cells)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def _cell_metrics(cell: Cell) -> dict[str, float]:
+    """The final metrics of a finished cell, measured once per checkpoint (cached in sweep_eval.json)."""
+    from moectl import evaluate, loaded_model
+
+    ckpt = checkpoint.latest(cell.run_dir)
+    meta = checkpoint.read_meta(ckpt)
+    cache = cell.run_dir / "sweep_eval.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("checkpoint") == str(ckpt):
+            return cached["metrics"]
+    result = evaluate.run(loaded_model.load(cell.run_dir))
+    layers = result.layers
+    metrics = {
+        "eval_loss": result.loss,
+        "bits_per_byte": result.bits_per_byte,
+        "tokens_per_sec": meta.get("tokens_per_sec") or float("nan"),
+        "max_over_mean": max((s["max_over_mean"] for s in layers), default=float("nan")),
+        "maxvio": sum(s["max_over_mean"] - 1 for s in layers) / len(layers) if layers else float("nan"),
+        "drop_fraction": sum(s["drop_fraction"] for s in layers) / len(layers) if layers else float("nan"),
+        "router_z": _last_scalar(cell.run_dir, "train/router/z"),
+    }
+    cache.write_text(json.dumps({"checkpoint": str(ckpt), "metrics": metrics}, indent=2) + "\n")
+    return metrics
+
+
+def _last_scalar(run_dir: Path, tag: str) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc.Scalars(tag)[-1].value if tag in acc.Tags()["scalars"] else float("nan")
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% confidence interval of the mean: t * s / sqrt(n)); NaN half-width for n < 2."""
+    values = [v for v in values if v == v]
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = T975[n - 2] if n - 2 < len(T975) else 1.96
+    return mean, t * sd / math.sqrt(n)
+
+
+def summarize(sweep: Sweep) -> list[dict]:
+    """One row per group of cells that differ only in their seed."""
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in sweep.cells:
+        if cell.status in ("pending", "stopped") and finished(cell):
+            cell.status = "done"
+        if cell.status in ("done", "skipped") and not cell.metrics:
+            cell.metrics = _cell_metrics(cell)
+        key = ((("variant", cell.variant),) if cell.variant else ()) + tuple(
+            (k, v) for k, v in cell.values.items() if k != SEED and k in sweep.keys)
+        groups.setdefault(key, []).append(cell)
+    rows = []
+    for key, cells in groups.items():
+        done = [c for c in cells if c.metrics]
+        row = {"group": dict(key), "cells": len(cells), "finished": len(done),
+               "errors": [f"{c.name}: {c.error}" for c in cells if c.status == "failed"]}
+        for metric in METRICS:
+            row[metric], row[f"{metric}_ci95"] = mean_ci([c.metrics[metric] for c in done])
+        rows.append(row)
+    return rows
+
+
+def _shown(mean: float, half: float, spec: str) -> str:
+    if mean != mean:
+        return "-"
+    return format(mean, spec) + ("" if half != half else "±" + format(half, spec))
+
+
+def write_report(sweep: Sweep, rows: list[dict]) -> None:
+    """summary.json, summary.csv, HParams events and one PNG per metric in the sweep directory."""
+    from moectl.tracking import Tracker
+
+    root = sweep.root
+    root.mkdir(parents=True, exist_ok=True)
+    cells = [{"cell": c.name, "values": c.values, "router_needs": c.needs, "status": c.status, "error": c.error,
+              "metrics": c.metrics} for c in sweep.cells]
+    (root / "summary.json").write_text(json.dumps({"sweep": str(sweep.path), "metrics": METRICS, "groups": rows,
+                                                   "cells": cells}, indent=2, default=str) + "\n")
+    with open(root / "summary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        columns = [m for metric in METRICS for m in (metric, f"{metric}_ci95")]
+        writer.writerow([*sweep.keys, "cells", "finished", *columns, "errors"])
+        for row in rows:
+            writer.writerow([row["group"].get(k, "") for k in sweep.keys] + [row["cells"], row["finished"]]
+                            + [row[c] for c in columns] + [" | ".join(row["errors"])])
+    tracker = Tracker(root / "hparams")
+    for c in sweep.cells:
+        if c.metrics:
+            tracker.hparams(c.values, {k: v for k, v in c.metrics.items() if v == v}, c.name)
+    tracker.close()
+    labels = ["\n".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row["group"].items()) or "all" for row in rows]
+    for metric in ("eval_loss", "bits_per_byte", "max_over_mean"):
+        if any(row[metric] == row[metric] for row in rows):
+            image = plots.error_bars(labels, [row[metric] for row in rows], [row[f"{metric}_ci95"] for row in rows],
+                                     f"{sweep.name}: {metric} (mean and 95% CI over seeds)")
+            plots.save_png(image, root / f"{metric}.png")
+
+
+def show(sweep: Sweep, rows: list[dict]) -> None:
+    """The report for people: one row per group of seeds."""
+    from rich.table import Table
+
+    table = Table(title=f"sweep {sweep.name}: mean ± 95% CI over seeds", title_justify="left", box=None,
+                  pad_edge=False, header_style="bold underline")
+    for key in sweep.keys:
+        if key != SEED:
+            table.add_column(key.rsplit(".", 1)[-1], overflow="fold")
+    for name in ("seeds", "eval loss", "bits/byte", "tok/s", "max/mean", "drop", "router z"):
+        table.add_column(name, justify="right", overflow="fold")  # a narrow terminal wraps, never hides, a figure
+    for row in rows:
+        table.add_row(
+            *(str(row["group"].get(k, "")) for k in sweep.keys if k != SEED),
+            f"{row['finished']}/{row['cells']}",
+            _shown(row["eval_loss"], row["eval_loss_ci95"], ".4f"),
+            _shown(row["bits_per_byte"], row["bits_per_byte_ci95"], ".4f"),
+            _shown(row["tokens_per_sec"], row["tokens_per_sec_ci95"], ".0f"),
+            _shown(row["max_over_mean"], row["max_over_mean_ci95"], ".2f"),
+            _shown(row["drop_fraction"], row["drop_fraction_ci95"], ".3f"),
+            _shown(row["router_z"], row["router_z_ci95"], ".2f"),
+        )
+    console.out.print(table)
+    for row in rows:
+        for error in row["errors"]:
+            console.error(f"cell {error}")
+    console.status(f"wrote {sweep.root}/summary.csv, summary.json, hparams/ (TensorBoard) and *.png")
+
+
+def sweep_command(path: Path, overrides: Optional[list[str]], jobs: int, report_only: bool) -> int:
+    """`moectl sweep`: validate, run (unless `report_only`), report; the exit code."""
+    sweep = load(path, overrides)
+    for cell in sweep.cells:
+        if cell.needs:
+            console.status(f"cell {cell.name}: set {', '.join(f'{k}={_as_set(v)}' for k, v in cell.needs.items())} "
+                           f"for moe.router={cell.values['moe.router']}")
+    console.status(f"sweep {sweep.name}: {len(sweep.cells)} cells in {sweep.root}")
+    complete = run(sweep, jobs) if not report_only else True
+    rows = summarize(sweep)
+    write_report(sweep, rows)
+    show(sweep, rows)
+    return 0 if complete else 1

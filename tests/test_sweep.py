@@ -1,0 +1,126 @@
+"""`moectl sweep`: a grid of ordinary runs, validated before any starts, resumable, compared over
+seeds with confidence intervals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import tiny_config, write_config
+from moectl import checkpoint, config
+from moectl import sweep as sweeping
+from moectl.cli import app
+from moectl.errors import ConfigError
+
+runner = CliRunner()
+
+
+def sweep_file(tmp_path: Path, base_config: dict, **sweep) -> Path:
+    base_file = write_config(tmp_path / "base.yaml", base_config)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": str(base_file), **sweep}))
+    return path
+
+
+def test_mean_and_confidence_interval_follow_student_t():
+    mean, half = sweeping.mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / 3**0.5)
+    assert sweeping.mean_ci([5.0])[0] == 5.0 and sweeping.mean_ci([5.0])[1] != sweeping.mean_ci([5.0])[1]  # NaN
+
+
+def test_a_router_grid_gets_what_each_router_needs(tmp_path):
+    # Every router from the quickstart config: Switch's top-1, GShard's top-2, each router's paper losses.
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    tmp = tmp_path
+    spec = tmp / "routers.yaml"
+    spec.write_text(yaml.safe_dump({"base": str(quickstart), "grid": {"moe.router": list(config.ROUTERS), "train.seed": [1, 2]}}))
+    sweep = sweeping.load(spec, [f"run.dir={tmp}"])
+    assert len(sweep.cells) == 2 * len(config.ROUTERS) and sweep.keys == ["moe.router", "train.seed"]
+    cells = {c.name: c for c in sweep.cells}
+    assert cells["router=switch_seed=1"].cfg.moe.top_k == 1 and cells["router=switch_seed=1"].needs["moe.top_k"] == 1
+    assert cells["router=gshard_top2_seed=2"].cfg.moe.top_k == 2
+    noisy = cells["router=noisy_topk_seed=1"].cfg.moe
+    assert (noisy.importance_loss_coef, noisy.load_loss_coef, noisy.aux_loss_coef) == (0.1, 0.1, 0.0)  # the paper's
+    assert cells["router=sigmoid_seed=1"].cfg.moe.seq_aux_loss_coef == 1e-4
+    assert all(c.run_dir == tmp / "routers" / c.name for c in sweep.cells)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"grid": {"moe.nope": [1]}}, "unknown key 'moe.nope'"),
+        ({"grid": {"moe.top_k": [2, 99]}}, "cell top_k=99: "),
+        ({"grid": {}}, "the grid is empty"),
+        ({"grid": {"train.seed": []}}, "non-empty list"),
+        ({"base": "missing.yaml"}, "base: missing.yaml: no such config file"),
+        ({"grid": {"train.seed": [1]}, "sett": {}}, "unknown key 'sett'"),
+    ],
+)
+def test_bad_sweeps_are_refused_before_any_cell_starts(tmp_path, change, message):
+    path = sweep_file(tmp_path, tiny_config(tmp_path), **{"grid": {"train.seed": [1]}, **change})
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        sweeping.load(path)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_runs_reports_keeps_going_past_a_failure_and_skips_what_is_done(tmp_path):
+    # Two one-step cells over seeds, and a variant whose batch cannot be filled: it fails, the rest finish.
+    raw = tiny_config(tmp_path, train={"max_steps": 1, "eval_every": 1})
+    path = sweep_file(tmp_path, raw, name="seeds", grid={"train.seed": [1, 2]},
+                      variants=[{"name": "moe"}, {"name": "broken", "train.batch_size": 100000}])
+    res = runner.invoke(app, ["sweep", str(path), "--jobs", "2"])
+    assert res.exit_code == 1, res.output
+    said = " ".join(res.output.split())
+    assert "cell broken_seed=1 failed" in said and "fewer than train.batch_size=100000" in said
+    root = tmp_path / "runs" / "seeds"
+    for seed in (1, 2):
+        assert checkpoint.read_meta(checkpoint.latest(root / f"moe_seed={seed}"))["step"] == 1
+    rows = list(csv.DictReader(open(root / "summary.csv")))
+    assert [(r["variant"], r["finished"], r["cells"]) for r in rows] == [("moe", "2", "2"), ("broken", "0", "2")]
+    assert "broken_seed=1" in rows[1]["errors"]
+    summary = json.loads((root / "summary.json").read_text())
+    assert {c["cell"]: c["status"] for c in summary["cells"]} == {
+        "moe_seed=1": "done", "moe_seed=2": "done", "broken_seed=1": "failed", "broken_seed=2": "failed"}
+    losses = [c["metrics"]["eval_loss"] for c in summary["cells"] if c["metrics"]]
+    mean, half = sweeping.mean_ci(losses)
+    assert float(rows[0]["eval_loss"]) == pytest.approx(mean) and float(rows[0]["eval_loss_ci95"]) == pytest.approx(half)
+    assert losses[0] != losses[1] and half > 0  # the seeds differ
+    assert (root / "eval_loss.png").is_file() and any((root / "hparams").iterdir())
+    assert "mean ± 95% CI over seeds" in res.output and f"{mean:.4f}±" in res.output  # the table (cells may fold)
+    stamp = (checkpoint.latest(root / "moe_seed=1") / "meta.json").stat().st_mtime
+    report = runner.invoke(app, ["sweep", str(path), "--report"])  # trains nothing, reports the same
+    assert report.exit_code == 0 and "training" not in report.output and f"{mean:.4f}±" in report.output
+    again = runner.invoke(app, ["sweep", str(path), "--jobs", "2"])
+    assert "cell moe_seed=1: training" not in again.output and "cell broken_seed=1: training" in again.output
+    assert (checkpoint.latest(root / "moe_seed=1") / "meta.json").stat().st_mtime == stamp  # finished cells skipped
+
+
+def test_ctrl_c_stops_the_sweep_and_a_rerun_continues(tmp_path):
+    raw = tiny_config(tmp_path, train={"max_steps": 150, "eval_every": 1000}, checkpoint={"every": 5})
+    path = sweep_file(tmp_path, raw, name="long", grid={"train.seed": [1]})
+    cell = tmp_path / "runs" / "long" / "seed=1"
+    proc = subprocess.Popen([sys.executable, "-m", "moectl", "sweep", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while checkpoint.latest(cell) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    stopped_at = checkpoint.read_meta(checkpoint.latest(cell))["step"]
+    assert 5 <= stopped_at < 150 and "Traceback" not in output
+    res = runner.invoke(app, ["sweep", str(path)])
+    assert res.exit_code == 0, res.output
+    assert checkpoint.read_meta(checkpoint.latest(cell))["step"] == 150
+    assert "resuming" in (tmp_path / "runs" / "long" / "logs" / "seed=1.log").read_text()
