@@ -58,14 +58,16 @@ def save_png(image: np.ndarray, path: str | Path) -> None:
 
 
 def error_bars(labels: list[str], means: list[float], halfwidths: list[float], title: str) -> np.ndarray:
-    """A point per label with a vertical bar of +- halfwidth (NaN: no bar), on a white RGB canvas."""
+    """A point per label with a vertical bar of +- halfwidth (NaN: no bar; a NaN mean: no point), on
+    a white RGB canvas."""
     from PIL import Image, ImageDraw
 
     width, height, left, right, top, bottom = max(480, 90 * len(labels) + 120), 360, 70, 20, 40, 70
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     hw = [0.0 if h != h else h for h in halfwidths]  # NaN (one seed): a point without a bar
-    lo, hi = min(m - h for m, h in zip(means, hw)), max(m + h for m, h in zip(means, hw))
+    shown = [(m, h) for m, h in zip(means, hw) if m == m]  # NaN mean (e.g. no MoE layer): no point
+    lo, hi = min(m - h for m, h in shown), max(m + h for m, h in shown)
     lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-12 else (lo - 0.08 * (hi - lo), hi + 0.08 * (hi - lo))
     y = lambda v: top + (hi - v) / (hi - lo) * (height - top - bottom)  # noqa: E731
     draw.text((left, 12), title, fill="black")
@@ -77,10 +79,11 @@ def error_bars(labels: list[str], means: list[float], halfwidths: list[float], t
     step = (width - left - right) / len(labels)
     for i, (label, m, h) in enumerate(zip(labels, means, hw)):
         x = left + step * (i + 0.5)
-        draw.line([(x, y(m - h)), (x, y(m + h))], fill=(59, 82, 139), width=2)
-        for v in (m - h, m + h):
-            draw.line([(x - 6, y(v)), (x + 6, y(v))], fill=(59, 82, 139), width=2)
-        draw.ellipse([x - 4, y(m) - 4, x + 4, y(m) + 4], fill=(33, 145, 140))
+        if m == m:
+            draw.line([(x, y(m - h)), (x, y(m + h))], fill=(59, 82, 139), width=2)
+            for v in (m - h, m + h):
+                draw.line([(x - 6, y(v)), (x + 6, y(v))], fill=(59, 82, 139), width=2)
+            draw.ellipse([x - 4, y(m) - 4, x + 4, y(m) + 4], fill=(33, 145, 140))
         for j, part in enumerate(label.split("\n")):
             draw.text((x - 3 * len(part), height - bottom + 8 + 12 * j), part, fill="black")
     return np.asarray(image)

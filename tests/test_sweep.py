@@ -124,3 +124,23 @@ def test_ctrl_c_stops_the_sweep_and_a_rerun_continues(tmp_path):
     assert res.exit_code == 0, res.output
     assert checkpoint.read_meta(checkpoint.latest(cell))["step"] == 150
     assert "resuming" in (tmp_path / "runs" / "long" / "logs" / "seed=1.log").read_text()
+
+
+def test_every_shipped_experiment_validates(monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "experiments").glob("*.yaml"))
+    assert len(files) >= 6
+    monkeypatch.chdir(root)  # sweep files name their base relative to the repository
+    for path in files:
+        if path.name == "small.yaml":
+            config.load(path)  # the base config of the others
+        else:
+            assert len(sweeping.load(path).cells) >= 6, path
+
+
+def test_the_error_bar_chart_draws_groups_without_a_value():
+    # A dense model has no MoE layer, so no max/mean load: its group is drawn without a point.
+    from moectl import plots
+
+    image = plots.error_bars(["dense", "E8"], [float("nan"), 1.3], [float("nan"), 0.1], "max_over_mean")
+    assert image.shape[2] == 3 and (image != 255).any()
