@@ -49,6 +49,7 @@ from moectl.config import Config
 from moectl.errors import ConfigError
 
 SWEEP_KEYS = ("base", "name", "set", "grid", "variants")
+ATTEMPT = "=== moectl sweep: attempt"  # opens each attempt in a cell's log
 SEED = "train.seed"
 # What a cell that names a router gets with it, unless the sweep sets it: null losses and
 # normalisation resolve to that router's paper defaults (config.PAPER_LOSSES).
@@ -122,6 +123,8 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> Sweep:
     if "base" not in raw:
         raise ConfigError(f"{path}: no `base:` config to start the cells from")
     base = Path(raw["base"])
+    if not base.is_file() and (path.parent / base).is_file():  # relative to the sweep file rather than here
+        base = path.parent / base
     if not base.is_file():
         raise ConfigError(f"{path}: base: {base}: no such config file")
     shared = raw.get("set") or {}
@@ -153,6 +156,7 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> Sweep:
             sets = shared + [f"{k}={_as_set(v)}" for k, v in {**needs, **values}.items()]
             try:
                 cfg = config.load(base, sets + [f"run.dir={root}", f"run.name={cell_name}"])
+                _check_existing(root / cell_name, cfg)
             except ConfigError as exc:
                 raise ConfigError(f"{path}: cell {cell_name}: {exc}") from None
             cells.append(Cell(cell_name, label, values, needs, sets, cfg, root / cell_name))
@@ -160,6 +164,23 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> Sweep:
         raise ConfigError(f"{path}: two cells share a name; give each variant a distinct `name:`")
     keys = (["variant"] if any(c.variant for c in cells) else []) + list(grid)
     return Sweep(path, name, base, root, keys, cells)
+
+
+# What a cell's earlier run may differ in and still be continued (or reported) as this cell.
+FREE_KEYS = ("run.", "log.", "checkpoint.", "data.num_proc", "data.cache_dir", "train.eval_every")
+
+
+def _check_existing(run_dir: Path, cfg: Config) -> None:
+    """A run already in the cell's directory must be this cell's: the same config, but for how it
+    logs and saves, and a train.max_steps that may grow (the run then continues)."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    changed = {k: v for k, v in config.changed(config.load(saved_path, saved=True), cfg).items()
+               if not k.startswith(FREE_KEYS) and not (k == "train.max_steps" and v[1] > v[0])}
+    if changed:
+        diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:3])
+        raise ConfigError(f"{run_dir} holds a run of another config ({diff}); delete it, or give the sweep another name")
 
 
 def finished(cell: Cell) -> bool:
@@ -170,6 +191,12 @@ def finished(cell: Cell) -> bool:
 # ---------------------------------------------------------------------------------------- running
 
 
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def _start(sweep: Sweep, cell: Cell, threads: int) -> subprocess.Popen:
     args = [sys.executable, "-m", "moectl", "train", str(sweep.base), *(a for o in cell.overrides for a in ("--set", o)),
             "--set", f"run.dir={sweep.root}", "--run-name", cell.name]
@@ -178,6 +205,8 @@ def _start(sweep: Sweep, cell: Cell, threads: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)), "PYTHONUNBUFFERED": "1"}
     log_path(sweep, cell).parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path(sweep, cell), "a")
+    log.write(f"{ATTEMPT} {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(args[1:])}\n")
+    log.flush()
     # Its own session: a Ctrl-C at the terminal reaches this process alone, which passes on one.
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -186,9 +215,12 @@ def log_path(sweep: Sweep, cell: Cell) -> Path:
     return sweep.root / "logs" / f"{cell.name}.log"
 
 
-def _error_line(sweep: Sweep, cell: Cell) -> str:
-    lines = log_path(sweep, cell).read_text(errors="replace").splitlines()
-    return next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "no output")
+def _error_line(sweep: Sweep, cell: Cell, code: int) -> str:
+    """The last attempt's error line (its exit code when it printed none)."""
+    text = log_path(sweep, cell).read_text(errors="replace")
+    lines = text[text.rfind(ATTEMPT):].splitlines()[1:]
+    said = next((line for line in reversed(lines) if line.startswith("error:")), None)
+    return said or (f"killed by signal {-code}" if code < 0 else f"exited with code {code}; see {log_path(sweep, cell)}")
 
 
 def run(sweep: Sweep, jobs: int = 1) -> bool:
@@ -203,6 +235,8 @@ def run(sweep: Sweep, jobs: int = 1) -> bool:
             todo.append(cell)
     running: dict[subprocess.Popen, tuple[Cell, float]] = {}
     total, started = len(sweep.cells), 0
+    # The cells run in sessions of their own, so a SIGTERM or a hang-up must stop them through here too.
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)} if _main_thread() else {}
     try:
         while todo or running:
             while todo and len(running) < jobs:
@@ -217,22 +251,45 @@ def run(sweep: Sweep, jobs: int = 1) -> bool:
                 if proc.returncode == 0:
                     cell.status = "done"
                     console.status(f"cell {cell.name}: done in {time.perf_counter() - t0:.0f} s")
+                elif proc.returncode == 130:  # it was stopped (it saved): a rerun continues it
+                    cell.status = "stopped"
                 else:
-                    cell.status, cell.error = "failed", _error_line(sweep, cell)
+                    cell.status, cell.error = "failed", _error_line(sweep, cell, proc.returncode)
                     console.warn(f"cell {cell.name} failed: {cell.error}")
             time.sleep(0.2)
     except KeyboardInterrupt:
-        console.warn("interrupt: the running cells save a checkpoint and stop; rerun the sweep to continue")
-        for proc, (cell, _) in running.items():
-            proc.send_signal(signal.SIGINT)
-            cell.status = "stopped"
-        for proc in running:
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop(running)
         raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return all(c.status in ("done", "skipped") for c in sweep.cells)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(running: dict[subprocess.Popen, tuple[Cell, float]]) -> None:
+    """Ctrl-C (or SIGTERM / SIGHUP to this process): every running cell gets one SIGINT, finishes
+    its step and saves; a second Ctrl-C passes on a second one (they abort). Whatever still runs
+    after 120 s is killed."""
+    console.warn("interrupt: the running cells save a checkpoint and stop; rerun the sweep to continue")
+    for proc, (cell, _) in running.items():
+        proc.send_signal(signal.SIGINT)
+        cell.status = "stopped"
+    deadline = time.monotonic() + 120
+    while any(p.poll() is None for p in running) and time.monotonic() < deadline:
+        try:
+            time.sleep(0.1)
+        except KeyboardInterrupt:
+            for proc in running:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+    for proc in running:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -282,8 +339,16 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     if n < 2:
         return mean, float("nan")
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = T975[n - 2] if n - 2 < len(T975) else 1.96
-    return mean, t * sd / math.sqrt(n)
+    return mean, t975(n - 1) * sd / math.sqrt(n)
+
+
+def t975(df: int) -> float:
+    """Student's t 97.5% quantile: the table to 15 degrees of freedom, then the Cornish-Fisher
+    expansion (within 0.001 of the exact value from 16 on)."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 def summarize(sweep: Sweep) -> list[dict]:
@@ -294,13 +359,13 @@ def summarize(sweep: Sweep) -> list[dict]:
             cell.status = "done"
         if cell.status in ("done", "skipped") and not cell.metrics:
             cell.metrics = _cell_metrics(cell)
-        key = ((("variant", cell.variant),) if cell.variant else ()) + tuple(
-            (k, v) for k, v in cell.values.items() if k != SEED and k in sweep.keys)
-        groups.setdefault(key, []).append(cell)
+        group = ({"variant": cell.variant} if cell.variant else {}) | {
+            k: v for k, v in cell.values.items() if k != SEED and k in sweep.keys}
+        groups.setdefault(json.dumps(group, sort_keys=True), (group, []))[1].append(cell)  # 1 and 1.0 stay apart
     rows = []
-    for key, cells in groups.items():
+    for group, cells in groups.values():
         done = [c for c in cells if c.metrics]
-        row = {"group": dict(key), "cells": len(cells), "finished": len(done),
+        row = {"group": group, "cells": len(cells), "finished": len(done),
                "errors": [f"{c.name}: {c.error}" for c in cells if c.status == "failed"]}
         for metric in METRICS:
             row[metric], row[f"{metric}_ci95"] = mean_ci([c.metrics[metric] for c in done])
@@ -322,19 +387,21 @@ def write_report(sweep: Sweep, rows: list[dict]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     cells = [{"cell": c.name, "values": c.values, "router_needs": c.needs, "status": c.status, "error": c.error,
               "metrics": c.metrics} for c in sweep.cells]
-    (root / "summary.json").write_text(json.dumps({"sweep": str(sweep.path), "metrics": METRICS, "groups": rows,
-                                                   "cells": cells}, indent=2, default=str) + "\n")
+    summary = {"sweep": str(sweep.path), "metrics": METRICS, "groups": rows, "cells": cells}
+    (root / "summary.json").write_text(json.dumps(_strict(summary), indent=2, default=str) + "\n")
     with open(root / "summary.csv", "w", newline="") as f:
         writer = csv.writer(f)
         columns = [m for metric in METRICS for m in (metric, f"{metric}_ci95")]
         writer.writerow([*sweep.keys, "cells", "finished", *columns, "errors"])
         for row in rows:
-            writer.writerow([row["group"].get(k, "") for k in sweep.keys] + [row["cells"], row["finished"]]
+            writer.writerow([json.dumps(row["group"][k]) if k in row["group"] and row["group"][k] is None
+                             else row["group"].get(k, "") for k in sweep.keys] + [row["cells"], row["finished"]]
                             + [row[c] for c in columns] + [" | ".join(row["errors"])])
     tracker = Tracker(root / "hparams")
     for c in sweep.cells:
         if c.metrics:
-            tracker.hparams(c.values, {k: v for k, v in c.metrics.items() if v == v}, c.name)
+            values = {**({"variant": c.variant} if c.variant else {}), **c.needs, **c.values}
+            tracker.hparams(values, {k: v for k, v in c.metrics.items() if v == v}, c.name)
     tracker.close()
     labels = ["\n".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row["group"].items()) or "all" for row in rows]
     for metric in ("eval_loss", "bits_per_byte", "max_over_mean"):
@@ -342,6 +409,15 @@ def write_report(sweep: Sweep, rows: list[dict]) -> None:
             image = plots.error_bars(labels, [row[metric] for row in rows], [row[f"{metric}_ci95"] for row in rows],
                                      f"{sweep.name}: {metric} (mean and 95% CI over seeds)")
             plots.save_png(image, root / f"{metric}.png")
+
+
+def _strict(obj: Any) -> Any:
+    """NaN (a metric a cell does not have, e.g. load for a dense model) as JSON null."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    return [_strict(v) for v in obj] if isinstance(obj, list) else obj
 
 
 def show(sweep: Sweep, rows: list[dict]) -> None:

@@ -146,8 +146,10 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
 def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: bool) -> tuple[Run, LoopState]:
     """Everything before the first step. Nothing in the run directory changes until the data,
     tokenizer and model are ready."""
-    cfg = _fit_warmup(cfg)
     tr, run_dir = cfg.train, checkpoint.run_directory(cfg)
+    if cfg.optim.warmup_steps > tr.max_steps:  # lr_at warms up over the whole run instead
+        console.warn(f"optim.warmup_steps={cfg.optim.warmup_steps} is longer than train.max_steps={tr.max_steps}: "
+                     f"warming up over all {tr.max_steps} steps")
     micro, accum = batch_layout(cfg, dp.world_size)
     amp = runtime.autocast_dtype(device, tr.precision)
     # Rank 0 alone judges the run directory, before anyone writes to it.
@@ -194,9 +196,10 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
         if resume:  # --resume of a run that was killed before its first checkpoint
             console.status(f"{run_dir} has no checkpoint yet: starting it again from step 0")
         run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizers_.save(corpus.tokenizer, run_dir / "tokenizer.json")
-    if dp.is_main:
+    if dp.is_main:  # config.yaml first: a directory that holds it is a run that --resume can start again
         config.save(cfg, run_dir / "config.yaml")
+        if resume_from is None:
+            tokenizers_.save(corpus.tokenizer, run_dir / "tokenizer.json")
     run.ddp_model = distributed.wrap(model, dp, device)
     # Resuming drops the events logged after the checkpoint; starting again drops all of them.
     purge = state.step + 1 if resume_from else 0 if resume else None
@@ -211,15 +214,6 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
         f"{processes}"
     )
     return run, state
-
-
-def _fit_warmup(cfg: Config) -> Config:
-    """A run shorter than its warmup warms up over all of its steps, with a warning."""
-    warmup, steps = cfg.optim.warmup_steps, cfg.train.max_steps
-    if warmup <= steps:
-        return cfg
-    console.warn(f"optim.warmup_steps={warmup} is longer than train.max_steps={steps}: warming up over all {steps} steps")
-    return config.with_values(cfg, "optim.warmup_steps", **{"optim.warmup_steps": steps})
 
 
 def _prepare_data(cfg: Config, dp: Dist, tokenizer_file: Optional[Path], new_tokenizer: bool) -> data.Corpus:
@@ -283,15 +277,17 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """LR for optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio * lr.
+    """LR for optimizer step `step` (0-based): linear warmup (over the whole run if it is shorter
+    than optim.warmup_steps), then cosine to min_lr_ratio * lr.
 
     A pure function of the step, so resuming needs no scheduler state.
     """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant" or max_steps <= cfg.warmup_steps:
+    warmup = min(cfg.warmup_steps, max_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant" or max_steps <= warmup:
         return cfg.lr
-    progress = (step - cfg.warmup_steps) / (max_steps - cfg.warmup_steps)
+    progress = (step - warmup) / (max_steps - warmup)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 

@@ -99,13 +99,15 @@ def test_a_sweep_runs_reports_keeps_going_past_a_failure_and_skips_what_is_done(
     assert "mean ± 95% CI over seeds" in res.output and f"{mean:.4f}±" in res.output  # the table (cells may fold)
     stamp = (checkpoint.latest(root / "moe_seed=1") / "meta.json").stat().st_mtime
     report = runner.invoke(app, ["sweep", str(path), "--report"])  # trains nothing, reports the same
-    assert report.exit_code == 0 and "training" not in report.output and f"{mean:.4f}±" in report.output
+    assert report.exit_code == 0, report.output
+    assert "training" not in report.output and f"{mean:.4f}±" in report.output
     again = runner.invoke(app, ["sweep", str(path), "--jobs", "2"])
     assert "cell moe_seed=1: training" not in again.output and "cell broken_seed=1: training" in again.output
     assert (checkpoint.latest(root / "moe_seed=1") / "meta.json").stat().st_mtime == stamp  # finished cells skipped
 
 
-def test_ctrl_c_stops_the_sweep_and_a_rerun_continues(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_stops_the_sweep_and_a_rerun_continues(tmp_path, signum):
     raw = tiny_config(tmp_path, train={"max_steps": 150, "eval_every": 1000}, checkpoint={"every": 5})
     path = sweep_file(tmp_path, raw, name="long", grid={"train.seed": [1]})
     cell = tmp_path / "runs" / "long" / "seed=1"
@@ -115,7 +117,7 @@ def test_ctrl_c_stops_the_sweep_and_a_rerun_continues(tmp_path):
     while checkpoint.latest(cell) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, proc.stdout.read()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)  # the cells run in sessions of their own: the sweep passes it on
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output
     stopped_at = checkpoint.read_meta(checkpoint.latest(cell))["step"]
@@ -124,6 +126,26 @@ def test_ctrl_c_stops_the_sweep_and_a_rerun_continues(tmp_path):
     assert res.exit_code == 0, res.output
     assert checkpoint.read_meta(checkpoint.latest(cell))["step"] == 150
     assert "resuming" in (tmp_path / "runs" / "long" / "logs" / "seed=1.log").read_text()
+    # A cell whose config changed since its run is refused, naming the change; a longer run is fine.
+    with pytest.raises(ConfigError, match=r"cell seed=1: .* holds a run of another config \(optim.lr: 0.003 -> 1e-05\)"):
+        sweeping.load(path, ["optim.lr=1e-5"])
+    assert sweeping.load(path, ["train.max_steps=300"]).cells[0].cfg.train.max_steps == 300
+
+
+def test_a_failed_cell_reports_its_last_attempts_error(tmp_path):
+    sweep = sweeping.Sweep(tmp_path / "s.yaml", "s", tmp_path / "base.yaml", tmp_path, [], [])
+    cell = sweeping.Cell("c", None, {}, {}, [], config.from_dict({}), tmp_path / "c")
+    log = sweeping.log_path(sweep, cell)
+    log.parent.mkdir(parents=True)
+    log.write_text(f"{sweeping.ATTEMPT} 1\nerror: the first attempt's error\n{sweeping.ATTEMPT} 2\nstep 3/9\n")
+    assert sweeping._error_line(sweep, cell, -9) == "killed by signal 9"  # not the first attempt's line
+    log.write_text(log.read_text() + "error: out of memory\n")
+    assert sweeping._error_line(sweep, cell, 2) == "error: out of memory"
+
+
+def test_student_t_beyond_the_table():
+    # Exact 97.5% quantiles: 2.1199 (16), 2.0423 (30), 2.0003 (60).
+    assert [round(sweeping.t975(d), 3) for d in (15, 16, 30, 60)] == [2.131, 2.119, 2.042, 2.0]
 
 
 def test_every_shipped_experiment_validates(monkeypatch):

@@ -254,7 +254,7 @@ def test_a_run_shorter_than_its_warmup_warms_up_over_all_its_steps(tmp_path):
     said = " ".join(result.output.split())  # rich wraps long lines
     assert "warning: optim.warmup_steps=100 is longer than train.max_steps=4: warming up over all 4 steps" in said
     run_dir = tmp_path / "runs" / "tiny"
-    assert config.load(run_dir / "config.yaml").optim.warmup_steps == 4  # what the run did is what it records
+    assert config.load(run_dir / "config.yaml").optim.warmup_steps == 100  # the config as asked; lr_at fits it
     # Logged every 2 steps: the LR of the step just taken, linear up to the peak at the last step.
     assert [v for _, v in scalar_series(run_dir, "train/lr")] == pytest.approx([3e-3 * 2 / 4, 3e-3 * 4 / 4])
 
