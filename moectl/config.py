@@ -438,7 +438,7 @@ class Config(Section):
         moe, k = self.moe, self.moe.top_k
         if k == 1 and moe.renormalize and moe.router in ("topk", "sigmoid") and not trained:
             raise ValueError(
-                f"moe.top_k=1 with moe.renormalize=true: the one weight is always 1, so the router gets no gradient "
+                "moe.top_k=1 with moe.renormalize=true: the one weight is always 1, so the router gets no gradient "
                 "from the language-model loss; set moe.renormalize=false (Switch keeps the raw probability)"
             )
         if k == 1 and moe.router == "noisy_topk" and not trained:

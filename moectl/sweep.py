@@ -37,6 +37,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +45,10 @@ from typing import Any, Optional
 
 import yaml
 
-from moectl import checkpoint, config, console, plots
+from moectl import checkpoint, config, console, evaluate, loaded_model, plots
 from moectl.config import Config
 from moectl.errors import ConfigError
+from moectl.tracking import Tracker
 
 SWEEP_KEYS = ("base", "name", "set", "grid", "variants")
 ATTEMPT = "=== moectl sweep: attempt"  # opens each attempt in a cell's log
@@ -191,12 +193,6 @@ def finished(cell: Cell) -> bool:
 # ---------------------------------------------------------------------------------------- running
 
 
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def _start(sweep: Sweep, cell: Cell, threads: int) -> subprocess.Popen:
     args = [sys.executable, "-m", "moectl", "train", str(sweep.base), *(a for o in cell.overrides for a in ("--set", o)),
             "--set", f"run.dir={sweep.root}", "--run-name", cell.name]
@@ -234,14 +230,13 @@ def run(sweep: Sweep, jobs: int = 1) -> bool:
         else:
             todo.append(cell)
     running: dict[subprocess.Popen, tuple[Cell, float]] = {}
-    total, started = len(sweep.cells), 0
+    total = len(sweep.cells)
     # The cells run in sessions of their own, so a SIGTERM or a hang-up must stop them through here too.
-    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)} if _main_thread() else {}
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)} if threading.current_thread() is threading.main_thread() else {}
     try:
         while todo or running:
             while todo and len(running) < jobs:
                 cell = todo.pop(0)
-                started += 1
                 needs = f" (for its router: {', '.join(f'{k}={v}' for k, v in cell.needs.items())})" if cell.needs else ""
                 console.status(f"cell {cell.name}: training, {len(todo) + len(running) + 1} of {total} to go{needs}; "
                                f"log {log_path(sweep, cell)}")
@@ -297,8 +292,6 @@ def _stop(running: dict[subprocess.Popen, tuple[Cell, float]]) -> None:
 
 def _cell_metrics(cell: Cell) -> dict[str, float]:
     """The final metrics of a finished cell, measured once per checkpoint (cached in sweep_eval.json)."""
-    from moectl import evaluate, loaded_model
-
     ckpt = checkpoint.latest(cell.run_dir)
     meta = checkpoint.read_meta(ckpt)
     cache = cell.run_dir / "sweep_eval.json"
@@ -381,8 +374,6 @@ def _shown(mean: float, half: float, spec: str) -> str:
 
 def write_report(sweep: Sweep, rows: list[dict]) -> None:
     """summary.json, summary.csv, HParams events and one PNG per metric in the sweep directory."""
-    from moectl.tracking import Tracker
-
     root = sweep.root
     root.mkdir(parents=True, exist_ok=True)
     cells = [{"cell": c.name, "values": c.values, "router_needs": c.needs, "status": c.status, "error": c.error,
