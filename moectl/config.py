@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
@@ -194,7 +194,13 @@ class MoEConfig(Section):
     bias_update_rate: float = Field(
         1e-3, ge=0, description="sigmoid: the expert bias moves by rate * sign(mean load - load) after each step."
     )
-    routed_scaling: float = Field(1.0, gt=0, description="sigmoid: scale of the routed experts' weights (DeepSeek-V3).")
+    routed_scaling: Union[Annotated[float, Field(gt=0)], Literal["top_k"]] = Field(
+        1.0,
+        description="Every router: the routed experts' summed output times this. 1: as each paper defines its router "
+        "(DeepSeek-V3's released model uses 2.5 with its sigmoid router). `top_k`: K, the experts a token's weights "
+        "spread over; renormalised weights make the routed output an average of K experts, about 1/K of a dense FFN "
+        "of hidden K*H at init, and K restores that scale (what the quickstarts use; see docs/quality.md).",
+    )
     n_group: int = Field(
         1, gt=0, description="sigmoid: DeepSeek-V3's group-limited routing splits the E experts into n_group groups "
         "(V3: 8); 1 turns it off."
@@ -503,6 +509,12 @@ class Config(Section):
         return self
 
     # Derived values, so builders and the training loop never recompute them differently.
+    @property
+    def routed_scale(self) -> Optional[float]:
+        """moe.routed_scaling as a number; None for `top_k`, which the built router resolves to its K."""
+        scaling = self.moe.routed_scaling
+        return None if scaling == "top_k" else float(scaling)
+
     @property
     def is_moe(self) -> bool:
         return self.model.arch.endswith("_moe")

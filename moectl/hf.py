@@ -64,6 +64,11 @@ def _renormalized(cfg: Config) -> bool:
     return cfg.moe.router == "noisy_topk" or cfg.moe.renormalize
 
 
+def routed_scale(cfg: Config) -> float:
+    """moe.routed_scaling as the number the MoE layers multiply by (`top_k`: K)."""
+    return cfg.moe.top_k if cfg.routed_scale is None else cfg.routed_scale
+
+
 def architecture(cfg: Config) -> str:
     """`mixtral`, or `qwen2_moe` for what only it has: a gated shared expert, top-k weights that are
     not renormalised (its norm_topk_prob switch), or dense FFN blocks between MoE blocks (its
@@ -139,6 +144,7 @@ def to_transformers(cfg: Config, sd: Tensors) -> Tensors:
     out = _outside_ffn(cfg, sd)
     qwen = architecture(cfg) == "qwen2_moe"
     column = 2 if qwen else 1
+    scale = routed_scale(cfg)
     for i in range(cfg.model.n_layers):
         moe = f"blocks.{i}.ffn.inner."
         dst = f"model.layers.{i}.mlp." if qwen else f"model.layers.{i}.block_sparse_moe."
@@ -149,6 +155,8 @@ def to_transformers(cfg: Config, sd: Tensors) -> Tensors:
         out[dst + "gate.weight"] = sd[moe + "router.weight"]
         for names in EXPERT_NAMES:
             stacked = sd[f"{moe}experts.{names[0]}"]  # (E, in, out) -> E of (out, in)
+            if names[0] == "w_down" and scale != 1.0:  # the routed scaling folds into each expert's last matrix
+                stacked = stacked * scale
             for e in range(stacked.shape[0]):
                 out[f"{dst}experts.{e}.{names[column]}.weight"] = stacked[e].t()
         if qwen:
@@ -199,6 +207,7 @@ def mixtral_mismatch(hc: dict[str, Any], cfg: Config) -> Optional[str]:
         ("tie_word_embeddings", hc.get("tie_word_embeddings", False), "model.tie_embeddings", m.tie_embeddings),
         ("rms_norm_eps", hc.get("rms_norm_eps"), "model.norm_eps", m.norm_eps),
         ("rope theta", rope, "model.rope_theta", m.rope_theta),
+        ("routed output scale", 1.0, "moe.routed_scaling", routed_scale(cfg)),
     ]
     for theirs_name, theirs, ours_name, ours in pairs:
         if theirs != ours:

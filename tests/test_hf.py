@@ -47,6 +47,9 @@ def trained_run(corpus_config, name: str, **sections):
         ("qwen_top1_dropless_eval", {"moe": {"top_k": 1, "capacity_factor": 1.25, "eval_capacity_factor": "dropless"}}),
         ("qwen_shared", {"moe": {"shared_experts": 2, "shared_expert_gate": True, "shared_expert_hidden": 16}}),
         ("qwen_raw_weights", {"moe": {"renormalize": False}}),
+        # The routed scaling folds into each expert's down projection.
+        ("scaled_top_k", {"moe": {"routed_scaling": "top_k"}}),
+        ("qwen_scaled", {"moe": {"routed_scaling": 1.7, "renormalize": False}}),
         ("qwen_every2", {"model": {"n_layers": 4, "ffn_hidden": 48}, "moe": {"every": 2}}),
     ],
 )

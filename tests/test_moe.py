@@ -90,12 +90,17 @@ def test_sorted_path_equals_loop_reference(activation, k, cf):
 
 @pytest.mark.parametrize("activation", ["swiglu", "relu"])
 @pytest.mark.parametrize("renormalize", [True, False])
-def test_k_equals_e_with_zero_router_equals_dense_ffn(activation, renormalize):
+@pytest.mark.parametrize("scale_by", ["weights", "routed_scale"])
+def test_k_equals_e_with_zero_router_equals_dense_ffn(activation, renormalize, scale_by):
+    """Each weight is 1/E: the experts' down projections times E, or routed_scale=None (K = E), undo it."""
     torch.manual_seed(0)
     dense = FeedForward(D, E * H, activation, init_std=0.3)
     x = torch.randn(24, D)
+    fold = E if scale_by == "weights" else 1
     for impl in ("sorted", "loop"):
-        layer = MoELayer(D, E, E, H, activation, renormalize=renormalize, init_std=0.3, impl=impl)
+        scale = 1.0 if scale_by == "weights" else None
+        layer = MoELayer(D, E, E, H, activation, renormalize=renormalize, init_std=0.3, routed_scale=scale, impl=impl)
+        assert layer.routed_scale == (1.0 if scale_by == "weights" else E)
         with torch.no_grad():
             layer.router.weight.zero_()
             for e in range(E):
@@ -103,7 +108,7 @@ def test_k_equals_e_with_zero_router_equals_dense_ffn(activation, renormalize):
                 layer.experts.w_up[e].copy_(dense.w_up[:, cols])
                 if activation == "swiglu":
                     layer.experts.w_gate[e].copy_(dense.w_gate[:, cols])
-                layer.experts.w_down[e].copy_(dense.w_down[cols, :] * E)
+                layer.experts.w_down[e].copy_(dense.w_down[cols, :] * fold)
         y, record = layer(x)
         torch.testing.assert_close(record.probs, torch.full_like(record.probs, 1.0 / E), rtol=0, atol=1e-7)
         torch.testing.assert_close(record.weights, torch.full_like(record.weights, 1.0 / E), rtol=0, atol=1e-7)

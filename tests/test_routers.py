@@ -690,10 +690,29 @@ def test_sigmoid_bias_steers_selection_but_not_weights():
     assert not bool((plain.expert_idx == 3).any(-1).all())
 
 
-def test_sigmoid_scaling_and_raw_weights():
+@pytest.mark.parametrize("kind", list(SPECS))
+@pytest.mark.parametrize("impl", ["sorted", "loop"])
+def test_routed_scale_multiplies_the_routed_output_and_nothing_else(kind, impl):
+    """moe.routed_scaling for every router: y = scale * sum_k w_k E_k(x) + shared(x); None means the
+    router's K; the routing itself (choices, weights, losses) does not change."""
+    x = torch.randn(30, D)
+    base = build_layer(kind, seed=7, shared_hidden=8, impl=impl).eval()
+    y0, rec0 = base(x)
+    shared = base.shared(x)
+    for scale, expect in ((2.5, 2.5), (None, base.router.active_experts)):
+        layer = build_layer(kind, seed=7, shared_hidden=8, routed_scale=scale, impl=impl).eval()
+        assert layer.routed_scale == expect
+        y, rec = layer(x)
+        torch.testing.assert_close(y - shared, expect * (y0 - shared), rtol=1e-5, atol=1e-6)
+        assert torch.equal(rec.expert_idx, rec0.expert_idx) and torch.equal(rec.weights, rec0.weights)
+    assert (y0 - shared).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="routed_scale"):
+        build_layer(kind, routed_scale=0.0)
+
+
+def test_sigmoid_renormalised_and_raw_weights():
     x = torch.randn(10, D)
-    scaled = build_router("sigmoid", seed=141, scaling=2.5)
-    torch.testing.assert_close(scaled(x).weights.sum(-1), torch.full((10,), 2.5), rtol=0, atol=1e-5)
+    torch.testing.assert_close(build_router("sigmoid", seed=141)(x).weights.sum(-1), torch.ones(10), rtol=0, atol=1e-5)
     raw = build_router("sigmoid", seed=141, renormalize=False)
     rec = raw(x)
     s = (x.double() @ raw.weight.detach().double().t()).sigmoid()

@@ -58,6 +58,9 @@ def test_export_to_mixtral_and_back_gives_identical_logits(base, tmp_path):
     wrong = config.from_dict(with_changes(raw, "bad", train={"init_from": str(out)}, moe={"num_experts": 8}))
     with pytest.raises(ConfigError, match="num_local_experts is 4 but moe.num_experts is 8"):
         warmstart.initialize(build_model(wrong, 300), wrong)
+    scaled = config.from_dict(with_changes(raw, "scaled", train={"init_from": str(out)}, moe={"routed_scaling": "top_k"}))
+    with pytest.raises(ConfigError, match="routed output scale is 1.0 but moe.routed_scaling is 2"):
+        warmstart.initialize(build_model(scaled, 300), scaled)
 
 
 @pytest.mark.parametrize("mode", ["router", "all_but_experts"])

@@ -33,7 +33,6 @@ def build_moe_layer(cfg: Config, impl: str = "sorted") -> MoELayer:
         num_groups=moe.num_groups,
         group_top_k=moe.group_top_k,
         bias_update_rate=moe.bias_update_rate,
-        scaling=moe.routed_scaling,
         n_group=moe.n_group,
         topk_group=moe.topk_group,
     )
@@ -53,6 +52,7 @@ def build_moe_layer(cfg: Config, impl: str = "sorted") -> MoELayer:
         shared_hidden=moe.shared_experts * (moe.shared_expert_hidden or cfg.expert_hidden),
         shared_gate=moe.shared_expert_gate,
         expert_dropout=moe.expert_dropout,
+        routed_scale=cfg.routed_scale,
         impl=impl,
     )
 

@@ -8,7 +8,9 @@ Around the router: capacity (separate train and eval factors, a minimum, droples
 priority (by position, which keeps a causal LM causal, or Riquelme et al.'s batch-prioritised
 routing: rank by rank, each rank by the token's largest routing weight, noise included), and
 always-on shared experts (DeepSeekMoE, Qwen-MoE) whose output is added to the routed experts',
-optionally scaled by a sigmoid gate.
+optionally scaled by a sigmoid gate. The routed output Σ_k w_k E_k(x) is multiplied by
+`routed_scale` (1 as the papers define their routers; DeepSeek-V3's routed scaling; or K, which
+gives renormalised top-K the output scale of a dense FFN of hidden K·H at init).
 
 Notation: N tokens, D model dim, H expert hidden size, E experts, K experts per token.
 """
@@ -45,12 +47,14 @@ class MoELayer(nn.Module):
         shared_hidden: int = 0,
         shared_gate: bool = False,
         expert_dropout: float = 0.0,
+        routed_scale: Optional[float] = 1.0,
         impl: Literal["sorted", "loop"] = "sorted",
     ):
         """`router` defaults to softmax top-k over `top_k` experts, renormalised or not. Capacity
         factors of None mean dropless; `eval_capacity_factor="train"` reuses the training one.
         `shared_hidden` > 0 adds a shared dense FFN of that hidden size (n shared experts of size
-        H: n * H). `impl` picks the fast sorted path or the loop reference (see above)."""
+        H: n * H). `routed_scale` multiplies the routed output; None means the router's K (its
+        active experts). `impl` picks the fast sorted path or the loop reference (see above)."""
         super().__init__()
         if impl not in ("sorted", "loop"):
             raise ValueError(f"impl={impl!r} must be 'sorted' or 'loop'")
@@ -61,6 +65,9 @@ class MoELayer(nn.Module):
         self.min_capacity = min_capacity
         self.drop_policy = drop_policy
         self.router = router if router is not None else TopKRouter(d_model, num_experts, top_k, renormalize, init_std)
+        self.routed_scale = self.router.active_experts if routed_scale is None else float(routed_scale)
+        if not self.routed_scale > 0:
+            raise ValueError(f"routed_scale={routed_scale} must be > 0")
         self.experts = GroupedExperts(num_experts, d_model, expert_hidden, activation, init_std, expert_dropout)
         self.shared = FeedForward(d_model, shared_hidden, activation, init_std) if shared_hidden else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_hidden and shared_gate else None
@@ -89,6 +96,8 @@ class MoELayer(nn.Module):
             x_sorted = dispatch.gather(x, plan)  # (M, D)
             y_sorted = self.experts(x_sorted, plan.tokens_per_expert)  # (M, D)
             out = dispatch.combine(y_sorted, plan, record)  # (N, D)
+        if self.routed_scale != 1.0:
+            out = out * self.routed_scale
         if self.shared is not None:
             shared = self.shared(x)  # (N, D)
             if self.shared_gate is not None:

@@ -293,8 +293,8 @@ class SigmoidRouter(Router):
     """DeepSeek-V3 routing with auxiliary-loss-free balancing.
 
     s_i = sigmoid(x W_g)_i; the top K of s_i + b_i are selected, where the bias b only steers
-    selection; weights are s_i over the selected (renormalised to sum 1, or raw) times
-    `scaling`. Group-limited routing (V3 §2.1.2, `n_group` > 1): the experts form n_group
+    selection; weights are s_i over the selected (renormalised to sum 1, or raw); V3's routed
+    scaling is the MoE layer's `routed_scale`. Group-limited routing (V3 §2.1.2, `n_group` > 1): the experts form n_group
     groups, a group's score is the sum of its two largest s_i + b_i, and only the `topk_group`
     best groups are eligible. After each optimizer step, update_bias(counts) moves b_i by
     rate * sign(mean load - load_i). The bias is a buffer, so it is saved with the weights.
@@ -310,7 +310,6 @@ class SigmoidRouter(Router):
         num_experts: int,
         top_k: int,
         bias_update_rate: float = 1e-3,
-        scaling: float = 1.0,
         renormalize: bool = True,
         init_std: float = 0.02,
         n_group: int = 1,
@@ -319,7 +318,7 @@ class SigmoidRouter(Router):
         super().__init__(d_model, num_experts, top_k, init_std)
         if num_experts % n_group or not 1 <= topk_group <= n_group:
             raise ValueError(f"num_experts={num_experts}, n_group={n_group}, topk_group={topk_group} do not fit")
-        self.bias_update_rate, self.scaling, self.renormalize = bias_update_rate, scaling, renormalize
+        self.bias_update_rate, self.renormalize = bias_update_rate, renormalize
         self.n_group, self.topk_group = n_group, topk_group
         self.register_buffer("expert_bias", torch.zeros(num_experts))
 
@@ -338,7 +337,7 @@ class SigmoidRouter(Router):
             if self.renormalize:
                 gates = gates / gates.sum(dim=-1, keepdim=True)
             probs = scores / scores.sum(dim=-1, keepdim=True)
-        return make_record(logits, probs, expert_idx, gates * self.scaling)
+        return make_record(logits, probs, expert_idx, gates)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: Tensor) -> None:
@@ -360,7 +359,6 @@ def make_router(
     num_groups: int = 1,
     group_top_k: int = 1,
     bias_update_rate: float = 1e-3,
-    scaling: float = 1.0,
     n_group: int = 1,
     topk_group: int = 1,
 ) -> Router:
@@ -374,7 +372,7 @@ def make_router(
         "expert_choice": lambda: ExpertChoiceRouter(d, e, k, capacity_factor, init_std),
         "soft": lambda: SoftRouter(d, e, init_std),
         "hierarchical": lambda: HierarchicalRouter(d, e, num_groups, group_top_k, k),
-        "sigmoid": lambda: SigmoidRouter(d, e, k, bias_update_rate, scaling, renormalize, init_std, n_group, topk_group),
+        "sigmoid": lambda: SigmoidRouter(d, e, k, bias_update_rate, renormalize, init_std, n_group, topk_group),
     }
     if kind not in build:
         raise ValueError(f"unknown router {kind!r}; choose one of {', '.join(ROUTERS)}")
