@@ -38,6 +38,7 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 # settings may change, and so may where and how fast the data is tokenised.
 FIXED_ON_RESUME = ("model", "moe", "tokenizer", "data")
 FREE_ON_RESUME = ("data.num_proc", "data.cache_dir")
+FIXED_TRAIN_KEYS = ("train.seed", "train.lstm_stateful")  # the data order
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -207,7 +208,8 @@ def resume_conflicts(saved: Config, cfg: Config) -> list[str]:
     return [
         f"{key}: {old!r} -> {new!r}"
         for key, (old, new) in config.changed(saved, cfg).items()
-        if (key.split(".")[0] in FIXED_ON_RESUME and key not in FREE_ON_RESUME) or key == "train.seed"
+        if (key.split(".")[0] in FIXED_ON_RESUME and key not in FREE_ON_RESUME) or key in FIXED_TRAIN_KEYS
+        or (key == "train.batch_size" and saved.train.lstm_stateful)  # it sets the streams
     ]
 
 

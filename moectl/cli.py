@@ -152,6 +152,16 @@ def eval_command(
         Optional[str],
         typer.Option("--capacity-factor", help="Eval capacity factor of the MoE layers (a number, or `dropless`)."),
     ] = None,
+    stride: Annotated[
+        Optional[int],
+        typer.Option("--stride", help="Sliding-window evaluation: score each token once, in a window of seq_len "
+                     "tokens moved S at a time, so it sees at least seq_len - S tokens of context.", min=1),
+    ] = None,
+    stateful: Annotated[
+        Optional[bool],
+        typer.Option("--stateful/--stateless", help="LSTM: carry the state across consecutive blocks, or start "
+                     "each block from zero. Default: as the model trained (train.lstm_stateful)."),
+    ] = None,
     as_json: JsonOption = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON to this file.")] = None,
     debug: DebugOption = False,
@@ -166,7 +176,7 @@ def eval_command(
         extra = [f"moe.eval_capacity_factor={capacity_factor}"] if capacity_factor is not None else []
         model = loaded_model.load(run, (overrides or []) + extra)
         console.quiet_libraries()
-        result = evaluate.run(model, split, max_batches)
+        result = evaluate.run(model, split, max_batches, stride, stateful)
         text = json.dumps(result.to_dict(), indent=2) + "\n"
         if out is not None:
             atomic_write_text(out, text)

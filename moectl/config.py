@@ -313,6 +313,13 @@ class TrainConfig(Section):
         "auto", description="`auto`: bf16 autocast on GPUs that support it, else fp32. Routing is always fp32."
     )
     grad_clip: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm to this. Null: no clipping.")
+    lstm_stateful: bool = Field(
+        False,
+        description="LSTM only: truncated backpropagation through time. The training split is cut into batch_size "
+        "contiguous streams; each step continues every stream from the (detached) state its previous block ended in, "
+        "and evaluation carries state the same way over consecutive validation blocks. False: every block starts "
+        "from a zero state, shuffled.",
+    )
     eval_every: int = Field(200, gt=0, description="Evaluate on the validation split every this many steps (and at the end).")
     eval_batches: Optional[int] = Field(
         20, gt=0, description="Validation batches (of micro_batch_size) per evaluation. Null: the whole split."
@@ -409,6 +416,8 @@ class Config(Section):
             raise ValueError(
                 f"data.validation_split={d.validation_split!r} is the training split; validate on held-out data"
             )
+        if tr.lstm_stateful and self.backbone != "lstm":
+            raise ValueError(f"train.lstm_stateful=true needs an LSTM (model.arch={m.arch} has no recurrent state)")
         if m.arch.startswith("transformer"):
             if m.d_model % m.n_heads:
                 raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")

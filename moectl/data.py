@@ -356,6 +356,57 @@ class BatchSampler:
         self.epoch, self.cursor, self._perm = int(state["epoch"]), int(state["cursor"]), None
 
 
+class StreamSampler:
+    """Batches for truncated backpropagation through time (train.lstm_stateful): the blocks are
+    cut into batch_size contiguous streams of `per` = num_blocks // batch_size blocks, and step j
+    of a pass takes block j of every stream, so row s of each batch continues row s of the
+    previous one. A new pass starts the streams again from a zero state (`fresh`). The state is
+    (epoch, cursor), as BatchSampler's."""
+
+    def __init__(self, num_blocks: int, batch_size: int):
+        self.per = num_blocks // batch_size
+        if self.per < 1:
+            raise DataError(
+                f"the training split has {num_blocks} blocks, fewer than train.batch_size={batch_size} streams; "
+                "lower train.batch_size or data.seq_len, or add data"
+            )
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.cursor = 0
+
+    def next(self) -> np.ndarray:
+        """The next global batch: (batch_size,) block ids, one per stream, in stream order."""
+        if self.cursor == self.per:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        ids = np.arange(self.batch_size, dtype=np.int64) * self.per + self.cursor
+        self.cursor += 1
+        return ids
+
+    @property
+    def fresh(self) -> bool:
+        """Whether the batch next() returns starts the streams (a zero state)."""
+        return self.cursor in (0, self.per)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+def stream_batches(blocks: Blocks, batch_size: int, max_batches: Optional[int]) -> list[np.ndarray]:
+    """Validation batches for a model that carries state: batch_size contiguous streams spread
+    over the split, and batch j holds block j of each; the first `max_batches` of them (all when None)."""
+    per = len(blocks) // batch_size
+    if per < 1:
+        raise DataError(
+            f"the {blocks.split.name} split has {len(blocks)} blocks, fewer than {batch_size} streams of one; "
+            "lower the batch size or data.seq_len"
+        )
+    columns = per if max_batches is None else min(per, max_batches)
+    return [np.arange(batch_size, dtype=np.int64) * per + j for j in range(columns)]
+
+
 def eval_batches(blocks: Blocks, batch_size: int, max_batches: Optional[int]) -> list[np.ndarray]:
     """Validation batches, the same at every evaluation.
 

@@ -19,10 +19,11 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from moectl import console, data, distributed, runtime
 from moectl import tokenizer as tokenizers_
-from moectl.errors import DataError
+from moectl.errors import ConfigError, DataError
 from moectl.loaded_model import LoadedModel
 from moectl.models import LanguageModel, moe_layers
 from moectl.runtime import Dist
@@ -47,19 +48,28 @@ def mean_loss(
     amp: Optional[torch.dtype],
     stats: Optional[RoutingStats] = None,
     dp: Dist = Dist(),
+    stateful: bool = False,
 ) -> float:
     """Mean next-token cross-entropy (nats per token) over the given batches, in eval mode.
 
     With several processes each evaluates every world_size-th batch and the sums are combined,
-    so `stats` holds the whole set's routing on every rank.
+    so `stats` holds the whole set's routing on every rank. `stateful`: the batches are streams
+    (data.stream_batches), each row continuing the same row of the previous batch, and the
+    model's recurrent state is carried from batch to batch; each process takes every
+    world_size-th stream.
     """
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=accumulator_dtype(device), device=device)  # (loss sum, tokens)
-    for ids in batches[dp.rank :: dp.world_size]:
+    state = None
+    mine = [ids[dp.rank :: dp.world_size] for ids in batches] if stateful else batches[dp.rank :: dp.world_size]
+    for ids in mine:
+        if not len(ids):
+            continue
         x, y = (t.to(device) for t in blocks.batch(ids))
         with runtime.autocast(device, amp):
-            out = model(x, y)
+            out = model(x, y, state=state)
+        state = out.state if stateful else None
         sums[0] += out.lm_loss.to(sums.dtype) * y.numel()
         sums[1] += y.numel()
         if stats is not None:
@@ -84,6 +94,8 @@ JSON_KEYS = {
     "bits_per_byte": "loss summed over tokens / ln 2 / bytes",
     "tokens_per_sec": "evaluation throughput",
     "eval_capacity_factor": "capacity factor the MoE layers used (null: dropless)",
+    "context": "`block` (each block from a fresh start), `stateful` (LSTM state carried over contiguous streams) "
+    "or `stride S` (sliding windows: each token scored once with at least seq_len - S tokens of context)",
     "layers": "per MoE layer: slot (FFN index) plus the routing statistics of moectl/stats.py",
 }
 
@@ -102,23 +114,27 @@ class EvalResult:
     bits_per_byte: float
     tokens_per_sec: float
     eval_capacity_factor: Optional[float]
+    context: str
     layers: list[dict]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def split_batches(loaded: LoadedModel, split: str, max_batches: Optional[int]) -> tuple[data.Blocks, data.Split, list]:
+def split_batches(
+    loaded: LoadedModel, split: str, max_batches: Optional[int], stateful: bool = False
+) -> tuple[data.Blocks, data.Split, list]:
     """The split tokenised with the run's tokenizer (cached), in blocks of data.seq_len, and the
     batches eval and route-stats score: `max_batches` of them (default train.eval_batches, the
-    ones training evaluates), spread over the split."""
+    ones training evaluates), spread over the split; `stateful`: as contiguous streams."""
     if split not in ("validation", "train"):
         raise DataError(f"--split {split!r}: choose validation or train")
     cfg = loaded.cfg
     corpus = data.prepare(cfg, tokenizer_file=loaded.run_dir / "tokenizer.json", only="validation" if split == "validation" else "training")
     tokens = corpus.validation if split == "validation" else corpus.train
     blocks = data.Blocks(tokens, cfg.data.seq_len)
-    return blocks, tokens, data.eval_batches(blocks, cfg.micro_batch_size, max_batches or cfg.train.eval_batches)
+    batching = data.stream_batches if stateful else data.eval_batches
+    return blocks, tokens, batching(blocks, cfg.micro_batch_size, max_batches or cfg.train.eval_batches)
 
 
 def byte_lengths(loaded: LoadedModel, split: data.Split) -> tuple[np.ndarray, bool]:
@@ -135,11 +151,66 @@ def byte_lengths(loaded: LoadedModel, split: data.Split) -> tuple[np.ndarray, bo
     return table, False
 
 
-def run(loaded: LoadedModel, split: str = "validation", max_batches: Optional[int] = None) -> EvalResult:
-    """`moectl eval`: `max_batches` batches (default train.eval_batches, as training's evaluation)."""
+def context_protocol(cfg, stride: Optional[int], stateful: Optional[bool]) -> tuple[Optional[int], bool]:
+    """(stride, stateful) for `moectl eval`, checked: stateful defaults to how the model trained."""
+    stateful = cfg.train.lstm_stateful if stateful is None else stateful
+    if stateful and cfg.backbone != "lstm":
+        raise ConfigError(f"--stateful: model.arch={cfg.model.arch} has no recurrent state to carry; drop --stateful")
+    if stride is not None:
+        if not 1 <= stride <= cfg.data.seq_len:
+            raise ConfigError(f"--stride {stride}: choose 1 to data.seq_len={cfg.data.seq_len}")
+        if stateful:
+            raise ConfigError("--stride scores windows, --stateful carries state across blocks: choose one "
+                              "(add --stateless to slide windows over a stateful LSTM)")
+    return stride, stateful
+
+
+@torch.no_grad()
+def sliding_loss(
+    model: LanguageModel, blocks: data.Blocks, batches: list, stride: int, device: torch.device,
+    amp: Optional[torch.dtype], stats: Optional[RoutingStats] = None,
+) -> float:
+    """Mean loss over the same target tokens as block evaluation, each scored once in a window of
+    seq_len tokens that ends at the last token of its chunk of `stride`: every token sees at least
+    seq_len - stride tokens of context (fewer only at the start of the split)."""
+    model.eval()
+    length, tokens = blocks.seq_len, blocks.split.tokens
+    windows = []  # (first input position, first and last + 1 scored target offsets) per window
+    for block in np.concatenate(batches):
+        for a in range(0, length, stride):  # the chunk of targets at flat positions block*L + 1 + [a, b)
+            b = min(a + stride, length)
+            start = max(0, block * length + b - length)  # window target o is the token at start + 1 + o
+            windows.append((start, block * length + a - start, block * length + b - start))
+    total, count = 0.0, 0
+    width = max(len(batches[0]), 1)  # windows per forward pass: the batch size
+    pos = torch.arange(length, device=device)[None]
+    for i in range(0, len(windows), width):
+        part = torch.tensor(windows[i : i + width], dtype=torch.int64)  # (W, 3)
+        window = torch.from_numpy(tokens[part[:, :1].numpy() + np.arange(length + 1)].astype(np.int64)).to(device)
+        with runtime.autocast(device, amp):
+            out = model(window[:, :-1])  # (W, L) -> (W, L, V)
+        nll = F.cross_entropy(out.logits.float().transpose(1, 2), window[:, 1:], reduction="none")  # (W, L)
+        scored = (pos >= part[:, 1:2].to(device)) & (pos < part[:, 2:3].to(device))
+        total += float(nll[scored].sum())
+        count += int(scored.sum())
+        if stats is not None:
+            stats.update(out.routing)
+    return total / count
+
+
+def run(
+    loaded: LoadedModel,
+    split: str = "validation",
+    max_batches: Optional[int] = None,
+    stride: Optional[int] = None,
+    stateful: Optional[bool] = None,
+) -> EvalResult:
+    """`moectl eval`: `max_batches` batches (default train.eval_batches, as training's evaluation),
+    each block scored from a fresh start, or with `stride` in sliding windows, or `stateful`ly."""
     cfg = loaded.cfg
+    stride, stateful = context_protocol(cfg, stride, stateful)
     loaded.warn_about_lookahead()
-    blocks, tokens, batches = split_batches(loaded, split, max_batches)
+    blocks, tokens, batches = split_batches(loaded, split, max_batches, stateful)
     lengths, exact = byte_lengths(loaded, tokens)
     n_tokens, n_bytes = 0, 0.0
     for ids in batches:
@@ -151,7 +222,10 @@ def run(loaded: LoadedModel, split: str = "validation", max_batches: Optional[in
     stats = RoutingStats(len(loaded.slots), loaded.experts, loaded.device)
     start = time.perf_counter()
     amp = runtime.autocast_dtype(loaded.device, cfg.train.precision)
-    loss = mean_loss(loaded.model, blocks, batches, loaded.device, amp, stats)
+    if stride is not None:
+        loss = sliding_loss(loaded.model, blocks, batches, stride, loaded.device, amp, stats)
+    else:
+        loss = mean_loss(loaded.model, blocks, batches, loaded.device, amp, stats, stateful=stateful)
     seconds = time.perf_counter() - start
     layers = [] if stats.empty() else stats.summary()
     moe = moe_layers(loaded.model)
@@ -168,6 +242,7 @@ def run(loaded: LoadedModel, split: str = "validation", max_batches: Optional[in
         bits_per_byte=bits_per_byte(loss, n_tokens, n_bytes),
         tokens_per_sec=n_tokens / max(seconds, 1e-9),
         eval_capacity_factor=moe[0].eval_capacity_factor if moe else None,
+        context="stateful" if stateful else "block" if stride is None else f"stride {stride}",
         layers=[{"slot": slot, **s.to_dict()} for slot, s in zip(loaded.slots, layers)],
     )
 
@@ -179,7 +254,7 @@ def show(result: EvalResult) -> None:
     console.out.print(
         f"[bold]{result.checkpoint}[/] (step {result.step}), {result.split} split: {result.batches} batches, "
         f"{console.human(result.tokens)} tokens, {console.human(result.bytes)} bytes"
-        f"{'' if result.bytes_exact else ' (estimated)'}",
+        f"{'' if result.bytes_exact else ' (estimated)'}; context: {result.context}",
         highlight=False,
     )
     console.out.print(

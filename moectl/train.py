@@ -27,7 +27,7 @@ import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ class Run:
     model: LanguageModel
     optimizer: torch.optim.Optimizer
     train_blocks: data.Blocks
-    sampler: data.BatchSampler  # global batches of block ids, the same on every rank
+    sampler: Union[data.BatchSampler, data.StreamSampler]  # global batches of block ids, the same on every rank
     val_blocks: data.Blocks
     val_batches: list  # the validation block ids, in chunks of one micro-batch; each rank scores its share
     data_keys: dict[str, str]  # identify the tokenised data: a resumed run checks they did not change
@@ -69,6 +69,7 @@ class Run:
     count_reduce: Optional[Callable]  # sums the Switch loss's counts over ranks (moe.aux_loss_scope=global)
     window: "LossWindow"
     stats: RoutingStats  # the logging window's routing counts
+    carry: Optional[list] = None  # train.lstm_stateful: each micro-batch's LSTM state, (layers, 2, micro, D) or None
     ddp_model: Optional[nn.Module] = None  # the model as the loop calls it: DDP-wrapped under torchrun
     tracker: Optional[Tracker] = None
     progress: Optional[TrainProgress] = None
@@ -177,15 +178,18 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
         cfg=cfg, dp=dp, device=device, amp=amp, run_dir=run_dir, model=model,
         optimizer=make_optimizer(model, cfg.optim),
         train_blocks=train_blocks,
-        sampler=data.BatchSampler(len(train_blocks), tr.batch_size, tr.seed),
+        sampler=data.StreamSampler(len(train_blocks), tr.batch_size) if tr.lstm_stateful
+        else data.BatchSampler(len(train_blocks), tr.batch_size, tr.seed),
         val_blocks=val_blocks,
-        val_batches=eval_chunks(data.eval_batches(val_blocks, cfg.micro_batch_size, tr.eval_batches), micro),
+        val_batches=data.stream_batches(val_blocks, cfg.micro_batch_size, tr.eval_batches) if tr.lstm_stateful
+        else eval_chunks(data.eval_batches(val_blocks, cfg.micro_batch_size, tr.eval_batches), micro),
         data_keys={"train": corpus.train.key, "validation": corpus.validation.key},
         micro=micro, accum=accum, slots=slots,
         bias_routers=[(i, layer.router) for i, layer in enumerate(moe_layers(model)) if layer.router.balances_with_bias],
         count_reduce=distributed.sum_over_ranks if dp.enabled and cfg.moe.aux_loss_scope == "global" else None,
         window=LossWindow(device),
         stats=RoutingStats(len(slots), routed_experts(model), device),
+        carry=[None] * accum if tr.lstm_stateful else None,
     )
     state = LoopState(collapsed=[False] * len(slots))
     if resume_from is not None:
@@ -246,6 +250,8 @@ def restore(run: Run, state: LoopState, ckpt: Path) -> None:
             run.window.load_state_dict(saved["window"])
             run.stats.load_state_dict(saved["routing_stats"])
         _restore_rng(saved["rng"], run.dp, run.cfg.train.seed)
+        if run.carry is not None:
+            _restore_carry(run, saved.get("lstm_state"))
     except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.pt: {exc}") from None
     if meta.get("data", run.data_keys) != run.data_keys:
@@ -329,14 +335,18 @@ def train_step(run: Run, state: LoopState, stop: "StopOnInterrupt") -> float:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     share = slice(dp.rank * run.micro * run.accum, (dp.rank + 1) * run.micro * run.accum)
+    if run.carry is not None and run.sampler.fresh:  # the streams start again: a zero state
+        run.carry = [None] * run.accum
     ids = run.sampler.next()[share].reshape(run.accum, run.micro)  # (accum, micro) block ids
     counts = [0] * len(run.bias_routers)  # chosen tokens per expert over this step's micro-batches
     for j, micro_ids in enumerate(ids):
         x, y = (t.to(run.device, non_blocking=True) for t in run.train_blocks.batch(micro_ids))
         with distributed.gradient_sync(run.ddp_model, last_micro_step=j == run.accum - 1):
             with runtime.autocast(run.device, run.amp):
-                out = run.ddp_model(x, y, count_reduce=run.count_reduce)
+                out = run.ddp_model(x, y, count_reduce=run.count_reduce, state=run.carry[j] if run.carry else None)
             (out.loss / run.accum).backward()
+        if run.carry is not None:  # truncated BPTT: the next block of these streams starts here
+            run.carry[j] = out.state.detach()
         run.window.add_micro(out)
         run.stats.update(out.routing)
         for k, (i, _) in enumerate(run.bias_routers):
@@ -410,7 +420,8 @@ def _collapse_message(step: int, slot: int, s: LayerStats, cfg: Config, collapsi
 def evaluate(run: Run, state: LoopState) -> float:
     """The validation loss (split over ranks), logged with the routing heatmap; returns it."""
     stats = RoutingStats(len(run.slots), run.stats.experts, run.device)
-    loss = mean_loss(run.model, run.val_blocks, run.val_batches, run.device, run.amp, stats, run.dp)
+    loss = mean_loss(run.model, run.val_blocks, run.val_batches, run.device, run.amp, stats, run.dp,
+                     stateful=run.carry is not None)
     run.tracker.evaluation(loss, perplexity(loss), state.step)
     if run.slots:
         run.tracker.heatmap(stats.summary(), state.step)
@@ -424,9 +435,12 @@ def save(run: Run, state: LoopState) -> None:
     collected); rank 0 writes."""
     window, routing = _summed_state(run.window, run.dp), _summed_state(run.stats, run.dp)
     rng = distributed.gather_objects(_rng_state(), run.dp)
+    carry = _gathered_carry(run)
     if run.dp.is_main:
         saved = {"optimizer": run.optimizer.state_dict(), "sampler": run.sampler.state_dict(), "window": window,
                  "routing_stats": routing, "collapsed": state.collapsed, "rng": rng}
+        if carry is not None:
+            saved["lstm_state"] = carry
         meta = checkpoint.metadata(
             run.cfg,
             tokens_seen=state.tokens_seen,
@@ -439,6 +453,31 @@ def save(run: Run, state: LoopState) -> None:
         )
         checkpoint.save(run.run_dir, state.step, run.model, saved, meta, run.cfg.checkpoint.keep_last)
     state.checkpoint = checkpoint.step_dir(run.run_dir, state.step)
+
+
+def _gathered_carry(run: Run) -> Optional[torch.Tensor]:
+    """The carried LSTM state of all streams in stream order, (layers, 2, batch_size, D), on rank 0;
+    None when stateless or when the streams start again at the next step. Stream order does not
+    depend on the number of processes, so the run resumes under any world size."""
+    if run.carry is None:
+        return None
+    local = None if any(c is None for c in run.carry) else torch.cat(run.carry, dim=2).cpu()
+    parts = distributed.gather_objects(local, run.dp)
+    if not run.dp.is_main or any(p is None for p in parts):
+        return None
+    return torch.cat(parts, dim=2)
+
+
+def _restore_carry(run: Run, full: Optional[torch.Tensor]) -> None:
+    """This rank's micro-batches' share of a checkpoint's carried state (see _gathered_carry)."""
+    if run.sampler.fresh:
+        return
+    if full is None:
+        raise ValueError("it holds no carried LSTM state, which train.lstm_stateful needs to continue the streams")
+    if full.shape[2] != run.cfg.train.batch_size:
+        raise ValueError(f"the carried LSTM state holds {full.shape[2]} streams, not train.batch_size")
+    rows = full[:, :, run.dp.rank * run.micro * run.accum : (run.dp.rank + 1) * run.micro * run.accum]
+    run.carry = [c.to(run.device) for c in rows.split(run.micro, dim=2)]
 
 
 # ------------------------------------------------------------------------------- loop helpers

@@ -1,6 +1,8 @@
 """What every backbone shares: embeddings, output head, loss assembly and the named output.
 
-A backbone implements `body(h) -> (h, records)` on (B, T, D) hidden states. The base turns
+A backbone implements `body(h, state) -> (h, records, state)` on (B, T, D) hidden states; the
+state is what a recurrent backbone carries from one block of a stream to the next (None for the
+Transformer). The base turns
 token ids into embeddings, runs the body, applies the head (a linear softmax, or the mixture of
 softmaxes of models/head.py) and assembles the loss: loss = objective + aux_loss + z_loss, the
 objective being the next-token cross-entropy lm_loss (or the EM loss of a mixture head). Each
@@ -33,6 +35,7 @@ class ModelOutput:
     z_loss: Optional[Tensor] = None  # weighted router z-loss, summed over MoE layers
     aux_terms: dict[str, Tensor] = field(default_factory=dict)  # each router loss unweighted, mean over layers
     routing: list[RoutingRecord] = field(default_factory=list)  # one per MoE layer, input to output, then the head's
+    state: Optional[Tensor] = None  # the recurrent state after this block (LSTM: (layers, 2, B, D)); None: stateless
 
 
 class LanguageModel(nn.Module):
@@ -76,18 +79,23 @@ class LanguageModel(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.init_std)
 
-    def body(self, h: Tensor) -> tuple[Tensor, list[RoutingRecord]]:
+    def body(self, h: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, list[RoutingRecord], Optional[Tensor]]:
         raise NotImplementedError
 
     def forward(
-        self, input_ids: Tensor, targets: Optional[Tensor] = None, count_reduce: Optional[CountReduce] = None
+        self,
+        input_ids: Tensor,
+        targets: Optional[Tensor] = None,
+        count_reduce: Optional[CountReduce] = None,
+        state: Optional[Tensor] = None,
     ) -> ModelOutput:
         """`count_reduce`, when given, sums the Switch loss's assignment counts over data-parallel
         processes (moe.aux_loss_scope=global); the training loop passes it, so model code stays
-        free of torch.distributed."""
+        free of torch.distributed. `state`: the recurrent state to start from (out.state of the
+        previous block of the same sequences, detached by the caller); None: a fresh start."""
         b, t = input_ids.shape
         h = self.drop(self.embed(input_ids))  # (B, T) -> (B, T, D)
-        h, records = self.body(h)
+        h, records, state = self.body(h, state)
         routing = list(records)
         if hasattr(self, "head"):  # the mixture of softmaxes
             log_g, log_p, gate = self.head(h.reshape(b * t, -1))  # (B, T, D) -> (N, D): (N, E_h), (N, E_h, V)
@@ -95,7 +103,7 @@ class LanguageModel(nn.Module):
             routing.append(gate)
         else:
             logits = self.lm_head(h)  # (B, T, V)
-        out = ModelOutput(logits=logits, routing=routing)
+        out = ModelOutput(logits=logits, routing=routing, state=state)
         if targets is None:
             return out
         # (B, T, V) -> (N, V) against (B, T) -> (N,)

@@ -44,14 +44,18 @@ class LSTMMoE(LanguageModel):
     def _add(self, h: Tensor, y: Tensor) -> Tensor:
         return h + self.drop(y) if self.residual else self.drop(y)
 
-    def body(self, h: Tensor) -> tuple[Tensor, list[RoutingRecord]]:
-        records = []
+    def body(self, h: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, list[RoutingRecord], Tensor]:
+        """`state` (n_layers, 2, B, D): each LSTM's (h, c) to start from, as the previous block of
+        the same streams left them (truncated BPTT); None: zero. Returns the state after this block."""
+        records, final = [], []
         for i, lstm in enumerate(self.lstms):
-            y, _ = lstm(h)  # (B, T, D); each sequence starts from a zero state
+            start = None if state is None else (state[i, 0][None].contiguous(), state[i, 1][None].contiguous())
+            y, (h_n, c_n) = lstm(h, start)  # (B, T, D), and (1, B, D) twice
+            final.append(torch.stack([h_n[0], c_n[0]]))
             h = self._add(h, y)
             if i < len(self.ffns):
                 y, record = self.ffns[i](h)
                 h = self._add(h, torch.sigmoid(y) if self.sigmoid else y)  # the paper's sigmoid before dropout
                 if record is not None:
                     records.append(record)
-        return h, records
+        return h, records, torch.stack(final)

@@ -54,11 +54,12 @@ class TransformerMoE(LanguageModel):
         self.norm = RMSNorm(d_model, norm_eps)
         self.init_weights()
 
-    def body(self, h: Tensor) -> tuple[Tensor, list[RoutingRecord]]:
+    def body(self, h: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, list[RoutingRecord], None]:
+        """Attention sees only this sequence: there is no state to carry (`state` is ignored)."""
         cos, sin = self.rotary(h.shape[1], h.device)  # (T, hd) each
         records = []
         for block in self.blocks:
             h, record = block(h, cos, sin)
             if record is not None:
                 records.append(record)
-        return self.norm(h), records
+        return self.norm(h), records, None
