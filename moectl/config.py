@@ -291,7 +291,12 @@ class TokenizerConfig(Section):
 
     path: Optional[str] = Field(None, description="Load this tokenizer.json instead of training one.")
     name: Optional[str] = Field(None, description="Load this Hub tokenizer (e.g. `gpt2`) instead of training one.")
-    vocab_size: int = Field(4096, ge=260, description="Vocabulary size of a trained BPE.")
+    vocab_size: Union[Annotated[int, Field(ge=260)], Literal["auto"]] = Field(
+        4096,
+        description="Vocabulary size of a trained BPE, or `auto`: 16384 * (training MB)^(1/4), a multiple of 256 in "
+        "[1024, 65536] (1 MB: 16k, 16 MB: 32k, 256 MB: 64k). Larger vocabularies pay off as the corpus grows; small "
+        "models on small corpora spend much of their compute on the softmax (docs/quality.md).",
+    )
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
     max_train_chars: Optional[int] = Field(
         None, gt=0, description="Train the BPE on at most this many characters of the training split. Null: all."

@@ -99,6 +99,20 @@ def fingerprint(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
 
+def auto_vocab_size(num_bytes: int) -> int:
+    """tokenizer.vocab_size=auto: 16384 * (MB)^(1/4), a multiple of 256 in [1024, 65536]."""
+    size = 16384 * (max(num_bytes, 1) / 1e6) ** 0.25
+    return int(min(max(round(size / 256) * 256, 1024), 65536))
+
+
+def vocab_size(cfg: TokenizerConfig, train_texts, text_column: str) -> int:
+    """The BPE's target size: tokenizer.vocab_size, or `auto` from the UTF-8 bytes it trains on."""
+    if cfg.vocab_size != "auto":
+        return cfg.vocab_size
+    used = sum(len(t.encode("utf-8")) for batch in _text_batches(train_texts, text_column, cfg.max_train_chars) for t in batch)
+    return auto_vocab_size(used)
+
+
 def build(
     cfg: TokenizerConfig, train_texts, text_column: str, data_fingerprint: str, cache_dir: Path
 ) -> tuple[Tokenizer, bool]:
@@ -108,9 +122,10 @@ def build(
     elif cfg.name is not None:
         tok, cached = load_hub(cfg.name), False
     else:
+        size = vocab_size(cfg, train_texts, text_column)
         key = hashlib.sha256(
             repr(
-                (RECIPE_VERSION, data_fingerprint, text_column, cfg.vocab_size, cfg.min_frequency, cfg.max_train_chars, cfg.eot_token)
+                (RECIPE_VERSION, data_fingerprint, text_column, size, cfg.min_frequency, cfg.max_train_chars, cfg.eot_token)
             ).encode()
         ).hexdigest()[:16]
         path = cache_dir / "tokenizers" / f"{key}.json"
@@ -120,7 +135,7 @@ def build(
         else:
             tok = train_bpe(
                 _text_batches(train_texts, text_column, cfg.max_train_chars),
-                cfg.vocab_size,
+                size,
                 cfg.min_frequency,
                 cfg.eot_token,
             )

@@ -231,7 +231,7 @@ def _prepare_data(cfg: Config, dp: Dist, tokenizer_file: Optional[Path], new_tok
         f" ({'cached' if corpus.tokenizer_from_cache else 'trained'} tokenizer)"
     )
     trained_bpe = cfg.tokenizer.path is None and cfg.tokenizer.name is None
-    if new_tokenizer and trained_bpe and vocab < cfg.tokenizer.vocab_size:
+    if new_tokenizer and trained_bpe and cfg.tokenizer.vocab_size != "auto" and vocab < cfg.tokenizer.vocab_size:
         console.warn(
             f"the BPE has {vocab} tokens, fewer than tokenizer.vocab_size={cfg.tokenizer.vocab_size}: "
             "the training text has no more merges to learn"

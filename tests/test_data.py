@@ -358,6 +358,22 @@ def test_bpe_is_byte_level_and_has_the_configured_vocab(tmp_path):
     assert all(tok.token_to_id(c) is not None for c in alphabet)
 
 
+def test_auto_vocab_size_follows_the_documented_rule(tmp_path):
+    rule = tokenizer.auto_vocab_size
+    assert [rule(int(mb * 1e6)) for mb in (1, 16, 256, 4096)] == [16384, 32768, 65536, 65536]
+    assert rule(0) == rule(10) == 1024 and rule(1000) == 2816 and rule(int(0.1e6)) == 9216  # 2913.5, 9213.6
+    assert all(rule(n) % 256 == 0 for n in (12345, 10**6 + 7, 3 * 10**7))
+    corpus_dir = write_docs(tmp_path / "c", CHUNKS[:8])
+    cfg = make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}, vocab_size="auto")
+    text_bytes = sum(len(t.encode()) for t in CHUNKS[:8])
+    corpus = data.prepare(cfg)
+    # A trained BPE of the rule's size, or smaller when the text runs out of merges.
+    assert 256 < corpus.tokenizer.get_vocab_size() <= rule(text_bytes)
+    assert config.from_dict({"tokenizer": {"vocab_size": "auto"}}).tokenizer.vocab_size == "auto"
+    with pytest.raises(config.ConfigError, match="tokenizer.vocab_size"):
+        config.from_dict({"tokenizer": {"vocab_size": "big"}})
+
+
 @pytest.mark.parametrize("num_proc", [None, 2])
 def test_literal_eot_string_in_a_document(tmp_path, num_proc):
     docs = [CHUNKS[0], f"tok = '{EOT}'  # the GPT-2 separator\n" + CHUNKS[1], CHUNKS[2]]
