@@ -6,8 +6,9 @@ Three sources:
 - a dense moectl model of the same backbone, into an MoE model: sparse upcycling (Komatsuzaki et al.
   2022). Everything outside the FFNs is copied; every expert of an MoE slot starts as a copy of that
   slot's dense FFN (plus optional Gaussian noise of `train.upcycle_noise` times the weight's std);
-  routers keep their fresh init. With renormalised top-k weights (K > 1) the
-  upcycled model computes exactly the dense model before training;
+  routers keep their fresh init, and the experts' last matrix is divided by the layer's routed
+  scale (moe.routed_scaling). With renormalised top-k weights (K > 1) the upcycled model
+  computes exactly the dense model before training;
 - a Hugging Face Mixtral directory (a transformers checkpoint, or what `moectl export --format hf`
   wrote for a Mixtral-shaped model): its config must describe the model the moectl config builds,
   and its tensors are mapped by moectl/hf.py.
@@ -137,6 +138,8 @@ def upcycle(model: nn.Module, cfg: Config, dense_cfg: Config, ckpt: Path) -> str
             if w is None:
                 continue
             target = getattr(experts, name)  # (E, in, out)
+            if name == "w_down":  # the layer multiplies the routed output by routed_scale: undo it
+                w = w / slot.inner.routed_scale
             target.copy_(w.unsqueeze(0).expand_as(target))
             if cfg.train.upcycle_noise:
                 target.add_(torch.randn(target.shape, generator=gen).to(target.device) * cfg.train.upcycle_noise * w.std())

@@ -86,18 +86,20 @@ def test_upcycled_model_starts_with_the_dense_models_loss(base, tmp_path, arch):
     tmp, raw, _ = base
     dense_raw = with_changes(raw, f"dense-{arch}", model={"arch": f"{arch}_dense", "ffn_hidden": 32})
     dense = fit(config.from_dict(dense_raw))
-    moe_cfg = config.from_dict(with_changes(
-        raw, f"up-{arch}", model={"arch": f"{arch}_moe", "ffn_hidden": 32},
-        moe={"num_experts": 4, "top_k": 2, "expert_hidden": 32, "renormalize": True}, train={"init_from": str(dense.run_dir)},
-    ))
     source = load(dense.run_dir)
-    model = build_model(moe_cfg, source.tokenizer.get_vocab_size())
-    assert "upcycled" in warmstart.initialize(model, moe_cfg)
     ids = torch.randint(0, source.tokenizer.get_vocab_size(), (2, 33), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        up, ref = model.eval()(ids[:, :-1], ids[:, 1:]), source.model(ids[:, :-1], ids[:, 1:])
-    assert float(up.lm_loss) == pytest.approx(float(ref.lm_loss), abs=1e-5)
-    torch.testing.assert_close(up.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    for scaling in (1.0, "top_k", 2.5):  # the experts' last matrix absorbs the routed scale
+        moe_cfg = config.from_dict(with_changes(
+            raw, f"up-{arch}", model={"arch": f"{arch}_moe", "ffn_hidden": 32},
+            moe={"num_experts": 4, "top_k": 2, "expert_hidden": 32, "renormalize": True, "routed_scaling": scaling},
+            train={"init_from": str(dense.run_dir)},
+        ))
+        model = build_model(moe_cfg, source.tokenizer.get_vocab_size())
+        assert "upcycled" in warmstart.initialize(model, moe_cfg)
+        with torch.no_grad():
+            up, ref = model.eval()(ids[:, :-1], ids[:, 1:]), source.model(ids[:, :-1], ids[:, 1:])
+        assert float(up.lm_loss) == pytest.approx(float(ref.lm_loss), abs=1e-5), scaling
+        torch.testing.assert_close(up.logits, ref.logits, rtol=1e-4, atol=1e-5)
 
     noisy = config.from_dict(with_changes(raw, "noisy", model={"arch": f"{arch}_moe", "ffn_hidden": 32},
                                           moe={"num_experts": 4, "top_k": 2, "expert_hidden": 32},
