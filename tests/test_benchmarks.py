@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,3 +24,44 @@ def test_moe_layer_benchmark_smoke():
         assert {"impl", "E", "K", "N", "D", "H", "ms_median", "peak_mb", "device", "threads"} <= r.keys()
         assert r["ms_median"] > 0 and r["device"] == "cpu" and r["runs"] >= 2
     assert next(r for r in rows if r["impl"] == "dense")["ratio_to_dense"] == 1.0
+
+
+def test_quality_benchmark_smoke(tmp_path):
+    """Both budgets and both protocols on a written corpus with a tiny LSTM pair and 2 seeds."""
+    from conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", 6)
+    tiny = ["model.d_model=32", "moe.expert_hidden=32", "tokenizer.vocab_size=300", "data.seq_len=32",
+            "train.batch_size=4", "train.eval_batches=1", "train.device=cpu", "log.tensorboard=false",
+            "data.sample_by=document", f"data.cache_dir={tmp_path / 'cache'}"]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--pairs", "lstm", "--seeds", "1", "2", "--steps", "3",
+         "--seconds", "0.5", "--corpus", str(corpus / "*.txt"), "--out", str(tmp_path / "runs"), "--json", "--set", *tiny],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [(r["budget"], r["protocol"]) for r in rows] == [("steps", "block"), ("steps", "stateful"),
+                                                            ("0.5 s", "block"), ("0.5 s", "stateful")]
+    for r in rows:
+        assert r["seeds"] == 2 and r["pair"] == "lstm"
+        assert r["diff_bpb"] == pytest.approx(r["moe_bpb"] - r["dense_bpb"], abs=1e-9)
+        assert r["moe_bpb"] > 0 and r["dense_bpb"] > 0 and r["moe_ci"] >= 0
+    assert rows[0]["steps_moe"] == rows[0]["steps_dense"] == 3
+    assert rows[0]["eval_tokens"] == rows[1]["eval_tokens"] or abs(rows[0]["eval_tokens"] - rows[1]["eval_tokens"]) < 4 * 32
+
+
+def test_each_quickstart_has_a_dense_twin_of_equal_active_ffn_compute():
+    """benchmarks/quality.py compares these pairs: the dense config must be the MoE config with a
+    dense FFN of hidden top_k * expert_hidden, and nothing else changed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quality import PAIRS
+
+    from moectl import config
+
+    for moe_file, dense_file in PAIRS.values():
+        moe, dense = config.load(ROOT / moe_file), config.load(ROOT / dense_file)
+        assert moe.is_moe and not dense.is_moe and moe.backbone == dense.backbone
+        assert dense.model.ffn_hidden == moe.moe.top_k * moe.expert_hidden
+        changed = set(config.changed(moe, dense))
+        assert changed <= {"model.arch", "model.ffn_hidden", "run.name"} | {k for k in changed if k.startswith("moe.")}, changed
