@@ -74,12 +74,6 @@ def score(run_dir: Path, context: bool) -> dict:
     return {"loss": result.loss, "bpb": result.bits_per_byte, "tokens": result.tokens, "context": result.context}
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    from moectl.sweep import mean_ci as ci
-
-    return ci(values)
-
-
 def tokens_per_sec(run_dir: Path) -> float:
     from moectl import checkpoint
 
@@ -87,6 +81,8 @@ def tokens_per_sec(run_dir: Path) -> float:
 
 
 def run_pair(pair: str, files: tuple[str, str], args, out: Path) -> list[dict]:
+    from moectl.sweep import mean_ci
+
     moe_file, dense_file = (ROOT / f for f in files)
     common = dict(args.extra)
     if args.corpus:
