@@ -231,8 +231,10 @@ def run(sweep: Sweep, jobs: int = 1) -> bool:
             todo.append(cell)
     running: dict[subprocess.Popen, tuple[Cell, float]] = {}
     total = len(sweep.cells)
-    # The cells run in sessions of their own, so a SIGTERM or a hang-up must stop them through here too.
-    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)} if threading.current_thread() is threading.main_thread() else {}
+    # The cells run in sessions of their own, so a SIGTERM or a hang-up must stop them through here too;
+    # SIGINT gets the handler explicitly, since a sweep started in the background inherits it ignored.
+    stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, _interrupt) for s in stopping} if threading.current_thread() is threading.main_thread() else {}
     try:
         while todo or running:
             while todo and len(running) < jobs:
