@@ -113,6 +113,9 @@ def train(
             if runtime.under_torchrun():
                 raise ConfigError("--nproc-per-node starts torchrun itself; under torchrun, drop it")
             from moectl.distributed import launch
+            from moectl.expert_parallel import check_layout
+
+            check_layout(cfg, nproc_per_node)
 
             args = ["train", str(config_path), *(a for o in overrides or [] for a in ("--set", o))]
             args += ["--run-name", run_name] if run_name else []

@@ -347,6 +347,13 @@ class TrainConfig(Section):
     upcycle_noise: float = Field(
         0.0, ge=0, description="Sparse upcycling: std of the Gaussian noise added to each copied expert (relative to the weights' std)."
     )
+    expert_parallel: int = Field(
+        1,
+        ge=1,
+        description="Multi-process runs: shard each MoE layer's experts over groups of this many processes, which "
+        "exchange tokens by all-to-all (each holds moe.num_experts / N experts); dense parameters stay replicated "
+        "under DDP. Must divide the number of processes and moe.num_experts. 1: every process holds every expert.",
+    )
     dist_timeout: float = Field(
         600.0, gt=0, description="Multi-process runs: seconds a collective waits for the other processes before the job fails."
     )
@@ -421,6 +428,14 @@ class Config(Section):
             raise ValueError(
                 f"data.validation_split={d.validation_split!r} is the training split; validate on held-out data"
             )
+        if tr.expert_parallel > 1:
+            if not self.is_moe:
+                raise ValueError(f"train.expert_parallel={tr.expert_parallel} shards experts, but model.arch={m.arch} has none")
+            if moe.num_experts % tr.expert_parallel:
+                raise ValueError(
+                    f"train.expert_parallel={tr.expert_parallel} must divide moe.num_experts={moe.num_experts} "
+                    "(each process holds an equal share of every layer's experts)"
+                )
         if tr.lstm_stateful and self.backbone != "lstm":
             raise ValueError(f"train.lstm_stateful=true needs an LSTM (model.arch={m.arch} has no recurrent state)")
         if m.arch.startswith("transformer"):

@@ -76,12 +76,16 @@ def process_group(device: torch.device, timeout_s: float) -> Iterator[tuple[Dist
             dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, d: Dist, device: torch.device, ignore: Sequence[str] = ()) -> nn.Module:
     """DDP over the model. Buffers are not re-broadcast each forward: the only one that changes
-    in training, the sigmoid router's expert bias, is updated from global counts on every rank."""
+    in training, the sigmoid router's expert bias, is updated from global counts on every rank.
+    DDP neither broadcasts nor averages the parameters named in `ignore` (sharded experts)."""
     if not d.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
+
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
 
     ids = [device.index] if device.type == "cuda" else None
     # Newer PyTorch renamed the switch (and syncs buffers once at init, which is harmless here).

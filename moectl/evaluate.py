@@ -49,6 +49,7 @@ def mean_loss(
     stats: Optional[RoutingStats] = None,
     dp: Dist = Dist(),
     stateful: bool = False,
+    lockstep: bool = False,
 ) -> float:
     """Mean next-token cross-entropy (nats per token) over the given batches, in eval mode.
 
@@ -56,14 +57,23 @@ def mean_loss(
     so `stats` holds the whole set's routing on every rank. `stateful`: the batches are streams
     (data.stream_batches), each row continuing the same row of the previous batch, and the
     model's recurrent state is carried from batch to batch; each process takes every
-    world_size-th stream.
+    world_size-th stream. `lockstep` (sharded experts, whose forward is a collective): every
+    process runs the same number of forward passes; one that has run out of batches repeats a
+    batch and ignores the result.
     """
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=accumulator_dtype(device), device=device)  # (loss sum, tokens)
     state = None
     mine = [ids[dp.rank :: dp.world_size] for ids in batches] if stateful else batches[dp.rank :: dp.world_size]
+    if lockstep:  # batches[0]'s first rows stand in where this process has nothing left
+        rounds = len(batches) if stateful else -(-len(batches) // dp.world_size)
+        mine = [ids if len(ids) else None for ids in mine] + [None] * (rounds - len(mine))
     for ids in mine:
+        if ids is None:
+            with runtime.autocast(device, amp):  # the same dtypes as the other processes' exchange
+                model(blocks.batch(batches[0][:1])[0].to(device))
+            continue
         if not len(ids):
             continue
         x, y = (t.to(device) for t in blocks.batch(ids))

@@ -24,7 +24,7 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -33,12 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from moectl import checkpoint, config, console, data, distributed, runtime, warmstart
+from moectl import checkpoint, config, console, data, distributed, expert_parallel, runtime, warmstart
 from moectl import tokenizer as tokenizers_
 from moectl.config import Config, OptimConfig
 from moectl.console import TrainProgress
 from moectl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from moectl.evaluate import mean_loss, perplexity
+from moectl.expert_parallel import ExpertParallel
 from moectl.models import LanguageModel, build_model, lookahead, moe_layers, moe_slots, parameter_counts, routed_experts
 from moectl.moe import LOSS_NAMES
 from moectl.runtime import Dist
@@ -69,7 +70,9 @@ class Run:
     count_reduce: Optional[Callable]  # sums the Switch loss's counts over ranks (moe.aux_loss_scope=global)
     window: "LossWindow"
     stats: RoutingStats  # the logging window's routing counts
+    params: tuple[int, int]  # (total, active per token) of the whole model, however its experts are sharded
     carry: Optional[list] = None  # train.lstm_stateful: each micro-batch's LSTM state, (layers, 2, micro, D) or None
+    ep: Optional[ExpertParallel] = None  # train.expert_parallel > 1: this rank's experts and its groups
     ddp_model: Optional[nn.Module] = None  # the model as the loop calls it: DDP-wrapped under torchrun
     tracker: Optional[Tracker] = None
     progress: Optional[TrainProgress] = None
@@ -118,6 +121,7 @@ class RunResult(LoopState):
 
 def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Train as `cfg` says, in this process or as one rank of a torchrun job."""
+    expert_parallel.check_layout(cfg, runtime.torchrun_env().world_size)
     with distributed.process_group(runtime.pick_device(cfg.train.device), cfg.train.dist_timeout) as (dp, device):
         run, state = setup(cfg, dp, device, resume, overwrite)
         tr = run.cfg.train
@@ -136,7 +140,7 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
             if state.stopping:
                 save(run, state)
                 run.progress.print(f"stopped at step {state.step}; checkpoint saved to {state.checkpoint}")
-        total, active = parameter_counts(run.model)
+        total, active = run.params
         return RunResult(**vars(state), run_dir=run.run_dir, max_steps=tr.max_steps, world_size=dp.world_size,
                          params_total=total, params_active=active)
 
@@ -160,14 +164,18 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
     corpus = _prepare_data(cfg, dp, run_dir / "tokenizer.json" if resume_from else warmstart.source_tokenizer(cfg),
                            new_tokenizer=not resume_from and not tr.init_from)
 
-    # Every rank builds the same initial model; DDP keeps them equal.
+    # Every rank builds the same initial model (on the CPU, so that a device only ever holds its
+    # share of the experts); DDP keeps the replicated parameters equal.
     torch.manual_seed(tr.seed)
-    model = build_model(cfg, corpus.tokenizer.get_vocab_size()).to(device)
+    model = build_model(cfg, corpus.tokenizer.get_vocab_size())
     if tr.init_from and not resume_from:
         console.status(warmstart.initialize(model, cfg))
     frozen = warmstart.freeze(model, tr.freeze)
     if frozen:
         console.status(f"train.freeze={tr.freeze}: {console.human(frozen)} parameters stay as they are")
+    params = parameter_counts(model)
+    ep = expert_parallel.shard(model, tr.expert_parallel, dp)
+    model = model.to(device)
     if dp.enabled:
         torch.manual_seed(tr.seed + 7919 * (dp.rank + 1))  # each rank its own dropout and routing noise
     for warning in lookahead(cfg, training=True):
@@ -189,7 +197,9 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
         count_reduce=distributed.sum_over_ranks if dp.enabled and cfg.moe.aux_loss_scope == "global" else None,
         window=LossWindow(device),
         stats=RoutingStats(len(slots), routed_experts(model), device),
+        params=params,
         carry=[None] * accum if tr.lstm_stateful else None,
+        ep=ep,
     )
     state = LoopState(collapsed=[False] * len(slots))
     if resume_from is not None:
@@ -204,14 +214,16 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
         config.save(cfg, run_dir / "config.yaml")
         if resume_from is None:
             tokenizers_.save(corpus.tokenizer, run_dir / "tokenizer.json")
-    run.ddp_model = distributed.wrap(model, dp, device)
+    run.ddp_model = distributed.wrap(model, dp, device, ignore=expert_parallel.parameter_names(model, ep) if ep else ())
     # Resuming drops the events logged after the checkpoint; starting again drops all of them.
     purge = state.step + 1 if resume_from else 0 if resume else None
     run.tracker = Tracker(run_dir, cfg.log.tensorboard and dp.is_main, purge_step=purge)
     run.tracker.config(config.dump(cfg), state.step)
     run.progress = TrainProgress(tr.max_steps, state.step, enabled=dp.is_main)
-    total, active = parameter_counts(model)
+    total, active = params
     processes = f"; {dp.world_size} processes ({micro}x{accum} sequences each per step)" if dp.enabled else ""
+    if ep is not None:
+        processes += f", experts sharded over groups of {ep.size} ({cfg.moe.num_experts // ep.size} per process per layer)"
     console.status(
         f"{cfg.model.arch}: {console.human(total)} parameters, {console.human(active)} active per token"
         f"; device {device}{' bf16' if run.amp else ''}; {tr.max_steps} steps of {tr.batch_size}x{cfg.data.seq_len} tokens"
@@ -241,10 +253,14 @@ def _prepare_data(cfg: Config, dp: Dist, tokenizer_file: Optional[Path], new_tok
 
 def restore(run: Run, state: LoopState, ckpt: Path) -> None:
     """Continue from `ckpt`: weights, optimizer, data position, logging window, RNG and counters."""
-    checkpoint.load_model(ckpt, run.model)
+    with _full_experts(run, gather=False):  # every rank reads the full checkpoint and keeps its experts
+        checkpoint.load_model(ckpt, run.model)
     saved, meta = checkpoint.load_state(ckpt), checkpoint.read_meta(ckpt)
     try:
-        run.optimizer.load_state_dict(saved["optimizer"])
+        if run.ep is not None:
+            run.ep.load_optimizer_state(run.optimizer, saved["optimizer"])
+        else:
+            run.optimizer.load_state_dict(saved["optimizer"])
         run.sampler.load_state_dict(saved["sampler"])
         if run.dp.is_main:  # the saved window sums cover every rank; rank 0 carries them on
             run.window.load_state_dict(saved["window"])
@@ -351,7 +367,11 @@ def train_step(run: Run, state: LoopState, stop: "StopOnInterrupt") -> float:
         run.stats.update(out.routing)
         for k, (i, _) in enumerate(run.bias_routers):
             counts[k] = counts[k] + out.routing[i].chosen_per_expert()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tr.grad_clip or float("inf"))
+    if run.ep is not None:
+        run.ep.reduce_gradients()  # DDP left the experts' gradients to it
+        grad_norm = run.ep.clip_grad_norm_(run.model.parameters(), tr.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tr.grad_clip or float("inf"))
     # One host sync per step: the progress bar's loss, a divergence check before the update, and
     # (with several ranks) whether any rank was asked to stop: all ranks decide alike.
     check = torch.stack([out.loss.detach().float(), grad_norm.float(), grad_norm.new_tensor(float(stop.requested)).float()])
@@ -421,7 +441,7 @@ def evaluate(run: Run, state: LoopState) -> float:
     """The validation loss (split over ranks), logged with the routing heatmap; returns it."""
     stats = RoutingStats(len(run.slots), run.stats.experts, run.device)
     loss = mean_loss(run.model, run.val_blocks, run.val_batches, run.device, run.amp, stats, run.dp,
-                     stateful=run.carry is not None)
+                     stateful=run.carry is not None, lockstep=run.ep is not None)
     run.tracker.evaluation(loss, perplexity(loss), state.step)
     if run.slots:
         run.tracker.heatmap(stats.summary(), state.step)
@@ -431,28 +451,42 @@ def evaluate(run: Run, state: LoopState) -> float:
 
 
 def save(run: Run, state: LoopState) -> None:
-    """A checkpoint of this step. Every rank takes part (the window sums and RNG states are
-    collected); rank 0 writes."""
+    """A checkpoint of this step, in the one-process layout. Every rank takes part (the window
+    sums and RNG states are collected, and under expert parallelism every expert and its optimizer
+    state); rank 0 writes."""
     window, routing = _summed_state(run.window, run.dp), _summed_state(run.stats, run.dp)
     rng = distributed.gather_objects(_rng_state(), run.dp)
     carry = _gathered_carry(run)
-    if run.dp.is_main:
-        saved = {"optimizer": run.optimizer.state_dict(), "sampler": run.sampler.state_dict(), "window": window,
-                 "routing_stats": routing, "collapsed": state.collapsed, "rng": rng}
-        if carry is not None:
-            saved["lstm_state"] = carry
-        meta = checkpoint.metadata(
-            run.cfg,
-            tokens_seen=state.tokens_seen,
-            lr=lr_at(state.step - 1, run.cfg.optim, run.cfg.train.max_steps) if state.step else None,
-            eval_loss=state.eval_loss,
-            first_eval_loss=state.first_eval_loss,
-            data=run.data_keys,
-            world_size=run.dp.world_size,
-            tokens_per_sec=state.session_tokens / state.train_seconds if state.train_seconds else None,
-        )
-        checkpoint.save(run.run_dir, state.step, run.model, saved, meta, run.cfg.checkpoint.keep_last)
+    optimizer = run.ep.full_optimizer_state(run.optimizer) if run.ep is not None else run.optimizer.state_dict()
+    with _full_experts(run, gather=True):
+        if run.dp.is_main:
+            _write_checkpoint(run, state, optimizer, window, routing, rng, carry)
     state.checkpoint = checkpoint.step_dir(run.run_dir, state.step)
+
+
+def _full_experts(run: Run, gather: bool):
+    """The model with every expert in place (expert_parallel.ExpertParallel.full_experts)."""
+    return run.ep.full_experts(gather) if run.ep is not None else nullcontext()
+
+
+def _write_checkpoint(run: Run, state: LoopState, optimizer: dict, window, routing, rng, carry) -> None:
+    """Rank 0's part of `save`: the checkpoint directory, from what every rank collected."""
+    saved = {"optimizer": optimizer, "sampler": run.sampler.state_dict(), "window": window,
+             "routing_stats": routing, "collapsed": state.collapsed, "rng": rng}
+    if carry is not None:
+        saved["lstm_state"] = carry
+    meta = checkpoint.metadata(
+        run.cfg,
+        tokens_seen=state.tokens_seen,
+        lr=lr_at(state.step - 1, run.cfg.optim, run.cfg.train.max_steps) if state.step else None,
+        eval_loss=state.eval_loss,
+        first_eval_loss=state.first_eval_loss,
+        data=run.data_keys,
+        world_size=run.dp.world_size,
+        expert_parallel=run.ep.size if run.ep is not None else 1,
+        tokens_per_sec=state.session_tokens / state.train_seconds if state.train_seconds else None,
+    )
+    checkpoint.save(run.run_dir, state.step, run.model, saved, meta, run.cfg.checkpoint.keep_last)
 
 
 def _gathered_carry(run: Run) -> Optional[torch.Tensor]:

@@ -22,7 +22,7 @@ LAYERS = [
     ("commands", ["moectl.train", "moectl.evaluate", "moectl.route_stats", "moectl.generate", "moectl.export",
                   "moectl.sweep"]),
     ("services", ["moectl.checkpoint", "moectl.loaded_model", "moectl.warmstart", "moectl.hf", "moectl.tracking",
-                  "moectl.data", "moectl.tokenizer", "moectl.distributed", "moectl.hub"]),
+                  "moectl.data", "moectl.tokenizer", "moectl.distributed", "moectl.expert_parallel", "moectl.hub"]),
     ("models", ["moectl.models"]),
     ("moe", ["moectl.moe"]),
     ("leaves", ["moectl.config", "moectl.runtime", "moectl.stats", "moectl.errors", "moectl.console",

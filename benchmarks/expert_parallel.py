@@ -1,0 +1,198 @@
+"""Expert parallelism: what each process holds and how fast the job trains, for each layout.
+
+For every (processes W, expert-parallel size N) it starts W processes (gloo on CPU, NCCL with
+--device cuda), builds a Transformer-MoE from a moectl config, shards its experts over groups of
+N (`moectl.expert_parallel`; N = 1 is plain DDP), and trains it for --steps steps on random
+tokens at the same global batch in every layout. Each process reports:
+
+  expert_mb      the expert parameters it holds (must fall as 1/N)
+  peak_mb        CPU: peak RSS while training (the high-water mark is reset after setup, so it
+                 is training's own peak; it includes the ~0.3 GB of the PyTorch runtime);
+                 CUDA: torch.cuda.max_memory_allocated while training
+  exchange_ms    per step, the all-to-alls of every MoE layer (counts, tokens out and back,
+                 forward and backward), waits for slower ranks included (N > 1 only)
+  experts_ms     per step, the local experts' forward and backward (N > 1 only)
+The table shows the worst rank's memory and the median step over ranks and steps, and tokens/s
+of the whole job with its ratio to plain DDP (N = 1) of the same W.
+
+    python benchmarks/expert_parallel.py                   # W in (2, 4), N in (1, 2, 4)
+    python benchmarks/expert_parallel.py --json            # one JSON object per layout
+    python benchmarks/expert_parallel.py --device cuda --world 8 --ep 1 2 4 8   # on a GPU node
+
+JSON keys: world, ep, device, threads, steps, global_tokens, expert_mb, params_mb, peak_mb,
+step_ms, exchange_ms, experts_ms, tokens_per_sec, ratio_to_ddp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SET = ["model.d_model=256", "model.n_heads=4", "moe.num_experts=16", "moe.top_k=2", "moe.expert_hidden=1024",
+               "data.seq_len=128", "tokenizer.vocab_size=4096"]
+
+
+def rss_peak_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def reset_rss_peak() -> None:
+    """Free what setup left and start the high-water mark again (Linux: clear_refs 5)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def worker(rank: int, world: int, ep_size: int, args: argparse.Namespace, store: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from moectl import config, distributed, expert_parallel
+    from moectl.models import build_model, moe_layers
+    from moectl.runtime import Dist
+    from moectl.train import make_optimizer
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world) if args.device == "cpu" else 1)
+    device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}",
+                            rank=rank, world_size=world)
+    dp = Dist(rank=rank, world_size=world, local_rank=rank)
+    cfg = config.load(ROOT / args.config, DEFAULT_SET + args.set)
+    vocab, seq = cfg.tokenizer.vocab_size, cfg.data.seq_len
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab)
+    ep = expert_parallel.shard(model, ep_size, dp)
+    model = model.to(device)
+    ddp = distributed.wrap(model, dp, device, ignore=expert_parallel.parameter_names(model, ep) if ep else ())
+    optimizer = make_optimizer(model, cfg.optim)
+    experts = [p for layer in moe_layers(model) for p in layer.experts.parameters()]
+    timings = expert_parallel.Timings()
+    for layer in ep.layers if ep else []:
+        layer.timings = timings
+    gen = torch.Generator().manual_seed(1000 + rank)
+    local = args.batch_size // world
+
+    def step() -> None:
+        ids = torch.randint(vocab, (local, seq + 1), generator=gen).to(device)
+        out = ddp(ids[:, :-1], ids[:, 1:])
+        out.loss.backward()
+        if ep is not None:
+            ep.reduce_gradients()
+            ep.clip_grad_norm_(model.parameters(), 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_rss_peak()
+    rows = []
+    for _ in range(args.steps):
+        before = (timings.exchange, timings.experts)
+        dist.barrier()
+        started = time.perf_counter()
+        step()
+        rows.append((time.perf_counter() - started, timings.exchange - before[0], timings.experts - before[1]))
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss_peak_mb()
+    report = {
+        "rank": rank,
+        "expert_mb": sum(p.numel() * p.element_size() for p in experts) / 2**20,
+        "params_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+        "peak_mb": peak,
+        "steps": rows,
+        "threads": torch.get_num_threads(),
+    }
+    Path(out, f"{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+def run_layout(world: int, ep_size: int, args: argparse.Namespace) -> dict:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(world, ep_size, args, str(Path(tmp) / "store"), tmp), nprocs=world, join=True)
+        ranks = [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(world)]
+    steps = [s for r in ranks for s in r["steps"]]
+    step_ms = statistics.median(s[0] for s in steps) * 1e3
+    return {
+        "world": world,
+        "ep": ep_size,
+        "device": args.device,
+        "threads": ranks[0]["threads"],
+        "steps": args.steps,
+        "expert_mb": round(max(r["expert_mb"] for r in ranks), 4),
+        "params_mb": round(max(r["params_mb"] for r in ranks), 4),
+        "peak_mb": round(max(r["peak_mb"] for r in ranks), 1),
+        "step_ms": round(step_ms, 1),
+        "exchange_ms": round(statistics.median(s[1] for s in steps) * 1e3, 1),
+        "experts_ms": round(statistics.median(s[2] for s in steps) * 1e3, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/quickstart.yaml", help="the model (relative to the repository)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help=f"config overrides after the benchmark's own ({' '.join(DEFAULT_SET)})")
+    parser.add_argument("--world", type=int, nargs="+", default=[2, 4], help="process counts")
+    parser.add_argument("--ep", type=int, nargs="+", default=[1, 2, 4], help="expert-parallel sizes (1: DDP)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step over all processes")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--json", action="store_true", help="one JSON object per layout instead of a table")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from moectl import config
+
+    seq = config.load(ROOT / args.config, DEFAULT_SET + args.set).data.seq_len
+    layouts = [(w, n) for w in args.world for n in args.ep if n <= w and w % n == 0 and args.batch_size % w == 0]
+    results = []
+    for world, n in layouts:
+        row = run_layout(world, n, args)
+        row["global_tokens"] = args.batch_size * seq
+        row["tokens_per_sec"] = round(row["global_tokens"] / (row["step_ms"] / 1e3), 1)
+        results.append(row)
+    for row in results:
+        ddp = next((r for r in results if r["world"] == row["world"] and r["ep"] == 1), None)
+        row["ratio_to_ddp"] = round(row["tokens_per_sec"] / ddp["tokens_per_sec"], 3) if ddp else None
+    if args.json:
+        for row in results:
+            print(json.dumps(row))
+        return 0
+    print(f"device {args.device}, {results[0]['threads']} thread(s) per process, global batch {args.batch_size}x{seq} "
+          f"tokens, median of {args.steps} steps x all ranks")
+    print(f"{'W':>3}{'EP':>4}{'expert MB':>11}{'params MB':>11}{'peak MB':>9}{'step ms':>9}"
+          f"{'a2a ms':>8}{'experts ms':>12}{'tokens/s':>10}{'x DDP':>7}")
+    for r in results:
+        ratio = f"{r['ratio_to_ddp']:.2f}" if r["ratio_to_ddp"] is not None else "-"
+        a2a, experts = (f"{r['exchange_ms']:.1f}", f"{r['experts_ms']:.1f}") if r["ep"] > 1 else ("-", "-")
+        print(f"{r['world']:>3}{r['ep']:>4}{r['expert_mb']:>11.1f}{r['params_mb']:>11.1f}{r['peak_mb']:>9.0f}"
+              f"{r['step_ms']:>9.0f}{a2a:>8}{experts:>12}{r['tokens_per_sec']:>10.0f}{ratio:>7}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Expert parallelism: each MoE layer's experts sharded over processes, tokens exchanged with
+all-to-all (GShard, Switch, DeepSpeed-MoE, Megatron-core, torchtitan).
+
+With `train.expert_parallel: N` the W processes of a torchrun job form W/N expert-parallel
+groups of N consecutive ranks. Rank r of a group holds experts [r*E/N, (r+1)*E/N) of every MoE
+layer; the W/N ranks that hold the same experts (one per group) are its replicas. Everything
+else (attention, LSTMs, embeddings, routers, shared experts) stays replicated over all W ranks
+and DDP averages it as before.
+
+The model code does not change. `shard` swaps each built layer's GroupedExperts for a
+`ShardedExperts` that takes the same input (assignments grouped by expert, E counts) and, in
+its forward, sends each expert's rows to the rank that holds it, runs its own experts on what
+arrived, and sends the outputs back, in the order they came. Routing, capacity and dropping run
+on each rank's own tokens before the exchange, exactly as without expert parallelism, and the
+routing records, statistics and aux losses are the same.
+
+Gradients: each rank's loss is the mean over its own tokens, and DDP averages dense gradients
+over the W ranks. The exchange's backward brings an expert's owner the gradient from every
+token of its group that reached the expert; summing that over the replicas gives the sum over
+all W ranks, so it is divided by W (not by the W/N replicas: the classic mistake).
+
+Checkpoints stay in the full layout: `full_experts` lets rank 0 write every expert, and lets
+every rank read a full checkpoint and keep its own slice, so a run resumes under any expert- or
+data-parallel size, and eval, route-stats, generate and export never meet a shard.
+
+Notation: N expert-parallel ranks, E experts, L = E/N local experts, D model dim, M assignments.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moectl.config import Config
+from moectl.errors import ConfigError
+from moectl.moe import MoELayer
+from moectl.moe.experts import GroupedExperts
+from moectl.runtime import Dist
+
+
+def check_layout(cfg: Config, world_size: int) -> None:
+    """Refuse an expert-parallel size this job cannot use, before any process group exists."""
+    n = cfg.train.expert_parallel
+    if n == 1:
+        return
+    if world_size == 1:
+        raise ConfigError(
+            f"train.expert_parallel={n} shards the experts over processes, but this is a single process; "
+            f"start {n} or a multiple of {n} processes (moectl train --nproc-per-node {n}, or torchrun)"
+        )
+    if world_size % n:
+        raise ConfigError(
+            f"train.expert_parallel={n} must divide the {world_size} processes (each group of {n} ranks holds every "
+            "expert once); change train.expert_parallel or the number of processes"
+        )
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each part of the sharded experts' forward and backward (for benchmarks;
+    on a GPU the caller synchronises, since these are host clocks)."""
+
+    exchange: float = 0.0  # the all-to-alls: counts, tokens out and back, and their backward
+    experts: float = 0.0  # the local experts' forward and backward
+    calls: int = 0
+    _backward_from: float = 0.0
+
+
+class _Clock(torch.autograd.Function):
+    """The identity, whose backward notes the time: placed around the local experts, it times
+    their backward, which autograd runs between the two marks."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, timings: Timings, at_output: bool):
+        ctx.timings, ctx.at_output = timings, at_output
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        now = time.perf_counter()
+        if ctx.at_output:  # the experts' backward starts
+            ctx.timings._backward_from = now
+        else:
+            ctx.timings.experts += now - ctx.timings._backward_from
+        return grad, None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; its gradient is the exchange the other way."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group, timings: Optional[Timings]):
+        ctx.splits, ctx.group, ctx.timings = (out_splits, in_splits), group, timings
+        return _exchange(x, out_splits, in_splits, group, timings)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out_splits, in_splits = ctx.splits
+        return _exchange(grad, in_splits, out_splits, ctx.group, ctx.timings), None, None, None, None
+
+
+def _exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group, timings: Optional[Timings]) -> Tensor:
+    started = time.perf_counter()
+    out = x.new_empty(sum(out_splits), *x.shape[1:])
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    if timings is not None:
+        timings.exchange += time.perf_counter() - started
+    return out
+
+
+class ShardedExperts(GroupedExperts):
+    """This rank's L = E/N experts of one layer, fed by an all-to-all over the expert-parallel group.
+
+    Takes what GroupedExperts takes, (M, D) assignments grouped by expert with E counts, and
+    returns their (M, D) outputs in the same order. Parameters keep GroupedExperts' names with L
+    experts instead of E, so a checkpoint's names are the same with or without sharding.
+    """
+
+    def __init__(self, full: GroupedExperts, ep_rank: int, ep_size: int, group):
+        if full.num_experts % ep_size:
+            raise ValueError(f"{full.num_experts} experts do not split over {ep_size} ranks")
+        local = full.num_experts // ep_size
+        d_model, hidden = full.w_up.shape[1:]
+        with torch.random.fork_rng(devices=[]):  # the shard's own init is overwritten below: keep the RNG stream
+            super().__init__(local, d_model, hidden, full.activation, dropout=full.dropout)
+        self.total_experts, self.ep_rank, self.ep_size, self.group = full.num_experts, ep_rank, ep_size, group
+        self.first = ep_rank * local  # global id of local expert 0
+        self.timings: Optional[Timings] = None
+        with torch.no_grad():
+            for name in ("w_up", "w_gate", "w_down"):
+                mine = getattr(self, name)
+                if mine is not None:
+                    src = getattr(full, name)
+                    mine.copy_(src[self.first : self.first + local])
+                    mine.requires_grad_(src.requires_grad)
+
+    def forward(self, x: Tensor, tokens_per_expert: list[int]) -> Tensor:
+        """(M, D) grouped by global expert, E counts -> (M, D) outputs, in the same order."""
+        n, local = self.ep_size, self.num_experts
+        # Tell every rank how many rows of each of its experts are coming: (E,) -> (N, L) received.
+        counts = torch.tensor(tokens_per_expert, dtype=torch.int64, device=x.device)
+        received = _exchange(counts, [local] * n, [local] * n, self.group, self.timings).view(n, local)
+        # Host sync: all_to_all_single needs the split sizes as Python ints.
+        got = received.tolist()  # got[r][j]: rows of local expert j that rank r sends
+        send_splits = [sum(tokens_per_expert[r * local : (r + 1) * local]) for r in range(n)]
+        recv_splits = [sum(row) for row in got]
+        x_recv = _AllToAll.apply(x, recv_splits, send_splits, self.group, self.timings)  # (R, D), by source rank
+        # Arrived as [rank 0: experts 0..L-1][rank 1: experts 0..L-1]...; the experts want them by expert.
+        order = _by_expert(received, sum(recv_splits))  # (R,)
+        x_local = x_recv.index_select(0, order)  # (R, D) grouped by local expert
+        timed = self.timings is not None and torch.is_grad_enabled()
+        if timed:
+            x_local = _Clock.apply(x_local, self.timings, False)
+        started = time.perf_counter()
+        y_local = super().forward(x_local, [sum(col) for col in zip(*got)])  # (R, D)
+        if self.timings is not None:
+            self.timings.experts += time.perf_counter() - started
+            self.timings.calls += 1
+        if timed:
+            y_local = _Clock.apply(y_local, self.timings, True)
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)
+        y_recv = y_local.index_select(0, back)  # (R, D), by source rank again
+        return _AllToAll.apply(y_recv, send_splits, recv_splits, self.group, self.timings)  # (M, D)
+
+    def forward_expert(self, e: int, x: Tensor) -> Tensor:
+        raise NotImplementedError("moe.impl=loop does not run under expert parallelism (config refuses it)")
+
+
+def _by_expert(received: Tensor, total: int) -> Tensor:
+    """The permutation that sorts rows arriving as (source rank, local expert) chunks by
+    (local expert, source rank); stable, so each chunk keeps its order."""
+    n, local = received.shape
+    chunk = torch.repeat_interleave(torch.arange(n * local, device=received.device), received.reshape(-1),
+                                    output_size=total)  # (R,) chunk id r*L + j of each row
+    return torch.sort((chunk % local) * n + chunk // local, stable=True).indices
+
+
+@dataclass
+class ExpertParallel:
+    """This rank's place in the expert-parallel layout, and its sharded expert modules."""
+
+    size: int  # N ranks per expert-parallel group
+    rank: int  # this rank's place in its group
+    world_size: int  # W
+    group: object  # the N ranks of this rank's group
+    replicas: object  # the W/N ranks holding the same experts; None when W = N
+    layers: list[ShardedExperts] = field(default_factory=list)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for layer in self.layers:
+            yield from (p for p in layer.parameters(recurse=False))
+
+    def is_sharded(self, p: Tensor) -> bool:
+        return any(p is q for q in self.parameters())
+
+    def reduce_gradients(self) -> None:
+        """Sum each expert gradient over its replicas and divide by W (see the module docstring)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if self.replicas is not None and grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.replicas)
+            torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        if grads:
+            torch._foreach_div_(grads, float(self.world_size))
+
+    def clip_grad_norm_(self, params: Iterable[nn.Parameter], max_norm: Optional[float]) -> Tensor:
+        """clip_grad_norm_ over the whole model: the dense gradients, equal on every rank, plus
+        every expert's, each held by one rank of the group. Returns the total norm."""
+        params = [p for p in params if p.grad is not None]
+        dense = [p.grad for p in params if not self.is_sharded(p)]
+        sharded = [p.grad for p in params if self.is_sharded(p)]
+        device = params[0].grad.device if params else torch.device("cpu")
+        expert_sq = _sum_of_squares(sharded, device)
+        dist.all_reduce(expert_sq, group=self.group)
+        total = (_sum_of_squares(dense, device) + expert_sq).sqrt()
+        if max_norm is not None:
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(dense + sharded, coef)
+        return total
+
+    def _gather(self, shard: Tensor) -> Tensor:
+        """The group's shards of one tensor, concatenated along the expert dimension, on the CPU."""
+        parts = [torch.empty_like(shard) for _ in range(self.size)]
+        dist.all_gather(parts, shard.contiguous(), group=self.group)
+        return torch.cat([p.cpu() for p in parts])
+
+    def _slice(self, full: Tensor, device: torch.device) -> Tensor:
+        local = full.shape[0] // self.size
+        return full[self.rank * local : (self.rank + 1) * local].to(device=device, copy=True)
+
+    @contextmanager
+    def full_experts(self, gather: bool) -> Iterator[None]:
+        """Inside, every sharded parameter holds all E experts, on the CPU: gathered from the
+        group (`gather`, to save them) or uninitialised, to be loaded into. Afterwards each rank
+        keeps its own slice of what the full tensors then hold. Every rank of the group must enter."""
+        swapped = []
+        for p in self.parameters():
+            shard = p.data
+            shape = (shard.shape[0] * self.size, *shard.shape[1:])
+            p.data = self._gather(shard) if gather else torch.empty(shape, dtype=shard.dtype)
+            swapped.append((p, shard.device))
+        try:
+            yield
+        finally:
+            for p, device in swapped:
+                p.data = self._slice(p.data, device)
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """optimizer.state_dict() with every sharded parameter's state gathered to all E experts
+        (the layout one process would save). Every rank of the group must call it."""
+        saved = optimizer.state_dict()
+        for i, p in self._optimizer_indices(optimizer):
+            if i in saved["state"]:
+                saved["state"][i] = {  # a new dict: the returned one is the optimizer's own
+                    k: self._gather(v) if _per_expert(v, p) else v for k, v in saved["state"][i].items()
+                }
+        return saved
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, full: dict) -> None:
+        """Load a full-layout optimizer state (full_optimizer_state's, or one process's), keeping
+        this rank's slice of each sharded parameter's state."""
+        state = dict(full["state"])
+        for i, p in self._optimizer_indices(optimizer):
+            if i in state:
+                state[i] = {k: self._slice(v, p.device) if _is_full(v, p, self.size) else v for k, v in state[i].items()}
+        optimizer.load_state_dict({**full, "state": state})
+
+    def _optimizer_indices(self, optimizer: torch.optim.Optimizer) -> list[tuple[int, nn.Parameter]]:
+        """(index in optimizer.state_dict(), parameter) of each sharded parameter the optimizer holds."""
+        ordered = [p for group in optimizer.param_groups for p in group["params"]]
+        return [(i, p) for i, p in enumerate(ordered) if self.is_sharded(p)]
+
+
+def _per_expert(v: object, p: Tensor) -> bool:
+    return torch.is_tensor(v) and v.shape == p.shape
+
+
+def _is_full(v: object, p: Tensor, size: int) -> bool:
+    return torch.is_tensor(v) and v.ndim == p.ndim and v.shape[0] == p.shape[0] * size and v.shape[1:] == p.shape[1:]
+
+
+def _sum_of_squares(grads: list[Tensor], device: torch.device) -> Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+
+
+def shard(model: nn.Module, n: int, dp: Dist) -> Optional[ExpertParallel]:
+    """Create the expert-parallel process groups and shard every MoE layer's experts over groups
+    of `n` ranks; None when `n` is 1. Every rank must call it (new process groups are
+    collective); check_layout has vetted `n` against the config."""
+    if n == 1:
+        return None
+    if dp.world_size % n or dp.world_size == 1:
+        raise ValueError(f"expert-parallel size {n} does not divide the {dp.world_size} processes")
+    groups = [dist.new_group(list(range(start, start + n))) for start in range(0, dp.world_size, n)]
+    replicas = [dist.new_group(list(range(r, dp.world_size, n))) for r in range(n)] if dp.world_size > n else None
+    ep = ExpertParallel(size=n, rank=dp.rank % n, world_size=dp.world_size, group=groups[dp.rank // n],
+                        replicas=replicas[dp.rank % n] if replicas else None)
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.experts = ShardedExperts(module.experts, ep.rank, n, ep.group)
+            ep.layers.append(module.experts)
+    return ep
+
+
+def parameter_names(model: nn.Module, ep: ExpertParallel) -> list[str]:
+    """The fully qualified names of the sharded parameters (DDP leaves these to reduce_gradients)."""
+    return [name for name, p in model.named_parameters() if ep.is_sharded(p)]
