@@ -68,7 +68,6 @@ class Timings:
 
     exchange: float = 0.0  # the all-to-alls: counts, tokens out and back, and their backward
     experts: float = 0.0  # the local experts' forward and backward
-    calls: int = 0
     _backward_from: float = 0.0
 
 
@@ -161,7 +160,6 @@ class ShardedExperts(GroupedExperts):
         y_local = super().forward(x_local, [sum(col) for col in zip(*got)])  # (R, D)
         if self.timings is not None:
             self.timings.experts += time.perf_counter() - started
-            self.timings.calls += 1
         if timed:
             y_local = _Clock.apply(y_local, self.timings, True)
         back = torch.empty_like(order)
@@ -170,7 +168,7 @@ class ShardedExperts(GroupedExperts):
         return _AllToAll.apply(y_recv, send_splits, recv_splits, self.group, self.timings)  # (M, D)
 
     def forward_expert(self, e: int, x: Tensor) -> Tensor:
-        raise NotImplementedError("moe.impl=loop does not run under expert parallelism (config refuses it)")
+        raise NotImplementedError("the per-expert loop reference runs on unsharded layers only")
 
 
 def _by_expert(received: Tensor, total: int) -> Tensor:
