@@ -15,6 +15,8 @@ Under torchrun the same loop runs in every process (moectl/distributed.py): each
 its slice of every global batch, DDP averages the gradients (skipping the all-reduce on
 non-final micro-steps), routing statistics and logged losses are summed over ranks before
 they are logged, evaluation is split over ranks, and only rank 0 writes logs and checkpoints.
+With train.expert_parallel each rank holds only its share of the experts (moectl/expert_parallel.py):
+the loop reduces and clips their gradients itself and saves and loads them in the one-process layout.
 """
 
 from __future__ import annotations

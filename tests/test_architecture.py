@@ -26,7 +26,7 @@ LAYERS = [
     ("models", ["moectl.models"]),
     ("moe", ["moectl.moe"]),
     ("leaves", ["moectl.config", "moectl.runtime", "moectl.stats", "moectl.errors", "moectl.console",
-                "moectl.fileio", "moectl.plots", "moectl"]),
+                "moectl.fileio", "moectl.plots", "moectl.perf_model", "moectl"]),
 ]
 
 
