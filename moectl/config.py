@@ -24,6 +24,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from moectl.errors import ConfigError
 from moectl.fileio import atomic_write_text
+from moectl.perf_model import PRESETS as HARDWARE_PRESETS
 
 
 class Section(BaseModel):
@@ -354,9 +355,30 @@ class TrainConfig(Section):
         "exchange tokens by all-to-all (each holds moe.num_experts / N experts); dense parameters stay replicated "
         "under DDP. Must divide the number of processes and moe.num_experts. 1: every process holds every expert.",
     )
+    shadow_experts: Union[Literal["off", "auto"], int] = Field(
+        "off",
+        description="Expert parallelism: FasterMoE's dynamic shadowing. Each step, from the group's routing counts, "
+        "the hottest experts are copied to every process of the group, which computes them on its own tokens instead "
+        "of sending them; their gradients go back to the owners. `auto`: as many as FasterMoE's performance model "
+        "says pay off on train.hardware; K: the K most loaded; `off`: none. The result is the same either way.",
+    )
+    hardware: str = Field(
+        "auto",
+        description="The machine the performance model assumes (train.shadow_experts=auto): a preset name "
+        "(`gpu-node`, `gpu-2nodes`, `cpu`), or `auto`: `gpu-node` on CUDA, else `cpu`.",
+    )
     dist_timeout: float = Field(
         600.0, gt=0, description="Multi-process runs: seconds a collective waits for the other processes before the job fails."
     )
+
+    @field_validator("shadow_experts", mode="before")
+    @classmethod
+    def _off_is_not_false(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML reads a bare `off` as false
+            if value:
+                raise ValueError("must be off, auto or a number of experts, not true")
+            return "off"
+        return value
 
 
 class OptimConfig(Section):
@@ -436,6 +458,16 @@ class Config(Section):
                     f"train.expert_parallel={tr.expert_parallel} must divide moe.num_experts={moe.num_experts} "
                     "(each process holds an equal share of every layer's experts)"
                 )
+        if tr.shadow_experts != "off":
+            if tr.expert_parallel == 1:
+                raise ValueError(
+                    f"train.shadow_experts={tr.shadow_experts} shadows experts of expert-parallel groups; "
+                    "set train.expert_parallel > 1 or train.shadow_experts=off"
+                )
+            if isinstance(tr.shadow_experts, int) and not 1 <= tr.shadow_experts <= moe.num_experts:
+                raise ValueError(f"train.shadow_experts={tr.shadow_experts} must be in [1, moe.num_experts={moe.num_experts}]")
+        if tr.hardware != "auto" and tr.hardware not in HARDWARE_PRESETS:
+            raise ValueError(f"train.hardware={tr.hardware!r} must be auto or one of {', '.join(HARDWARE_PRESETS)}")
         if tr.lstm_stateful and self.backbone != "lstm":
             raise ValueError(f"train.lstm_stateful=true needs an LSTM (model.arch={m.arch} has no recurrent state)")
         if m.arch.startswith("transformer"):

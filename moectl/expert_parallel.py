@@ -31,16 +31,17 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moectl import perf_model
 from moectl.config import Config
 from moectl.errors import ConfigError
 from moectl.moe import MoELayer
-from moectl.moe.experts import GroupedExperts
+from moectl.moe.experts import GroupedExperts, ffn
 from moectl.runtime import Dist
 
 
@@ -119,18 +120,28 @@ class ShardedExperts(GroupedExperts):
     Takes what GroupedExperts takes, (M, D) assignments grouped by expert with E counts, and
     returns their (M, D) outputs in the same order. Parameters keep GroupedExperts' names with L
     experts instead of E, so a checkpoint's names are the same with or without sharding.
+
+    Shadowing (FasterMoE): `choose_shadows` maps the group's routing counts (N, E) to experts
+    that every rank of the group computes itself this step. Their owners broadcast their weights,
+    their rows stay where they were routed, and the copies' gradients are summed back to the
+    owners by `reduce_shadow_gradients` before the optimizer step, so the result is the same.
     """
 
-    def __init__(self, full: GroupedExperts, ep_rank: int, ep_size: int, group):
+    def __init__(self, full: GroupedExperts, ep_rank: int, group_ranks: list[int], group,
+                 choose_shadows: Optional[Callable[[Tensor], tuple[int, ...]]] = None):
+        ep_size = len(group_ranks)
         if full.num_experts % ep_size:
             raise ValueError(f"{full.num_experts} experts do not split over {ep_size} ranks")
         local = full.num_experts // ep_size
         d_model, hidden = full.w_up.shape[1:]
         with torch.random.fork_rng(devices=[]):  # the shard's own init is overwritten below: keep the RNG stream
             super().__init__(local, d_model, hidden, full.activation, dropout=full.dropout)
-        self.total_experts, self.ep_rank, self.ep_size, self.group = full.num_experts, ep_rank, ep_size, group
+        self.total_experts, self.ep_rank, self.ep_size = full.num_experts, ep_rank, ep_size
+        self.group_ranks, self.group = group_ranks, group
         self.first = ep_rank * local  # global id of local expert 0
+        self.choose_shadows = choose_shadows
         self.timings: Optional[Timings] = None
+        self._shadowed: list[tuple[int, Tensor]] = []  # (expert, weight copy) of this step's forwards
         with torch.no_grad():
             for name in ("w_up", "w_gate", "w_down"):
                 mine = getattr(self, name)
@@ -141,11 +152,36 @@ class ShardedExperts(GroupedExperts):
 
     def forward(self, x: Tensor, tokens_per_expert: list[int]) -> Tensor:
         """(M, D) grouped by global expert, E counts -> (M, D) outputs, in the same order."""
+        # Every rank's rows per expert: (E,) -> (N, E); host sync, as the splits must be ints.
+        table = self._gather_counts(torch.tensor(tokens_per_expert, dtype=torch.int64, device=x.device))
+        shadows = sorted(self.choose_shadows(table)) if self.choose_shadows is not None else []
+        if not shadows:
+            return self._routed(x, tokens_per_expert, table)
+        weights = {e: self._broadcast_expert(e) for e in shadows}
+        pieces = x.split(tokens_per_expert)  # E pieces of (n_e, D)
+        routed = [e for e in range(self.total_experts) if e not in weights]
+        counts = [tokens_per_expert[e] if e in routed else 0 for e in range(self.total_experts)]
+        table = table.clone()
+        table[:, shadows] = 0  # shadowed rows stay home
+        x_routed = torch.cat([pieces[e] for e in routed]) if routed else x[:0]
+        y_routed = iter(self._routed(x_routed, counts, table).split([counts[e] for e in routed]))
+        p = self._dropout()
+        outs = [ffn(pieces[e], *weights[e], self.activation, p) if e in weights else next(y_routed)
+                for e in range(self.total_experts)]
+        return torch.cat(outs)
+
+    def _gather_counts(self, counts: Tensor) -> Tensor:
+        started = time.perf_counter()
+        rows = [torch.empty_like(counts) for _ in range(self.ep_size)]
+        dist.all_gather(rows, counts, group=self.group)
+        if self.timings is not None:
+            self.timings.exchange += time.perf_counter() - started
+        return torch.stack(rows)
+
+    def _routed(self, x: Tensor, tokens_per_expert: list[int], table: Tensor) -> Tensor:
+        """The all-to-all path: (M, D) by global expert -> (M, D); table: the group's (N, E) counts."""
         n, local = self.ep_size, self.num_experts
-        # Tell every rank how many rows of each of its experts are coming: (E,) -> (N, L) received.
-        counts = torch.tensor(tokens_per_expert, dtype=torch.int64, device=x.device)
-        received = _exchange(counts, [local] * n, [local] * n, self.group, self.timings).view(n, local)
-        # Host sync: all_to_all_single needs the split sizes as Python ints.
+        received = table[:, self.first : self.first + local]  # (N, L): rows of my experts from each rank
         got = received.tolist()  # got[r][j]: rows of local expert j that rank r sends
         send_splits = [sum(tokens_per_expert[r * local : (r + 1) * local]) for r in range(n)]
         recv_splits = [sum(row) for row in got]
@@ -166,6 +202,48 @@ class ShardedExperts(GroupedExperts):
         back[order] = torch.arange(order.numel(), device=order.device)
         y_recv = y_local.index_select(0, back)  # (R, D), by source rank again
         return _AllToAll.apply(y_recv, send_splits, recv_splits, self.group, self.timings)  # (M, D)
+
+    def _matrices(self) -> list[Tensor]:
+        return [w for w in (self.w_up, self.w_gate, self.w_down) if w is not None]
+
+    def _owner(self, expert: int) -> int:
+        """The place in the group of the rank that holds `expert`."""
+        return expert // self.num_experts
+
+    def _broadcast_expert(self, expert: int) -> tuple[Tensor, Optional[Tensor], Tensor]:
+        """Expert `expert`'s (w_up, w_gate, w_down) from its owner, as one flat copy that records
+        its gradient for reduce_shadow_gradients."""
+        mats = self._matrices()
+        if self._owner(expert) == self.ep_rank:
+            flat = torch.cat([w[expert - self.first].detach().reshape(-1) for w in mats])
+        else:
+            flat = mats[0].new_empty(sum(w[0].numel() for w in mats))
+        dist.broadcast(flat, src=self.group_ranks[self._owner(expert)], group=self.group)
+        if torch.is_grad_enabled():
+            flat.requires_grad_(True)
+            self._shadowed.append((expert, flat))
+        views = [v.view_as(w[0]) for v, w in zip(flat.split([w[0].numel() for w in mats]), mats)]
+        return (views[0], views[1], views[2]) if self.w_gate is not None else (views[0], None, views[1])
+
+    def reduce_shadow_gradients(self) -> None:
+        """Sum the shadow copies' gradients of this step over the group into their owners' experts."""
+        if not self._shadowed:
+            return
+        mats = self._matrices()
+        sums: dict[int, Tensor] = {}
+        for expert, flat in self._shadowed:
+            grad = flat.grad if flat.grad is not None else torch.zeros_like(flat)
+            sums[expert] = sums[expert] + grad if expert in sums else grad.clone()
+        self._shadowed.clear()
+        for expert in sorted(sums):  # the same experts, in the same order, on every rank of the group
+            owner = self._owner(expert)
+            dist.reduce(sums[expert], dst=self.group_ranks[owner], group=self.group)
+            if owner != self.ep_rank:
+                continue
+            for w, g in zip(mats, sums[expert].split([w[0].numel() for w in mats])):
+                if w.grad is None:
+                    w.grad = torch.zeros_like(w)
+                w.grad[expert - self.first] += g.view_as(w[0])
 
     def forward_expert(self, e: int, x: Tensor) -> Tensor:
         raise NotImplementedError("the per-expert loop reference runs on unsharded layers only")
@@ -199,7 +277,10 @@ class ExpertParallel:
         return any(p is q for q in self.parameters())
 
     def reduce_gradients(self) -> None:
-        """Sum each expert gradient over its replicas and divide by W (see the module docstring)."""
+        """Sum shadowed experts' gradients into their owners, then each expert gradient over its
+        replicas, and divide by W (see the module docstring)."""
+        for layer in self.layers:
+            layer.reduce_shadow_gradients()
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if self.replicas is not None and grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -290,23 +371,42 @@ def _sum_of_squares(grads: list[Tensor], device: torch.device) -> Tensor:
     return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
 
 
-def shard(model: nn.Module, n: int, dp: Dist) -> Optional[ExpertParallel]:
+def shard(model: nn.Module, n: int, dp: Dist, shadow: str | int = "off",
+          hardware: Optional[perf_model.Hardware] = None) -> Optional[ExpertParallel]:
     """Create the expert-parallel process groups and shard every MoE layer's experts over groups
     of `n` ranks; None when `n` is 1. Every rank must call it (new process groups are
-    collective); check_layout has vetted `n` against the config."""
+    collective); check_layout has vetted `n` against the config. `shadow`: "off", "auto"
+    (FasterMoE's greedy policy on `hardware`) or K (the K most loaded experts of each step)."""
     if n == 1:
         return None
     if dp.world_size % n or dp.world_size == 1:
         raise ValueError(f"expert-parallel size {n} does not divide the {dp.world_size} processes")
-    groups = [dist.new_group(list(range(start, start + n))) for start in range(0, dp.world_size, n)]
+    groups = [list(range(start, start + n)) for start in range(0, dp.world_size, n)]
+    handles = [dist.new_group(ranks) for ranks in groups]
     replicas = [dist.new_group(list(range(r, dp.world_size, n))) for r in range(n)] if dp.world_size > n else None
-    ep = ExpertParallel(size=n, rank=dp.rank % n, world_size=dp.world_size, group=groups[dp.rank // n],
+    ep = ExpertParallel(size=n, rank=dp.rank % n, world_size=dp.world_size, group=handles[dp.rank // n],
                         replicas=replicas[dp.rank % n] if replicas else None)
     for module in model.modules():
         if isinstance(module, MoELayer):
-            module.experts = ShardedExperts(module.experts, ep.rank, n, ep.group)
+            policy = shadow_policy(module.experts, n, shadow, hardware)
+            module.experts = ShardedExperts(module.experts, ep.rank, groups[dp.rank // n], ep.group, policy)
             ep.layers.append(module.experts)
     return ep
+
+
+def shadow_policy(experts: GroupedExperts, n: int, shadow: str | int,
+                  hardware: Optional[perf_model.Hardware]) -> Optional[Callable[[Tensor], tuple[int, ...]]]:
+    """The function from a group's (N, E) routing counts to the experts to shadow; None for off."""
+    if shadow == "off":
+        return None
+    if shadow != "auto":
+        return lambda table: perf_model.top_shadow(table.tolist(), int(shadow))
+    if hardware is None:
+        raise ValueError("shadow='auto' needs a hardware description")
+    d_model, hidden = experts.w_up.shape[1:]
+    shape = perf_model.ExpertShape(d_model, hidden, experts.num_experts, 3 if experts.w_gate is not None else 2)
+    layout = perf_model.Layout(world=n, ep=n)
+    return lambda table: perf_model.greedy_shadow(shape, hardware, layout, table.tolist())
 
 
 def parameter_names(model: nn.Module, ep: ExpertParallel) -> list[str]:

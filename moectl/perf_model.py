@@ -43,6 +43,24 @@ class Hardware:
     latency: float  # seconds per message
     devices_per_node: int
     memory: float  # bytes per device
+    nodes: int = 1
+
+
+# Named machines. `cpu` is the 2-core development machine running gloo processes of one thread
+# each (rates measured with a 1-thread matmul and a 2-process all-to-all on it); the GPU presets
+# are round datasheet-level figures for bf16 on H100-class GPUs (NVLink within a node, 400 Gb/s
+# per GPU between nodes), to be replaced by measurements where such a machine is at hand.
+PRESETS: dict[str, Hardware] = {
+    hw.name: hw
+    for hw in (
+        Hardware("gpu-node", flops=4e14, intra_bandwidth=2e11, inter_bandwidth=5e10, latency=1e-5,
+                 devices_per_node=8, memory=80e9),
+        Hardware("gpu-2nodes", flops=4e14, intra_bandwidth=2e11, inter_bandwidth=5e10, latency=1e-5,
+                 devices_per_node=8, memory=80e9, nodes=2),
+        Hardware("cpu", flops=9e9, intra_bandwidth=1e9, inter_bandwidth=1e9, latency=2e-4,
+                 devices_per_node=4, memory=24e9 / 4),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -186,11 +204,19 @@ def greedy_shadow(shape: ExpertShape, hw: Hardware, layout: Layout, counts: Sequ
     return chosen
 
 
-def top_shadow(shape: ExpertShape, counts: Sequence[Sequence[float]], k: int) -> tuple[int, ...]:
-    """The k experts with the most rows (ties: the lower id)."""
-    load = [sum(float(row[e]) for row in counts) for e in range(shape.num_experts)]
-    return tuple(sorted(range(shape.num_experts), key=lambda e: (-load[e], e))[:k])
+def top_shadow(counts: Sequence[Sequence[float]], k: int) -> tuple[int, ...]:
+    """The k experts with the most rows over all ranks (ties: the lower id)."""
+    experts = range(len(counts[0]))
+    load = [sum(float(row[e]) for row in counts) for e in experts]
+    return tuple(sorted(experts, key=lambda e: (-load[e], e))[:k])
 
 
 def _with_shadow(layout: Layout, shadow: tuple[int, ...]) -> Layout:
     return Layout(world=layout.world, ep=layout.ep, shadow=shadow, overlap=layout.overlap, chunks=layout.chunks)
+
+
+def hardware(name: str, device_type: str) -> Hardware:
+    """A preset by name; `auto`: gpu-node on CUDA, else cpu."""
+    if name == "auto":
+        name = "gpu-node" if device_type == "cuda" else "cpu"
+    return PRESETS[name]

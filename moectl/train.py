@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moectl import checkpoint, config, console, data, distributed, expert_parallel, runtime, warmstart
+from moectl import checkpoint, config, console, data, distributed, expert_parallel, perf_model, runtime, warmstart
 from moectl import tokenizer as tokenizers_
 from moectl.config import Config, OptimConfig
 from moectl.console import TrainProgress
@@ -176,7 +176,7 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
     if frozen:
         console.status(f"train.freeze={tr.freeze}: {console.human(frozen)} parameters stay as they are")
     params = parameter_counts(model)
-    ep = expert_parallel.shard(model, tr.expert_parallel, dp)
+    ep = expert_parallel.shard(model, tr.expert_parallel, dp, tr.shadow_experts, perf_model.hardware(tr.hardware, device.type))
     model = model.to(device)
     if dp.enabled:
         torch.manual_seed(tr.seed + 7919 * (dp.rank + 1))  # each rank its own dropout and routing noise

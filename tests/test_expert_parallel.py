@@ -1,9 +1,10 @@
 """Expert parallelism on CPU with gloo processes.
 
 What must hold: a layer whose experts are sharded over 2 processes computes, for each process's
-tokens, the outputs and gradients of the whole layer; `moectl train` with train.expert_parallel
-gives the weights and losses of one process on the same global batch (EP=2 on 2 processes, EP=2
-x DP=2 on 4, dropless and with a capacity factor); checkpoints are in the one-process layout, so
+tokens, the outputs and gradients of the whole layer, with and without shadowed experts
+(FasterMoE); `moectl train` with train.expert_parallel gives the weights and losses of one
+process on the same global batch (EP=2 on 2 processes, EP=2 x DP=2 on 4, dropless and with a
+capacity factor, with and without shadowing); checkpoints are in the one-process layout, so
 a run moves between expert-parallel sizes on resume; impossible layouts are refused before any
 process starts.
 """
@@ -49,15 +50,17 @@ def _layers() -> dict[str, MoELayer]:
 def _sharded_layer_worker(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        for name, full in _layers().items():
-            _check_sharded_layer(name, full, rank, world)
+        for shadow in ("off", 1, E):  # none; the hottest expert; every expert, shadowed on every rank
+            for name, full in _layers().items():
+                _check_sharded_layer(name, full, rank, world, shadow)
     finally:
         dist.destroy_process_group()
 
 
-def _check_sharded_layer(name: str, full: MoELayer, rank: int, world: int) -> None:
+def _check_sharded_layer(name: str, full: MoELayer, rank: int, world: int, shadow) -> None:
+    name = f"{name}, shadow {shadow}"
     sharded = copy.deepcopy(full)
-    ep = expert_parallel.shard(sharded, world, Dist(rank=rank, world_size=world))
+    ep = expert_parallel.shard(sharded, world, Dist(rank=rank, world_size=world), shadow)
     assert sharded.experts.w_up.shape[0] == E // world, name
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(n, D, generator=gen) for n in TOKENS]  # (n_r, D): every rank's tokens
@@ -70,6 +73,9 @@ def _check_sharded_layer(name: str, full: MoELayer, rank: int, world: int) -> No
     x = xs[rank].clone().requires_grad_()
     y, record = sharded(x)
     (y * cs[rank]).sum().backward()
+    shadowed = [e for e, _ in sharded.experts._shadowed]
+    assert len(set(shadowed)) == (0 if shadow == "off" else shadow), name
+    sharded.experts.reduce_shadow_gradients()  # the copies' gradients back to their owners
     torch.testing.assert_close(y, ys[rank], msg=name)
     torch.testing.assert_close(x.grad, x_ref[rank].grad, msg=name)
     mine = slice(rank * E // world, (rank + 1) * E // world)
@@ -97,27 +103,48 @@ def test_arrivals_are_regrouped_by_expert_then_source_rank():
     assert order.tolist() == [0, 3, 4, 5, 1, 2]
 
 
+def test_shadow_policies_pick_the_hottest_experts():
+    from moectl.moe.experts import GroupedExperts
+    from moectl.perf_model import Hardware
+
+    experts = GroupedExperts(4, 64, 64, "swiglu")
+    skewed = torch.tensor([[500, 10, 10, 10], [500, 10, 20, 10]])  # (N, E) rows per rank and expert
+    assert expert_parallel.shadow_policy(experts, 2, "off", None) is None
+    assert expert_parallel.shadow_policy(experts, 2, 2, None)(skewed) == (0, 2)
+    slow_net = Hardware("slow", flops=1e8, intra_bandwidth=1e9, inter_bandwidth=1e9, latency=0.0,
+                        devices_per_node=8, memory=1e9)
+    auto = expert_parallel.shadow_policy(experts, 2, "auto", slow_net)
+    assert auto(skewed)[:1] == (0,)  # FasterMoE's greedy policy: the hot expert first
+    assert auto(torch.tensor([[500, 0, 0, 0], [500, 0, 0, 0]])) == (0,)  # and only what pays
+    assert auto(torch.full((2, 4), 10)) == ()
+
+
 # ------------------------------------------------------------------------------- moectl train
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One config trained by 1 process, by 2 with EP=2 and by 4 with EP=2 x DP=2; and with a
-    capacity factor, by 1 process and by 4 with EP=2 x DP=2."""
+    """One config trained by 1 process, by 2 with EP=2 and by 4 with EP=2 x DP=2, both also with
+    the hottest experts shadowed; and with a capacity factor, by 1 process and by 4 with EP=2 x DP=2."""
     tmp = tmp_path_factory.mktemp("ep")
     cfg_file = write_config(tmp / "tiny.yaml", tiny_config(tmp, **EXACT))
     cf_file = write_config(tmp / "cf.yaml", tiny_config(tmp, **{**EXACT, "moe": {**EXACT["moe"], "capacity_factor": 1.0}}))
     out = {"cfg": cfg_file, "cf": cf_file, "single": fit(config.load(cfg_file, ["run.name=single"])).run_dir,
            "cf_single": fit(config.load(cf_file, ["run.name=cf_single"])).run_dir}
-    for name, file, nproc in (("ep2", cfg_file, "2"), ("ep2dp2", cfg_file, "4"), ("cf_ep2dp2", cf_file, "4")):
-        proc = moectl("train", str(file), "--nproc-per-node", nproc, "--run-name", name, "--set", "train.expert_parallel=2")
+    layouts = (("ep2", cfg_file, "2", []), ("ep2dp2", cfg_file, "4", []), ("cf_ep2dp2", cf_file, "4", []),
+               ("ep2_shadow1", cfg_file, "2", ["train.shadow_experts=1"]),
+               ("ep2dp2_shadow2", cfg_file, "4", ["train.shadow_experts=2"]))
+    for name, file, nproc, extra in layouts:
+        sets = [a for kv in ["train.expert_parallel=2", *extra] for a in ("--set", kv)]
+        proc = moectl("train", str(file), "--nproc-per-node", nproc, "--run-name", name, *sets)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         out[name] = tmp / "runs" / name
         out[f"{name}_log"] = proc.stdout + proc.stderr
     return out
 
 
-@pytest.mark.parametrize("single,sharded", [("single", "ep2"), ("single", "ep2dp2"), ("cf_single", "cf_ep2dp2")])
+@pytest.mark.parametrize("single,sharded", [("single", "ep2"), ("single", "ep2dp2"), ("cf_single", "cf_ep2dp2"),
+                                            ("single", "ep2_shadow1"), ("single", "ep2dp2_shadow2")])
 def test_expert_parallel_training_equals_one_process(runs, single, sharded):
     for step in (2, 4, 6):
         assert_close_weights(checkpoint.step_dir(runs[single], step), checkpoint.step_dir(runs[sharded], step))
@@ -171,12 +198,17 @@ def test_a_run_moves_between_expert_parallel_sizes_on_resume(runs, tmp_path, sou
 # --------------------------------------------------------------------------------- bad layouts
 
 
-def test_config_refuses_a_size_that_does_not_divide_the_experts_or_a_dense_model(tmp_path):
+def test_config_refuses_a_size_that_does_not_divide_the_experts_a_dense_model_or_shadows_without_ep(tmp_path):
     cfg_file = write_config(tmp_path / "t.yaml", tiny_config(tmp_path))
     with pytest.raises(ConfigError, match=r"train.expert_parallel=3 must divide moe.num_experts=4"):
         config.load(cfg_file, ["train.expert_parallel=3"])
     with pytest.raises(ConfigError, match=r"train.expert_parallel=2 shards experts, but model.arch=transformer_dense"):
         config.load(cfg_file, ["train.expert_parallel=2", "model.arch=transformer_dense"])
+    with pytest.raises(ConfigError, match=r"train.shadow_experts=1 shadows experts of expert-parallel groups"):
+        config.load(cfg_file, ["train.shadow_experts=1"])
+    with pytest.raises(ConfigError, match=r"train.shadow_experts=5 must be in \[1, moe.num_experts=4\]"):
+        config.load(cfg_file, ["train.expert_parallel=2", "train.shadow_experts=5"])
+    assert config.load(cfg_file, ["train.expert_parallel=2", "train.shadow_experts=off"]).train.shadow_experts == "off"
 
 
 def test_a_size_that_does_not_fit_the_processes_is_refused_before_any_starts(tmp_path):
