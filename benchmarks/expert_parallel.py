@@ -19,8 +19,12 @@ of the whole job with its ratio to plain DDP (N = 1) of the same W.
     python benchmarks/expert_parallel.py --json            # one JSON object per layout
     python benchmarks/expert_parallel.py --device cuda --world 8 --ep 1 2 4 8   # on a GPU node
 
+It also prints `moectl plan`'s prediction of each layout's step (moectl/plan.py with the `cpu`
+preset of moectl/perf_model.py), whether it ranks the layouts as measured, and the factor
+between measured and predicted times.
+
 JSON keys: world, ep, device, threads, steps, global_tokens, expert_mb, params_mb, peak_mb,
-step_ms, exchange_ms, experts_ms, tokens_per_sec, ratio_to_ddp.
+step_ms, exchange_ms, experts_ms, tokens_per_sec, ratio_to_ddp, predicted_ms.
 """
 
 from __future__ import annotations
@@ -151,6 +155,49 @@ def run_layout(world: int, ep_size: int, args: argparse.Namespace) -> dict:
     }
 
 
+def _calibrate_worker(rank: int, store: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    rows = []
+    for numel, repeats in ((1, 200), (4 * 2**20, 10)):  # 4 bytes (latency), 16 MB (bandwidth)
+        x, y = torch.ones(2 * numel), torch.empty(2 * numel)
+        dist.all_to_all_single(y, x)
+        dist.barrier()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            dist.all_to_all_single(y, x)
+        rows.append((time.perf_counter() - started) / repeats)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"latency": rows[0], "bandwidth": 4 * 4 * 2**20 / (rows[1] - rows[0])}))
+    dist.destroy_process_group()
+
+
+def calibrate() -> dict:
+    """The rates of moectl/perf_model.py's `cpu` preset, measured here: one thread's matmul FLOP/s
+    on an expert's shapes (d 256 x hidden 1024, 2048 rows), and a 2-process gloo all-to-all's
+    latency and bandwidth (bytes each process sends per second)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    torch.set_num_threads(1)
+    a, b = torch.randn(2048, 256), torch.randn(256, 1024)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        started = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - started)
+    flops = 2 * 2048 * 256 * 1024 / statistics.median(times)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_calibrate_worker, args=(str(Path(tmp) / "store"), str(Path(tmp) / "out.json")), nprocs=2, join=True)
+        link = json.loads(Path(tmp, "out.json").read_text())
+    return {"flops": flops, **link}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quickstart.yaml", help="the model (relative to the repository)")
@@ -163,8 +210,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", action="store_true", help="one JSON object per layout instead of a table")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="only measure this machine's rates for the perf model's cpu preset (JSON)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    if args.calibrate:
+        print(json.dumps(calibrate()))
+        return 0
     from moectl import config
 
     seq = config.load(ROOT / args.config, DEFAULT_SET + args.set).data.seq_len
@@ -178,6 +230,7 @@ def main() -> int:
     for row in results:
         ddp = next((r for r in results if r["world"] == row["world"] and r["ep"] == 1), None)
         row["ratio_to_ddp"] = round(row["tokens_per_sec"] / ddp["tokens_per_sec"], 3) if ddp else None
+        row["predicted_ms"] = round(predicted_step_ms(args, row["world"], row["ep"]), 1)
     if args.json:
         for row in results:
             print(json.dumps(row))
@@ -185,13 +238,42 @@ def main() -> int:
     print(f"device {args.device}, {results[0]['threads']} thread(s) per process, global batch {args.batch_size}x{seq} "
           f"tokens, median of {args.steps} steps x all ranks")
     print(f"{'W':>3}{'EP':>4}{'expert MB':>11}{'params MB':>11}{'peak MB':>9}{'step ms':>9}"
-          f"{'a2a ms':>8}{'experts ms':>12}{'tokens/s':>10}{'x DDP':>7}")
+          f"{'a2a ms':>8}{'experts ms':>12}{'tokens/s':>10}{'x DDP':>7}{'predicted ms':>14}")
     for r in results:
         ratio = f"{r['ratio_to_ddp']:.2f}" if r["ratio_to_ddp"] is not None else "-"
         a2a, experts = (f"{r['exchange_ms']:.1f}", f"{r['experts_ms']:.1f}") if r["ep"] > 1 else ("-", "-")
         print(f"{r['world']:>3}{r['ep']:>4}{r['expert_mb']:>11.1f}{r['params_mb']:>11.1f}{r['peak_mb']:>9.0f}"
-              f"{r['step_ms']:>9.0f}{a2a:>8}{experts:>12}{r['tokens_per_sec']:>10.0f}{ratio:>7}")
+              f"{r['step_ms']:>9.0f}{a2a:>8}{experts:>12}{r['tokens_per_sec']:>10.0f}{ratio:>7}{r['predicted_ms']:>14.0f}")
+    for world in sorted({r["world"] for r in results}):
+        rows = [r for r in results if r["world"] == world]
+        measured = [r["ep"] for r in sorted(rows, key=lambda r: r["step_ms"])]
+        predicted = [r["ep"] for r in sorted(rows, key=lambda r: r["predicted_ms"])]
+        factors = ", ".join(f"{r['step_ms'] / r['predicted_ms']:.2f}" for r in rows)
+        print(f"W={world}: fastest first, measured EP {measured}, predicted EP {predicted} "
+              f"({'same' if measured == predicted else 'different'} ranking); measured / predicted: {factors}")
     return 0
+
+
+def predicted_step_ms(args: argparse.Namespace, world: int, ep: int) -> float:
+    """moectl plan's prediction for this layout with the `cpu` preset (the GPU preset on --device
+    cuda), routing taken as uniform (an untrained router on random tokens is close to it)."""
+    import dataclasses
+
+    import torch
+
+    from moectl import config, plan
+    from moectl.models import build_model
+    from moectl.perf_model import PRESETS
+
+    cfg = config.load(ROOT / args.config, DEFAULT_SET + args.set + [f"train.batch_size={args.batch_size}"])
+    hw = PRESETS["gpu-node" if args.device == "cuda" else "cpu"]
+    # One node of `world` processes; on a CPU with fewer cores than processes, they share them.
+    share = min(1.0, (os.cpu_count() or 1) / world) if args.device == "cpu" else 1.0
+    hw = dataclasses.replace(hw, devices_per_node=world, nodes=1, flops=hw.flops * share)
+    with torch.device("meta"):
+        model = build_model(cfg, cfg.tokenizer.vocab_size)
+    loads = [[1.0] * cfg.moe.num_experts for _ in range(len(plan.moe_layers(model)))]
+    return plan.predict(cfg, hw, plan.dense_parameters(model), loads, world, ep, False, False).step_ms
 
 
 if __name__ == "__main__":

@@ -225,6 +225,38 @@ def route_stats_command(
             console.status(f"wrote {out}/stats.json, layerNN.csv, load_heatmap.png, coselection_layerNN.png, tensorboard/")
 
 
+@app.command("plan")
+def plan_command(
+    run: RunArgument,
+    hardware: Annotated[
+        str,
+        typer.Option("--hardware", help="A preset (gpu-node: 8 GPUs with NVLink; gpu-2nodes: two of them at 400 Gb/s "
+                     "per GPU; cpu: gloo processes on this kind of CPU) or a YAML file with flops, intra_bandwidth, "
+                     "inter_bandwidth, latency, devices_per_node, memory (and nodes)."),
+    ] = "gpu-node",
+    overrides: SetOption = None,
+    max_batches: MaxBatchesOption = None,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Predict a run's training step on other hardware and layouts (DDP, expert parallelism, shadowing, overlap)."""
+    with user_errors(debug):
+        import json
+
+        from moectl import loaded_model, plan
+
+        hw = plan.read_hardware(hardware)
+        model = loaded_model.load(run, overrides)
+        if not model.slots:
+            raise ConfigError(f"{run} is a dense model: there are no experts to lay out; plan an MoE run")
+        console.quiet_libraries()
+        rep = plan.report(model.cfg, hw, plan.dense_parameters(model.model), plan.routing_loads(model, max_batches))
+        if as_json:
+            typer.echo(json.dumps(rep, indent=2))
+            return
+        typer.echo("\n".join(plan.render(rep)))
+
+
 @app.command()
 def generate(
     run: RunArgument,

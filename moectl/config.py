@@ -61,7 +61,8 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml_load(text: str) -> Any:
+def yaml_load(text: str) -> Any:
+    """YAML as moectl's config files read it (see _Loader)."""
     return yaml.load(text, Loader=_Loader)
 
 
@@ -691,7 +692,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, _, text = item.partition("=")
     key = key.strip()
     try:
-        value = _yaml_load(text) if text.strip() else None
+        value = yaml_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text  # not YAML: keep the raw string and let validation judge it
     _check_key(key)
@@ -753,7 +754,7 @@ def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None, sa
         except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read the config file ({exc.__class__.__name__})") from None
         try:
-            loaded = _yaml_load(text)
+            loaded = yaml_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

@@ -20,7 +20,7 @@ PACKAGE = ROOT / "moectl"
 LAYERS = [
     ("entry", ["moectl.__main__", "moectl.cli"]),
     ("commands", ["moectl.train", "moectl.evaluate", "moectl.route_stats", "moectl.generate", "moectl.export",
-                  "moectl.sweep"]),
+                  "moectl.sweep", "moectl.plan"]),
     ("services", ["moectl.checkpoint", "moectl.loaded_model", "moectl.warmstart", "moectl.hf", "moectl.tracking",
                   "moectl.data", "moectl.tokenizer", "moectl.distributed", "moectl.expert_parallel", "moectl.hub"]),
     ("models", ["moectl.models"]),

@@ -1,0 +1,91 @@
+"""`moectl plan`: hardware descriptions are read strictly, every candidate layout gets a
+prediction or the reason it cannot run, the recommendation is the fastest that fits, and the
+command runs on a trained run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_config, write_config
+from moectl import config, plan
+from moectl.cli import app
+from moectl.errors import ConfigError
+from moectl.perf_model import PRESETS, Hardware
+from moectl.train import fit
+
+HW = Hardware("test", flops=1e12, intra_bandwidth=1e10, inter_bandwidth=1e9, latency=1e-5, devices_per_node=4,
+              memory=1e9, nodes=2)
+
+
+def _cfg(tmp_path, **moe):
+    return config.load(write_config(tmp_path / "t.yaml", tiny_config(tmp_path, moe={"num_experts": 8, **moe})))
+
+
+def test_hardware_files_are_read_strictly(tmp_path):
+    assert plan.read_hardware("gpu-node") is PRESETS["gpu-node"]
+    good = tmp_path / "hw.yaml"
+    good.write_text("flops: 1.0e12\nintra_bandwidth: 1.0e10\ninter_bandwidth: 1.0e9\nlatency: 1.0e-5\n"
+                    "devices_per_node: 4\nmemory: 1.0e9\nnodes: 2\n")
+    assert plan.read_hardware(str(good)) == Hardware("hw", 1e12, 1e10, 1e9, 1e-5, 4, 1e9, 2)
+    for text, message in (
+        ("flops: 1.0e12\n", "missing key 'intra_bandwidth'"),
+        (good.read_text() + "bandwith: 3\n", "unknown key 'bandwith'"),
+        (good.read_text().replace("devices_per_node: 4", "devices_per_node: 2.5"), "devices_per_node=2.5 must be a positive integer"),
+        (good.read_text().replace("latency: 1.0e-5", "latency: fast"), "latency='fast' must be a positive number"),
+        ("[1, 2]", "must be a mapping"),
+        ("flops: [", "invalid YAML"),
+    ):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            plan.read_hardware(str(bad))
+    with pytest.raises(ConfigError, match="neither a preset"):
+        plan.read_hardware("tpu-pod")
+
+
+def test_every_candidate_is_predicted_or_says_why_not(tmp_path):
+    cfg = _cfg(tmp_path)
+    loads = [[8, 1, 1, 1, 1, 1, 1, 1], [1] * 8]  # layer 0 skewed, layer 1 balanced
+    rep = plan.report(cfg, HW, dense_params=10_000, loads=loads)
+    names = [r["name"] for r in rep["layouts"]]
+    assert names[0] == "DDP" and "EP=8 +shadow" in names and len(names) == 1 + 3 * 2 and rep["world"] == 8
+    for r in rep["layouts"]:
+        assert r["feasible"] and r["step_ms"] > 0 and 0 <= r["comm_share"] <= 1
+    ddp = rep["layouts"][0]
+    ep8 = next(r for r in rep["layouts"] if r["name"] == "EP=8")
+    assert ep8["memory_gb"] < ddp["memory_gb"] and ep8["imbalance"] > 1.5  # the hot expert's rank
+    fastest = min(rep["layouts"], key=lambda r: r["step_ms"])
+    assert rep["recommended"] == fastest["name"]
+    # Too little memory for DDP's full copy of the experts: reported, and not recommended.
+    small = Hardware("small", 1e12, 1e10, 1e9, 1e-5, 4, memory=ep8["memory_gb"] * 1e9 * 1.01, nodes=2)
+    rep = plan.report(cfg, small, dense_params=10_000, loads=loads)
+    assert not rep["layouts"][0]["feasible"] and "GB per process" in rep["layouts"][0]["reason"]
+    assert rep["recommended"] != "DDP"
+
+
+def test_a_size_that_does_not_divide_the_processes_is_reported_not_raised(tmp_path):
+    cfg = _cfg(tmp_path)
+    six = Hardware("six", 1e12, 1e10, 1e9, 1e-5, devices_per_node=6, memory=1e9)
+    rep = plan.report(cfg, six, dense_params=10_000, loads=[[1] * 8])
+    ep4 = next(r for r in rep["layouts"] if r["name"] == "EP=4")
+    assert not ep4["feasible"] and ep4["reason"] == "EP=4 does not divide 6 processes"
+    assert "does not divide" in "\n".join(plan.render(rep))
+
+
+def test_plan_command_on_a_trained_run(tmp_path):
+    cfg = config.load(write_config(tmp_path / "t.yaml", tiny_config(tmp_path, train={"max_steps": 2, "eval_every": 2},
+                                                                    checkpoint={"every": 2})))
+    run_dir = fit(cfg).run_dir
+    runner = CliRunner()
+    res = runner.invoke(app, ["plan", str(run_dir), "--hardware", "cpu", "--max-batches", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert set(rep) == set(plan.JSON_KEYS) and rep["hardware"]["name"] == "cpu"
+    assert rep["recommended"] in [r["name"] for r in rep["layouts"]]
+    res = runner.invoke(app, ["plan", str(run_dir), "--max-batches", "2"])
+    assert res.exit_code == 0 and "<- recommended" in res.stdout and "gpu-node" in res.stdout
+    res = runner.invoke(app, ["plan", str(run_dir), "--hardware", str(tmp_path / "nope.yaml")])
+    assert res.exit_code == 2 and "neither a preset" in res.output
