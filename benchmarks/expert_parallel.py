@@ -12,6 +12,7 @@ tokens at the same global batch in every layout. Each process reports:
   exchange_ms    per step, the all-to-alls of every MoE layer (counts, tokens out and back,
                  forward and backward), waits for slower ranks included (N > 1 only)
   experts_ms     per step, the local experts' forward and backward (N > 1 only)
+                 (neither is measured for the overlapped exchange, whose parts run together)
 The table shows the worst rank's memory and the median step over ranks and steps, and tokens/s
 of the whole job with its ratio to plain DDP (N = 1) of the same W.
 
@@ -23,7 +24,7 @@ It also prints `moectl plan`'s prediction of each layout's step (moectl/plan.py 
 preset of moectl/perf_model.py), whether it ranks the layouts as measured, and the factor
 between measured and predicted times.
 
-JSON keys: world, ep, device, threads, steps, global_tokens, expert_mb, params_mb, peak_mb,
+JSON keys: world, ep, variant (plain, overlap: train.ep_overlap, shadow1: train.shadow_experts=1), device, threads, steps, global_tokens, expert_mb, params_mb, peak_mb,
 step_ms, exchange_ms, experts_ms, tokens_per_sec, ratio_to_ddp, predicted_ms.
 """
 
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SET = ["model.d_model=256", "model.n_heads=4", "moe.num_experts=16", "moe.top_k=2", "moe.expert_hidden=1024",
@@ -61,7 +63,7 @@ def reset_rss_peak() -> None:
         f.write("5")
 
 
-def worker(rank: int, world: int, ep_size: int, args: argparse.Namespace, store: str, out: str) -> None:
+def worker(rank: int, world: int, ep_size: int, variant: str, args: argparse.Namespace, store: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -81,7 +83,8 @@ def worker(rank: int, world: int, ep_size: int, args: argparse.Namespace, store:
     vocab, seq = cfg.tokenizer.vocab_size, cfg.data.seq_len
     torch.manual_seed(0)
     model = build_model(cfg, vocab)
-    ep = expert_parallel.shard(model, ep_size, dp)
+    ep = expert_parallel.shard(model, ep_size, dp, shadow=1 if variant == "shadow1" else "off",
+                               overlap=variant == "overlap")
     model = model.to(device)
     ddp = distributed.wrap(model, dp, device, ignore=expert_parallel.parameter_names(model, ep) if ep else ())
     optimizer = make_optimizer(model, cfg.optim)
@@ -132,17 +135,18 @@ def worker(rank: int, world: int, ep_size: int, args: argparse.Namespace, store:
     dist.destroy_process_group()
 
 
-def run_layout(world: int, ep_size: int, args: argparse.Namespace) -> dict:
+def run_layout(world: int, ep_size: int, variant: str, args: argparse.Namespace) -> dict:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(world, ep_size, args, str(Path(tmp) / "store"), tmp), nprocs=world, join=True)
+        mp.spawn(worker, args=(world, ep_size, variant, args, str(Path(tmp) / "store"), tmp), nprocs=world, join=True)
         ranks = [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(world)]
     steps = [s for r in ranks for s in r["steps"]]
     step_ms = statistics.median(s[0] for s in steps) * 1e3
     return {
         "world": world,
         "ep": ep_size,
+        "variant": variant,
         "device": args.device,
         "threads": ranks[0]["threads"],
         "steps": args.steps,
@@ -209,6 +213,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--variants", nargs="*", choices=["overlap", "shadow1"], default=["overlap", "shadow1"],
+                        help="also run each EP > 1 layout with the overlapped exchange, and with the hottest expert "
+                        "shadowed (train.shadow_experts=1)")
     parser.add_argument("--json", action="store_true", help="one JSON object per layout instead of a table")
     parser.add_argument("--calibrate", action="store_true",
                         help="only measure this machine's rates for the perf model's cpu preset (JSON)")
@@ -220,32 +227,36 @@ def main() -> int:
     from moectl import config
 
     seq = config.load(ROOT / args.config, DEFAULT_SET + args.set).data.seq_len
-    layouts = [(w, n) for w in args.world for n in args.ep if n <= w and w % n == 0 and args.batch_size % w == 0]
+    layouts = [(w, n, v) for w in args.world for n in args.ep if n <= w and w % n == 0 and args.batch_size % w == 0
+               for v in (["plain"] + (args.variants if n > 1 else []))]
     results = []
-    for world, n in layouts:
-        row = run_layout(world, n, args)
+    for world, n, variant in layouts:
+        row = run_layout(world, n, variant, args)
         row["global_tokens"] = args.batch_size * seq
         row["tokens_per_sec"] = round(row["global_tokens"] / (row["step_ms"] / 1e3), 1)
         results.append(row)
     for row in results:
         ddp = next((r for r in results if r["world"] == row["world"] and r["ep"] == 1), None)
         row["ratio_to_ddp"] = round(row["tokens_per_sec"] / ddp["tokens_per_sec"], 3) if ddp else None
-        row["predicted_ms"] = round(predicted_step_ms(args, row["world"], row["ep"]), 1)
+        predicted = predicted_step_ms(args, row["world"], row["ep"], row["variant"])
+        row["predicted_ms"] = round(predicted, 1) if predicted is not None else None
     if args.json:
         for row in results:
             print(json.dumps(row))
         return 0
     print(f"device {args.device}, {results[0]['threads']} thread(s) per process, global batch {args.batch_size}x{seq} "
           f"tokens, median of {args.steps} steps x all ranks")
-    print(f"{'W':>3}{'EP':>4}{'expert MB':>11}{'params MB':>11}{'peak MB':>9}{'step ms':>9}"
+    print(f"{'W':>3}{'EP':>4}{'variant':>9}{'expert MB':>11}{'params MB':>11}{'peak MB':>9}{'step ms':>9}"
           f"{'a2a ms':>8}{'experts ms':>12}{'tokens/s':>10}{'x DDP':>7}{'predicted ms':>14}")
     for r in results:
         ratio = f"{r['ratio_to_ddp']:.2f}" if r["ratio_to_ddp"] is not None else "-"
-        a2a, experts = (f"{r['exchange_ms']:.1f}", f"{r['experts_ms']:.1f}") if r["ep"] > 1 else ("-", "-")
-        print(f"{r['world']:>3}{r['ep']:>4}{r['expert_mb']:>11.1f}{r['params_mb']:>11.1f}{r['peak_mb']:>9.0f}"
-              f"{r['step_ms']:>9.0f}{a2a:>8}{experts:>12}{r['tokens_per_sec']:>10.0f}{ratio:>7}{r['predicted_ms']:>14.0f}")
+        timed = r["ep"] > 1 and r["variant"] != "overlap"  # the overlapped exchange is not split into parts
+        a2a, experts = (f"{r['exchange_ms']:.1f}", f"{r['experts_ms']:.1f}") if timed else ("-", "-")
+        print(f"{r['world']:>3}{r['ep']:>4}{r['variant']:>9}{r['expert_mb']:>11.1f}{r['params_mb']:>11.1f}{r['peak_mb']:>9.0f}"
+              f"{r['step_ms']:>9.0f}{a2a:>8}{experts:>12}{r['tokens_per_sec']:>10.0f}{ratio:>7}"
+              f"{r['predicted_ms'] if r['predicted_ms'] is not None else '-':>14}")
     for world in sorted({r["world"] for r in results}):
-        rows = [r for r in results if r["world"] == world]
+        rows = [r for r in results if r["world"] == world and r["variant"] == "plain"]
         measured = [r["ep"] for r in sorted(rows, key=lambda r: r["step_ms"])]
         predicted = [r["ep"] for r in sorted(rows, key=lambda r: r["predicted_ms"])]
         factors = ", ".join(f"{r['step_ms'] / r['predicted_ms']:.2f}" for r in rows)
@@ -254,7 +265,7 @@ def main() -> int:
     return 0
 
 
-def predicted_step_ms(args: argparse.Namespace, world: int, ep: int) -> float:
+def predicted_step_ms(args: argparse.Namespace, world: int, ep: int, variant: str) -> Optional[float]:
     """moectl plan's prediction for this layout with the `cpu` preset (the GPU preset on --device
     cuda), routing taken as uniform (an untrained router on random tokens is close to it)."""
     import dataclasses
@@ -273,7 +284,9 @@ def predicted_step_ms(args: argparse.Namespace, world: int, ep: int) -> float:
     with torch.device("meta"):
         model = build_model(cfg, cfg.tokenizer.vocab_size)
     loads = [[1.0] * cfg.moe.num_experts for _ in range(len(plan.moe_layers(model)))]
-    return plan.predict(cfg, hw, plan.dense_parameters(model), loads, world, ep, False, False).step_ms
+    if variant == "shadow1":
+        return None  # the plan predicts its own shadowing policy, not a forced one
+    return plan.predict(cfg, hw, plan.dense_parameters(model), loads, world, ep, False, variant == "overlap").step_ms
 
 
 if __name__ == "__main__":

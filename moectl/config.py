@@ -363,6 +363,12 @@ class TrainConfig(Section):
         "of sending them; their gradients go back to the owners. `auto`: as many as FasterMoE's performance model "
         "says pay off on train.hardware; K: the K most loaded; `off`: none. The result is the same either way.",
     )
+    ep_overlap: bool = Field(
+        False,
+        description="Expert parallelism: FasterMoE's smart scheduling. Exchange each peer's tokens by point-to-point "
+        "messages while the experts compute the tokens already there, forward and backward, instead of one "
+        "all-to-all before and after. The result is the same.",
+    )
     hardware: str = Field(
         "auto",
         description="The machine the performance model assumes (train.shadow_experts=auto): a preset name "
@@ -467,6 +473,8 @@ class Config(Section):
                 )
             if isinstance(tr.shadow_experts, int) and not 1 <= tr.shadow_experts <= moe.num_experts:
                 raise ValueError(f"train.shadow_experts={tr.shadow_experts} must be in [1, moe.num_experts={moe.num_experts}]")
+        if tr.ep_overlap and tr.expert_parallel == 1:
+            raise ValueError("train.ep_overlap=true overlaps the expert-parallel exchange; set train.expert_parallel > 1")
         if tr.hardware != "auto" and tr.hardware not in HARDWARE_PRESETS:
             raise ValueError(f"train.hardware={tr.hardware!r} must be auto or one of {', '.join(HARDWARE_PRESETS)}")
         if tr.lstm_stateful and self.backbone != "lstm":

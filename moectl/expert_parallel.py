@@ -19,6 +19,12 @@ over the W ranks. The exchange's backward brings an expert's owner the gradient 
 token of its group that reached the expert; summing that over the replicas gives the sum over
 all W ranks, so it is divided by W (not by the W/N replicas: the classic mistake).
 
+FasterMoE (He et al., PPoPP 2022), each part behind its own key and each leaving every number
+as it was: dynamic shadowing (`train.shadow_experts`: the group's hottest experts broadcast from
+their owners and computed where their tokens are, gradients reduced back) and smart scheduling
+(`train.ep_overlap`: the exchange split into point-to-point messages per peer, overlapped with
+the experts' compute of the rows already there). moectl/perf_model.py predicts what they buy.
+
 Checkpoints stay in the full layout: `full_experts` lets rank 0 write every expert, and lets
 every rank read a full checkpoint and keep its own slice, so a run resumes under any expert- or
 data-parallel size, and eval, route-stats, generate and export never meet a shard.
@@ -128,7 +134,7 @@ class ShardedExperts(GroupedExperts):
     """
 
     def __init__(self, full: GroupedExperts, ep_rank: int, group_ranks: list[int], group,
-                 choose_shadows: Optional[Callable[[Tensor], tuple[int, ...]]] = None):
+                 choose_shadows: Optional[Callable[[Tensor], tuple[int, ...]]] = None, overlap: bool = False):
         ep_size = len(group_ranks)
         if full.num_experts % ep_size:
             raise ValueError(f"{full.num_experts} experts do not split over {ep_size} ranks")
@@ -140,6 +146,7 @@ class ShardedExperts(GroupedExperts):
         self.group_ranks, self.group = group_ranks, group
         self.first = ep_rank * local  # global id of local expert 0
         self.choose_shadows = choose_shadows
+        self.overlap = overlap  # FasterMoE's smart scheduling: exchange with one peer while computing another's rows
         self.timings: Optional[Timings] = None
         self._shadowed: list[tuple[int, Tensor]] = []  # (expert, weight copy) of this step's forwards
         with torch.no_grad():
@@ -184,6 +191,8 @@ class ShardedExperts(GroupedExperts):
         received = table[:, self.first : self.first + local]  # (N, L): rows of my experts from each rank
         got = received.tolist()  # got[r][j]: rows of local expert j that rank r sends
         send_splits = [sum(tokens_per_expert[r * local : (r + 1) * local]) for r in range(n)]
+        if self.overlap:
+            return _Overlapped.apply(x, self, send_splits, got, torch.is_grad_enabled(), *self._matrices())
         recv_splits = [sum(row) for row in got]
         x_recv = _AllToAll.apply(x, recv_splits, send_splits, self.group, self.timings)  # (R, D), by source rank
         # Arrived as [rank 0: experts 0..L-1][rank 1: experts 0..L-1]...; the experts want them by expert.
@@ -247,6 +256,83 @@ class ShardedExperts(GroupedExperts):
 
     def forward_expert(self, e: int, x: Tensor) -> Tensor:
         raise NotImplementedError("the per-expert loop reference runs on unsharded layers only")
+
+
+# Message tags of the overlapped exchange, one message of each kind per pair of ranks per call.
+_ROWS, _OUTPUTS, _GRAD_OUTPUTS, _GRAD_ROWS = range(4)
+
+
+class _Overlapped(torch.autograd.Function):
+    """Dispatch, local experts and combine, each peer's rows exchanged by point-to-point
+    messages while the experts compute the rows already here (FasterMoE's smart scheduling).
+
+    Every message is posted at once; the experts then run on this rank's own rows, then on each
+    peer's as they arrive (peer me-1 first, then me-2, ...), and each peer's outputs are sent
+    back as soon as they are computed. Backward mirrors it: output gradients go to the ranks
+    that computed those rows, each chunk's expert backward runs as its gradient arrives, and
+    the input gradients go home. Each chunk's expert graph is kept from the forward; parameters
+    are inputs only so that autograd calls backward, which accumulates their gradients itself.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layer: "ShardedExperts", send_splits: list[int], got: list[list[int]], grad: bool, *params):
+        n, me = layer.ep_size, layer.ep_rank
+        sources = [(me - i) % n for i in range(n)]  # own rows first, then each peer's
+        mine = list(x.split(send_splits))  # (rows for rank p, D) each, by destination
+        recv = {s: x.new_empty(sum(got[s]), x.shape[1]) for s in sources[1:]}
+        outputs = {p: x.new_empty(send_splits[p], x.shape[1]) for p in sources[1:]}
+        sends, pending = _post(layer, {p: mine[p] for p in sources[1:]}, recv, _ROWS)
+        back = [dist.irecv(outputs[p], src=layer.group_ranks[p], group=layer.group, tag=_OUTPUTS) for p in sources[1:]]
+        chunks = {}
+        for s in sources:
+            rows = mine[me] if s == me else _wait(pending, s, recv)
+            with torch.set_grad_enabled(grad):
+                xin = rows.detach().requires_grad_(grad)
+                yout = GroupedExperts.forward(layer, xin, got[s])  # (rows from s, D)
+            chunks[s] = (xin, yout)
+            if s != me:
+                sends.append(dist.isend(yout.detach().contiguous(), dst=layer.group_ranks[s], group=layer.group,
+                                        tag=_OUTPUTS))
+        for work in back + sends:
+            work.wait()
+        ctx.layer, ctx.send_splits, ctx.chunks, ctx.sources, ctx.num_params = layer, send_splits, chunks, sources, len(params)
+        return torch.cat([chunks[me][1].detach() if p == me else outputs[p] for p in range(n)])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        layer, chunks, sources = ctx.layer, ctx.chunks, ctx.sources
+        me = layer.ep_rank
+        mine = list(grad_out.contiguous().split(ctx.send_splits))  # gradients of my rows' outputs, by destination
+        recv = {s: torch.empty_like(chunks[s][1]) for s in sources[1:]}
+        grad_rows = {p: torch.empty_like(mine[p]) for p in sources[1:]}
+        sends, pending = _post(layer, {p: mine[p] for p in sources[1:]}, recv, _GRAD_OUTPUTS)
+        back = [dist.irecv(grad_rows[p], src=layer.group_ranks[p], group=layer.group, tag=_GRAD_ROWS)
+                for p in sources[1:]]
+        own = None
+        for s in sources:
+            xin, yout = chunks[s]
+            torch.autograd.backward(yout, mine[me] if s == me else _wait(pending, s, recv))
+            g = xin.grad if xin.grad is not None else torch.zeros_like(xin)
+            if s == me:
+                own = g
+            else:
+                sends.append(dist.isend(g.contiguous(), dst=layer.group_ranks[s], group=layer.group, tag=_GRAD_ROWS))
+        for work in back + sends:
+            work.wait()
+        ctx.chunks = None  # free the saved expert graphs
+        grad_x = torch.cat([own if p == me else grad_rows[p] for p in range(layer.ep_size)])
+        return (grad_x, None, None, None, None) + (None,) * ctx.num_params
+
+
+def _post(layer: "ShardedExperts", send: dict[int, Tensor], recv: dict[int, Tensor], tag: int) -> tuple[list, dict]:
+    """Post every send and receive of one exchange at once: (the sends, the receives by peer)."""
+    sends = [dist.isend(t.contiguous(), dst=layer.group_ranks[p], group=layer.group, tag=tag) for p, t in send.items()]
+    return sends, {s: dist.irecv(buf, src=layer.group_ranks[s], group=layer.group, tag=tag) for s, buf in recv.items()}
+
+
+def _wait(pending: dict, peer: int, recv: dict[int, Tensor]) -> Tensor:
+    pending[peer].wait()
+    return recv[peer]
 
 
 def _by_expert(received: Tensor, total: int) -> Tensor:
@@ -372,11 +458,12 @@ def _sum_of_squares(grads: list[Tensor], device: torch.device) -> Tensor:
 
 
 def shard(model: nn.Module, n: int, dp: Dist, shadow: str | int = "off",
-          hardware: Optional[perf_model.Hardware] = None) -> Optional[ExpertParallel]:
+          hardware: Optional[perf_model.Hardware] = None, overlap: bool = False) -> Optional[ExpertParallel]:
     """Create the expert-parallel process groups and shard every MoE layer's experts over groups
     of `n` ranks; None when `n` is 1. Every rank must call it (new process groups are
     collective); check_layout has vetted `n` against the config. `shadow`: "off", "auto"
-    (FasterMoE's greedy policy on `hardware`) or K (the K most loaded experts of each step)."""
+    (FasterMoE's greedy policy on `hardware`) or K (the K most loaded experts of each step).
+    `overlap`: exchange each peer's rows while computing another's (ShardedExperts)."""
     if n == 1:
         return None
     if dp.world_size % n or dp.world_size == 1:
@@ -389,7 +476,7 @@ def shard(model: nn.Module, n: int, dp: Dist, shadow: str | int = "off",
     for module in model.modules():
         if isinstance(module, MoELayer):
             policy = shadow_policy(module.experts, n, shadow, hardware)
-            module.experts = ShardedExperts(module.experts, ep.rank, groups[dp.rank // n], ep.group, policy)
+            module.experts = ShardedExperts(module.experts, ep.rank, groups[dp.rank // n], ep.group, policy, overlap)
             ep.layers.append(module.experts)
     return ep
 

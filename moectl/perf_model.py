@@ -46,8 +46,10 @@ class Hardware:
     nodes: int = 1
 
 
-# Named machines. `cpu` is the 2-core development machine running gloo processes of one thread
-# each (rates measured with a 1-thread matmul and a 2-process all-to-all on it); the GPU presets
+# Named machines. `cpu` is the 2-core development machine running one gloo process of one thread
+# per core: `python benchmarks/expert_parallel.py --calibrate` measured a 2-process all-to-all's
+# latency and bandwidth (0.3-0.4 ms, 0.65-0.75 GB/s), and the experts' matmuls sustained 35
+# GFLOP/s per thread in training there (a lone matmul of the same shape: 50-70); the GPU presets
 # are round datasheet-level figures for bf16 on H100-class GPUs (NVLink within a node, 400 Gb/s
 # per GPU between nodes), to be replaced by measurements where such a machine is at hand.
 PRESETS: dict[str, Hardware] = {
@@ -57,8 +59,8 @@ PRESETS: dict[str, Hardware] = {
                  devices_per_node=8, memory=80e9),
         Hardware("gpu-2nodes", flops=4e14, intra_bandwidth=2e11, inter_bandwidth=5e10, latency=1e-5,
                  devices_per_node=8, memory=80e9, nodes=2),
-        Hardware("cpu", flops=9e9, intra_bandwidth=1e9, inter_bandwidth=1e9, latency=2e-4,
-                 devices_per_node=4, memory=24e9 / 4),
+        Hardware("cpu", flops=3.5e10, intra_bandwidth=6.5e8, inter_bandwidth=6.5e8, latency=3.5e-4,
+                 devices_per_node=2, memory=24e9 / 2),
     )
 }
 

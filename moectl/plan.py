@@ -4,7 +4,7 @@ From a trained run it takes the model's shape and each MoE layer's routing (the 
 loads route-stats measures on the validation split), and from a hardware description (a preset
 of moectl/perf_model.py or a small YAML file) the device count, rates and memory. For each
 candidate layout (plain DDP, every expert-parallel size that divides the processes and the
-experts, each with and without FasterMoE's shadowing) it predicts:
+experts, each alone, with FasterMoE's shadowing, and with shadowing and overlap) it predicts:
 
   step       dense compute (6 FLOPs per parameter per token plus attention, Kaplan et al.'s
              count) + the dense gradients' all-reduce + each MoE layer's step (perf_model)
@@ -40,7 +40,7 @@ JSON_KEYS = {
     "devices_per_node, memory, nodes)",
     "world": "processes: nodes x devices_per_node",
     "tokens_per_step": "train.batch_size x data.seq_len",
-    "layouts": "one entry per candidate: name, ep, shadow (experts shadowed, summed over layers), overlap (false), step_ms, "
+    "layouts": "one entry per candidate: name, ep, shadow (experts shadowed, summed over layers), overlap, step_ms, "
     "comm_share, memory_gb, imbalance, feasible, reason (why not, or null)",
     "recommended": "the name of the fastest feasible layout, or null",
 }
@@ -139,16 +139,15 @@ def predict(cfg: Config, hw: Hardware, dense_params: int, loads: list[list[float
 
 def candidates(cfg: Config, hw: Hardware, dense_params: int, loads: list[list[float]]) -> list[Prediction]:
     """DDP, then EP = 2, 4, ... up to the experts (those that cannot run, with their reason),
-    each alone and with shadowing. (perf_model also predicts overlapped exchanges; they join the
-    candidates when training can overlap.)"""
+    each alone, with shadowing, and with shadowing and the overlapped exchange."""
     world, experts = hw.nodes * hw.devices_per_node, cfg.moe.num_experts
     sizes = [2**i for i in range(1, 31) if 2**i <= min(experts, world)]
     if experts <= world and experts not in sizes:
         sizes.append(experts)
     out = [predict(cfg, hw, dense_params, loads, world, 1, False, False)]
     for ep in sizes:
-        for shadow in (False, True):
-            out.append(predict(cfg, hw, dense_params, loads, world, ep, shadow, overlap=False))
+        for shadow, overlap in ((False, False), (True, False), (True, True)):
+            out.append(predict(cfg, hw, dense_params, loads, world, ep, shadow, overlap))
     return out
 
 

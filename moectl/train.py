@@ -176,7 +176,8 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
     if frozen:
         console.status(f"train.freeze={tr.freeze}: {console.human(frozen)} parameters stay as they are")
     params = parameter_counts(model)
-    ep = expert_parallel.shard(model, tr.expert_parallel, dp, tr.shadow_experts, perf_model.hardware(tr.hardware, device.type))
+    ep = expert_parallel.shard(model, tr.expert_parallel, dp, tr.shadow_experts, perf_model.hardware(tr.hardware, device.type),
+                              tr.ep_overlap)
     model = model.to(device)
     if dp.enabled:
         torch.manual_seed(tr.seed + 7919 * (dp.rank + 1))  # each rank its own dropout and routing noise

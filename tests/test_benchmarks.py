@@ -29,13 +29,15 @@ def test_moe_layer_benchmark_smoke():
 def test_expert_parallel_benchmark_smoke():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "expert_parallel.py"), "--json", "--world", "2", "--ep", "1", "2",
-         "--steps", "1", "--warmup", "1", "--batch-size", "4", "--set", "model.d_model=32", "model.n_heads=2",
+         "--steps", "1", "--warmup", "1", "--batch-size", "4", "--variants", "overlap", "--set", "model.d_model=32", "model.n_heads=2",
          "moe.expert_hidden=32", "model.n_layers=2", "data.seq_len=16", "tokenizer.vocab_size=300"],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    ddp, ep = (json.loads(line) for line in out.stdout.splitlines())
-    assert (ddp["world"], ddp["ep"], ep["world"], ep["ep"]) == (2, 1, 2, 2)
+    ddp, ep, overlap = (json.loads(line) for line in out.stdout.splitlines())
+    assert [(r["world"], r["ep"], r["variant"]) for r in (ddp, ep, overlap)] == [(2, 1, "plain"), (2, 2, "plain"),
+                                                                                 (2, 2, "overlap")]
+    assert ep["predicted_ms"] > 0 and overlap["predicted_ms"] > 0
     assert ep["expert_mb"] == pytest.approx(ddp["expert_mb"] / 2, rel=0.02)  # each process holds half the experts
     assert ep["exchange_ms"] > 0 and ep["experts_ms"] > 0 and ddp["ratio_to_ddp"] == 1.0
     assert ep["tokens_per_sec"] > 0 and ep["global_tokens"] == 4 * 16

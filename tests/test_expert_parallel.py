@@ -4,7 +4,7 @@ What must hold: a layer whose experts are sharded over 2 processes computes, for
 tokens, the outputs and gradients of the whole layer, with and without shadowed experts
 (FasterMoE); `moectl train` with train.expert_parallel gives the weights and losses of one
 process on the same global batch (EP=2 on 2 processes, EP=2 x DP=2 on 4, dropless and with a
-capacity factor, with and without shadowing); checkpoints are in the one-process layout, so
+capacity factor, with and without shadowing and the overlapped exchange); checkpoints are in the one-process layout, so
 a run moves between expert-parallel sizes on resume; impossible layouts are refused before any
 process starts.
 """
@@ -50,17 +50,19 @@ def _layers() -> dict[str, MoELayer]:
 def _sharded_layer_worker(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        for shadow in ("off", 1, E):  # none; the hottest expert; every expert, shadowed on every rank
+        # No shadows; the hottest expert; every expert, shadowed on every rank; each with and
+        # without the overlapped exchange.
+        for shadow, overlap in (("off", False), (1, False), (E, False), ("off", True), (1, True)):
             for name, full in _layers().items():
-                _check_sharded_layer(name, full, rank, world, shadow)
+                _check_sharded_layer(name, full, rank, world, shadow, overlap)
     finally:
         dist.destroy_process_group()
 
 
-def _check_sharded_layer(name: str, full: MoELayer, rank: int, world: int, shadow) -> None:
-    name = f"{name}, shadow {shadow}"
+def _check_sharded_layer(name: str, full: MoELayer, rank: int, world: int, shadow, overlap: bool) -> None:
+    name = f"{name}, shadow {shadow}, overlap {overlap}"
     sharded = copy.deepcopy(full)
-    ep = expert_parallel.shard(sharded, world, Dist(rank=rank, world_size=world), shadow)
+    ep = expert_parallel.shard(sharded, world, Dist(rank=rank, world_size=world), shadow, overlap=overlap)
     assert sharded.experts.w_up.shape[0] == E // world, name
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(n, D, generator=gen) for n in TOKENS]  # (n_r, D): every rank's tokens
@@ -125,15 +127,16 @@ def test_shadow_policies_pick_the_hottest_experts():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One config trained by 1 process, by 2 with EP=2 and by 4 with EP=2 x DP=2, both also with
-    the hottest experts shadowed; and with a capacity factor, by 1 process and by 4 with EP=2 x DP=2."""
+    FasterMoE's shadowing (the hottest expert) and overlapped exchange; and with a capacity factor,
+    by 1 process and by 2 with EP=2."""
     tmp = tmp_path_factory.mktemp("ep")
     cfg_file = write_config(tmp / "tiny.yaml", tiny_config(tmp, **EXACT))
     cf_file = write_config(tmp / "cf.yaml", tiny_config(tmp, **{**EXACT, "moe": {**EXACT["moe"], "capacity_factor": 1.0}}))
     out = {"cfg": cfg_file, "cf": cf_file, "single": fit(config.load(cfg_file, ["run.name=single"])).run_dir,
            "cf_single": fit(config.load(cf_file, ["run.name=cf_single"])).run_dir}
-    layouts = (("ep2", cfg_file, "2", []), ("ep2dp2", cfg_file, "4", []), ("cf_ep2dp2", cf_file, "4", []),
-               ("ep2_shadow1", cfg_file, "2", ["train.shadow_experts=1"]),
-               ("ep2dp2_shadow2", cfg_file, "4", ["train.shadow_experts=2"]))
+    fastermoe = ["train.ep_overlap=true", "train.shadow_experts=1"]
+    layouts = (("ep2", cfg_file, "2", []), ("ep2dp2", cfg_file, "4", []), ("cf_ep2", cf_file, "2", []),
+               ("ep2_fastermoe", cfg_file, "2", fastermoe), ("ep2dp2_fastermoe", cfg_file, "4", fastermoe))
     for name, file, nproc, extra in layouts:
         sets = [a for kv in ["train.expert_parallel=2", *extra] for a in ("--set", kv)]
         proc = moectl("train", str(file), "--nproc-per-node", nproc, "--run-name", name, *sets)
@@ -143,8 +146,8 @@ def runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("single,sharded", [("single", "ep2"), ("single", "ep2dp2"), ("cf_single", "cf_ep2dp2"),
-                                            ("single", "ep2_shadow1"), ("single", "ep2dp2_shadow2")])
+@pytest.mark.parametrize("single,sharded", [("single", "ep2"), ("single", "ep2dp2"), ("cf_single", "cf_ep2"),
+                                            ("single", "ep2_fastermoe"), ("single", "ep2dp2_fastermoe")])
 def test_expert_parallel_training_equals_one_process(runs, single, sharded):
     for step in (2, 4, 6):
         assert_close_weights(checkpoint.step_dir(runs[single], step), checkpoint.step_dir(runs[sharded], step))
@@ -160,7 +163,7 @@ def test_expert_parallel_training_equals_one_process(runs, single, sharded):
 def test_the_capacity_runs_drop_tokens(runs):
     drops = [v for _, v in scalar_series(runs["cf_single"], "routing/layer00/drop_fraction")]
     assert drops and max(drops) > 0
-    assert [v for _, v in scalar_series(runs["cf_ep2dp2"], "routing/layer00/drop_fraction")] == pytest.approx(drops)
+    assert [v for _, v in scalar_series(runs["cf_ep2"], "routing/layer00/drop_fraction")] == pytest.approx(drops)
 
 
 def test_checkpoints_hold_every_expert_and_evaluate_as_one_process_would(runs):
@@ -204,6 +207,8 @@ def test_config_refuses_a_size_that_does_not_divide_the_experts_a_dense_model_or
         config.load(cfg_file, ["train.expert_parallel=3"])
     with pytest.raises(ConfigError, match=r"train.expert_parallel=2 shards experts, but model.arch=transformer_dense"):
         config.load(cfg_file, ["train.expert_parallel=2", "model.arch=transformer_dense"])
+    with pytest.raises(ConfigError, match=r"train.ep_overlap=true overlaps the expert-parallel exchange"):
+        config.load(cfg_file, ["train.ep_overlap=true"])
     with pytest.raises(ConfigError, match=r"train.shadow_experts=1 shadows experts of expert-parallel groups"):
         config.load(cfg_file, ["train.shadow_experts=1"])
     with pytest.raises(ConfigError, match=r"train.shadow_experts=5 must be in \[1, moe.num_experts=4\]"):

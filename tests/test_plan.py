@@ -51,7 +51,7 @@ def test_every_candidate_is_predicted_or_says_why_not(tmp_path):
     loads = [[8, 1, 1, 1, 1, 1, 1, 1], [1] * 8]  # layer 0 skewed, layer 1 balanced
     rep = plan.report(cfg, HW, dense_params=10_000, loads=loads)
     names = [r["name"] for r in rep["layouts"]]
-    assert names[0] == "DDP" and "EP=8 +shadow" in names and len(names) == 1 + 3 * 2 and rep["world"] == 8
+    assert names[0] == "DDP" and "EP=8 +shadow +overlap" in names and len(names) == 1 + 3 * 3 and rep["world"] == 8
     for r in rep["layouts"]:
         assert r["feasible"] and r["step_ms"] > 0 and 0 <= r["comm_share"] <= 1
     ddp = rep["layouts"][0]
