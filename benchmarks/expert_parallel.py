@@ -25,7 +25,8 @@ preset of moectl/perf_model.py), whether it ranks the layouts as measured, and t
 between measured and predicted times.
 
 JSON keys: world, ep, variant (plain, overlap: train.ep_overlap, shadow1: train.shadow_experts=1), device, threads, steps, global_tokens, expert_mb, params_mb, peak_mb,
-step_ms, exchange_ms, experts_ms, tokens_per_sec, ratio_to_ddp, predicted_ms.
+step_ms, exchange_ms, experts_ms, tokens_per_sec, ratio_to_ddp, predicted_ms, runs_step_ms (each
+run's step_ms with --repeats; the row is the median run).
 """
 
 from __future__ import annotations
@@ -159,6 +160,13 @@ def run_layout(world: int, ep_size: int, variant: str, args: argparse.Namespace)
     }
 
 
+def median_run(runs: list) -> dict:
+    """The run whose step time is the median of the runs (the lower middle for an even count),
+    with every run's step time beside it."""
+    ordered = sorted(runs, key=lambda r: r["step_ms"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs_step_ms": [r["step_ms"] for r in runs]}
+
+
 def _calibrate_worker(rank: int, store: str, out: str) -> None:
     import torch
     import torch.distributed as dist
@@ -212,6 +220,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step over all processes")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every layout this many times, in interleaved rounds, and report the median run "
+                        "(each run's step is itself the median over its steps and ranks)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--variants", nargs="*", choices=["overlap", "shadow1"], default=["overlap", "shadow1"],
                         help="also run each EP > 1 layout with the overlapped exchange, and with the hottest expert "
@@ -229,9 +240,13 @@ def main() -> int:
     seq = config.load(ROOT / args.config, DEFAULT_SET + args.set).data.seq_len
     layouts = [(w, n, v) for w in args.world for n in args.ep if n <= w and w % n == 0 and args.batch_size % w == 0
                for v in (["plain"] + (args.variants if n > 1 else []))]
+    runs: dict = {layout: [] for layout in layouts}
+    for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every layout alike
+        for layout in layouts:
+            runs[layout].append(run_layout(*layout, args))
     results = []
-    for world, n, variant in layouts:
-        row = run_layout(world, n, variant, args)
+    for layout in layouts:
+        row = median_run(runs[layout])
         row["global_tokens"] = args.batch_size * seq
         row["tokens_per_sec"] = round(row["global_tokens"] / (row["step_ms"] / 1e3), 1)
         results.append(row)
@@ -245,24 +260,37 @@ def main() -> int:
             print(json.dumps(row))
         return 0
     print(f"device {args.device}, {results[0]['threads']} thread(s) per process, global batch {args.batch_size}x{seq} "
-          f"tokens, median of {args.steps} steps x all ranks")
+          f"tokens, median of {args.steps} steps x all ranks"
+          + (f", median of {args.repeats} interleaved runs (step ms range in brackets)" if args.repeats > 1 else ""))
     print(f"{'W':>3}{'EP':>4}{'variant':>9}{'expert MB':>11}{'params MB':>11}{'peak MB':>9}{'step ms':>9}"
           f"{'a2a ms':>8}{'experts ms':>12}{'tokens/s':>10}{'x DDP':>7}{'predicted ms':>14}")
     for r in results:
         ratio = f"{r['ratio_to_ddp']:.2f}" if r["ratio_to_ddp"] is not None else "-"
         timed = r["ep"] > 1 and r["variant"] != "overlap"  # the overlapped exchange is not split into parts
         a2a, experts = (f"{r['exchange_ms']:.1f}", f"{r['experts_ms']:.1f}") if timed else ("-", "-")
+        spread = f"  [{min(r['runs_step_ms']):.0f}-{max(r['runs_step_ms']):.0f}]" if args.repeats > 1 else ""
         print(f"{r['world']:>3}{r['ep']:>4}{r['variant']:>9}{r['expert_mb']:>11.1f}{r['params_mb']:>11.1f}{r['peak_mb']:>9.0f}"
               f"{r['step_ms']:>9.0f}{a2a:>8}{experts:>12}{r['tokens_per_sec']:>10.0f}{ratio:>7}"
-              f"{r['predicted_ms'] if r['predicted_ms'] is not None else '-':>14}")
+              f"{r['predicted_ms'] if r['predicted_ms'] is not None else '-':>14}{spread}")
     for world in sorted({r["world"] for r in results}):
-        rows = [r for r in results if r["world"] == world and r["variant"] == "plain"]
-        measured = [r["ep"] for r in sorted(rows, key=lambda r: r["step_ms"])]
-        predicted = [r["ep"] for r in sorted(rows, key=lambda r: r["predicted_ms"])]
-        factors = ", ".join(f"{r['step_ms'] / r['predicted_ms']:.2f}" for r in rows)
-        print(f"W={world}: fastest first, measured EP {measured}, predicted EP {predicted} "
-              f"({'same' if measured == predicted else 'different'} ranking); measured / predicted: {factors}")
+        rows = [r for r in results if r["world"] == world and r["predicted_ms"] is not None]
+        name = lambda r: f"EP{r['ep']}" + ("" if r["variant"] == "plain" else f"+{r['variant']}")  # noqa: E731
+        measured = [name(r) for r in sorted(rows, key=lambda r: r["step_ms"])]
+        predicted = [name(r) for r in sorted(rows, key=lambda r: r["predicted_ms"])]
+        wrong = misranked(rows)
+        verdict = "every pair the plan tells apart is ranked as measured" if not wrong else \
+            "measured against predicted: " + ", ".join(f"{name(a)} before {name(b)}" for a, b in wrong)
+        factors = ", ".join(f"{name(r)} {r['step_ms'] / r['predicted_ms']:.2f}" for r in rows)
+        print(f"W={world}: fastest first, measured {measured}, predicted {predicted}: {verdict}; "
+              f"measured / predicted: {factors}")
     return 0
+
+
+def misranked(rows: list) -> list:
+    """The pairs (a, b) the plan predicts a faster than b (by more than 0.1%) and that measured b
+    faster than a. Layouts the plan predicts alike impose no order."""
+    return [(b, a) for a in rows for b in rows
+            if a["predicted_ms"] < b["predicted_ms"] * 0.999 and a["step_ms"] > b["step_ms"]]
 
 
 def predicted_step_ms(args: argparse.Namespace, world: int, ep: int, variant: str) -> Optional[float]:

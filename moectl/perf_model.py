@@ -17,7 +17,8 @@ step costs
   reduce     the expert gradients' all-reduce over the W / N ranks that hold the same experts
              (a ring: 2 (R - 1) / R x bytes / bandwidth); with N = 1 (plain DDP) every expert's.
   total      compute + exchange, or with overlap in C chunks max(compute, exchange) +
-             min(compute, exchange) / C (the pipeline's fill and drain); + shadow + reduce.
+             min(compute, exchange) / C (the pipeline's fill and drain) on hardware whose
+             transfers run beside its compute (not a CPU's gloo); + shadow + reduce.
 
 FasterMoE's shadowing policy is greedy: take the experts by global load, heaviest first, and
 shadow the next one while the predicted time falls. Memory per rank: parameters, gradients and
@@ -44,6 +45,9 @@ class Hardware:
     devices_per_node: int
     memory: float  # bytes per device
     nodes: int = 1
+    # Whether transfers run beside the compute (a GPU's copy engines and NICs). On a CPU, gloo's
+    # transfers take the same cores' time, so overlapping them with the experts hides nothing.
+    overlaps: bool = True
 
 
 # Named machines. `cpu` is the 2-core development machine running one gloo process of one thread
@@ -60,7 +64,7 @@ PRESETS: dict[str, Hardware] = {
         Hardware("gpu-2nodes", flops=4e14, intra_bandwidth=2e11, inter_bandwidth=5e10, latency=1e-5,
                  devices_per_node=8, memory=80e9, nodes=2),
         Hardware("cpu", flops=3.5e10, intra_bandwidth=6.5e8, inter_bandwidth=6.5e8, latency=3.5e-4,
-                 devices_per_node=2, memory=24e9 / 2),
+                 devices_per_node=2, memory=24e9 / 2, overlaps=False),
     )
 }
 
@@ -164,7 +168,7 @@ def estimate(shape: ExpertShape, hw: Hardware, layout: Layout, counts: Sequence[
     if replicas > 1:
         reduce = 2.0 * (replicas - 1) / replicas * local_experts * shape.parameter_bytes / replica_bw
         reduce += 2.0 * (replicas - 1) * hw.latency
-    if layout.overlap and n > 1:
+    if layout.overlap and n > 1 and hw.overlaps:
         core = max(compute, exchange) + min(compute, exchange) / layout.chunks
     else:
         core = compute + exchange

@@ -62,7 +62,7 @@ class Prediction:
 
 
 def read_hardware(value: str) -> Hardware:
-    """A preset name, or a YAML file with name (optional), nodes (optional) and HARDWARE_KEYS."""
+    """A preset name, or a YAML file with name, nodes and overlaps (optional) and HARDWARE_KEYS."""
     if value in PRESETS:
         return PRESETS[value]
     path = Path(value)
@@ -74,9 +74,11 @@ def read_hardware(value: str) -> Hardware:
         raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of {', '.join(HARDWARE_KEYS)}")
-    unknown = sorted(set(raw) - set(HARDWARE_KEYS) - {"name", "nodes"})
+    unknown = sorted(set(raw) - set(HARDWARE_KEYS) - {"name", "nodes", "overlaps"})
     if unknown:
-        raise ConfigError(f"{path}: unknown key '{unknown[0]}'; expected {', '.join(HARDWARE_KEYS)}, name, nodes")
+        raise ConfigError(f"{path}: unknown key '{unknown[0]}'; expected {', '.join(HARDWARE_KEYS)}, name, nodes, overlaps")
+    if not isinstance(raw.get("overlaps", True), bool):
+        raise ConfigError(f"{path}: overlaps={raw['overlaps']!r} must be true or false (whether transfers run beside compute)")
     values: dict[str, Any] = {}
     for key in HARDWARE_KEYS + ("nodes",):
         if key not in raw:
@@ -88,7 +90,7 @@ def read_hardware(value: str) -> Hardware:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (integer and value != int(value)):
             raise ConfigError(f"{path}: {key}={value!r} must be a positive {'integer' if integer else 'number'}")
         values[key] = int(value) if integer else float(value)
-    return Hardware(name=str(raw.get("name", path.stem)), **values)
+    return Hardware(name=str(raw.get("name", path.stem)), overlaps=raw.get("overlaps", True), **values)
 
 
 def _dense_flops_per_token(cfg: Config, dense_params: int) -> float:
@@ -96,6 +98,17 @@ def _dense_flops_per_token(cfg: Config, dense_params: int) -> float:
     6 x 2 x layers x context x d_model for the Transformer."""
     attention = 12.0 * cfg.model.n_layers * cfg.data.seq_len * cfg.model.d_model if cfg.backbone == "transformer" else 0.0
     return 6.0 * dense_params + attention
+
+
+def assignments_per_token(moe) -> float:
+    """Expert rows one token costs on average (the router's active_experts): K; K in each of the
+    group_top_k chosen groups for the hierarchical router; capacity factor x K for expert choice;
+    every expert for soft routing."""
+    if moe.router == "soft":
+        return float(moe.num_experts)
+    if moe.router == "expert_choice":
+        return min((moe.capacity_factor or 1.0) * moe.top_k, float(moe.num_experts))
+    return float(moe.top_k * (moe.group_top_k if moe.router == "hierarchical" else 1))
 
 
 def predict(cfg: Config, hw: Hardware, dense_params: int, loads: list[list[float]], world: int, ep: int,
@@ -116,7 +129,7 @@ def predict(cfg: Config, hw: Hardware, dense_params: int, loads: list[list[float
     bw = hw.intra_bandwidth if world <= hw.devices_per_node else hw.inter_bandwidth
     dense_reduce = 2.0 * (world - 1) / world * dense_params * value_bytes / bw + 2.0 * (world - 1) * hw.latency
     total, comm, shadows, memory, imbalance = dense_compute + dense_reduce, dense_reduce, 0, 16.0 * dense_params, 1.0
-    assignments = tokens * (moe.top_k if moe.router != "soft" else moe.num_experts)
+    assignments = tokens * assignments_per_token(moe)
     for layer_load in loads:
         share = [x / max(sum(layer_load), 1e-30) for x in layer_load]
         counts = [[assignments / world * s for s in share] for _ in range(world)]

@@ -125,7 +125,9 @@ def test_global_aux_loss_matches_one_process(tmp_path):
     single = fit(config.load(cfg_file, ["run.name=single"]))
     proc = moectl("train", str(cfg_file), "--nproc-per-node", "2", "--run-name", "double")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert_close_weights(single.checkpoint, checkpoint.latest(tmp_path / "runs" / "double"))
+    # atol 1e-5: AdamW divides each gradient by its own running scale, so an element whose gradient
+    # is near 0 turns fp32 rounding of the summed Switch-loss terms into update differences of ~1e-6.
+    assert_close_weights(single.checkpoint, checkpoint.latest(tmp_path / "runs" / "double"), rtol=1e-4, atol=1e-5)
     aux1 = scalar_series(single.run_dir, "train/router/load_balance")
     aux2 = scalar_series(tmp_path / "runs" / "double", "train/router/load_balance")
     # The logged value is the mean of the ranks' losses: the same f_i, each rank's own P_i.

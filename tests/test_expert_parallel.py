@@ -126,16 +126,17 @@ def test_shadow_policies_pick_the_hottest_experts():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One config trained by 1 process, by 2 with EP=2 and by 4 with EP=2 x DP=2, both also with
-    FasterMoE's shadowing (the hottest expert) and overlapped exchange; and with a capacity factor,
-    by 1 process and by 2 with EP=2."""
+    """One config trained by 1 process, by 2 with EP=2, by 2 with EP=2 and FasterMoE's shadowing
+    (the hottest expert) and overlapped exchange, and by 4 with EP=2 x DP=2 and both; and with a
+    capacity factor, by 1 process and by 2 with EP=2."""
     tmp = tmp_path_factory.mktemp("ep")
     cfg_file = write_config(tmp / "tiny.yaml", tiny_config(tmp, **EXACT))
     cf_file = write_config(tmp / "cf.yaml", tiny_config(tmp, **{**EXACT, "moe": {**EXACT["moe"], "capacity_factor": 1.0}}))
     out = {"cfg": cfg_file, "cf": cf_file, "single": fit(config.load(cfg_file, ["run.name=single"])).run_dir,
            "cf_single": fit(config.load(cf_file, ["run.name=cf_single"])).run_dir}
     fastermoe = ["train.ep_overlap=true", "train.shadow_experts=1"]
-    layouts = (("ep2", cfg_file, "2", []), ("ep2dp2", cfg_file, "4", []), ("cf_ep2", cf_file, "2", []),
+    # EP x DP runs once, with FasterMoE's options on: 4 processes on the 2 CI cores are the costliest job here.
+    layouts = (("ep2", cfg_file, "2", []), ("cf_ep2", cf_file, "2", []),
                ("ep2_fastermoe", cfg_file, "2", fastermoe), ("ep2dp2_fastermoe", cfg_file, "4", fastermoe))
     for name, file, nproc, extra in layouts:
         sets = [a for kv in ["train.expert_parallel=2", *extra] for a in ("--set", kv)]
@@ -146,7 +147,7 @@ def runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("single,sharded", [("single", "ep2"), ("single", "ep2dp2"), ("cf_single", "cf_ep2"),
+@pytest.mark.parametrize("single,sharded", [("single", "ep2"), ("cf_single", "cf_ep2"),
                                             ("single", "ep2_fastermoe"), ("single", "ep2dp2_fastermoe")])
 def test_expert_parallel_training_equals_one_process(runs, single, sharded):
     for step in (2, 4, 6):
@@ -185,7 +186,7 @@ def _stopped_after_step_2(source: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("source,nproc,ep", [("ep2", "2", "1"), ("ep2", None, "1"), ("single", "2", "2")])
+@pytest.mark.parametrize("source,nproc,ep", [("ep2", None, "1"), ("single", "2", "2")])
 def test_a_run_moves_between_expert_parallel_sizes_on_resume(runs, tmp_path, source, nproc, ep):
     run_dir = _stopped_after_step_2(runs[source], tmp_path / "runs" / source)
     if nproc is None:

@@ -4,6 +4,8 @@ expert memory falls as 1/N, impossible layouts are named)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from moectl.perf_model import ExpertShape, Hardware, Layout, estimate, greedy_shadow, owner, top_shadow
@@ -68,6 +70,10 @@ def test_overlap_hides_the_shorter_part_but_for_the_pipelines_fill():
     longer, shorter = max(plain.compute, plain.exchange), min(plain.compute, plain.exchange)
     assert over.total == pytest.approx(longer + shorter / 4)
     assert over.total < plain.total
+    # A CPU's gloo transfers use the cores that compute: overlapping hides nothing there.
+    cpu = dataclasses.replace(HW, overlaps=False)
+    assert estimate(SHAPE, cpu, Layout(world=2, ep=2, overlap=True), counts).total == estimate(
+        SHAPE, cpu, Layout(world=2, ep=2), counts).total
 
 
 def test_groups_that_span_nodes_pay_the_inter_node_bandwidth():

@@ -30,12 +30,16 @@ def test_hardware_files_are_read_strictly(tmp_path):
     good.write_text("flops: 1.0e12\nintra_bandwidth: 1.0e10\ninter_bandwidth: 1.0e9\nlatency: 1.0e-5\n"
                     "devices_per_node: 4\nmemory: 1.0e9\nnodes: 2\n")
     assert plan.read_hardware(str(good)) == Hardware("hw", 1e12, 1e10, 1e9, 1e-5, 4, 1e9, 2)
+    cpu_like = tmp_path / "cpu.yaml"
+    cpu_like.write_text(good.read_text() + "overlaps: false\n")
+    assert plan.read_hardware(str(cpu_like)).overlaps is False
     for text, message in (
         ("flops: 1.0e12\n", "missing key 'intra_bandwidth'"),
         (good.read_text() + "bandwith: 3\n", "unknown key 'bandwith'"),
         (good.read_text().replace("devices_per_node: 4", "devices_per_node: 2.5"), "devices_per_node=2.5 must be a positive integer"),
         (good.read_text().replace("latency: 1.0e-5", "latency: fast"), "latency='fast' must be a positive number"),
         ("[1, 2]", "must be a mapping"),
+        (good.read_text() + "overlaps: sometimes\n", "overlaps='sometimes' must be true or false"),
         ("flops: [", "invalid YAML"),
     ):
         bad = tmp_path / "bad.yaml"
@@ -89,3 +93,18 @@ def test_plan_command_on_a_trained_run(tmp_path):
     assert res.exit_code == 0 and "<- recommended" in res.stdout and "gpu-node" in res.stdout
     res = runner.invoke(app, ["plan", str(run_dir), "--hardware", str(tmp_path / "nope.yaml")])
     assert res.exit_code == 2 and "neither a preset" in res.output
+
+
+@pytest.mark.parametrize("moe", [{"router": "topk", "top_k": 2}, {"router": "switch", "top_k": 1},
+                                 {"router": "soft", "top_k": 1}, {"router": "expert_choice", "top_k": 2},
+                                 {"router": "expert_choice", "top_k": 2, "capacity_factor": 1.5},
+                                 {"router": "hierarchical", "top_k": 2, "num_groups": 4, "group_top_k": 2}])
+def test_the_plan_counts_the_expert_rows_the_built_router_computes_per_token(tmp_path, moe):
+    import torch
+
+    from moectl.models import build_model, moe_layers
+
+    cfg = _cfg(tmp_path, **moe)
+    with torch.device("meta"):
+        layer = moe_layers(build_model(cfg, cfg.tokenizer.vocab_size))[0]
+    assert plan.assignments_per_token(cfg.moe) == layer.active_experts

@@ -108,7 +108,7 @@ def test_a_sweep_runs_reports_keeps_going_past_a_failure_and_skips_what_is_done(
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
 def test_ctrl_c_stops_the_sweep_and_a_rerun_continues(tmp_path, signum):
-    raw = tiny_config(tmp_path, train={"max_steps": 150, "eval_every": 1000}, checkpoint={"every": 5})
+    raw = tiny_config(tmp_path, train={"max_steps": 60, "eval_every": 1000}, checkpoint={"every": 5})
     path = sweep_file(tmp_path, raw, name="long", grid={"train.seed": [1]})
     cell = tmp_path / "runs" / "long" / "seed=1"
     proc = subprocess.Popen([sys.executable, "-m", "moectl", "sweep", str(path)], stdout=subprocess.PIPE,
@@ -121,10 +121,12 @@ def test_ctrl_c_stops_the_sweep_and_a_rerun_continues(tmp_path, signum):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output
     stopped_at = checkpoint.read_meta(checkpoint.latest(cell))["step"]
-    assert 5 <= stopped_at < 150 and "Traceback" not in output
+    assert 5 <= stopped_at < 60 and "Traceback" not in output
+    if signum == signal.SIGTERM:
+        return  # what follows does not depend on the signal
     res = runner.invoke(app, ["sweep", str(path)])
     assert res.exit_code == 0, res.output
-    assert checkpoint.read_meta(checkpoint.latest(cell))["step"] == 150
+    assert checkpoint.read_meta(checkpoint.latest(cell))["step"] == 60
     assert "resuming" in (tmp_path / "runs" / "long" / "logs" / "seed=1.log").read_text()
     # A cell whose config changed since its run is refused, naming the change; a longer run is fine.
     with pytest.raises(ConfigError, match=r"cell seed=1: .* holds a run of another config \(optim.lr: 0.003 -> 1e-05\)"):
