@@ -34,6 +34,7 @@ from moectl.errors import CheckpointError, ConfigError
 from moectl.fileio import staged_directory
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+BEST = "best"  # checkpoints/best -> step_NNNNNN with checkpoint.keep_best
 # A resumed run must keep what defines its model and data; length, LR, logging and checkpoint
 # settings may change, and so may where and how fast the data is tokenised.
 FIXED_ON_RESUME = ("model", "moe", "tokenizer", "data")
@@ -101,8 +102,9 @@ def write_meta(directory: Path, meta: dict[str, Any]) -> None:
     (Path(directory) / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def save(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], meta: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoint `step` atomically and prune to the newest `keep_last`."""
+def save(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], meta: dict[str, Any], keep_last: int,
+         keep: Optional[int] = None) -> Path:
+    """Write checkpoint `step` atomically and prune to the newest `keep_last` (and step `keep`)."""
     from safetensors.torch import save_model
 
     final = step_dir(run_dir, step)
@@ -112,17 +114,29 @@ def save(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], meta
         save_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
         torch.save(state, tmp / "state.pt")
         write_meta(tmp, {**meta, "step": step})
-    prune(run_dir, keep_last)
+    prune(run_dir, keep_last, keep)
     return final
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints, and what killed saves left behind."""
+def mark_best(run_dir: Path, step: int) -> None:
+    """Point `checkpoints/best` (a relative symlink, replaced atomically) at checkpoint `step`."""
+    link = checkpoints_dir(run_dir) / BEST
+    tmp = link.with_name(f".tmp-best-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(step_dir(run_dir, step).name, tmp)
+    os.replace(tmp, link)
+
+
+def prune(run_dir: Path, keep_last: int, keep: Optional[int] = None) -> None:
+    """Delete all but the newest `keep_last` checkpoints (and step `keep`), and what killed saves
+    left behind."""
     root = checkpoints_dir(run_dir)
     for old in root.glob(".tmp-*"):
         if not old.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(old, ignore_errors=True)
-    for _, path in list_checkpoints(run_dir)[:-keep_last]:
+    for step, path in list_checkpoints(run_dir)[:-keep_last]:
+        if step == keep:
+            continue
         # Rename first: an interrupted delete must not leave a partial step_* behind.
         trash = root / f".tmp-trash-{path.name}"
         os.rename(path, trash)

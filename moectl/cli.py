@@ -270,6 +270,11 @@ def generate(
         Optional[int],
         typer.Option("--show-routing", metavar="LAYER", help="Colour each new token by its top-1 expert in this MoE layer."),
     ] = None,
+    chat_turn: Annotated[
+        Optional[bool],
+        typer.Option("--chat/--raw", help="Send the prompt as a user turn in the run's chat template and generate the "
+                     "answer, or continue the raw text. Default: --chat for instruction-tuned runs (data.task=sft)."),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Sample text from a checkpoint, optionally showing which expert each new token went to."""
@@ -278,7 +283,8 @@ def generate(
         from moectl import loaded_model
 
         model = loaded_model.load(run)
-        result = generation.generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, show_routing)
+        result = generation.generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, show_routing,
+                                     chat_turn)
         generation.show(result, model, show_routing)
 
 

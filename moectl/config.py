@@ -282,6 +282,29 @@ class DataConfig(Section):
     )
     split_seed: int = Field(0, description="Seed of the held-out carve.")
     seq_len: int = Field(256, gt=0, description="Tokens per training sequence (block).")
+    task: Literal["lm", "sft"] = Field(
+        "lm",
+        description="`lm`: language modelling, every token of the text is a target. `sft`: instruction tuning on "
+        "conversations (data.messages_field, data.prompt_field / data.response_field, or Alpaca's "
+        "instruction / input / output); only response tokens are targets, in training and evaluation. With "
+        "data.source=stdlib the examples are the standard library's function signatures and docstrings.",
+    )
+    prompt_field: str = Field("prompt", description="sft: the field that holds the prompt (the user turn).")
+    response_field: str = Field("response", description="sft: the field that holds the response (the assistant turn).")
+    messages_field: str = Field(
+        "messages", description="sft: the field that holds a list of {role, content} turns (system, user, assistant)."
+    )
+    chat_template: Optional[str] = Field(
+        None,
+        description="sft: the Jinja chat template (Hugging Face conventions), as text or a file path; `builtin`: "
+        "`<|role|>\\n{content}<|endoftext|>` per turn. Null: the tokenizer's own template when it has one "
+        "(a Hub or Mixtral tokenizer), else the built-in.",
+    )
+    packing: bool = Field(
+        False,
+        description="sft: put several whole examples in each sequence, attention (and the LSTM's state) confined "
+        "to each, instead of one padded example per sequence.",
+    )
     num_proc: Optional[int] = Field(None, gt=0, description="Processes for tokenisation (datasets.map). Null: one.")
     cache_dir: Optional[str] = Field(
         None, description="Cache for tokenizers and tokenised data. Null: $MOECTL_CACHE or ~/.cache/moectl."
@@ -343,8 +366,16 @@ class TrainConfig(Section):
         "1994; per batch, responsibilities r_i = g_i p_i(y) / sum_j g_j p_j(y) held fixed, one step on -sum_i r_i "
         "(log g_i + log p_i(y))); `hard_em` uses the one-hot argmax of r.",
     )
-    freeze: Literal["none", "router", "all_but_experts"] = Field(
-        "none", description="Parameters left untrained: none, the routers, or everything but the routed experts."
+    freeze: Literal["none", "router", "experts", "all_but_experts"] = Field(
+        "none",
+        description="Parameters left untrained: none, the routers, the routed experts, or everything but the routed "
+        "experts (fine-tuning recipes; ST-MoE section 4 compares them).",
+    )
+    early_stopping: Optional[int] = Field(
+        None,
+        gt=0,
+        description="Stop after this many evaluations in a row without a lower eval loss than the best so far (the "
+        "overfitting guard for fine-tuning; with checkpoint.keep_best the best weights stay). Null: never.",
     )
     upcycle_noise: float = Field(
         0.0, ge=0, description="Sparse upcycling: std of the Gaussian noise added to each copied expert (relative to the weights' std)."
@@ -406,6 +437,10 @@ class OptimConfig(Section):
             raise ValueError("must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         return value
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    router_lr_mult: float = Field(
+        1.0, ge=0, description="The routers' learning rate as a multiple of the schedule's (0: they stay, like train.freeze=router)."
+    )
+    expert_lr_mult: float = Field(1.0, ge=0, description="The routed experts' learning rate as a multiple of the schedule's.")
 
 
 class LogConfig(Section):
@@ -424,6 +459,11 @@ class CheckpointConfig(Section):
 
     every: int = Field(500, gt=0, description="Save every this many steps (and at the end, and on Ctrl-C).")
     keep_last: int = Field(3, gt=0, description="Keep only the newest this many checkpoints.")
+    keep_best: bool = Field(
+        False,
+        description="Also save at each evaluation that lowers the best eval loss so far, keep that checkpoint whatever "
+        "keep_last says, and point `checkpoints/best` at it (give it to eval, generate, export).",
+    )
 
 
 class Config(Section):
@@ -479,6 +519,16 @@ class Config(Section):
             raise ValueError(f"train.hardware={tr.hardware!r} must be auto or one of {', '.join(HARDWARE_PRESETS)}")
         if tr.lstm_stateful and self.backbone != "lstm":
             raise ValueError(f"train.lstm_stateful=true needs an LSTM (model.arch={m.arch} has no recurrent state)")
+        if d.task == "sft":
+            if tr.lstm_stateful:
+                raise ValueError("train.lstm_stateful=true carries state from one block to the next, but data.task=sft "
+                                 "examples are separate; set train.lstm_stateful=false")
+            if tr.objective != "likelihood":
+                raise ValueError(f"train.objective={tr.objective} (EM on a mixture head) scores every token; "
+                                 "data.task=sft scores responses only: use train.objective=likelihood")
+        elif d.packing or d.chat_template is not None:
+            key = "packing" if d.packing else "chat_template"
+            raise ValueError(f"data.{key} is for instruction tuning; set data.task=sft, or drop data.{key}")
         if m.arch.startswith("transformer"):
             if m.d_model % m.n_heads:
                 raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")

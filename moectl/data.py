@@ -73,7 +73,7 @@ def _load_stdlib():
     return DatasetDict({"train": Dataset.from_dict({"text": texts, "path": [str(f.relative_to(root)) for f in files]})})
 
 
-def _infer_format(data_files: Any) -> str:
+def infer_format(data_files: Any) -> str:
     first = data_files
     while isinstance(first, (list, dict)):
         first = next(iter(first.values())) if isinstance(first, dict) else (first[0] if first else "")
@@ -86,18 +86,18 @@ def _infer_format(data_files: Any) -> str:
     return FORMAT_BY_SUFFIX[suffix]
 
 
-def _patterns(data_files: Any) -> list[tuple[str, str]]:
+def patterns(data_files: Any) -> list[tuple[str, str]]:
     """(split, pattern) pairs of a data_files value (a path, a list, or a mapping split -> either)."""
     if isinstance(data_files, dict):
-        return [(split, p) for split, v in data_files.items() for _, p in _patterns(v)]
+        return [(split, p) for split, v in data_files.items() for _, p in patterns(v)]
     items = data_files if isinstance(data_files, list) else [data_files]
     return [("train", str(p)) for p in items]
 
 
-def _check_local_files(data_files: Any) -> None:
+def check_local_files(data_files: Any) -> None:
     import glob
 
-    for split, pattern in _patterns(data_files):
+    for split, pattern in patterns(data_files):
         if "://" in pattern:  # remote (hf://, s3://, https://): left to datasets
             continue
         if not glob.glob(os.path.expanduser(pattern), recursive=True):
@@ -107,8 +107,8 @@ def _check_local_files(data_files: Any) -> None:
 def _load_files(cfg: DataConfig):
     import datasets
 
-    _check_local_files(cfg.data_files)
-    fmt = cfg.format or _infer_format(cfg.data_files)
+    check_local_files(cfg.data_files)
+    fmt = cfg.format or infer_format(cfg.data_files)
     kwargs = {"sample_by": cfg.sample_by} if fmt == "text" else {}
     try:
         return datasets.load_dataset(fmt, data_files=cfg.data_files, **kwargs)
@@ -149,10 +149,12 @@ def _load_hub(cfg: DataConfig):
         raise DataError(f"data.name={cfg.name!r}, data.config_name={cfg.config_name!r}: {str(exc).splitlines()[0]}") from None
 
 
-def load_raw(cfg: DataConfig):
-    """(train, validation) `datasets.Dataset`s: the named (or `validation`) split, else carved off train."""
-    loaders = {"stdlib": _load_stdlib, "files": _load_files, "disk": _load_disk, "hub": _load_hub}
-    splits = loaders[cfg.source]() if cfg.source == "stdlib" else loaders[cfg.source](cfg)
+def load_raw(cfg: DataConfig, splits=None):
+    """(train, validation) `datasets.Dataset`s: the named (or `validation`) split, else carved off
+    train. `splits`: a DatasetDict already loaded (instead of loading data.source)."""
+    if splits is None:
+        loaders = {"stdlib": _load_stdlib, "files": _load_files, "disk": _load_disk, "hub": _load_hub}
+        splits = loaders[cfg.source]() if cfg.source == "stdlib" else loaders[cfg.source](cfg)
     available = ", ".join(splits) or "none"
     if cfg.train_split not in splits:
         raise DataError(f"data.train_split={cfg.train_split!r} is not in the dataset; its splits are: {available}")
@@ -262,6 +264,7 @@ class Corpus:
     tokenizer: Tokenizer
     tokenizer_from_cache: bool
     eot_id: int
+    chat_template: Optional[str] = None  # data.task=sft: the Jinja template the examples were rendered with
 
 
 def prepare(cfg: Config, tokenizer_file: Optional[Path] = None, only: Optional[str] = None) -> Corpus:
@@ -313,6 +316,10 @@ class Blocks:
         window = self.split.tokens[starts + np.arange(self.seq_len + 1)]  # (B, L+1)
         window = torch.from_numpy(window.astype(np.int64))
         return window[:, :-1], window[:, 1:]
+
+    def segments(self, block_ids: np.ndarray) -> None:
+        """Every block is one stretch of the token stream: no segments (see sft.ExampleBlocks)."""
+        return None
 
 
 class BatchSampler:

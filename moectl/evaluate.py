@@ -21,12 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moectl import console, data, distributed, runtime
+from moectl import console, data, distributed, runtime, sft
 from moectl import tokenizer as tokenizers_
 from moectl.errors import ConfigError, DataError
 from moectl.loaded_model import LoadedModel
 from moectl.models import LanguageModel, moe_layers
 from moectl.runtime import Dist
+from moectl.sft import IGNORE
 from moectl.stats import COLUMNS, RoutingStats, accumulator_dtype
 
 
@@ -50,8 +51,10 @@ def mean_loss(
     dp: Dist = Dist(),
     stateful: bool = False,
     lockstep: bool = False,
+    top1: Optional[list] = None,
 ) -> float:
-    """Mean next-token cross-entropy (nats per token) over the given batches, in eval mode.
+    """Mean next-token cross-entropy (nats per token) over the given batches' scored targets
+    (every token; response tokens only for instruction tuning), in eval mode.
 
     With several processes each evaluates every world_size-th batch and the sums are combined,
     so `stats` holds the whole set's routing on every rank. `stateful`: the batches are streams
@@ -59,7 +62,9 @@ def mean_loss(
     model's recurrent state is carried from batch to batch; each process takes every
     world_size-th stream. `lockstep` (sharded experts, whose forward is a collective): every
     process runs the same number of forward passes; one that has run out of batches repeats a
-    batch and ignores the result.
+    batch and ignores the result. `top1`, a list: for each batch this process scores, append the
+    top-1 expert (largest gate weight) of each scored token in every routing record, an
+    (records, scored tokens) int16 tensor; None for a batch it repeats in lockstep.
     """
     was_training = model.training
     model.eval()
@@ -73,17 +78,25 @@ def mean_loss(
         if ids is None:
             with runtime.autocast(device, amp):  # the same dtypes as the other processes' exchange
                 model(blocks.batch(batches[0][:1])[0].to(device))
+            if top1 is not None:
+                top1.append(None)
             continue
         if not len(ids):
             continue
         x, y = (t.to(device) for t in blocks.batch(ids))
+        segments = blocks.segments(ids)
         with runtime.autocast(device, amp):
-            out = model(x, y, state=state)
+            out = model(x, y, state=state, segments=segments.to(device) if segments is not None else None)
         state = out.state if stateful else None
-        sums[0] += out.lm_loss.to(sums.dtype) * y.numel()
-        sums[1] += y.numel()
+        scored = (y != IGNORE).sum()  # instruction tuning scores response tokens only
+        sums[0] += torch.where(scored > 0, out.lm_loss.to(sums.dtype), 0.0) * scored
+        sums[1] += scored
         if stats is not None:
             stats.update(out.routing)
+        if top1 is not None:
+            keep = (y != IGNORE).reshape(-1)
+            top1.append(torch.stack([r.dense_weights().argmax(-1)[keep] for r in out.routing]).to(torch.int16).cpu()
+                        if out.routing else torch.zeros(0, int(keep.sum()), dtype=torch.int16))
     distributed.all_reduce_sum_([sums, *(stats.tensors() if stats is not None else [])], dp)
     model.train(was_training)
     total, count = sums.tolist()
@@ -97,6 +110,8 @@ JSON_KEYS = {
     "split": "`validation` or `train`",
     "batches": "batches evaluated (of train.micro_batch_size sequences)",
     "tokens": "target tokens scored",
+    "targets": "`every token` (language modelling) or `response tokens` (data.task=sft: prompt, system and padding "
+    "tokens are not scored, in loss, perplexity or bits per byte)",
     "bytes": "UTF-8 bytes of those tokens",
     "bytes_exact": "true when bytes come from the byte-level vocabulary, false when estimated per token",
     "loss": "mean next-token cross-entropy, nats per token",
@@ -117,6 +132,7 @@ class EvalResult:
     split: str
     batches: int
     tokens: int
+    targets: str
     bytes: int
     bytes_exact: bool
     loss: float
@@ -140,9 +156,10 @@ def split_batches(
     if split not in ("validation", "train"):
         raise DataError(f"--split {split!r}: choose validation or train")
     cfg = loaded.cfg
-    corpus = data.prepare(cfg, tokenizer_file=loaded.run_dir / "tokenizer.json", only="validation" if split == "validation" else "training")
+    prepare = sft.prepare if cfg.data.task == "sft" else data.prepare
+    corpus = prepare(cfg, tokenizer_file=loaded.run_dir / "tokenizer.json", only="validation" if split == "validation" else "training")
     tokens = corpus.validation if split == "validation" else corpus.train
-    blocks = data.Blocks(tokens, cfg.data.seq_len)
+    blocks = sft.blocks(tokens, cfg, corpus.eot_id)
     batching = data.stream_batches if stateful else data.eval_batches
     return blocks, tokens, batching(blocks, cfg.micro_batch_size, max_batches or cfg.train.eval_batches)
 
@@ -153,7 +170,8 @@ def byte_lengths(loaded: LoadedModel, split: data.Split) -> tuple[np.ndarray, bo
     if exact is not None:
         return exact, True
     eot = loaded.tokenizer.token_to_id(loaded.cfg.tokenizer.eot_token)
-    text_tokens = int((split.tokens != eot).sum()) if eot is not None else len(split.tokens)
+    tokens = split.tokens[split.mask] if isinstance(split, sft.Examples) else split.tokens  # what num_bytes measures
+    text_tokens = int((tokens != eot).sum()) if eot is not None else len(tokens)
     per_token = split.num_bytes / max(text_tokens, 1)
     table = np.full(loaded.tokenizer.get_vocab_size(), per_token)
     if eot is not None:
@@ -164,6 +182,9 @@ def byte_lengths(loaded: LoadedModel, split: data.Split) -> tuple[np.ndarray, bo
 def context_protocol(cfg, stride: Optional[int], stateful: Optional[bool]) -> tuple[Optional[int], bool]:
     """(stride, stateful) for `moectl eval`, checked: stateful defaults to how the model trained."""
     stateful = cfg.train.lstm_stateful if stateful is None else stateful
+    if cfg.data.task == "sft" and (stride is not None or stateful):
+        raise ConfigError(f"{'--stride' if stride is not None else '--stateful'}: data.task=sft scores each example "
+                          "on its own; drop the option")
     if stateful and cfg.backbone != "lstm":
         raise ConfigError(f"--stateful: model.arch={cfg.model.arch} has no recurrent state to carry; drop --stateful")
     if stride is not None:
@@ -225,6 +246,7 @@ def run(
     n_tokens, n_bytes = 0, 0.0
     for ids in batches:
         _, y = blocks.batch(ids)
+        y = y[y != IGNORE]
         n_tokens += y.numel()
         n_bytes += float(lengths[y.numpy()].sum())
     if n_bytes <= 0:
@@ -245,6 +267,7 @@ def run(
         split=split,
         batches=len(batches),
         tokens=n_tokens,
+        targets="response tokens" if cfg.data.task == "sft" else "every token",
         bytes=int(round(n_bytes)),
         bytes_exact=exact,
         loss=loss,
@@ -263,7 +286,8 @@ def show(result: EvalResult) -> None:
 
     console.out.print(
         f"[bold]{result.checkpoint}[/] (step {result.step}), {result.split} split: {result.batches} batches, "
-        f"{console.human(result.tokens)} tokens, {console.human(result.bytes)} bytes"
+        f"{console.human(result.tokens)} tokens{' (responses only)' if result.targets == 'response tokens' else ''}, "
+        f"{console.human(result.bytes)} bytes"
         f"{'' if result.bytes_exact else ' (estimated)'}; context: {result.context}",
         highlight=False,
     )

@@ -6,11 +6,13 @@ train.init_from accept as they accept a run:
     DIR/model.safetensors   the weights, in fp32, bf16 or fp16
     DIR/config.yaml         the resolved config
     DIR/tokenizer.json      the tokenizer
+    DIR/chat_template.jinja the chat template, for an instruction-tuned run (data.task=sft)
     DIR/meta.json           what it is: format, source checkpoint, step, dtype, eval loss, versions
     DIR/README.md           a model card: architecture, parameters, data, quality, routing summary
 
 `--format hf`: a Mixtral or Qwen2-MoE directory that transformers' `AutoModelForCausalLM` and
-`AutoTokenizer` load as-is (the mapping is moectl/hf.py). It is loaded in transformers and its
+`AutoTokenizer` load as-is (the mapping is moectl/hf.py); an instruction-tuned run's chat
+template becomes the tokenizer's, for apply_chat_template. It is loaded in transformers and its
 logits are checked against moectl's before it is put in place.
 
 Either is written into a hidden temporary directory beside DIR and renamed into place, so DIR
@@ -28,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from moectl import __version__, checkpoint, config, hf
+from moectl import __version__, chat, checkpoint, config, hf
 from moectl.errors import CheckpointError, ConfigError, DataError, MoectlError
 from moectl.evaluate import perplexity
 from moectl.evaluate import run as evaluate_run
@@ -134,6 +136,8 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite
         (tmp / "model.safetensors").chmod(0o644)  # a bundle is for sharing
         config.save(loaded.cfg, tmp / "config.yaml")
         shutil.copyfile(loaded.run_dir / "tokenizer.json", tmp / "tokenizer.json")
+        if (loaded.run_dir / chat.TEMPLATE_FILE).is_file():  # an instruction-tuned run's template goes with it
+            shutil.copyfile(loaded.run_dir / chat.TEMPLATE_FILE, tmp / chat.TEMPLATE_FILE)
         measured = {"eval_loss": summary["loss"], "bits_per_byte": summary["bits_per_byte"]} if summary else {}
         meta = _export_meta(loaded, "safetensors", dtype, **measured)
         checkpoint.write_meta(tmp, meta)
@@ -178,6 +182,8 @@ def export_hf(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bo
                   metadata={"format": "pt"})
         eot_token = loaded.cfg.tokenizer.eot_token if eot is not None else None
         fast = transformers.PreTrainedTokenizerFast(tokenizer_object=loaded.tokenizer, eos_token=eot_token, pad_token=eot_token)
+        if (loaded.run_dir / chat.TEMPLATE_FILE).is_file():  # apply_chat_template renders as the run trained
+            fast.chat_template = (loaded.run_dir / chat.TEMPLATE_FILE).read_text(encoding="utf-8")
         fast.save_pretrained(tmp)
         transformers.GenerationConfig(eos_token_id=eot, pad_token_id=eot).save_pretrained(tmp)
         checkpoint.write_meta(tmp, _export_meta(loaded, "hf", dtype))

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from moectl import console
+from moectl import chat, console
 from moectl.errors import ConfigError
 from moectl.loaded_model import LoadedModel, check_layer
 
@@ -77,7 +77,10 @@ def generate(
     top_p: Optional[float] = None,
     seed: int = 0,
     show_layer: Optional[int] = None,
+    chat_turn: Optional[bool] = None,
 ) -> Generation:
+    """`chat_turn`: send the prompt as a user turn in the run's chat template, which generation
+    answers (None: when the run was instruction-tuned, data.task=sft)."""
     if temperature < 0:
         raise ConfigError(f"--temperature {temperature}: must be >= 0 (0 is greedy)")
     if top_p is not None and not 0 < top_p <= 1:
@@ -93,7 +96,8 @@ def generate(
     record_index = check_layer(loaded, show_layer) if show_layer is not None else None
     tok, cfg = loaded.tokenizer, loaded.cfg
     eot = tok.token_to_id(cfg.tokenizer.eot_token)
-    ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
+    text = chat_prompt(loaded, prompt, chat_turn)
+    ids = tok.encode(text, add_special_tokens=False).ids if text else []
     if not ids:
         if eot is None:
             raise ConfigError("the prompt is empty and the tokenizer has no end-of-text token to start from")
@@ -124,6 +128,23 @@ def generate(
         forward()  # route the last new token too
     result.pieces = token_pieces(tok, result.token_ids)
     return result
+
+
+def chat_prompt(loaded: LoadedModel, prompt: str, chat_turn: Optional[bool]) -> str:
+    """The text the model continues: the prompt itself, or the prompt as a user turn rendered in
+    the chat template the run was tuned with, up to where the assistant's answer begins."""
+    path = loaded.run_dir / chat.TEMPLATE_FILE
+    if chat_turn is False or (chat_turn is None and not path.is_file()):
+        return prompt
+    if not path.is_file():
+        raise ConfigError(f"--chat: {loaded.run_dir} was not instruction-tuned (it has no {chat.TEMPLATE_FILE}); drop --chat")
+    if not prompt:
+        raise ConfigError("--chat needs a --prompt to answer")
+    try:
+        template = chat.Template(path.read_text(encoding="utf-8"), loaded.cfg.tokenizer.eot_token, name=str(path))
+        return template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    except chat.ChatError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # Distinct colours for experts; beyond the list, xterm-256 colours.

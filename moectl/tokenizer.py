@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moectl import hub
+from moectl.chat import ROLE_TOKENS
 from moectl.config import TokenizerConfig
 from moectl.errors import DataError
 from moectl.fileio import atomic_write_text
@@ -20,20 +21,22 @@ from moectl.fileio import atomic_write_text
 if TYPE_CHECKING:
     import numpy
 
-RECIPE_VERSION = "bytelevel-bpe-1"  # bump when training changes, so old cached tokenizers are not reused
+RECIPE_VERSION = "bytelevel-bpe-2"  # bump when training changes, so old cached tokenizers are not reused
 
 
 def train_bpe(
     texts: Iterator[list[str]], vocab_size: int, min_frequency: int, eot_token: str, length: Optional[int] = None
 ) -> Tokenizer:
-    """Byte-level BPE (as GPT-2): any text round-trips, with no unknown tokens."""
+    """Byte-level BPE (as GPT-2): any text round-trips, with no unknown tokens. Besides the
+    end-of-text token it reserves the chat template's role markers (moectl/chat.py) as special
+    tokens, so a model pretrained with it can be instruction-tuned without growing its vocabulary."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[eot_token],
+        special_tokens=[eot_token, *ROLE_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

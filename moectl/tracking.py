@@ -90,6 +90,12 @@ class Tracker:
             global_step=step,
         )
 
+    def drift(self, slots: list[int], changed: list[float], step: int) -> None:
+        """Per MoE layer, the fraction of evaluated tokens whose top-1 expert differs from the
+        starting checkpoint's (train.init_from): `routing/layerNN/top1_changed`."""
+        for slot, fraction in zip(slots, changed):
+            self._scalars(f"{layer_tag(slot)}/", {"top1_changed": fraction}, step)
+
     def heatmap(self, layers: list[LayerStats], step: int) -> None:
         if not self.writer or not layers:
             return

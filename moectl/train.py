@@ -35,13 +35,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from moectl import checkpoint, config, console, data, distributed, expert_parallel, perf_model, runtime, warmstart
+from moectl import chat, checkpoint, config, console, data, distributed, expert_parallel, perf_model, runtime, sft, warmstart
 from moectl import tokenizer as tokenizers_
 from moectl.config import Config, OptimConfig
 from moectl.console import TrainProgress
 from moectl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from moectl.evaluate import mean_loss, perplexity
 from moectl.expert_parallel import ExpertParallel
+from moectl.fileio import atomic_write_text
 from moectl.models import LanguageModel, build_model, lookahead, moe_layers, moe_slots, parameter_counts, routed_experts
 from moectl.moe import LOSS_NAMES
 from moectl.runtime import Dist
@@ -60,9 +61,9 @@ class Run:
     run_dir: Path
     model: LanguageModel
     optimizer: torch.optim.Optimizer
-    train_blocks: data.Blocks
+    train_blocks: Union[data.Blocks, sft.ExampleBlocks]
     sampler: Union[data.BatchSampler, data.StreamSampler]  # global batches of block ids, the same on every rank
-    val_blocks: data.Blocks
+    val_blocks: Union[data.Blocks, sft.ExampleBlocks]
     val_batches: list  # the validation block ids, in chunks of one micro-batch; each rank scores its share
     data_keys: dict[str, str]  # identify the tokenised data: a resumed run checks they did not change
     micro: int  # sequences per forward pass in this process
@@ -92,6 +93,13 @@ class LoopState:
     collapsed: list[bool] = field(default_factory=list)  # per MoE layer: over log.collapse_threshold last window
     checkpoint: Optional[Path] = None  # the newest checkpoint
     stopping: bool = False  # Ctrl-C on any rank: save after this step and return
+    best_eval_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    evals_since_best: int = 0  # evaluations in a row without a lower eval loss (train.early_stopping)
+    early_stopped: bool = False
+    # train.init_from: the starting model's top-1 expert of each scored validation token, an
+    # (MoE layers, tokens) tensor per validation batch this rank scores, to measure router drift against
+    routes_at_start: Optional[list] = None
     train_seconds: float = 0.0  # in this session
     session_tokens: int = 0
     window_seconds: float = 0.0
@@ -130,14 +138,19 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
         with StopOnInterrupt() as stop, run.progress, closing(run.tracker):
             if state.step == 0:
                 state.first_eval_loss = evaluate(run, state)
-            while state.step < tr.max_steps and not state.stopping:
+                if run.cfg.checkpoint.keep_best:  # the starting weights, best until something beats them
+                    save(run, state)
+            while state.step < tr.max_steps and not state.stopping and not state.early_stopped:
                 lr = train_step(run, state, stop)
                 last = state.step == tr.max_steps
                 if last or state.step % run.cfg.log.every == 0:
                     log_window(run, state, lr)
+                best = False
                 if last or state.step % tr.eval_every == 0:
                     evaluate(run, state)
-                if last or state.step % run.cfg.checkpoint.every == 0:
+                    best = state.best_step == state.step
+                if last or state.early_stopped or state.step % run.cfg.checkpoint.every == 0 or (
+                        best and run.cfg.checkpoint.keep_best):
                     save(run, state)
             if state.stopping:
                 save(run, state)
@@ -183,7 +196,9 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
         torch.manual_seed(tr.seed + 7919 * (dp.rank + 1))  # each rank its own dropout and routing noise
     for warning in lookahead(cfg, training=True):
         console.warn(warning)
-    train_blocks, val_blocks = data.Blocks(corpus.train, cfg.data.seq_len), data.Blocks(corpus.validation, cfg.data.seq_len)
+    train_blocks, val_blocks = (sft.blocks(split, cfg, corpus.eot_id) for split in (corpus.train, corpus.validation))
+    if isinstance(train_blocks, sft.ExampleBlocks):
+        _report_examples(cfg, train_blocks, val_blocks)
     slots = moe_slots(model)
     run = Run(
         cfg=cfg, dp=dp, device=device, amp=amp, run_dir=run_dir, model=model,
@@ -217,6 +232,8 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
         config.save(cfg, run_dir / "config.yaml")
         if resume_from is None:
             tokenizers_.save(corpus.tokenizer, run_dir / "tokenizer.json")
+        if corpus.chat_template is not None:  # what `moectl generate --chat` renders prompts with
+            atomic_write_text(run_dir / chat.TEMPLATE_FILE, corpus.chat_template)
     run.ddp_model = distributed.wrap(model, dp, device, ignore=expert_parallel.parameter_names(model, ep) if ep else ())
     # Resuming drops the events logged after the checkpoint; starting again drops all of them.
     purge = state.step + 1 if resume_from else 0 if resume else None
@@ -237,8 +254,9 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
 
 def _prepare_data(cfg: Config, dp: Dist, tokenizer_file: Optional[Path], new_tokenizer: bool) -> data.Corpus:
     """Rank 0 tokenises and fills the caches, then the other ranks read them."""
-    console.status(f"loading data ({cfg.data.source})")
-    corpus = distributed.main_first(lambda: data.prepare(cfg, tokenizer_file=tokenizer_file), dp)
+    console.status(f"loading data ({cfg.data.source}{', instruction tuning' if cfg.data.task == 'sft' else ''})")
+    prepare = sft.prepare if cfg.data.task == "sft" else data.prepare
+    corpus = distributed.main_first(lambda: prepare(cfg, tokenizer_file=tokenizer_file), dp)
     vocab = corpus.tokenizer.get_vocab_size()
     console.status(
         f"tokens: {console.human(len(corpus.train.tokens))} train, {console.human(len(corpus.validation.tokens))} validation"
@@ -254,16 +272,30 @@ def _prepare_data(cfg: Config, dp: Dist, tokenizer_file: Optional[Path], new_tok
     return corpus
 
 
+def _report_examples(cfg: Config, train: sft.ExampleBlocks, validation: sft.ExampleBlocks) -> None:
+    examples = train.split.num_docs + validation.split.num_docs
+    rows = f"{len(train)} + {len(validation)} {'packed ' if cfg.data.packing else ''}sequences"
+    console.status(f"instruction tuning: {train.split.num_docs} + {validation.split.num_docs} examples in {rows}; "
+                   "the loss counts response tokens only")
+    truncated, cut = train.truncated + validation.truncated, train.responses_cut + validation.responses_cut
+    if truncated:
+        console.warn(f"{truncated} of {examples} examples are longer than data.seq_len + 1 = {cfg.data.seq_len + 1} "
+                     f"tokens and lose their first tokens (the prompt side); in {cut} the response is cut too")
+
+
 def restore(run: Run, state: LoopState, ckpt: Path) -> None:
     """Continue from `ckpt`: weights, optimizer, data position, logging window, RNG and counters."""
     with _full_experts(run, gather=False):  # every rank reads the full checkpoint and keeps its experts
         checkpoint.load_model(ckpt, run.model)
     saved, meta = checkpoint.load_state(ckpt), checkpoint.read_meta(ckpt)
+    mults = [group.get("lr_mult", 1.0) for group in run.optimizer.param_groups]  # the config's, not the saved ones
     try:
         if run.ep is not None:
             run.ep.load_optimizer_state(run.optimizer, saved["optimizer"])
         else:
             run.optimizer.load_state_dict(saved["optimizer"])
+        for group, mult in zip(run.optimizer.param_groups, mults):
+            group["lr_mult"] = mult
         run.sampler.load_state_dict(saved["sampler"])
         if run.dp.is_main:  # the saved window sums cover every rank; rank 0 carries them on
             run.window.load_state_dict(saved["window"])
@@ -271,6 +303,7 @@ def restore(run: Run, state: LoopState, ckpt: Path) -> None:
         _restore_rng(saved["rng"], run.dp, run.cfg.train.seed)
         if run.carry is not None:
             _restore_carry(run, saved.get("lstm_state"))
+        _restore_routes(run, state, saved.get("routes_at_start"))
     except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.pt: {exc}") from None
     if meta.get("data", run.data_keys) != run.data_keys:
@@ -280,6 +313,8 @@ def restore(run: Run, state: LoopState, ckpt: Path) -> None:
         )
     state.step, state.tokens_seen = meta["step"], meta.get("tokens_seen", 0)
     state.first_eval_loss, state.eval_loss = meta.get("first_eval_loss"), meta.get("eval_loss")
+    state.best_eval_loss, state.best_step = meta.get("best_eval_loss"), meta.get("best_step")
+    state.evals_since_best = meta.get("evals_since_best", 0)
     state.collapsed = list(saved.get("collapsed", state.collapsed))
     state.checkpoint = ckpt
     new_lr = lr_at(state.step - 1, run.cfg.optim, run.cfg.train.max_steps)
@@ -292,12 +327,20 @@ def restore(run: Run, state: LoopState, ckpt: Path) -> None:
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norm weights, biases) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    """AdamW; matrices decay, vectors (norm weights, biases) do not. With optim.router_lr_mult or
+    optim.expert_lr_mult other than 1, routers and routed experts get groups of their own, whose
+    `lr_mult` scales the schedule's LR."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    mults = {"router": cfg.router_lr_mult, "experts": cfg.expert_lr_mult, "other": 1.0}
+    kinds = ("other", "router", "experts") if cfg.router_lr_mult != 1.0 or cfg.expert_lr_mult != 1.0 else (None,)
+    groups = []
+    for kind in kinds:
+        mine = [p for n, p in named if kind is None or warmstart.parameter_kind(n) == kind]
+        for decay in (True, False):
+            params = [p for p in mine if (p.ndim >= 2) == decay]
+            if params or kind is None:
+                groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+                               "lr_mult": mults[kind] if kind else 1.0})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
@@ -352,18 +395,27 @@ def train_step(run: Run, state: LoopState, stop: "StopOnInterrupt") -> float:
     started = time.perf_counter()
     lr = lr_at(state.step, run.cfg.optim, tr.max_steps)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
     share = slice(dp.rank * run.micro * run.accum, (dp.rank + 1) * run.micro * run.accum)
     if run.carry is not None and run.sampler.fresh:  # the streams start again: a zero state
         run.carry = [None] * run.accum
     ids = run.sampler.next()[share].reshape(run.accum, run.micro)  # (accum, micro) block ids
     counts = [0] * len(run.bias_routers)  # chosen tokens per expert over this step's micro-batches
+    batches = [run.train_blocks.batch(micro_ids) for micro_ids in ids]
+    shares = _target_shares([y for _, y in batches], dp, run.device) if run.cfg.data.task == "sft" else None
     for j, micro_ids in enumerate(ids):
-        x, y = (t.to(run.device, non_blocking=True) for t in run.train_blocks.batch(micro_ids))
+        x, y = (t.to(run.device, non_blocking=True) for t in batches[j])
+        segments = run.train_blocks.segments(micro_ids)
         with distributed.gradient_sync(run.ddp_model, last_micro_step=j == run.accum - 1):
             with runtime.autocast(run.device, run.amp):
-                out = run.ddp_model(x, y, count_reduce=run.count_reduce, state=run.carry[j] if run.carry else None)
-            (out.loss / run.accum).backward()
+                out = run.ddp_model(x, y, count_reduce=run.count_reduce, state=run.carry[j] if run.carry else None,
+                                    segments=segments.to(run.device) if segments is not None else None)
+            if shares is None:
+                loss = out.loss / run.accum
+            else:  # each response token weighs the same, however they fall over micro-batches and ranks
+                scored = out.lm_loss * shares[j] if shares[j] > 0 else out.logits.sum() * 0.0
+                loss = scored + (out.aux_loss + out.z_loss) / run.accum
+            loss.backward()
         if run.carry is not None:  # truncated BPTT: the next block of these streams starts here
             run.carry[j] = out.state.detach()
         run.window.add_micro(out)
@@ -399,6 +451,16 @@ def train_step(run: Run, state: LoopState, stop: "StopOnInterrupt") -> float:
     state.train_seconds, state.window_seconds = state.train_seconds + seconds, state.window_seconds + seconds
     run.progress.update(state.step, loss, lr)
     return lr
+
+
+def _target_shares(targets: list[torch.Tensor], dp: Dist, device: torch.device) -> list[float]:
+    """Instruction tuning: the weight of each micro-batch's mean response loss so that the step
+    minimises the mean over every response token of the global batch: its share of them, times
+    the number of processes (DDP averages the gradients over processes)."""
+    mine = torch.tensor([float((y != sft.IGNORE).sum()) for y in targets], dtype=torch.float64)
+    total = mine.sum().reshape(1).to(device)
+    distributed.all_reduce_sum_([total], dp)
+    return (mine * dp.world_size / total.cpu().clamp_min(1.0)).tolist()
 
 
 def log_window(run: Run, state: LoopState, lr: float) -> None:
@@ -441,16 +503,61 @@ def _collapse_message(step: int, slot: int, s: LayerStats, cfg: Config, collapsi
 
 
 def evaluate(run: Run, state: LoopState) -> float:
-    """The validation loss (split over ranks), logged with the routing heatmap; returns it."""
+    """The validation loss (split over ranks), logged with the routing heatmap, and for a
+    fine-tuned MoE the router drift since the starting checkpoint; returns the loss."""
     stats = RoutingStats(len(run.slots), run.stats.experts, run.device)
+    drift = bool(run.slots) and bool(run.cfg.train.init_from) and run.carry is None and (
+        state.step == 0 or state.routes_at_start is not None)
+    routes: Optional[list] = [] if drift else None
     loss = mean_loss(run.model, run.val_blocks, run.val_batches, run.device, run.amp, stats, run.dp,
-                     stateful=run.carry is not None, lockstep=run.ep is not None)
+                     stateful=run.carry is not None, lockstep=run.ep is not None, top1=routes)
     run.tracker.evaluation(loss, perplexity(loss), state.step)
     if run.slots:
         run.tracker.heatmap(stats.summary(), state.step)
-    run.progress.print(f"step {state.step}: eval loss {loss:.4f}, ppl {perplexity(loss):.2f}")
+    changed = ""
+    if routes is not None:
+        routes = [r[: len(run.slots)] if r is not None else None for r in routes]  # MoE layers (not a mixture head's gate)
+        if state.routes_at_start is None:
+            state.routes_at_start = routes
+        else:
+            fractions = _route_drift(run, state.routes_at_start, routes)
+            run.tracker.drift(run.slots, fractions, state.step)
+            changed = f", top-1 expert changed since the start for {sum(fractions) / len(fractions):.1%} of tokens"
+    run.progress.print(f"step {state.step}: eval loss {loss:.4f}, ppl {perplexity(loss):.2f}{changed}")
     state.eval_loss = loss
+    _track_best(run, state, loss)
     return loss
+
+
+def _route_drift(run: Run, start: list, now: list) -> list[float]:
+    """Per MoE layer, the fraction of scored validation tokens (over all ranks) whose top-1
+    expert differs between `start` and `now` (mean_loss's top1 lists of the same batches)."""
+    sums = torch.zeros(2, len(run.slots), dtype=torch.float64)  # (changed, tokens) per layer
+    for a, b in zip(start, now):
+        if a is not None and b is not None:
+            sums[0] += (a != b).sum(dim=1).double()
+            sums[1] += a.shape[1]
+    if run.dp.enabled:
+        sums = sums.to(run.device)
+        distributed.all_reduce_sum_([sums], run.dp)
+        sums = sums.cpu()
+    return (sums[0] / sums[1].clamp_min(1.0)).tolist()
+
+
+def _track_best(run: Run, state: LoopState, loss: float) -> None:
+    """The best eval loss so far, and train.early_stopping's count of evaluations since it (the
+    starting model's evaluation counts as the first best)."""
+    if state.best_eval_loss is None or loss < state.best_eval_loss:
+        state.best_eval_loss, state.best_step, state.evals_since_best = loss, state.step, 0
+        return
+    state.evals_since_best += 1
+    patience = run.cfg.train.early_stopping
+    if patience is not None and state.evals_since_best >= patience:
+        state.early_stopped = True
+        run.progress.print(
+            f"step {state.step}: stopping early (train.early_stopping={patience}): no eval loss below "
+            f"{state.best_eval_loss:.4f} (step {state.best_step}) in {state.evals_since_best} evaluations"
+        )
 
 
 def save(run: Run, state: LoopState) -> None:
@@ -460,10 +567,11 @@ def save(run: Run, state: LoopState) -> None:
     window, routing = _summed_state(run.window, run.dp), _summed_state(run.stats, run.dp)
     rng = distributed.gather_objects(_rng_state(), run.dp)
     carry = _gathered_carry(run)
+    routes = _gathered_routes(run, state)
     optimizer = run.ep.full_optimizer_state(run.optimizer) if run.ep is not None else run.optimizer.state_dict()
     with _full_experts(run, gather=True):
         if run.dp.is_main:
-            _write_checkpoint(run, state, optimizer, window, routing, rng, carry)
+            _write_checkpoint(run, state, optimizer, window, routing, rng, carry, routes)
     state.checkpoint = checkpoint.step_dir(run.run_dir, state.step)
 
 
@@ -472,12 +580,14 @@ def _full_experts(run: Run, gather: bool):
     return run.ep.full_experts(gather) if run.ep is not None else nullcontext()
 
 
-def _write_checkpoint(run: Run, state: LoopState, optimizer: dict, window, routing, rng, carry) -> None:
+def _write_checkpoint(run: Run, state: LoopState, optimizer: dict, window, routing, rng, carry, routes) -> None:
     """Rank 0's part of `save`: the checkpoint directory, from what every rank collected."""
     saved = {"optimizer": optimizer, "sampler": run.sampler.state_dict(), "window": window,
              "routing_stats": routing, "collapsed": state.collapsed, "rng": rng}
     if carry is not None:
         saved["lstm_state"] = carry
+    if routes is not None:
+        saved["routes_at_start"] = routes
     meta = checkpoint.metadata(
         run.cfg,
         tokens_seen=state.tokens_seen,
@@ -488,8 +598,37 @@ def _write_checkpoint(run: Run, state: LoopState, optimizer: dict, window, routi
         world_size=run.dp.world_size,
         expert_parallel=run.ep.size if run.ep is not None else 1,
         tokens_per_sec=state.session_tokens / state.train_seconds if state.train_seconds else None,
+        best_eval_loss=state.best_eval_loss,
+        best_step=state.best_step,
+        evals_since_best=state.evals_since_best,
     )
-    checkpoint.save(run.run_dir, state.step, run.model, saved, meta, run.cfg.checkpoint.keep_last)
+    keep_best = run.cfg.checkpoint.keep_best and state.best_step is not None
+    checkpoint.save(run.run_dir, state.step, run.model, saved, meta, run.cfg.checkpoint.keep_last,
+                    keep=state.best_step if keep_best else None)
+    if keep_best and checkpoint.step_dir(run.run_dir, state.best_step).is_dir():
+        checkpoint.mark_best(run.run_dir, state.best_step)
+
+
+def _gathered_routes(run: Run, state: LoopState) -> Optional[torch.Tensor]:
+    """The starting model's top-1 experts (LoopState.routes_at_start) of every rank, in the order
+    of the validation batches: (MoE layers, scored tokens), whatever the number of processes."""
+    if state.routes_at_start is None:
+        return None
+    ranks, w = distributed.gather_objects(state.routes_at_start, run.dp), run.dp.world_size
+    return torch.cat([ranks[i % w][i // w] for i in range(len(run.val_batches))], dim=1)
+
+
+def _restore_routes(run: Run, state: LoopState, full: Optional[torch.Tensor]) -> None:
+    """This rank's share of _gathered_routes' tensor, cut at its validation batches."""
+    if full is None:
+        return
+    counts = [int((run.val_blocks.batch(ids)[1] != sft.IGNORE).sum()) for ids in run.val_batches]
+    if sum(counts) != full.shape[1]:
+        console.warn("the validation batches changed since the start (train.eval_batches?): router drift against "
+                     "the starting checkpoint is no longer measured")
+        return
+    ends = np.cumsum(counts)
+    state.routes_at_start = [full[:, ends[i] - counts[i] : ends[i]] for i in range(run.dp.rank, len(counts), run.dp.world_size)]
 
 
 def _gathered_carry(run: Run) -> Optional[torch.Tensor]:

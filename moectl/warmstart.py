@@ -147,14 +147,23 @@ def upcycle(model: nn.Module, cfg: Config, dense_cfg: Config, ckpt: Path) -> str
     return f"upcycled the dense model {ckpt} into {copied} MoE layers of {cfg.moe.num_experts} experts each"
 
 
+def parameter_kind(name: str) -> str:
+    """`router` (an MoE layer's router, or the mixture head's gate), `experts` (routed experts) or
+    `other`, by parameter name."""
+    if ".router." in name or name.startswith("head.gate."):
+        return "router"
+    return "experts" if ".experts." in name else "other"
+
+
 def freeze(model: nn.Module, mode: str) -> int:
-    """Stop gradients to the routers, or to everything but the routed experts; returns the frozen count."""
+    """Stop gradients to the routers, the routed experts, or everything but the routed experts;
+    returns the frozen count."""
     if mode == "none":
         return 0
     frozen = 0
     for name, p in model.named_parameters():
-        is_router, is_expert = ".router." in name or name.startswith("head.gate."), ".experts." in name
-        if (mode == "router" and is_router) or (mode == "all_but_experts" and not is_expert):
+        kind = parameter_kind(name)
+        if mode == kind or (mode == "all_but_experts" and kind != "experts"):
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen

@@ -22,11 +22,12 @@ LAYERS = [
     ("commands", ["moectl.train", "moectl.evaluate", "moectl.route_stats", "moectl.generate", "moectl.export",
                   "moectl.sweep", "moectl.plan"]),
     ("services", ["moectl.checkpoint", "moectl.loaded_model", "moectl.warmstart", "moectl.hf", "moectl.tracking",
-                  "moectl.data", "moectl.tokenizer", "moectl.distributed", "moectl.expert_parallel", "moectl.hub"]),
+                  "moectl.sft", "moectl.data", "moectl.tokenizer", "moectl.distributed", "moectl.expert_parallel",
+                  "moectl.hub"]),
     ("models", ["moectl.models"]),
     ("moe", ["moectl.moe"]),
     ("leaves", ["moectl.config", "moectl.runtime", "moectl.stats", "moectl.errors", "moectl.console",
-                "moectl.fileio", "moectl.plots", "moectl.perf_model", "moectl"]),
+                "moectl.fileio", "moectl.plots", "moectl.perf_model", "moectl.chat", "moectl"]),
 ]
 
 

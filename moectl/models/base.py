@@ -79,7 +79,9 @@ class LanguageModel(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.init_std)
 
-    def body(self, h: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, list[RoutingRecord], Optional[Tensor]]:
+    def body(
+        self, h: Tensor, state: Optional[Tensor] = None, segments: Optional[Tensor] = None
+    ) -> tuple[Tensor, list[RoutingRecord], Optional[Tensor]]:
         raise NotImplementedError
 
     def forward(
@@ -88,14 +90,18 @@ class LanguageModel(nn.Module):
         targets: Optional[Tensor] = None,
         count_reduce: Optional[CountReduce] = None,
         state: Optional[Tensor] = None,
+        segments: Optional[Tensor] = None,
     ) -> ModelOutput:
         """`count_reduce`, when given, sums the Switch loss's assignment counts over data-parallel
         processes (moe.aux_loss_scope=global); the training loop passes it, so model code stays
         free of torch.distributed. `state`: the recurrent state to start from (out.state of the
-        previous block of the same sequences, detached by the caller); None: a fresh start."""
+        previous block of the same sequences, detached by the caller); None: a fresh start.
+        `segments` (B, T): packed sequences, the example each position belongs to; no position
+        sees another example (attention is block-diagonal, positions and recurrent state restart
+        at each example). Targets equal to -100 are not scored (instruction tuning's prompts)."""
         b, t = input_ids.shape
         h = self.drop(self.embed(input_ids))  # (B, T) -> (B, T, D)
-        h, records, state = self.body(h, state)
+        h, records, state = self.body(h, state, segments)
         routing = list(records)
         if hasattr(self, "head"):  # the mixture of softmaxes
             log_g, log_p, gate = self.head(h.reshape(b * t, -1))  # (B, T, D) -> (N, D): (N, E_h), (N, E_h, V)

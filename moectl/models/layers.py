@@ -62,7 +62,9 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """`cos`, `sin`: (T, hd), or (B, 1, T, hd) per sequence; `mask` (B, 1, T, T), True where
+        a query may attend to a key (None: causal)."""
         b, t, d = x.shape
         # (B, T, D) -> (B, h, T, hd)
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -71,7 +73,8 @@ class CausalSelfAttention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, d))  # (B, h, T, hd) -> (B, T, D)
 
 

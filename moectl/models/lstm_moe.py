@@ -44,18 +44,54 @@ class LSTMMoE(LanguageModel):
     def _add(self, h: Tensor, y: Tensor) -> Tensor:
         return h + self.drop(y) if self.residual else self.drop(y)
 
-    def body(self, h: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, list[RoutingRecord], Tensor]:
+    def body(
+        self, h: Tensor, state: Optional[Tensor] = None, segments: Optional[Tensor] = None
+    ) -> tuple[Tensor, list[RoutingRecord], Optional[Tensor]]:
         """`state` (n_layers, 2, B, D): each LSTM's (h, c) to start from, as the previous block of
-        the same streams left them (truncated BPTT); None: zero. Returns the state after this block."""
+        the same streams left them (truncated BPTT); None: zero. Returns the state after this block.
+        `segments` (B, T): every segment starts from a zero state (packed examples); no state
+        is returned then."""
         records, final = [], []
+        runs = _segment_runs(segments) if segments is not None else None
         for i, lstm in enumerate(self.lstms):
-            start = None if state is None else (state[i, 0][None].contiguous(), state[i, 1][None].contiguous())
-            y, (h_n, c_n) = lstm(h, start)  # (B, T, D), and (1, B, D) twice
-            final.append(torch.stack([h_n[0], c_n[0]]))
+            if runs is not None:
+                y = _lstm_per_segment(lstm, h, *runs)
+            else:
+                start = None if state is None else (state[i, 0][None].contiguous(), state[i, 1][None].contiguous())
+                y, (h_n, c_n) = lstm(h, start)  # (B, T, D), and (1, B, D) twice
+                final.append(torch.stack([h_n[0], c_n[0]]))
             h = self._add(h, y)
             if i < len(self.ffns):
                 y, record = self.ffns[i](h)
                 h = self._add(h, torch.sigmoid(y) if self.sigmoid else y)  # the paper's sigmoid before dropout
                 if record is not None:
                     records.append(record)
-        return h, records, torch.stack(final)
+        return h, records, torch.stack(final) if final else None
+
+
+def _segment_runs(segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, T) segment ids -> for each position (flattened, N = B*T) its run (a maximal stretch
+    of one segment within a row) and its offset in the run, and each run's length."""
+    b, t = segments.shape
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    starts = starts.reshape(-1)  # (N,)
+    first = starts.nonzero().squeeze(1)  # (R,) flat index where each run starts
+    run = starts.long().cumsum(0) - 1  # (N,)
+    offset = torch.arange(b * t, device=segments.device) - first[run]
+    lengths = torch.diff(first, append=first.new_tensor([b * t]))  # (R,)
+    return run, offset, lengths
+
+
+def _lstm_per_segment(lstm: nn.LSTM, h: Tensor, run: Tensor, offset: Tensor, lengths: Tensor) -> Tensor:
+    """Run `lstm` over each run of (B, T, D) `h` from a zero state: the runs become the rows of a
+    packed batch, and the outputs go back to their positions."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    b, t, d = h.shape
+    lengths_cpu = lengths.cpu()
+    rows = h.new_zeros(len(lengths_cpu), int(lengths_cpu.max()), d)  # (R, max run, D)
+    rows[run, offset] = h.reshape(b * t, d)
+    packed = pack_padded_sequence(rows, lengths_cpu, batch_first=True, enforce_sorted=False)
+    out, _ = pad_packed_sequence(lstm(packed)[0], batch_first=True, total_length=rows.shape[1])
+    return out[run, offset].view(b, t, -1)

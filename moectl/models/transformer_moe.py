@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
 from moectl.models.base import LanguageModel
@@ -26,8 +27,8 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, RoutingRecord | None]:
-        h = h + self.drop(self.attn(self.attn_norm(h), cos, sin))
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, RoutingRecord | None]:
+        h = h + self.drop(self.attn(self.attn_norm(h), cos, sin, mask))
         y, record = self.ffn(self.ffn_norm(h))
         return h + self.drop(y), record
 
@@ -54,12 +55,27 @@ class TransformerMoE(LanguageModel):
         self.norm = RMSNorm(d_model, norm_eps)
         self.init_weights()
 
-    def body(self, h: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, list[RoutingRecord], None]:
-        """Attention sees only this sequence: there is no state to carry (`state` is ignored)."""
+    def body(
+        self, h: Tensor, state: Optional[Tensor] = None, segments: Optional[Tensor] = None
+    ) -> tuple[Tensor, list[RoutingRecord], None]:
+        """Attention sees only this sequence: there is no state to carry (`state` is ignored).
+        With `segments` (B, T), each position attends only to earlier positions of its own
+        segment, and rotary positions count from the segment's start."""
         cos, sin = self.rotary(h.shape[1], h.device)  # (T, hd) each
+        mask = None
+        if segments is not None:
+            t = segments.shape[1]
+            idx = torch.arange(t, device=h.device)
+            starts = torch.ones_like(segments, dtype=torch.bool)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            first = torch.where(starts, idx, 0).cummax(dim=1).values  # (B, T) where each position's segment starts
+            pos = idx - first
+            cos, sin = cos[pos][:, None], sin[pos][:, None]  # (B, 1, T, hd): broadcast over heads
+            same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+            mask = (same & torch.ones(t, t, dtype=torch.bool, device=h.device).tril())[:, None]  # (B, 1, T, T)
         records = []
         for block in self.blocks:
-            h, record = block(h, cos, sin)
+            h, record = block(h, cos, sin, mask)
             if record is not None:
                 records.append(record)
         return self.norm(h), records, None
