@@ -62,6 +62,10 @@ def process_group(device: torch.device, timeout_s: float) -> Iterator[tuple[Dist
     d, device = init(device, timeout_s)
     try:
         yield d, device
+        if d.enabled:
+            # Leave together: a rank that tears its process group down while another still uses
+            # it (rank 0 writing the last checkpoint) has been seen to abort in gloo's threads.
+            dist.barrier()
     except RuntimeError as exc:
         text = str(exc).lower()
         markers = ("connection closed by peer", "connection reset by peer", "broken pipe", "aborted", "timed out", "timeout")

@@ -69,15 +69,20 @@ def profile(loaded: LoadedModel, split: str, max_batches: Optional[int], other: 
     with torch.no_grad():
         for ids in batches:
             x, _ = blocks.batch(ids)
-            records = loaded.model(x.to(loaded.device)).routing
+            segments = blocks.segments(ids)  # packed instruction-tuning rows: each example on its own
+            records = loaded.model(x.to(loaded.device), segments=_on(segments, loaded.device)).routing
             prof.update(records, x)
             if other is not None:
-                theirs = other.model(x.to(other.device)).routing
+                theirs = other.model(x.to(other.device), segments=_on(segments, other.device)).routing
                 for i, (a, b) in enumerate(zip(records, theirs)):
                     top_a, top_b = a.dense_weights().argmax(-1), b.dense_weights().to(a.probs.device).argmax(-1)
                     drift[i, :2] += [float((top_a != top_b).sum()), top_a.numel()]
                     drift[i, 2 : 2 + b.num_experts] += b.tokens_per_expert.cpu().numpy()
     return prof, batches, drift
+
+
+def _on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    return t.to(device) if t is not None else None
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> float:

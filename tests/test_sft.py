@@ -382,14 +382,54 @@ def test_the_offline_instruction_set_is_the_standard_librarys_documented_functio
 
 
 def test_every_response_token_weighs_the_same_however_the_batch_is_split(tuned, tmp_path):
-    """Gradient accumulation over micro-batches with different numbers of response tokens gives
-    the weights of the whole batch at once (a mean of micro-batch means would not)."""
+    """Gradient accumulation over micro-batches with different numbers of response tokens, and
+    two processes, give the weights of the whole batch at once (a mean of micro-batch means
+    would not)."""
+    from test_distributed import moectl
+
     out = {}
-    for name, micro in (("whole", 4), ("split", 1)):
+    for name, micro, nproc in (("whole", 4, None), ("split", 1, None), ("ddp", 1, "2")):
         cfg = _sft_config(tmp_path, tuned["data"], run={"name": name}, data={"packing": False},
                           train={"init_from": str(tuned["pre"].run_dir), "max_steps": 2, "eval_every": 2,
                                  "eval_batches": 1, "micro_batch_size": micro},
                           moe={"aux_loss_coef": 0.0, "z_loss_coef": 0.0})
-        out[name] = weights(checkpoint.latest(fit(cfg).run_dir))
-    for key in out["whole"]:
-        torch.testing.assert_close(out["split"][key], out["whole"][key], rtol=1e-4, atol=1e-6, msg=key)
+        if nproc is None:
+            out[name] = weights(checkpoint.latest(fit(cfg).run_dir))
+        else:
+            proc = moectl("train", str(tmp_path / "sft.yaml"), "--nproc-per-node", nproc)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            out[name] = weights(checkpoint.latest(tmp_path / "runs" / name))
+    for name in ("split", "ddp"):
+        for key in out["whole"]:
+            torch.testing.assert_close(out[name][key], out["whole"][key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+
+
+def test_bad_data_stops_moectl_train_with_one_line_and_no_run(tmp_path):
+    from test_distributed import moectl
+
+    rows = [{"prompt": "a", "response": "b"}] * 4 + [{"prompt": "c", "response": "  "}]
+    _sft_config(tmp_path, _jsonl(tmp_path / "d.jsonl", rows), data={"validation_fraction": 0.2})
+    proc = moectl("train", str(tmp_path / "sft.yaml"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "d.jsonl, line 5: field 'response' is empty" in errors[0], proc.stderr
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_a_tokenizer_brings_its_own_chat_template(tmp_path):
+    """A Hugging Face directory's tokenizer_config.json (as Mixtral's) gives the template and its
+    beginning-of-sequence token; the run keeps it and renders prompts with it."""
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    tok = _tokenizer()
+    tokenizers_.save(tok, hf_dir / "tokenizer.json")
+    template = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\nA: " \
+               "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": EOT}))
+    cfg = _sft_config(tmp_path, _jsonl(tmp_path / "d.jsonl", [{"prompt": "Hi", "response": "Hello."}] * 4),
+                      tokenizer={"path": str(hf_dir / "tokenizer.json")}, data={"validation_fraction": 0.25})
+    corpus = sft.prepare(cfg)
+    assert corpus.chat_template.endswith(template) and corpus.chat_template.startswith("{% set bos_token")
+    ids, mask = _example(corpus.train, 0)
+    assert tok.decode(ids.tolist(), skip_special_tokens=False) == f"{EOT}Q: Hi\nA: Hello.{EOT}"
+    assert tok.decode(ids[mask].tolist(), skip_special_tokens=False) == f"Hello.{EOT}"
