@@ -40,7 +40,11 @@ ALPACA = ("instruction", "input", "output")
 
 class ChatError(ValueError):
     """An example that cannot become a conversation, or a template that cannot render it; the
-    message names the field (the caller adds the file and line)."""
+    message names the field, or `turn` says which turn (the caller adds the file and line)."""
+
+    def __init__(self, message: str, turn: Optional[int] = None):
+        super().__init__(message)
+        self.turn = turn
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ class Template:
         except (TemplateError, TypeError, ValueError) as exc:  # raise_exception, or a template bug
             turn = next((k for k in range(1, len(messages)) if not self._renders(messages[:k])), len(messages)) - 1
             role = f" ({messages[turn]['role']})" if messages else ""
-            raise ChatError(f"the chat template ({self.name}) cannot render turn {turn}{role}: {exc}") from None
+            raise ChatError(f"the chat template ({self.name}) cannot render turn {turn}{role}: {exc}", turn) from None
 
     def _renders(self, messages: list[dict[str, str]]) -> bool:
         try:
@@ -153,7 +157,7 @@ class Template:
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise ChatError(
                     f"the chat template ({self.name}) renders turn {i} so that the conversation before it is not a "
-                    "prefix of the conversation with it; the response tokens cannot be told apart"
+                    "prefix of the conversation with it; the response tokens cannot be told apart", i
                 )
             out += [(prompt[len(done):], False), (full[len(prompt):], True)]
             done = full
@@ -161,6 +165,15 @@ class Template:
         if rest:
             out.append((rest, False))
         return [(text, counts) for text, counts in out if text]
+
+
+def turn_field(form: str, fields: Fields, turn: int) -> str:
+    """The field a conversation's turn came from (to_messages' inverse)."""
+    if form == "messages":
+        return f"{fields.messages}[{turn}]"
+    if form == "pair":
+        return fields.prompt if turn == 0 else fields.response
+    return "instruction" if turn == 0 else "output"
 
 
 def template_source(value: Optional[str], tokenizer_template: Optional[str]) -> tuple[str, str]:

@@ -150,7 +150,8 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], form: str, field
             messages = chat.to_messages(row, form, fields)
             parts = tmpl.pieces(messages)
         except chat.ChatError as exc:
-            raise DataError(f"{where}: {exc}") from None
+            field = f"field {chat.turn_field(form, fields, exc.turn)!r}: " if exc.turn is not None and exc.turn >= 0 else ""
+            raise DataError(f"{where}: {field}{exc}") from None
         pieces += parts
         owners += [len(out_bytes)] * len(parts)
         out_bytes.append(sum(len(m["content"].encode("utf-8")) for m in messages if m["role"] == "assistant"))

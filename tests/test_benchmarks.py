@@ -82,3 +82,29 @@ def test_each_quickstart_has_a_dense_twin_of_equal_active_ffn_compute():
         assert dense.model.ffn_hidden == moe.moe.top_k * moe.expert_hidden
         changed = set(config.changed(moe, dense))
         assert changed <= {"model.arch", "model.ffn_hidden", "run.name"} | {k for k in changed if k.startswith("moe.")}, changed
+
+
+def test_train_throughput_benchmark_smoke(tmp_path):
+    """A tiny MoE / dense pair through `moectl train`, and one layer's time shares."""
+    from conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", 6)
+    tiny = ["model.d_model=32", "model.n_heads=2", "data.seq_len=16", "train.batch_size=4", "tokenizer.vocab_size=300",
+            "data.source=files", f"data.data_files={corpus / '*.txt'}", "data.sample_by=document",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.device=cpu"]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--json", "--pairs", "transformer",
+         "--steps", "3", "--rounds", "1", "--repeats", "2", "--warmup", "1", "--set", *tiny],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    moe, dense, layer = (json.loads(line) for line in out.stdout.splitlines())
+    assert [moe["model"], dense["model"]] == ["transformer_moe", "transformer_dense"]
+    for row in (moe, dense):
+        assert {"model", "tokens_per_sec", "peak_rss_mb", "ratio_to_dense"} <= set(row)
+        assert row["tokens_per_sec"] > 0 and 100 < row["peak_rss_mb"] < 4000
+    assert dense["ratio_to_dense"] == 1.0
+    assert moe["ratio_to_dense"] == pytest.approx(moe["tokens_per_sec"] / dense["tokens_per_sec"], rel=1e-2)
+    parts = layer["layer"]
+    assert list(parts) == ["routing", "dispatch", "experts", "combine"]
+    assert sum(p["share"] for p in parts.values()) == pytest.approx(1.0, abs=0.01) and parts["experts"]["ms"] > 0

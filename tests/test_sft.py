@@ -224,7 +224,8 @@ def test_a_template_that_cannot_render_a_turn_is_refused_with_the_row(tmp_path):
                                                            {"role": "assistant", "content": "v"}]}]
     rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}] * 3 + rows[1:]
     cfg = _sft_config(tmp_path, _jsonl(tmp_path / "d.jsonl", rows), data={"chat_template": strict, "validation_fraction": 0.25})
-    with pytest.raises(DataError, match=r"d.jsonl, line 4: the chat template \(data.chat_template\) cannot render turn 0 \(system\): no system turns"):
+    with pytest.raises(DataError, match=r"d.jsonl, line 4: field 'messages\[0\]': the chat template \(data.chat_template\) cannot render "
+                       r"turn 0 \(system\): no system turns"):
         sft.prepare(cfg)
 
 
