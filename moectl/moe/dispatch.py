@@ -91,14 +91,44 @@ def gather(x: Tensor, plan: DispatchPlan) -> Tensor:
 def combine(y: Tensor, plan: DispatchPlan, record: RoutingRecord) -> Tensor:
     """(M, D) expert outputs -> (N, D) = sum over kept slots of weight * output.
 
-    Scattering into an (N*K, D) buffer and summing over K is deterministic, unlike index_add
-    with repeated token ids under CUDA atomics.
-    """
+    Each token reads its K slots' rows of `y` (a gather: deterministic, unlike index_add with
+    repeated token ids under CUDA atomics) and mixes them with one batched matmul; the backward
+    gathers too (_Combine)."""
     n, k = record.expert_idx.shape
-    w = record.weights.reshape(-1).index_select(0, plan.assignments).to(y.dtype)  # (M,) all kept
-    # Slots with no kept assignment must read 0; when every slot is kept, index_copy fills them all.
-    full = plan.assignments.numel() == n * k
-    buf = y.new_empty(n * k, y.shape[1]) if full else y.new_zeros(n * k, y.shape[1])  # (N*K, D)
-    buf = buf.index_copy(0, plan.assignments, y * w[:, None])
-    slots = buf.view(n, k, y.shape[1])  # (N*K, D) -> (N, K, D)
-    return slots[:, 0] if k == 1 else slots.sum(1)  # (N, D)
+    m = plan.assignments.numel()
+    if m == 0:  # every assignment dropped: nothing reaches the output
+        return y.new_zeros(n, y.shape[1]) + 0.0 * record.weights.sum().to(y.dtype)
+    # row[a]: the row of y holding slot a's output (slots nothing was kept for: -1)
+    row = torch.full((n * k,), -1, dtype=torch.int64, device=y.device)
+    row[plan.assignments] = torch.arange(m, device=y.device)
+    return _Combine.apply(y, record.weights.to(y.dtype), row.view(n, k), plan.assignments)
+
+
+class _Combine(torch.autograd.Function):
+    """out[n] = sum_k w[n, k] * y[row[n, k]] over the kept slots (y: (M, D), w and row: (N, K),
+    row -1 for a slot nothing was kept for).
+
+    Forward: gather the (N, K, D) slot outputs (kept for the backward: O(N·K·D), as y) and
+    contract them with the weights in one batched matmul. Backward: dw[n, k] = <g[n], slot[n, k]>
+    from the saved slots; dy[m] = w[a] * g[a // K] for the slot a = assignments[m] that row m
+    serves: a gather in y's own order, never a scatter."""
+
+    @staticmethod
+    def forward(ctx, y, w, row, assignments):
+        kept = row >= 0  # (N, K)
+        slots = y.index_select(0, row.clamp(min=0).reshape(-1)).view(*row.shape, y.shape[1])  # (N, K, D)
+        w_kept = w * kept  # a dropped slot reads some row but weighs 0
+        ctx.save_for_backward(slots, w, kept, assignments)
+        ctx.k = row.shape[1]
+        return torch.bmm(w_kept.unsqueeze(1), slots).squeeze(1)  # (N, 1, K) @ (N, K, D) -> (N, D)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        slots, w, kept, assignments = ctx.saved_tensors
+        g = grad_out.contiguous()
+        dy = dw = None
+        if ctx.needs_input_grad[0]:  # row m of y served slot a = assignments[m]: token a // K
+            dy = g.index_select(0, assignments // ctx.k) * w.reshape(-1).index_select(0, assignments)[:, None]  # (M, D)
+        if ctx.needs_input_grad[1]:
+            dw = (slots * g.unsqueeze(1)).sum(-1) * kept  # (N, K)
+        return dy, dw, None, None
