@@ -67,9 +67,9 @@ def throughput(args: argparse.Namespace) -> list[dict]:
     models = [(pair, kind, config) for pair in args.pairs for kind, config in PAIRS[pair]]
     runs: dict = {m: [] for m in models}
     with tempfile.TemporaryDirectory() as tmp:
-        # Data and tokenizer into the cache first, so no round pays for them.
-        for _, _, config in models:
-            train_once(config, 1, Path(tmp), args.set)
+        if not args.no_cache_run:  # data and tokenizer into the cache first, so no round pays for them
+            for _, _, config in models:
+                train_once(config, 1, Path(tmp), args.set)
         for _ in range(args.rounds):
             for m in models:
                 runs[m].append(train_once(m[2], args.steps, Path(tmp), args.set))
@@ -146,6 +146,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="training steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every model")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every model")
+    parser.add_argument("--no-cache-run", action="store_true",
+                        help="skip the one-step run per model that fills the data cache before the timed rounds")
     parser.add_argument("--repeats", type=int, default=30, help="timings of each layer prefix")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="threads for the layer timings")

@@ -94,7 +94,7 @@ def test_train_throughput_benchmark_smoke(tmp_path):
             f"data.cache_dir={tmp_path / 'cache'}", "train.device=cpu"]
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--json", "--pairs", "transformer",
-         "--steps", "3", "--rounds", "1", "--repeats", "2", "--warmup", "1", "--set", *tiny],
+         "--steps", "3", "--rounds", "1", "--repeats", "2", "--warmup", "1", "--no-cache-run", "--set", *tiny],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr
