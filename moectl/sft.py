@@ -261,7 +261,7 @@ def prepare(cfg: Config, tokenizer_file: Optional[Path] = None, only: Optional[s
     eot = tokenizers_.eot_id(tok, cfg.tokenizer.eot_token)
     try:
         template = chat.template_source(cfg.data.chat_template, tokenizer_template(tokenizer_file, cfg))
-        chat.Template(*template[:1], eos_token=cfg.tokenizer.eot_token, name=template[1])
+        chat.Template(template[0], cfg.tokenizer.eot_token, name=template[1])  # parses, or names the problem
     except chat.ChatError as exc:
         raise DataError(str(exc)) from None
     splits = [
