@@ -297,6 +297,7 @@ class ExampleBlocks:
 
     def __init__(self, split: Examples, seq_len: int, packing: bool, pad_id: int):
         self.split, self.seq_len, self.packing, self.pad_id = split, seq_len, packing, pad_id
+        self._last: Optional[tuple[bytes, tuple]] = None  # batch() then segments() of the same ids compose once
         width = seq_len + 1
         lengths = np.diff(split.offsets)
         self.starts = split.offsets[:-1] + np.maximum(lengths - width, 0)  # prompt-side truncation
@@ -324,6 +325,13 @@ class ExampleBlocks:
     def rows(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(B,) row ids -> tokens, response mask and segment ids, each (B, L + 1); padding is
         segment -1."""
+        key = np.asarray(row_ids, dtype=np.int64).tobytes()
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        self._last = (key, self._compose(row_ids))
+        return self._last[1]
+
+    def _compose(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         width = self.seq_len + 1
         tokens = np.full((len(row_ids), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(row_ids), width), dtype=bool)
