@@ -156,8 +156,12 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
                 save(run, state)
                 run.progress.print(f"stopped at step {state.step}; checkpoint saved to {state.checkpoint}")
         total, active = run.params
-        return RunResult(**vars(state), run_dir=run.run_dir, max_steps=tr.max_steps, world_size=dp.world_size,
-                         params_total=total, params_active=active)
+        result = RunResult(**vars(state), run_dir=run.run_dir, max_steps=tr.max_steps, world_size=dp.world_size,
+                           params_total=total, params_active=active)
+        # Free DDP (its reducer holds the process group) before the group is destroyed on leaving
+        # the block, not at interpreter exit: a rank has aborted in gloo's teardown otherwise.
+        del run
+    return result
 
 
 # ----------------------------------------------------------------------------------------- setup
