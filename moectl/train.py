@@ -21,6 +21,7 @@ the loop reduces and clips their gradients itself and saves and loads them in th
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import signal
@@ -160,7 +161,10 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
                            params_total=total, params_active=active)
         # Free DDP (its reducer holds the process group) before the group is destroyed on leaving
         # the block, not at interpreter exit: a rank has aborted in gloo's teardown otherwise.
+        # DDP sits in a reference cycle (its hooks refer back to it), so dropping the last name
+        # is not enough: collect the cycle now.
         del run
+        gc.collect()
     return result
 
 
