@@ -1,6 +1,11 @@
 """MoE layer speed and memory: moectl against a dense FFN of the same active FLOPs, the
 per-expert loop reference, and Hugging Face transformers' MixtralSparseMoeBlock.
 
+`experts` is the floor under moectl's layer: its expert FFNs alone (the grouped matmuls and the
+activation, forward + backward) on N*K rows already sorted by expert, split as moectl's router
+splits this batch. moectl minus `experts` is what routing, dispatch and combine cost; `experts`
+minus `dense` is what E thin matmuls over E times the weights cost against one wide matmul.
+
 Times forward + backward of one layer on (N, D) tokens, gradients reset to None every
 iteration as a training step would. Each case runs in a fresh subprocess, --rounds times, the
 implementations interleaved round by round so that a slow spell of a shared machine hits them
@@ -19,7 +24,7 @@ every implementation alike; --allocator default times without it.
     python benchmarks/moe_layer.py --smoke            # tiny shapes, a few runs: checks it works
 
 JSON keys: impl, E, K, N, D, H, dtype, ms_median, ms_min, peak_mb, ratio_to_dense, device, threads,
-allocator, runs.
+allocator, runs, path (moectl's expert kernels: "grouped_mm" or "loop"; null for the others).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import subprocess
 import sys
 import time
 
-IMPLS = ("moectl", "moectl_cap1.25", "dense", "loop", "hf_mixtral_eager", "hf_mixtral_grouped_mm")
+IMPLS = ("moectl", "moectl_cap1.25", "experts", "dense", "loop", "hf_mixtral_eager", "hf_mixtral_grouped_mm")
 HF_IMPLS = ("hf_mixtral_eager", "hf_mixtral_grouped_mm")
 
 
@@ -77,6 +82,8 @@ def build(impl: str, e: int, k: int, d: int, h: int, device, dtype):
         return Flat(block).to(device, dtype)
     from moectl.moe import MoELayer
 
+    if impl == "experts":
+        return MoELayer(d, e, k, h, "swiglu").to(device, dtype)
     cf = 1.25 if impl == "moectl_cap1.25" else None
     layer = MoELayer(d, e, k, h, "swiglu", capacity_factor=cf, impl="loop" if impl == "loop" else "sorted")
     return layer.to(device, dtype)
@@ -97,6 +104,20 @@ def run_case(args) -> dict:
     module.train()
     x = torch.randn(args.n, args.d, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(args.n, args.d, device=device, dtype=dtype)
+    path = None
+    if args.impl in ("moectl", "moectl_cap1.25", "experts"):
+        from moectl.moe import dispatch
+        from moectl.moe.experts import _grouped_mm_ok
+
+        with torch.no_grad():  # this batch's split over the experts (the layer routes it the same way each time)
+            split, _ = dispatch.plan(module.router(x), module.capacity(args.n))
+        ex = module.experts
+        path = "grouped_mm" if _grouped_mm_ok(x, ex.w_up, ex.w_gate, ex.w_down) else "loop"
+    if args.impl == "experts":
+        sizes = split.tokens_per_expert
+        module = _ExpertsOnly(module.experts, sizes)
+        x = torch.randn(sum(sizes), args.d, device=device, dtype=dtype, requires_grad=True)
+        grad_out = torch.randn(sum(sizes), args.d, device=device, dtype=dtype)
     params = [p for p in module.parameters()]
 
     def step() -> None:
@@ -142,7 +163,22 @@ def run_case(args) -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": args.threads,
         "allocator": args.allocator,
+        "path": path,
     }
+
+
+class _ExpertsOnly:
+    """moectl's expert FFNs on rows already grouped by expert, `sizes` rows per expert."""
+
+    def __init__(self, experts, sizes: list[int]):
+        self.experts, self.sizes = experts, sizes
+
+    def __call__(self, x):
+        sizes = self.sizes if x.shape[0] == sum(self.sizes) else [x.shape[0]] + [0] * (len(self.sizes) - 1)  # the warm-up pass
+        return self.experts(x, sizes)
+
+    def parameters(self):
+        return self.experts.parameters()
 
 
 def have_transformers() -> bool:
@@ -232,6 +268,9 @@ def main() -> None:
         for r in rows:
             ratio = f"{r['ratio_to_dense']:.2f}" if r["ratio_to_dense"] is not None else "-"
             print(f"{r['impl']:<24}{r['E']:>4}{r['K']:>3}{r['ms_median']:>10.1f}{ratio:>9}{r['peak_mb']:>10.1f}")
+        paths = sorted({r["path"] for r in rows if r.get("path")})
+        if paths:
+            print(f"moectl's expert kernels: {', '.join(paths)}")
 
 
 if __name__ == "__main__":

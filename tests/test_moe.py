@@ -85,6 +85,17 @@ def test_sorted_path_equals_loop_reference(activation, k, cf):
     assert g_s["router.weight"].abs().max() > 0 or k == 1  # K=1 renormalised: weights are 1, no router grad
 
 
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("cf", [None, 0.5])
+def test_combine_by_batched_matmul_equals_loop_reference(k, cf, monkeypatch):
+    """Beyond a few slots per token the combine contracts by batched matmul instead of a
+    multiply-add per slot: force that branch at small K and compare with the loop too."""
+    monkeypatch.setattr(dispatch, "_FMA_MAX_K", 0)
+    torch.manual_seed(7)
+    x, target = torch.randn(40, D, dtype=torch.float64), torch.randn(40, D, dtype=torch.float64)
+    assert_sorted_equals_loop(lambda impl: make_layer(k, "swiglu", cf, seed=k, impl=impl).double(), x, target, tol=TOL)
+
+
 # --------------------------------------------------------------------------- identity with dense
 
 
