@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conftest import events, interrupt_after_first_checkpoint, scalar_series, tiny_config, weights, write_config
 from moectl import checkpoint, config, plots
 from moectl.cli import app
-from moectl.train import fit, lr_at
+from moectl.train import fit, lr_at, make_optimizer
 
 runner = CliRunner()
 
@@ -144,6 +144,36 @@ def test_collapse_warning_reaches_console_and_tensorboard(tmp_path):
     assert result.exit_code == 0, result.output
     assert "is collapsing" in result.output
     assert "routing/warnings/text_summary" in events(tmp_path / "runs" / "tiny").Tags()["tensors"]
+
+
+def test_optimizer_is_fused_adamw_with_the_reference_update(tmp_path):
+    """The fused AdamW kernel makes the same update as torch's per-parameter AdamW, decay groups included."""
+    from moectl.models import build_model
+
+    cfg = config.load(write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path)), [])
+    torch.manual_seed(0)
+    model = build_model(cfg, 64)
+    twin = build_model(cfg, 64)
+    twin.load_state_dict(model.state_dict())
+    start = [p.detach().clone() for p in model.parameters()]
+    fused = make_optimizer(model, cfg.optim)
+    assert fused.defaults["fused"] and len(fused.param_groups) == 2
+    twins = dict(twin.named_parameters())
+    reference = torch.optim.AdamW(  # the same groups (by parameter name), nothing else taken from `fused`
+        [{"params": [twins[n] for n, p in model.named_parameters() if any(p is q for q in g["params"])],
+          "weight_decay": g["weight_decay"]} for g in fused.param_groups],
+        lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, foreach=False)
+    assert not reference.defaults["fused"] and {g["weight_decay"] for g in fused.param_groups} == {cfg.optim.weight_decay, 0.0}
+    for step in range(3):
+        for m in (model, twin):
+            torch.manual_seed(step)
+            for p in m.parameters():
+                p.grad = torch.randn_like(p)
+        fused.step()
+        reference.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), start))  # every parameter moved
 
 
 def test_lr_schedule():
