@@ -227,6 +227,21 @@ def resume_conflicts(saved: Config, cfg: Config) -> list[str]:
     ]
 
 
+def finished(cfg: Config) -> Optional[str]:
+    """For --resume: why there is nothing to train, when the run's latest checkpoint is at or past
+    train.max_steps (said before any data is loaded), else None."""
+    run_dir = run_directory(cfg)
+    ckpt = latest(run_dir) if run_dir.is_dir() else None
+    if ckpt is None or (step := read_meta(ckpt)["step"]) < cfg.train.max_steps:
+        return None
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and resume_conflicts(config.load(saved, saved=True), cfg):
+        return None  # not this run: check_run_dir refuses the resume and says what changed
+    return (f"--resume: {run_dir} is already finished at step {step} (train.max_steps={cfg.train.max_steps}), "
+            f"nothing to train; to train it further, raise train.max_steps, e.g. moectl train {run_dir} --resume "
+            f"--set train.max_steps={2 * step}")
+
+
 def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> Optional[Path]:
     """Refuse to clobber anything. Returns the checkpoint to resume from, or None to start at
     step 0: a new run, or with --resume a run of this config killed before its first checkpoint."""

@@ -5,13 +5,15 @@ Heavy imports (torch, datasets) happen inside the commands so `moectl --help` st
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
 
-from moectl import console, runtime
+from moectl import __version__, console, runtime
 from moectl.errors import ConfigError, MoectlError, PeerFailed
 
 app = typer.Typer(
@@ -29,6 +31,49 @@ SetOption = Annotated[
     typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set moe.top_k=1 (repeatable)."),
 ]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback of any error.")]
+
+
+# Flags that take one of a fixed set of values: --help lists them (the metavar), and the command
+# refuses any other in the one-line house style (`_choose`), not click's usage box. Written out
+# here rather than imported, so `moectl --help` does not import torch; a test keeps them equal to
+# the library's own lists (export.FORMATS, export.DTYPES).
+SPLITS = ("validation", "train")
+EXPORT_FORMATS = ("safetensors", "hf")
+EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _choices(values: tuple[str, ...]) -> str:
+    return "[" + "|".join(values) + "]"
+
+
+def _choose(flag: str, value: str, values: tuple[str, ...]) -> str:
+    if value not in values:
+        raise ConfigError(f"{flag} {value!r}: choose {', '.join(values[:-1])} or {values[-1]}")
+    return value
+
+
+def _version() -> str:
+    """The installed package's version (its metadata), else this source tree's."""
+    try:
+        return version("moectl")
+    except PackageNotFoundError:
+        return __version__
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"moectl {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()  # the options of `moectl` itself, before any command
+def _main(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print moectl's version and exit."),
+    ] = False,
+) -> None:
+    pass
 
 
 def _report(message: str, exc: BaseException) -> None:
@@ -109,6 +154,15 @@ def train(
     """Train an LSTM-MoE or Transformer-MoE language model from one YAML config."""
     with user_errors(debug):
         cfg = _load_config(config_path, overrides, run_name)  # a bad config stops here, before any process starts
+        if resume and not overwrite:
+            from moectl import checkpoint
+
+            # A finished run is a no-op (exit 0), not an error: a job script that reruns one
+            # `--resume` command after preemption must also succeed once the run is done.
+            done = checkpoint.finished(cfg)
+            if done:
+                console.warn(done)
+                return
         if nproc_per_node is not None:
             if runtime.under_torchrun():
                 raise ConfigError("--nproc-per-node starts torchrun itself; under torchrun, drop it")
@@ -137,12 +191,25 @@ RunArgument = Annotated[
     Path,
     typer.Argument(metavar="RUN", help="A run directory (its latest checkpoint) or a checkpoint directory.", show_default=False),
 ]
-SplitOption = Annotated[str, typer.Option("--split", help="Split to use: validation or train.")]
+SplitOption = Annotated[str, typer.Option("--split", metavar=_choices(SPLITS), help="Split to use.")]
 MaxBatchesOption = Annotated[
     Optional[int],
     typer.Option("--max-batches", min=1, help="Batches to use, spread over the split. Default: train.eval_batches."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (documented keys) instead of the report.")]
+
+
+def _capacity_factor(value: str) -> str:
+    """--capacity-factor checked at the flag, so a bad value names the flag, not the config key it sets."""
+    if value == "dropless":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise ConfigError(f"--capacity-factor {value}: must be a number > 0 or dropless")
+    return value
 
 
 @app.command("eval")
@@ -153,7 +220,7 @@ def eval_command(
     max_batches: MaxBatchesOption = None,
     capacity_factor: Annotated[
         Optional[str],
-        typer.Option("--capacity-factor", help="Eval capacity factor of the MoE layers (a number, or `dropless`)."),
+        typer.Option("--capacity-factor", help="Eval capacity factor of the MoE layers: a number > 0, or dropless."),
     ] = None,
     stride: Annotated[
         Optional[int],
@@ -176,7 +243,8 @@ def eval_command(
         from moectl import evaluate, loaded_model
         from moectl.fileio import atomic_write_text
 
-        extra = [f"moe.eval_capacity_factor={capacity_factor}"] if capacity_factor is not None else []
+        _choose("--split", split, SPLITS)
+        extra = [] if capacity_factor is None else [f"moe.eval_capacity_factor={_capacity_factor(capacity_factor)}"]
         model = loaded_model.load(run, (overrides or []) + extra)
         console.quiet_libraries()
         result = evaluate.run(model, split, max_batches, stride, stateful)
@@ -211,6 +279,7 @@ def route_stats_command(
 
         from moectl import loaded_model, route_stats
 
+        _choose("--split", split, SPLITS)
         model = loaded_model.load(run, overrides)
         other = loaded_model.load(compare, overrides) if compare is not None else None
         console.quiet_libraries()
@@ -296,11 +365,12 @@ def export(
         str,
         typer.Option(
             "--format",
+            metavar=_choices(EXPORT_FORMATS),
             help="safetensors: a self-contained bundle moectl's commands read; hf: a Mixtral directory that "
             "transformers loads with AutoModelForCausalLM.from_pretrained.",
         ),
     ] = "safetensors",
-    dtype: Annotated[str, typer.Option("--dtype", help="Weight precision: fp32, bf16 or fp16.")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", metavar=_choices(EXPORT_DTYPES), help="Weight precision.")] = "fp32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -309,10 +379,7 @@ def export(
         from moectl import export as exporting
         from moectl import hf, loaded_model
 
-        if fmt not in exporting.FORMATS:
-            raise ConfigError(f"--format {fmt!r}: choose safetensors or hf")
-        if dtype not in exporting.DTYPES:
-            raise ConfigError(f"--dtype {dtype!r}: choose fp32, bf16 or fp16")
+        fmt, dtype = _choose("--format", fmt, EXPORT_FORMATS), _choose("--dtype", dtype, EXPORT_DTYPES)
         model = loaded_model.load(run)
         console.quiet_libraries()
         if fmt == "hf":

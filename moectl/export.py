@@ -133,7 +133,6 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite
     with staged_directory(out) as tmp:
         # A cast copy keeps the source model exact (and its tied weights tied, stored once).
         save_model(_cast_copy(loaded, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(loaded.step)})
-        (tmp / "model.safetensors").chmod(0o644)  # a bundle is for sharing
         config.save(loaded.cfg, tmp / "config.yaml")
         shutil.copyfile(loaded.run_dir / "tokenizer.json", tmp / "tokenizer.json")
         if (loaded.run_dir / chat.TEMPLATE_FILE).is_file():  # an instruction-tuned run's template goes with it

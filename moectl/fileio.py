@@ -47,7 +47,9 @@ def atomic_write_text(path: Union[str, Path], text: str) -> None:
 def staged_directory(out: Union[str, Path]) -> Iterator[Path]:
     """Build a directory in a temporary sibling and rename it into place when the block succeeds,
     replacing `out` (which the caller has checked may go). If the block fails, the sibling is
-    removed and `out` is as it was; a sibling left by a killed process is never read as `out`."""
+    removed and `out` is as it was; a sibling left by a killed process is never read as `out`.
+    Every file in it gets the mode a new file gets here (0666 less the umask): some writers
+    (safetensors) create theirs private, 0600, and a directory meant to be shared must not mix."""
     out = Path(out)
     tmp = temporary_sibling(out)
     if tmp.exists():
@@ -55,7 +57,10 @@ def staged_directory(out: Union[str, Path]) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        mode = tmp.stat().st_mode & 0o666  # mkdir applied the umask to 0777, as open() does to 0666
         for path in tmp.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                path.chmod(mode)
             _fsync(path)
         _fsync(tmp)
         if out.exists():

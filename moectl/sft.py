@@ -106,14 +106,18 @@ def _load_files(cfg: DataConfig):
     for split, pattern in data.patterns(cfg.data_files):
         files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if "://" not in pattern else [pattern]
         for file in files:
+            if data.is_empty(file):
+                raise DataError(f"{file} is empty; put examples in it, or leave it out of data.data_files")
             try:
                 ds = datasets.load_dataset(fmt, data_files=[file], split="train")
             except Exception as exc:  # the builders raise DatasetGenerationError, ArrowInvalid, ValueError, ...
-                cause = exc.__cause__ or exc
-                reason = str(cause).splitlines()[0] if str(cause) else cause.__class__.__name__
-                raise DataError(f"{file}: cannot read it as {fmt} ({reason})") from None
-            unit = "line" if file.endswith(".jsonl") else "row"
-            splits.setdefault(split, []).append(ds.add_column("_where", [f"{file}, {unit} {i + 1}" for i in range(len(ds))]))
+                located = data.locate_json_problem([file]) if fmt == "json" and "://" not in file else None
+                raise DataError(located or f"{file}: cannot read it as {fmt} ({data.builder_reason(exc)})") from None
+            # JSON lines: the file's line, blank lines counted, as an editor shows it; else the row.
+            lines = data.json_line_numbers(file) if fmt == "json" and "://" not in file else None
+            where = ([f"{file}, line {n}" for n in lines] if lines is not None and len(lines) == len(ds)
+                     else [f"{file}, row {i + 1}" for i in range(len(ds))])
+            splits.setdefault(split, []).append(ds.add_column("_where", where))
     try:
         return datasets.DatasetDict({s: datasets.concatenate_datasets(parts) for s, parts in splits.items()})
     except ValueError as exc:

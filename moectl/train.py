@@ -489,7 +489,10 @@ def log_window(run: Run, state: LoopState, lr: float) -> None:
         for i, s in enumerate(layers):
             collapsing = s.max_over_mean > cfg.log.collapse_threshold
             if collapsing != state.collapsed[i]:
-                message = _collapse_message(state.step, run.slots[i], s, cfg, collapsing)
+                # The window holds the steps since the last log (or before the resume step: the
+                # checkpoint carries the window on); its `steps` now sum over the ranks.
+                first = max(state.step - round(float(run.window.steps) / run.dp.world_size) + 1, 1)
+                message = _collapse_message(state.step, first, run.slots[i], s, cfg, collapsing)
                 console.warn(message) if collapsing else run.progress.print(message)
                 run.tracker.warning(message, state.step)
             state.collapsed[i] = collapsing
@@ -501,8 +504,10 @@ def log_window(run: Run, state: LoopState, lr: float) -> None:
     run.tracker.flush()
 
 
-def _collapse_message(step: int, slot: int, s: LayerStats, cfg: Config, collapsing: bool) -> str:
-    window = f"over steps {step - cfg.log.every + 1}-{step}"
+def _collapse_message(step: int, first: int, slot: int, s: LayerStats, cfg: Config, collapsing: bool) -> str:
+    """The warning (or the all-clear) for a layer whose routing crossed log.collapse_threshold over
+    the window of steps first..step."""
+    window = f"over steps {first}-{step}" if first < step else f"at step {step}"
     if not collapsing:
         return f"step {step}: routing in layer {slot} recovered: max/mean expert load {s.max_over_mean:.2f} {window}"
     return (

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -146,7 +148,8 @@ def test_corrupt_checkpoint(trained, victim):
     path = checkpoint.latest(run_dir) / victim
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated by a crash or a bad copy
     before = snapshot(run_dir)
-    line = assert_clean_failure(runner.invoke(app, ["train", str(cfg_file), "--resume"]), "is corrupt", victim)
+    resume = ["train", str(cfg_file), "--resume", "--set", "train.max_steps=5"]  # a run with steps left to train
+    line = assert_clean_failure(runner.invoke(app, resume), "is corrupt", victim)
     assert "delete that directory" in line
     assert snapshot(run_dir) == before
 
@@ -225,3 +228,119 @@ def test_corrupt_parquet_is_a_clear_error(tmp_path):
     bad.write_bytes(b"PAR1 this is not parquet")
     cfg = tiny_config(tmp_path, data={"data_files": str(bad), "format": "parquet"})
     assert_clean_failure(runner.invoke(app, ["train", str(write_config(tmp_path / "t.yaml", cfg))]), "cannot read them as parquet")
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "banana", "nan"])
+def test_capacity_factor_flag_names_itself_and_the_values_it_takes(tmp_path, value):
+    line = assert_clean_failure(runner.invoke(app, ["eval", str(tmp_path / "nowhere"), "--capacity-factor", value]),
+                                f"--capacity-factor {value}: must be a number > 0 or dropless")
+    assert "--set" not in line and "literal" not in line
+    for good in ("dropless", "1.5"):  # taken at the flag: the error is then the missing run's
+        assert_clean_failure(runner.invoke(app, ["eval", str(tmp_path / "nowhere"), "--capacity-factor", good]),
+                             "no such run")
+
+
+def _rows(task: str, n: int) -> list[str]:
+    if task == "lm":
+        return [json.dumps({"text": f"document {i}: " + "some words of text " * 20}) for i in range(n)]
+    return [json.dumps({"prompt": f"question {i}?", "response": f"answer {i}."}) for i in range(n)]
+
+
+def _json_config(tmp_path: Path, file: Path, task: str) -> Path:
+    data = {"data_files": str(file), "format": "json", **({"task": "sft"} if task == "sft" else {})}
+    return write_config(tmp_path / "t.yaml", tiny_config(tmp_path, data=data))
+
+
+@pytest.mark.parametrize("blank", [False, True])
+@pytest.mark.parametrize("task", ["lm", "sft"])
+def test_a_malformed_json_line_is_named_by_its_line_in_the_file(tmp_path, task, blank):
+    lines = _rows(task, 16)
+    if blank:
+        lines[4] = ""  # line 5 holds no row: datasets' row numbers drift from the file's lines
+    lines[12] = '{"text": "cut off'  # line 13
+    file = tmp_path / "data.jsonl"
+    file.write_text("\n".join(lines) + "\n")
+    assert_clean_failure(runner.invoke(app, ["train", str(_json_config(tmp_path, file, task))]),
+                         f"{file}, line 13: not valid JSON")
+    assert snapshot(tmp_path / "runs") == {}
+
+
+def test_an_instruction_row_is_named_by_its_line_in_the_file(tmp_path):
+    lines = _rows("sft", 10)
+    lines[2] = ""
+    lines[6] = json.dumps({"prompt": "a question", "response": ""})  # line 7, the 6th row
+    file = tmp_path / "data.jsonl"
+    file.write_text("\n".join(lines) + "\n")
+    assert_clean_failure(runner.invoke(app, ["train", str(_json_config(tmp_path, file, "sft"))]),
+                         f"{file}, line 7: field 'response' is empty")
+
+
+@pytest.mark.parametrize(
+    "name, text, data",
+    [
+        ("empty.txt", "", {}),
+        ("blank.txt", "\n \n\n", {"sample_by": "line"}),
+        ("empty.jsonl", "", {"format": "json"}),
+        ("blank.jsonl", "\n\n", {"format": "json", "task": "sft"}),
+    ],
+)
+def test_an_empty_data_file_is_named(tmp_path, name, text, data):
+    file = tmp_path / "data" / name
+    file.parent.mkdir()
+    file.write_text(text)
+    cfg = tiny_config(tmp_path, data={"data_files": str(file), **data})
+    line = assert_clean_failure(runner.invoke(app, ["train", str(write_config(tmp_path / "t.yaml", cfg))]),
+                                f"{file} is empty")
+    assert "features" not in line
+    assert snapshot(tmp_path / "runs") == {}
+
+
+def test_a_text_column_empty_in_every_row_names_the_file(tmp_path):
+    file = tmp_path / "data" / "a.jsonl"
+    file.parent.mkdir()
+    file.write_text('{"text": "", "id": 1}\n' * 20)
+    cfg = tiny_config(tmp_path, data={"data_files": str(file), "format": "json"})
+    assert_clean_failure(runner.invoke(app, ["train", str(write_config(tmp_path / "t.yaml", cfg))]),
+                         f"{file}: column 'text'", "every row is empty")
+
+
+def test_resuming_a_finished_run_says_so_before_loading_data(trained, tmp_path):
+    """A no-op that succeeds (a job script may rerun its one --resume command), and says how to train on."""
+    cfg_file, run_dir = trained
+    (tmp_path / "corpus").rename(tmp_path / "moved")  # loading the data would fail: it is not loaded
+    before = snapshot(run_dir)
+    for target in (run_dir, cfg_file):
+        result = runner.invoke(app, ["train", str(target), "--resume"])
+        assert result.exit_code == 0, result.output
+        said = " ".join(result.output.split())  # rich wraps long lines
+        assert "already finished at step 3 (train.max_steps=3), nothing to train" in said
+        assert "--resume --set train.max_steps=6" in said and "tokens/s" not in said and "error" not in said
+    assert snapshot(run_dir) == before
+
+
+def test_version_flag_prints_the_package_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"moectl {version('moectl')}\n"
+
+
+@pytest.mark.parametrize(
+    "command, flag, choices, bad",
+    [
+        ("eval", "--split", ["validation", "train"], "test"),
+        ("route-stats", "--split", ["validation", "train"], "test"),
+        ("export", "--format", ["safetensors", "hf"], "onnx"),
+        ("export", "--dtype", ["fp32", "bf16", "fp16"], "int8"),
+    ],
+)
+def test_flags_with_a_fixed_set_of_values_list_them_and_refuse_others(tmp_path, command, flag, choices, bad):
+    assert "|".join(choices) in runner.invoke(app, [command, "--help"]).output
+    out = ["--out", str(tmp_path / "out")] if command == "export" else []
+    said = f"{flag} '{bad}': choose {', '.join(choices[:-1])} or {choices[-1]}"
+    assert_clean_failure(runner.invoke(app, [command, str(tmp_path), flag, bad, *out]), said)  # before loading the run
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_offers_the_formats_and_dtypes_export_knows():
+    from moectl import cli, export
+
+    assert cli.EXPORT_FORMATS == tuple(export.FORMATS) and cli.EXPORT_DTYPES == tuple(export.DTYPES)

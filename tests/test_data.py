@@ -667,7 +667,7 @@ def test_split_where_every_row_is_empty(tmp_path):
     )
     with pytest.raises(DataError) as info:
         data.prepare(cfg)
-    assert str(info.value) == "the validation split has no text in column 'text': every row is empty"
+    assert str(info.value).startswith(f"{val}: column 'text' (data.text_column) has no text, every row is empty")
 
 
 def test_data_files_matching_nothing(tmp_path):
@@ -751,3 +751,20 @@ def test_template_tokens_of_a_loaded_tokenizer_are_not_added(tmp_path):
     # Exactly one separator per document: the EOT after it, no template token before it.
     assert int((corpus.train.tokens == bos).sum()) == corpus.train.num_docs
     assert corpus.train.tokens[0] != bos
+
+
+def test_json_problems_are_placed_on_the_files_own_lines(tmp_path):
+    """Line numbers as an editor shows them (1-based, blank lines counted), for JSON lines and for
+    one JSON document; datasets' own are 0-based rows within a chunk of the file."""
+    lines = tmp_path / "a.jsonl"
+    lines.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": 3}\n')
+    assert data.json_problem(str(lines)).startswith("line 4: field 'text' is a number, but a string on line 1")
+    assert data.json_line_numbers(str(lines)) == [1, 3, 4]
+    lines.write_text('{"text": "a"}\n\n["text"]\n')
+    assert data.json_problem(str(lines)).startswith("line 3: a JSON array, not an object")
+    document = tmp_path / "b.json"
+    document.write_text('[\n  {"text": "a"},\n\n  {"text": "b"\n  {"text": "c"}\n]\n')
+    assert data.json_problem(str(document)).startswith("line 5: not valid JSON (Expecting ',' delimiter at column 3)")
+    assert data.json_line_numbers(str(document)) is None
+    document.write_text('[{"text": "a"}, {"text": null}]')
+    assert data.json_problem(str(document)) is None

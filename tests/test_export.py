@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 from typer.testing import CliRunner
@@ -93,3 +95,15 @@ def test_a_corrupt_bundle_is_one_clear_error(run, tmp_path):
     (out / "model.safetensors").write_bytes(data[: len(data) // 2])
     res = invoke("eval", out)
     assert res.exit_code == 2 and "is corrupt: model.safetensors" in res.output and "Traceback" not in res.output
+
+
+def test_every_exported_file_has_the_mode_a_new_file_gets(run, tmp_path):
+    """safetensors writes its file 0600; a directory for sharing gives every file one mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for fmt in ("safetensors", "hf"):
+        out = tmp_path / fmt
+        res = invoke("export", run.run_dir, "--out", out, "--format", fmt)
+        assert res.exit_code == 0, res.output
+        modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.rglob("*") if p.is_file()}
+        assert "model.safetensors" in modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes

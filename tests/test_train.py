@@ -309,3 +309,13 @@ def test_resume_starts_again_a_run_killed_before_its_first_checkpoint(tmp_path):
     # The killed run's TensorBoard events are purged, not shown twice.
     for tag in ("train/loss", "eval/loss"):
         assert scalar_series(killed.run_dir, tag) == scalar_series(reference.run_dir, tag)
+
+
+def test_collapse_warning_names_the_steps_of_its_window(tmp_path):
+    """A window shorter than log.every (the run ends first) covers steps 1..3, not -6..3."""
+    raw = tiny_config(tmp_path, log={"collapse_threshold": 1.0001, "every": 10},  # any imbalance counts as collapse
+                      train={"max_steps": 3, "eval_every": 3})
+    result = runner.invoke(app, ["train", str(write_config(tmp_path / "c.yaml", raw))])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "step 3: routing in layer" in said and "over steps 1-3" in said
