@@ -21,10 +21,17 @@ What the loss counts: an assistant turn's text is what rendering the conversatio
 including that turn adds to rendering it up to the turn before, with the generation prompt
 (`<|assistant|>\\n` here). So the response is the turn's content and the end-of-text token after
 it, and the prompt the model sees at training is exactly the one `moectl generate --chat` gives it.
+
+A template of one's own (ChatML's `<|im_start|>` and `<|im_end|>`, Gemma's `<start_of_turn>` and
+`<end_of_turn>`) brings markers of its own, found by rendering it on a probe conversation whose
+contents are sentinels (Template.markers, Template.end_of_turn): a BPE that moectl trains for it
+reserves them as special tokens, so each is one token, and generation stops at the end-of-turn
+marker as it stops at the built-in template's end-of-text token.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -36,6 +43,9 @@ BUILTIN_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 ALPACA = ("instruction", "input", "output")
+# A template's marker: a tag in the text it renders around the contents, `<|...|>` or `<...>` with no
+# space inside (`<|im_start|>`, `<end_of_turn>`, `</s>`), or `[...]` in capitals (Mistral's `[INST]`).
+MARKER = re.compile(r"<\|[^<>|\s]+\|>|</?[A-Za-z_][^<>\s]*>|\[/?[A-Z_]+\]")
 
 
 class ChatError(ValueError):
@@ -165,6 +175,46 @@ class Template:
         if rest:
             out.append((rest, False))
         return [(text, counts) for text, counts in out if text]
+
+    def _probe(self, roles: tuple[str, ...], add_generation_prompt: bool = False) -> tuple[str, list[str]]:
+        """The template rendered on turns of these roles whose contents are sentinels (words no
+        template writes itself, with no space a template might trim), and the sentinels; ("", [])
+        when it refuses the conversation (Gemma's refuses a system turn)."""
+        contents = [f"moectlProbe{i}{role}" for i, role in enumerate(roles)]
+        try:
+            text = self.render([{"role": r, "content": c} for r, c in zip(roles, contents)], add_generation_prompt)
+        except ChatError:
+            return "", []
+        return text, contents
+
+    def end_of_turn(self) -> Optional[str]:
+        """The marker that closes an assistant turn, which the model learns to write (pieces()
+        counts it) and generation stops at. Rule: render a user turn and an assistant turn with
+        sentinel contents; what the template writes after the assistant's content, less the
+        whitespace around it, is the closing text; the marker is its first tag when it starts with
+        one (`<|im_end|>` of `<|im_end|>\\n`, `<|end|>` of `<|end|>\\n<|endoftext|>`), else its first
+        line. None when the template closes the turn with nothing but whitespace, or does not
+        write the content as given."""
+        text, contents = self._probe(("user", "assistant"))
+        at = text.rfind(contents[-1]) if contents else -1
+        closing = text[at + len(contents[-1]):].strip() if at >= 0 else ""
+        if not closing:
+            return None
+        tag = MARKER.match(closing)
+        return tag.group(0) if tag else closing.splitlines()[0].strip()
+
+    def markers(self) -> tuple[str, ...]:
+        """Every tag (MARKER) the template writes around the contents of a probe conversation (user
+        and assistant turns, twice; a system turn first when the template takes one; the generation
+        prompt), its eos and bos among them, in the order they first appear."""
+        found: list[str] = []
+        for roles, prompt in ((("user", "assistant", "user", "assistant"), False), (("system", "user", "assistant"), False),
+                              (("user",), True)):
+            text, contents = self._probe(roles, prompt)
+            for content in contents:
+                text = text.replace(content, "\n")  # a tag never spans a content
+            found += MARKER.findall(text)
+        return tuple(dict.fromkeys(found))
 
 
 def turn_field(form: str, fields: Fields, turn: int) -> str:

@@ -4,7 +4,9 @@ new token was routed to in one MoE layer.
 Each step runs the model on the last data.seq_len tokens (the context it was trained on) and
 samples the next token from softmax(logits / temperature), restricted to the top-k tokens and
 to the smallest set whose probability reaches top-p. Temperature 0 is greedy. A seeded
-generator makes sampling reproducible. Generation stops at the end-of-text token. `show`
+generator makes sampling reproducible. Generation stops at the end-of-text token and, when it
+answers a chat turn, at the chat template's end-of-turn marker (chat.Template.end_of_turn): as a
+token when the tokenizer has it as one, else where the text spells it, cut off the answer. `show`
 prints the text, each new token coloured by its top-1 expert in the chosen layer. Expert-choice
 models are refused: their routing compares a token with later ones, which generation has not.
 """
@@ -96,7 +98,9 @@ def generate(
     record_index = check_layer(loaded, show_layer) if show_layer is not None else None
     tok, cfg = loaded.tokenizer, loaded.cfg
     eot = tok.token_to_id(cfg.tokenizer.eot_token)
-    text = chat_prompt(loaded, prompt, chat_turn)
+    text, marker = chat_prompt(loaded, prompt, chat_turn)
+    marker_id = tok.token_to_id(marker) if marker is not None else None
+    spelled = marker if marker is not None and marker_id is None else None  # a marker the model writes in pieces
     ids = tok.encode(text, add_special_tokens=False).ids if text else []
     if not ids:
         if eot is None:
@@ -120,29 +124,53 @@ def generate(
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             nxt = int(torch.multinomial(probs, 1, generator=gen))
-        if nxt == eot:
+        if nxt == eot or nxt == marker_id:
             break
         ids.append(nxt)
         result.token_ids.append(nxt)
+        if spelled and spelled in tok.decode(result.token_ids):  # the text the pieces will join to
+            break
     if record_index is not None and len(ids) > start:
         forward()  # route the last new token too
     result.pieces = token_pieces(tok, result.token_ids)
+    if spelled:
+        cut_at(result, spelled)
     return result
 
 
-def chat_prompt(loaded: LoadedModel, prompt: str, chat_turn: Optional[bool]) -> str:
-    """The text the model continues: the prompt itself, or the prompt as a user turn rendered in
-    the chat template the run was tuned with, up to where the assistant's answer begins."""
+def cut_at(result: Generation, marker: str) -> None:
+    """Drop the marker and what follows it from the new text: the tokens after the one where it
+    starts, and that token's share of it."""
+    at = result.text.find(marker)
+    if at < 0:
+        return
+    start = 0
+    for j, piece in enumerate(result.pieces):
+        if start + len(piece) > at:
+            break
+        start += len(piece)
+    kept = j + 1 if at > start else j  # the token where the marker starts keeps the text before it
+    result.pieces = result.pieces[:kept]
+    if at > start:
+        result.pieces[-1] = result.pieces[-1][: at - start]
+    result.token_ids, result.experts = result.token_ids[:kept], result.experts[:kept]
+
+
+def chat_prompt(loaded: LoadedModel, prompt: str, chat_turn: Optional[bool]) -> tuple[str, Optional[str]]:
+    """(the text the model continues, the marker its answer ends with): the prompt itself and
+    None, or the prompt as a user turn rendered in the chat template the run was tuned with (which
+    the run directory and an export keep), up to where the assistant's answer begins, and the
+    template's end-of-turn marker."""
     path = loaded.run_dir / chat.TEMPLATE_FILE
     if chat_turn is False or (chat_turn is None and not path.is_file()):
-        return prompt
+        return prompt, None
     if not path.is_file():
         raise ConfigError(f"--chat: {loaded.run_dir} was not instruction-tuned (it has no {chat.TEMPLATE_FILE}); drop --chat")
     if not prompt:
         raise ConfigError("--chat needs a --prompt to answer")
     try:
         template = chat.Template(path.read_text(encoding="utf-8"), loaded.cfg.tokenizer.eot_token, name=str(path))
-        return template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return template.render([{"role": "user", "content": prompt}], add_generation_prompt=True), template.end_of_turn()
     except chat.ChatError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -256,18 +256,19 @@ def prepare(cfg: Config, tokenizer_file: Optional[Path] = None, only: Optional[s
     fields = chat.Fields(cfg.data.prompt_field, cfg.data.response_field, cfg.data.messages_field)
     form = input_form(train, "training", fields)
     cache = data.cache_dir(cfg.data)
+    try:
+        template = chat.template_source(cfg.data.chat_template, tokenizer_template(tokenizer_file, cfg))
+        # Parses, or names the problem; a BPE trained here makes the template's markers special tokens.
+        markers = chat.Template(template[0], cfg.tokenizer.eot_token, name=template[1]).markers()
+    except chat.ChatError as exc:
+        raise DataError(str(exc)) from None
     if tokenizer_file is not None:
         tok, tok_cached = tokenizers_.load_file(tokenizer_file), True
     else:
         texts = train.map(_plain_text, fn_kwargs={"form": form, "fields": fields},
                           remove_columns=train.column_names, desc="collecting text for the tokenizer")
-        tok, tok_cached = tokenizers_.build(cfg.tokenizer, texts, "text", texts._fingerprint, cache)
+        tok, tok_cached = tokenizers_.build(cfg.tokenizer, texts, "text", texts._fingerprint, cache, markers)
     eot = tokenizers_.eot_id(tok, cfg.tokenizer.eot_token)
-    try:
-        template = chat.template_source(cfg.data.chat_template, tokenizer_template(tokenizer_file, cfg))
-        chat.Template(template[0], cfg.tokenizer.eot_token, name=template[1])  # parses, or names the problem
-    except chat.ChatError as exc:
-        raise DataError(str(exc)) from None
     splits = [
         tokenize(ds, name, cfg, tok, template, cache)
         if only in (None, name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -24,19 +24,27 @@ if TYPE_CHECKING:
 RECIPE_VERSION = "bytelevel-bpe-2"  # bump when training changes, so old cached tokenizers are not reused
 
 
+def reserved(eot_token: str, markers: Sequence[str] = ()) -> list[str]:
+    """A trained BPE's special tokens: the end-of-text token, the built-in chat template's role
+    markers (moectl/chat.py), so a model pretrained with it can be instruction-tuned without
+    growing its vocabulary, then `markers`, those of the template it is trained for
+    (chat.Template.markers), so each is one token; each once."""
+    return list(dict.fromkeys([eot_token, *ROLE_TOKENS, *markers]))
+
+
 def train_bpe(
-    texts: Iterator[list[str]], vocab_size: int, min_frequency: int, eot_token: str, length: Optional[int] = None
+    texts: Iterator[list[str]], vocab_size: int, min_frequency: int, eot_token: str, length: Optional[int] = None,
+    markers: Sequence[str] = (),
 ) -> Tokenizer:
-    """Byte-level BPE (as GPT-2): any text round-trips, with no unknown tokens. Besides the
-    end-of-text token it reserves the chat template's role markers (moectl/chat.py) as special
-    tokens, so a model pretrained with it can be instruction-tuned without growing its vocabulary."""
+    """Byte-level BPE (as GPT-2): any text round-trips, with no unknown tokens; the reserved()
+    tokens are special tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[eot_token, *ROLE_TOKENS],
+        special_tokens=reserved(eot_token, markers),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -117,18 +125,24 @@ def vocab_size(cfg: TokenizerConfig, train_texts, text_column: str) -> int:
 
 
 def build(
-    cfg: TokenizerConfig, train_texts, text_column: str, data_fingerprint: str, cache_dir: Path
+    cfg: TokenizerConfig, train_texts, text_column: str, data_fingerprint: str, cache_dir: Path,
+    markers: Sequence[str] = (),
 ) -> tuple[Tokenizer, bool]:
-    """The configured tokenizer: loaded, or trained on `train_texts` (cached). Returns (tokenizer, from_cache)."""
+    """The configured tokenizer: loaded, or trained on `train_texts` (cached) with the chat
+    template's `markers` reserved (a loaded one is kept as it is: its vocabulary is its model's).
+    Returns (tokenizer, from_cache)."""
     if cfg.path is not None:
         tok, cached = load_file(cfg.path), False
     elif cfg.name is not None:
         tok, cached = load_hub(cfg.name), False
     else:
         size = vocab_size(cfg, train_texts, text_column)
+        # Markers beyond the built-in ones change the tokenizer; with none, the key is the one it always was.
+        extra = reserved(cfg.eot_token, markers)[len(reserved(cfg.eot_token)):]
         key = hashlib.sha256(
             repr(
                 (RECIPE_VERSION, data_fingerprint, text_column, size, cfg.min_frequency, cfg.max_train_chars, cfg.eot_token)
+                + ((tuple(extra),) if extra else ())
             ).encode()
         ).hexdigest()[:16]
         path = cache_dir / "tokenizers" / f"{key}.json"
@@ -141,6 +155,7 @@ def build(
                 size,
                 cfg.min_frequency,
                 cfg.eot_token,
+                markers=markers,
             )
             save(tok, path)
     eot_id(tok, cfg.eot_token)

@@ -8,7 +8,9 @@ IGNORE outside responses and across example boundaries; long examples lose their
 bad rows are refused with the file, line and field; a tiny SFT run from a tiny pretrained run
 lowers the response loss, evaluates on response tokens only, keeps its best checkpoint, logs
 router drift against the starting checkpoint (exactly 0 when nothing trains) and stops early;
-the recipe keys (freeze experts, LR multipliers) do what they say.
+the recipe keys (freeze experts, LR multipliers) do what they say; a template's own markers
+(ChatML's, Gemma's) are found, are single tokens of a BPE trained for it, its end-of-turn marker
+is scored after assistant turns only, and `generate --chat` stops there.
 """
 
 from __future__ import annotations
@@ -434,3 +436,97 @@ def test_a_tokenizer_brings_its_own_chat_template(tmp_path):
     ids, mask = _example(corpus.train, 0)
     assert tok.decode(ids.tolist(), skip_special_tokens=False) == f"{EOT}Q: Hi\nA: Hello.{EOT}"
     assert tok.decode(ids[mask].tolist(), skip_special_tokens=False) == f"Hello.{EOT}"
+
+
+# ------------------------------------------------------------------------ a template's own markers
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+         "{% endif %}{% for m in messages %}{% if m['role'] == 'assistant' %}{% set role = 'model' %}{% else %}"
+         "{% set role = m['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + "
+         "'<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("source,bos,end,markers", [
+    (CHATML, "", "<|im_end|>", ("<|im_start|>", "<|im_end|>")),
+    (GEMMA, "<bos>", "<end_of_turn>", ("<bos>", "<start_of_turn>", "<end_of_turn>")),
+    (chat.BUILTIN_TEMPLATE, "", EOT, ("<|user|>", EOT, "<|assistant|>", "<|system|>")),
+    # Llama 2's closing: a space and eos; Phi-3's: its own tag, then eos on the next line.
+    ("{% for m in messages %}{% if m['role'] == 'user' %}<s>[INST] {{ m['content'] }} [/INST]{% else %} "
+     "{{ m['content'] }} </s>{% endif %}{% endfor %}", "", "</s>", ("<s>", "[INST]", "[/INST]", "</s>")),
+    ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% if m['role'] == 'assistant' %}"
+     "{{ eos_token }}{% endif %}{% endfor %}", "", "<|end|>", ("<|user|>", "<|end|>", "<|assistant|>", EOT, "<|system|>")),
+    # No tags: the closing's first line is the marker; a turn closed by whitespace alone has none.
+    ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n### End\n\n{% endfor %}", "", "### End", ()),
+    ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}", "", None, ()),
+])
+def test_a_templates_end_of_turn_marker_is_what_closes_an_assistant_turn(source, bos, end, markers):
+    template = chat.Template(source, EOT, bos)
+    assert template.end_of_turn() == end
+    assert template.markers() == markers
+
+
+def test_a_trained_bpe_makes_a_templates_markers_single_tokens_and_scores_its_end_of_turn(tmp_path):
+    turns = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+             {"role": "assistant", "content": "Goodbye, then."}]
+    rows = [{"messages": turns}] * 4
+    cfg = _sft_config(tmp_path, _jsonl(tmp_path / "d.jsonl", rows), data={"chat_template": CHATML,
+                                                                          "validation_fraction": 0.5})
+    corpus = sft.prepare(cfg)
+    tok = corpus.tokenizer
+    start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    assert start is not None and end is not None
+    assert tok.encode("<|im_start|>assistant\nHi<|im_end|>\n").ids[0] == start
+    assert tok.encode("Hi<|im_end|>", add_special_tokens=False).ids[-1] == end
+    ids, mask = _example(corpus.train, 0)
+    assert tok.decode(ids.tolist(), skip_special_tokens=False) == chat.Template(CHATML, EOT).render(turns)
+    # One <|im_end|> per turn; scored after the assistant's turns (2nd and 4th) and after no other.
+    closes = np.flatnonzero(ids == end)
+    assert len(closes) == len(turns) and mask[closes].tolist() == [False, False, True, False, True]
+    assert tok.decode(ids[mask].tolist(), skip_special_tokens=False) == "Hello.<|im_end|>\nGoodbye, then.<|im_end|>\n"
+    # The built-in template's tokenizer is unchanged: no markers beyond its own.
+    assert tokenizers_.reserved(EOT, chat.Template(chat.BUILTIN_TEMPLATE, EOT).markers()) == tokenizers_.reserved(EOT)
+
+
+class _Scripted(torch.nn.Module):
+    """A model that writes a fixed sequence of tokens, one per call, whatever it is shown."""
+
+    def __init__(self, script: list[int], vocab: int):
+        super().__init__()
+        self.script, self.vocab, self.calls = script, vocab, 0
+
+    def forward(self, x, **_):
+        from types import SimpleNamespace
+
+        logits = torch.zeros(1, x.shape[1], self.vocab)  # (1, T, V)
+        logits[0, -1, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
+        self.calls += 1
+        return SimpleNamespace(logits=logits, routing=[])
+
+
+@pytest.mark.parametrize("case", ["chatml, one token", "chatml, spelled out", "built-in"])
+def test_generate_chat_stops_at_the_templates_end_of_turn_marker(tmp_path, case):
+    """The answer ends where the model closes its turn, with the marker one token (a BPE trained
+    for the template) or several (a tokenizer that does not know it), and the marker is not shown;
+    the built-in template stops at end-of-text as it always has."""
+    from moectl import generate as generation
+    from moectl.loaded_model import LoadedModel
+
+    template = chat.BUILTIN_TEMPLATE if case == "built-in" else CHATML
+    markers = chat.Template(CHATML, EOT).markers() if case == "chatml, one token" else ()
+    tok = tokenizers_.train_bpe(iter([module_texts(2)]), 400, 2, EOT, markers=markers)
+    (tmp_path / chat.TEMPLATE_FILE).write_text(template)
+    end = EOT if case == "built-in" else "<|im_end|>"
+    script = tok.encode(f"Hello there.{end}\nand on it goes", add_special_tokens=False).ids
+    assert (len(tok.encode(end, add_special_tokens=False).ids) == 1) == (case != "chatml, spelled out")
+    cfg = config.load(write_config(tmp_path / "c.yaml", tiny_config(tmp_path)))
+    loaded = LoadedModel(cfg=cfg, model=_Scripted(script, tok.get_vocab_size()), tokenizer=tok, checkpoint=tmp_path,
+                         run_dir=tmp_path, step=0, device=torch.device("cpu"))
+    result = generation.generate(loaded, "Greet me.", max_new_tokens=len(script), temperature=0, chat_turn=True)
+    assert result.text == "Hello there."
+    assert tok.decode(result.token_ids) == "Hello there." and len(result.pieces) == len(result.token_ids)
+    loaded.model.calls = 0  # a raw continuation stops at end-of-text alone
+    raw = generation.generate(loaded, "Greet me.", max_new_tokens=len(script), temperature=0, chat_turn=False)
+    assert raw.text.startswith("Hello there.") and (raw.text == "Hello there.") == (case == "built-in")
