@@ -11,6 +11,7 @@ expected, e.g. `configs/x.yaml: moe.top_k=9 must be <= moe.num_experts=8`.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -69,10 +70,11 @@ def yaml_load(text: str) -> Any:
 # The names a user picks from, defined once: validation, `moectl config` and the builders use these.
 ROUTERS = ("topk", "noisy_topk", "switch", "gshard_top2", "expert_choice", "soft", "hierarchical", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
-# Each router's balancing losses as its paper defines them: what a null moe.*_loss_coef becomes
-# (per MoE layer; unlisted losses are 0). README's router table says why.
+# Each router's losses as its paper defines them: what a null moe.*_loss_coef becomes (per MoE
+# layer; unlisted losses are 0). The router z-loss is ST-MoE's (Zoph et al. 2022), whose top-2
+# softmax router is `topk`; the other routers' papers have none. README's router table says why.
 PAPER_LOSSES = {
-    "topk": {"aux_loss_coef": 0.01},  # the Switch / GShard load-balancing loss at Switch's alpha
+    "topk": {"aux_loss_coef": 0.01, "z_loss_coef": 1e-3},  # ST-MoE's top-k recipe: Switch loss and z-loss
     "noisy_topk": {"importance_loss_coef": 0.1, "load_loss_coef": 0.1},  # Shazeer et al. 2017
     "switch": {"aux_loss_coef": 0.01},  # Fedus et al. 2021
     "gshard_top2": {"aux_loss_coef": 0.01},  # Lepikhin et al. 2020, Algorithm 1 (top-1 counts)
@@ -81,6 +83,15 @@ PAPER_LOSSES = {
     "hierarchical": {"importance_loss_coef": 0.1, "load_loss_coef": 0.1},  # Importance_H, Load_H
     "sigmoid": {"seq_aux_loss_coef": 1e-4},  # DeepSeek-V3: the bias balances; a tiny sequence-wise loss
 }
+LOSS_KEYS = ("aux_loss_coef", "importance_loss_coef", "load_loss_coef", "seq_aux_loss_coef", "z_loss_coef")
+# Who keeps a slot when an expert is full, by router, when moe.drop_policy is null: GShard's
+# Algorithm 1 fills every token's first choice before any second choice; the others serve
+# earlier positions first (causal).
+PAPER_DROP_POLICY = {"gshard_top2": "rank"}
+# The experts per token a router is defined with (switch, gshard_top2), or its paper's
+# (hierarchical: k = 2 at each level, Shazeer et al. 2017, App. C.1): what a config that switches
+# to that router gets unless it sets moe.top_k itself (see router_needs).
+ROUTER_TOP_K = {"switch": 1, "gshard_top2": 2, "hierarchical": 2}
 
 
 class RunConfig(Section):
@@ -130,8 +141,9 @@ class ModelConfig(Section):
     )
     head: Literal["linear", "mixture"] = Field(
         "linear",
-        description="Output head. `mixture`: p(y | h) = sum_i g_i(h) softmax(W_i h)_y with gate g = softmax(W_g h) over "
-        "head_experts softmaxes (Jordan & Jacobs 1994); its gate is routed and reported like an MoE layer's.",
+        description="Output head. `mixture`: Jacobs & Jordan's mixture of experts, p(y | h) = sum_i g_i(h) "
+        "softmax(W_i h)_y with gate g = softmax(W_g h) over head_experts experts, each with an output matrix W_i of its "
+        "own (not Yang et al.'s mixture of softmaxes, which shares one); its gate is routed and reported like an MoE layer's.",
     )
     head_experts: int = Field(4, ge=2, description="mixture head: E_h, the softmax experts it mixes.")
 
@@ -163,15 +175,18 @@ class MoEConfig(Section):
         description="Training capacity per expert = max(min_capacity, ceil(factor * N * K / E)); overflow "
         "assignments skip the layer. Null: dropless. expert_choice: C = ceil(factor * N * K / E), null meaning 1.",
     )
-    eval_capacity_factor: Union[float, Literal["dropless"], None] = Field(
+    eval_capacity_factor: Union[Annotated[float, Field(gt=0)], Literal["dropless"], None] = Field(
         None, description="Capacity factor in eval mode: a number, `dropless`, or null for the training one."
     )
     min_capacity: int = Field(0, ge=0, description="Lower bound on the capacity of each expert.")
-    drop_policy: Literal["position", "probability"] = Field(
-        "position",
-        description="Who keeps a slot when an expert is full: earlier positions (causal-safe), or Riquelme et al.'s "
-        "batch-prioritised routing: every token's first choice before any second choice, each rank by the largest "
-        "routing weight the token was given (sees later tokens).",
+    drop_policy: Optional[Literal["position", "rank", "probability"]] = Field(
+        None,
+        description="Who keeps a slot when an expert is full. `position`: earlier positions first, then earlier "
+        "sequences, then a token's first choice before its second (causal). `rank`: every token's first choice, in "
+        "position order, before any token's second choice (GShard's Algorithm 1; a later token's first choice can "
+        "displace an earlier token's second: sees later tokens). `probability`: Riquelme et al.'s batch-prioritised "
+        "routing, rank by rank, each rank by the largest routing weight the token was given (sees later tokens). "
+        "Null: the router's paper: rank for gshard_top2, position for the others.",
     )
     shared_experts: int = Field(0, ge=0, description="Always-on shared experts added to the routed output (DeepSeekMoE).")
     shared_expert_hidden: Optional[int] = Field(
@@ -185,8 +200,9 @@ class MoEConfig(Section):
     jitter_eps: float = Field(0.01, ge=0, lt=1, description="switch: router input times U(1 - eps, 1 + eps) in training.")
     num_groups: int = Field(4, gt=0, description="hierarchical: groups G; each holds E / G experts.")
     group_top_k: int = Field(
-        1, gt=0, description="hierarchical: groups each token is routed to. With 1 the primary gate's weight is always "
-        "1, so it learns only from Load_H and the z-loss, not from the language-model loss."
+        2, gt=0, description="hierarchical: groups each token is routed to (the paper's k = 2 at each level, App. C.1). "
+        "At least 2: the primary gate's softmax over one kept group is always 1, so it would get no gradient from the "
+        "language-model loss."
     )
     balance_primary: bool = Field(
         False,
@@ -232,9 +248,13 @@ class MoEConfig(Section):
     )
     seq_aux_loss_coef: Optional[float] = Field(
         None, ge=0, description="sigmoid: DeepSeek-V3's sequence-wise balance loss alpha * sum_i f_i P_i, per sequence "
-        "and MoE layer. Null: 1e-4 for sigmoid (V3's), else 0."
+        "and MoE layer, f_i counting each token's top-K of the raw affinities s (V3 eq. 17-18), not the biased, "
+        "group-limited choice the router makes. Null: 1e-4 for sigmoid (V3's), else 0."
     )
-    z_loss_coef: float = Field(0.001, ge=0, description="ST-MoE's router z-loss coefficient, per MoE layer, any router.")
+    z_loss_coef: Optional[float] = Field(
+        None, ge=0, description="ST-MoE's router z-loss coefficient, per MoE layer, any router. Null: 0.001 for topk "
+        "(ST-MoE's top-k router), else 0 (the other routers' papers have no z-loss)."
+    )
 
     @property
     def loss_coefs(self) -> dict[str, float]:
@@ -244,7 +264,7 @@ class MoEConfig(Section):
             "importance": self.importance_loss_coef or 0.0,
             "load": self.load_loss_coef or 0.0,
             "seq_balance": self.seq_aux_loss_coef or 0.0,
-            "z": self.z_loss_coef,
+            "z": self.z_loss_coef or 0.0,
         }
 
 
@@ -479,6 +499,8 @@ class Config(Section):
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     _trained: bool = PrivateAttr(False)  # read from a run's own config.yaml (see from_dict)
+    # what load() set because an override changed moe.router (dotted key -> value; null: the paper's)
+    _router_filled: dict = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _cross_field_checks(self, info: ValidationInfo) -> "Config":
@@ -587,6 +609,15 @@ class Config(Section):
                 )
             if moe.group_top_k > g:
                 raise ValueError(f"moe.group_top_k={moe.group_top_k} must be <= moe.num_groups={g}")
+            for key, level, room, short in (("group_top_k", "the primary gate", g, "moe.num_groups >= 2"),
+                                            ("top_k", "each group's gate", moe.num_experts // g, "2 experts per group")):
+                if getattr(moe, key) == 1 and not trained:
+                    needs = f", which needs {short}" if room < 2 else ""
+                    raise ValueError(
+                        f"moe.{key}=1 with moe.router=hierarchical: {level} renormalises its one kept weight to 1, so it "
+                        f"gets no gradient from the language-model loss; set moe.{key}=2 (Shazeer et al. use k = 2 at "
+                        f"each level, App. C.1){needs}"
+                    )
         elif moe.router != "soft" and moe.top_k > moe.num_experts:
             raise ValueError(f"moe.top_k={moe.top_k} must be <= moe.num_experts={moe.num_experts}")
         if (moe.seq_aux_loss_coef or 0) > 0 and moe.router != "sigmoid":
@@ -622,8 +653,10 @@ class Config(Section):
             m.activation = "swiglu" if m.arch.startswith("transformer") else "relu"
         if moe.renormalize is None:
             moe.renormalize = moe.top_k > 1
+        if moe.drop_policy is None:
+            moe.drop_policy = PAPER_DROP_POLICY.get(moe.router, "position")
         paper = PAPER_LOSSES[moe.router] if self.is_moe else {}
-        for key in ("aux_loss_coef", "importance_loss_coef", "load_loss_coef", "seq_aux_loss_coef"):
+        for key in LOSS_KEYS:
             if getattr(moe, key) is None:
                 setattr(moe, key, paper.get(key, 0.0))
         return self
@@ -713,11 +746,22 @@ def _describe_error(err: dict[str, Any], key: str) -> str:
     return f"{key}={err.get('input')!r}: {msg}" if key else msg
 
 
-def _union_kind(tag: str) -> str:
+def _union_kind(tag: str, err: dict[str, Any]) -> str:
+    """What one member of a Union field accepts, in words, from its tag and its error."""
+    ctx = err.get("ctx") or {}
+    if err["type"] == "literal_error":
+        return ctx.get("expected", tag)
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if err["type"] in bounds:
+        key = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}[err["type"]]
+        bound = ctx.get(key)
+        bound = f"{bound:g}" if isinstance(bound, (int, float)) else bound
+        return f"{'an integer' if 'int' in tag else 'a number'} {bounds[err['type']]} {bound}"
     if tag.startswith("dict"):
         return "a mapping"
     if tag.startswith("list"):
         return "a list"
+    tag = tag.removeprefix("constrained-")
     return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(tag, tag)
 
 
@@ -730,7 +774,7 @@ def _format_errors(exc: ValidationError, source: str, overrides: dict[str, Any])
     for key, errs in groups.items():
         tags = [str(e["loc"][2]) for e in errs if len(e["loc"]) > 2 and not isinstance(e["loc"][2], int)]
         if len(errs) > 1 and len(tags) == len(errs):
-            kinds = [_union_kind(t) for t in tags]
+            kinds = [_union_kind(t, e) for t, e in zip(tags, errs)]
             text = f"{key}={errs[0].get('input')!r}: must be {', '.join(kinds[:-1])} or {kinds[-1]}"
         else:
             text = "\n".join(_describe_error(e, key) for e in errs)
@@ -797,9 +841,39 @@ def from_dict(
         raise ConfigError(_format_errors(exc, source, overrides or {})) from None
 
 
+def router_needs(router: str, moe: dict[str, Any]) -> dict[str, Any]:
+    """What a config that switches to `router` gets with it (dotted keys): its fixed or paper K
+    (ROUTER_TOP_K; noisy top-k needs K >= 2), its paper's losses, weight normalisation and drop
+    order (null resolves them per router, see _fill_defaults), and no option only another router
+    takes. `moe`: the section as it stands before the switch (raw YAML), to keep a K that fits."""
+    needs: dict[str, Any] = {}
+    if router in ROUTER_TOP_K:
+        needs["moe.top_k"] = ROUTER_TOP_K[router]
+    elif router == "noisy_topk" and moe.get("top_k", MoEConfig.model_fields["top_k"].default) == 1:
+        needs["moe.top_k"] = 2
+    needs.update({f"moe.{key}": None for key in ("renormalize", "drop_policy", *LOSS_KEYS)})
+    if router != "sigmoid":
+        needs.update({"moe.n_group": 1, "moe.topk_group": 1})
+    return needs
+
+
+def _switch_router(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`--set moe.router=R` on a config written for another router: set what R needs
+    (router_needs) unless an override sets it too. Returns what it set, only where that changes
+    the config."""
+    moe = raw.get("moe") if isinstance(raw.get("moe"), dict) else {}
+    router = overrides.get("moe.router")
+    before = moe.get("router", MoEConfig.model_fields["router"].default)
+    if not isinstance(router, str) or router == before or router not in ROUTERS:
+        return {}
+    return {k: v for k, v in router_needs(router, moe).items() if k not in overrides}
+
+
 def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None, saved: bool = False) -> Config:
     """Read a YAML config, apply `--set` overrides, validate, and fill `run.name` from the file name.
-    `saved`: the config.yaml moectl wrote into a run or bundle, read as the model it trained."""
+    `saved`: the config.yaml moectl wrote into a run or bundle, read as the model it trained.
+    An override that changes moe.router brings what that router needs (router_needs) unless the
+    overrides set it too; the config's `_router_filled` says what was set."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -826,9 +900,18 @@ def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None, sa
         if saved:
             _read_as_trained(raw, source)
     parsed = dict(parse_override(item) for item in overrides or [])
-    for key, value in parsed.items():
+    filled = _switch_router(raw, parsed)
+    before = copy.deepcopy(raw) if filled else None
+    for key, value in {**filled, **parsed}.items():
         _apply(raw, key, value, f"--set {key}")
     cfg = from_dict(raw, source, parsed, trained=saved)
+    if filled:  # report what the switch changed, resolved (a null loss is the new router's paper value)
+        try:
+            old = from_dict(before, source, trained=saved).moe
+        except ConfigError:
+            old = None
+        cfg._router_filled = {k: v for k, v in filled.items() if old is None or
+                              getattr(old, k.split(".", 1)[1]) != getattr(cfg.moe, k.split(".", 1)[1])}
     if cfg.run.name is None:
         cfg.run.name = Path(path).stem if path is not None else "run"
     return cfg

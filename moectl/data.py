@@ -446,9 +446,10 @@ class Blocks:
         window = torch.from_numpy(window.astype(np.int64))
         return window[:, :-1], window[:, 1:]
 
-    def segments(self, block_ids: np.ndarray) -> None:
-        """Every block is one stretch of the token stream: no segments (see sft.ExampleBlocks)."""
-        return None
+    def layout(self, block_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """Every block is one stretch of the token stream, with no padding: nothing for the model
+        beyond the tokens (see sft.ExampleBlocks.layout)."""
+        return {}
 
 
 class BatchSampler:

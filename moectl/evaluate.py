@@ -84,9 +84,9 @@ def mean_loss(
         if not len(ids):
             continue
         x, y = (t.to(device) for t in blocks.batch(ids))
-        segments = blocks.segments(ids)
+        layout = {k: v.to(device) for k, v in blocks.layout(ids).items()}  # packing and padding
         with runtime.autocast(device, amp):
-            out = model(x, y, state=state, segments=segments.to(device) if segments is not None else None)
+            out = model(x, y, state=state, **layout)
         state = out.state if stateful else None
         scored = (y != IGNORE).sum()  # instruction tuning scores response tokens only
         sums[0] += torch.where(scored > 0, out.lm_loss.to(sums.dtype), 0.0) * scored

@@ -42,7 +42,7 @@ def refusal(cfg: Config) -> Optional[str]:
     if m.arch != "transformer_moe":
         return f"model.arch={m.arch}: only transformer_moe has a transformers equivalent; use --format safetensors"
     if m.head != "linear":
-        return (f"model.head={m.head}: Mixtral and Qwen2-MoE end in one linear softmax, not a mixture of softmaxes; "
+        return (f"model.head={m.head}: Mixtral and Qwen2-MoE end in one linear softmax, not a mixture of softmax experts; "
                 "use --format safetensors")
     if moe.router not in ("topk", "noisy_topk"):
         return (f"moe.router={moe.router}: Mixtral and Qwen2-MoE route by softmax top-k; only topk and noisy_topk "

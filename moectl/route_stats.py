@@ -69,20 +69,21 @@ def profile(loaded: LoadedModel, split: str, max_batches: Optional[int], other: 
     with torch.no_grad():
         for ids in batches:
             x, _ = blocks.batch(ids)
-            segments = blocks.segments(ids)  # packed instruction-tuning rows: each example on its own
-            records = loaded.model(x.to(loaded.device), segments=_on(segments, loaded.device)).routing
+            layout = blocks.layout(ids)  # instruction-tuning rows: packed examples each on its own, no padding routed
+            records = loaded.model(x.to(loaded.device), **_on(layout, loaded.device)).routing
             prof.update(records, x)
             if other is not None:
-                theirs = other.model(x.to(other.device), segments=_on(segments, other.device)).routing
+                theirs = other.model(x.to(other.device), **_on(layout, other.device)).routing
                 for i, (a, b) in enumerate(zip(records, theirs)):
                     top_a, top_b = a.dense_weights().argmax(-1), b.dense_weights().to(a.probs.device).argmax(-1)
-                    drift[i, :2] += [float((top_a != top_b).sum()), top_a.numel()]
+                    real = a.token_mask()  # padding has no top-1 expert
+                    drift[i, :2] += [float((top_a != top_b)[real].sum()), float(real.sum())]
                     drift[i, 2 : 2 + b.num_experts] += b.tokens_per_expert.cpu().numpy()
     return prof, batches, drift
 
 
-def _on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
-    return t.to(device) if t is not None else None
+def _on(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> float:

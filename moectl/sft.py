@@ -309,6 +309,9 @@ class ExampleBlocks:
         self.ends = split.offsets[1:]
         self.truncated = int((lengths > width).sum())
         self.responses_cut = int(sum(split.mask[a:b].any() for a, b in zip(split.offsets[:-1], self.starts) if b > a))
+        # Left with no scored target (a row's first token is never one): a conversation that ends in a
+        # long user turn can lose its whole response to the prompt-side cut. Such rows train nothing.
+        self.responses_lost = int(sum(not split.mask[a + 1 : b].any() for a, b in zip(self.starts, self.ends)))
         if packing:
             rows, fill = [0], 0
             for n in np.minimum(lengths, width):
@@ -358,9 +361,15 @@ class ExampleBlocks:
         targets = np.where(scored, tokens[:, 1:], IGNORE)
         return torch.from_numpy(tokens[:, :-1]), torch.from_numpy(targets)
 
-    def segments(self, row_ids: np.ndarray) -> Optional[torch.Tensor]:
-        """(B, L) the example each input token belongs to (padding: -1), with packing; else None."""
-        return torch.from_numpy(self.rows(row_ids)[2][:, :-1]) if self.packing else None
+    def layout(self, row_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """What the model needs beyond the tokens, as keyword arguments of its forward: `segments`
+        (B, L), the example each input token belongs to (padding: -1), with packing; `valid`
+        (B, L), False on padding, when the rows have any (the MoE layers route no padding)."""
+        segments = self.rows(row_ids)[2][:, :-1]  # (B, L)
+        out = {"segments": torch.from_numpy(segments)} if self.packing else {}
+        if (segments < 0).any():
+            out["valid"] = torch.from_numpy(segments >= 0)
+        return out
 
 
 def blocks(split: data.Split, cfg: Config, pad_id: int):

@@ -6,6 +6,9 @@ these names, labels and formats. `summarize()` turns one layer's counts into a `
 the columns plus load (E,) assignments processed per expert, share (E,) = load / sum(load),
 and the tokens routed. Population statistics over the E experts throughout.
 
+Padding (record.valid) is in no statistic: it chooses no expert, and the token counts, router
+entropies, importance and token lifts are over the real tokens.
+
 Two accumulators, on the device (no host sync per step), over a window of forward passes:
 `RoutingStats` holds the counts `summarize` needs (training logs it every log.every steps;
 eval reports it); `RoutingProfile` extends it with what route-stats explains: per-expert
@@ -160,9 +163,10 @@ class RoutingStats(Sums):
     def update(self, records: list[RoutingRecord]) -> None:
         for i, r in enumerate(records):
             p, e = r.probs.detach(), r.num_experts
+            real = r.token_mask()[:, None]  # (N, 1) padding adds no entropy and no token
             self.load[i, :e] += r.tokens_per_expert.to(self.device, self.load.dtype)
-            self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log()).sum().to(self.device, self.load.dtype)
-            self.tokens[i] += r.num_tokens
+            self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log() * real).sum().to(self.device, self.load.dtype)
+            self.tokens[i] += r.num_valid().to(self.device, self.load.dtype)
             self.dropped[i] += r.num_dropped.to(self.device, self.load.dtype)
 
     def empty(self) -> bool:
@@ -207,16 +211,17 @@ class RoutingProfile(RoutingStats):
         dev, dtype = self.device, self.load.dtype
         ids = input_ids.reshape(-1).to(dev)  # (N,)
         n = ids.numel()
-        self.token_counts += torch.bincount(ids, minlength=self.vocab_size).to(dtype)
+        real = records[0].token_mask().to(dev) if records else torch.ones(n, dtype=torch.bool, device=dev)  # (N,)
+        self.token_counts += torch.bincount(ids[real], minlength=self.vocab_size).to(dtype)
         positions = torch.arange(n, device=dev) % input_ids.shape[-1]  # (N,)
         for i, r in enumerate(records):
             e = r.num_experts  # this layer's experts: the first e of the padded columns
             self.chosen[i, :e] += r.chosen_per_expert().to(dev, dtype)
-            self.importance[i, :e] += r.probs.detach().to(dev, dtype).sum(0)
+            self.importance[i, :e] += (r.probs.detach().to(dev, dtype) * real[:, None]).sum(0)
             idx = r.expert_idx.to(dev)
             picked = torch.zeros(n, e, dtype=dtype, device=dev).scatter_(1, idx, r.chosen.to(dev, dtype))  # (N, E)
             self.coselect[i, :e, :e] += picked.T @ picked
-            dense = r.top_k == e and bool(r.chosen.all())  # every expert takes every token
+            dense = r.top_k == e and bool(r.chosen[r.token_mask()].all())  # every expert takes every real token
             mass = r.combine_weights if dense else r.kept  # dense gates: the weight each expert got
             kept = torch.zeros(n, e, dtype=dtype, device=dev).scatter_(1, idx, mass.detach().to(dev, dtype))  # (N, E)
             self.by_position[i, :, :e].index_add_(0, positions, kept)

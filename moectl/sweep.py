@@ -13,8 +13,9 @@ A sweep file:
       - {name: dense, model.arch: transformer_dense}
 
 Every cell is validated before any starts. A cell that changes `moe.router` also gets what that
-router needs unless the sweep sets it (`ROUTER_NEEDS`: Switch's top_k 1, GShard's 2, and the
-router's own paper losses and weight normalisation); the runner prints what it set.
+router needs unless the sweep sets it (config.router_needs, as for `moectl train --set`: Switch's
+top_k 1, GShard's 2, and the router's own paper losses and weight normalisation); the runner
+prints what it set.
 
 Each cell is an ordinary run directory, trained by `moectl train` in a child process (its
 output in <sweep>/logs/<cell>.log), so eval, route-stats, TensorBoard and export work on it. Cells
@@ -53,14 +54,6 @@ from moectl.tracking import Tracker
 SWEEP_KEYS = ("base", "name", "set", "grid", "variants")
 ATTEMPT = "=== moectl sweep: attempt"  # opens each attempt in a cell's log
 SEED = "train.seed"
-# What a cell that names a router gets with it, unless the sweep sets it: null losses and
-# normalisation resolve to that router's paper defaults (config.PAPER_LOSSES).
-ROUTER_NEEDS = {
-    "switch": {"moe.top_k": 1},
-    "gshard_top2": {"moe.top_k": 2},
-    "*": {"moe.aux_loss_coef": None, "moe.importance_loss_coef": None, "moe.load_loss_coef": None,
-          "moe.seq_aux_loss_coef": None, "moe.renormalize": None},
-}
 METRICS = {  # the report's columns: name -> what it is
     "eval_loss": "final validation loss, nats per token",
     "bits_per_byte": "final validation bits per byte",
@@ -139,7 +132,6 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> Sweep:
         raise ConfigError(f"{path}: the grid is empty; give grid: {{key: [values]}} or variants")
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         raise ConfigError(f"{path}: variants: give a list of mappings, e.g. [{{name: dense, model.arch: transformer_dense}}]")
-    shared_keys = {item.split("=", 1)[0].strip() for item in shared}
     base_cfg = config.load(base, shared)
     name = str(raw.get("name") or path.stem)
     root = Path(base_cfg.run.dir) / name
@@ -149,15 +141,11 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> Sweep:
         label = variant.pop("name", None)
         for combo in itertools.product(*grid.values()):
             values = {**variant, **dict(zip(grid, combo))}
-            router = values.get("moe.router")
-            needs = {} if router is None else {
-                k: v for k, v in {**ROUTER_NEEDS["*"], **ROUTER_NEEDS.get(router, {})}.items()
-                if k not in values and k not in shared_keys
-            }
             cell_name = _cell_name(dict(zip(grid, combo)), label)
-            sets = shared + [f"{k}={_as_set(v)}" for k, v in {**needs, **values}.items()]
+            sets = shared + [f"{k}={_as_set(v)}" for k, v in values.items()]
             try:
                 cfg = config.load(base, sets + [f"run.dir={root}", f"run.name={cell_name}"])
+                needs = cfg._router_filled  # the child's `moectl train` sets the same (config.load)
                 _check_existing(root / cell_name, cfg)
             except ConfigError as exc:
                 raise ConfigError(f"{path}: cell {cell_name}: {exc}") from None

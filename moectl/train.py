@@ -47,7 +47,7 @@ from moectl.fileio import atomic_write_text
 from moectl.models import LanguageModel, build_model, lookahead, moe_layers, moe_slots, parameter_counts, routed_experts
 from moectl.moe import LOSS_NAMES
 from moectl.runtime import Dist
-from moectl.stats import LayerStats, RoutingStats, Sums, worst_imbalance
+from moectl.stats import LayerStats, RoutingStats, Sums, accumulator_dtype, worst_imbalance
 from moectl.tracking import Tracker
 
 
@@ -286,9 +286,13 @@ def _report_examples(cfg: Config, train: sft.ExampleBlocks, validation: sft.Exam
     console.status(f"instruction tuning: {train.split.num_docs} + {validation.split.num_docs} examples in {rows}; "
                    "the loss counts response tokens only")
     truncated, cut = train.truncated + validation.truncated, train.responses_cut + validation.responses_cut
+    lost = train.responses_lost + validation.responses_lost
     if truncated:
         console.warn(f"{truncated} of {examples} examples are longer than data.seq_len + 1 = {cfg.data.seq_len + 1} "
                      f"tokens and lose their first tokens (the prompt side); in {cut} the response is cut too")
+    if lost:
+        console.warn(f"{lost} of {examples} examples have no response token left after that cut and train nothing "
+                     "(they count as zero loss and zero tokens); raise data.seq_len, or shorten their prompts")
 
 
 def restore(run: Run, state: LoopState, ckpt: Path) -> None:
@@ -412,21 +416,22 @@ def train_step(run: Run, state: LoopState, stop: "StopOnInterrupt") -> float:
         run.carry = [None] * run.accum
     ids = run.sampler.next()[share].reshape(run.accum, run.micro)  # (accum, micro) block ids
     counts = [0] * len(run.bias_routers)  # chosen tokens per expert over this step's micro-batches
+    step_loss = torch.zeros(3, dtype=accumulator_dtype(run.device), device=run.device)  # loss_sums over micro-batches
     batches = [run.train_blocks.batch(micro_ids) for micro_ids in ids]
     shares = _target_shares([y for _, y in batches], dp, run.device) if run.cfg.data.task == "sft" else None
     for j, micro_ids in enumerate(ids):
         x, y = (t.to(run.device, non_blocking=True) for t in batches[j])
-        segments = run.train_blocks.segments(micro_ids)
+        layout = {k: v.to(run.device) for k, v in run.train_blocks.layout(micro_ids).items()}  # packing, padding
         with distributed.gradient_sync(run.ddp_model, last_micro_step=j == run.accum - 1):
             with runtime.autocast(run.device, run.amp):
                 out = run.ddp_model(x, y, count_reduce=run.count_reduce, state=run.carry[j] if run.carry else None,
-                                    segments=segments.to(run.device) if segments is not None else None)
+                                    **layout)
             if shares is None:
                 loss = out.loss / run.accum
             else:  # each response token weighs the same, however they fall over micro-batches and ranks
-                scored = out.lm_loss * shares[j] if shares[j] > 0 else out.logits.sum() * 0.0
-                loss = scored + (out.aux_loss + out.z_loss) / run.accum
+                loss = out.lm_loss * shares[j] + (out.aux_loss + out.z_loss) / run.accum  # no response: lm_loss 0
             loss.backward()
+        step_loss += loss_sums(out)
         if run.carry is not None:  # truncated BPTT: the next block of these streams starts here
             run.carry[j] = out.state.detach()
         run.window.add_micro(out)
@@ -440,7 +445,8 @@ def train_step(run: Run, state: LoopState, stop: "StopOnInterrupt") -> float:
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tr.grad_clip or float("inf"))
     # One host sync per step: the progress bar's loss, a divergence check before the update, and
     # (with several ranks) whether any rank was asked to stop: all ranks decide alike.
-    check = torch.stack([out.loss.detach().float(), grad_norm.float(), grad_norm.new_tensor(float(stop.requested)).float()])
+    loss = step_loss[0] / step_loss[1].clamp_min(1.0) + step_loss[2] / run.accum  # this rank's loss of the step
+    check = torch.stack([loss.float(), grad_norm.float(), grad_norm.new_tensor(float(stop.requested)).float()])
     distributed.all_reduce_sum_([check], dp)
     loss, norm, stop_votes = check.tolist()
     loss, norm = loss / dp.world_size, norm / dp.world_size
@@ -698,18 +704,35 @@ class StopOnInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def loss_sums(out) -> torch.Tensor:
+    """One micro-batch's (objective * scored targets, scored targets, router losses), in the
+    accumulators' dtype: its objective weighs by the targets it scores (none: zero loss, zero
+    count), its router losses by one."""
+    dtype = accumulator_dtype(out.loss.device)
+    routers = (out.aux_loss + out.z_loss).detach().to(dtype)
+    scored = out.scored.to(dtype)
+    return torch.stack([(out.loss.detach().to(dtype) - routers) * scored, scored, routers])
+
+
 class LossWindow(Sums):
-    """Loss sums over the logging window, kept on the device: no host sync per micro-step."""
+    """Loss sums over the logging window, kept on the device: no host sync per micro-step. The
+    objective and lm_loss are means over the scored targets (a micro-batch with none, e.g. an
+    instruction-tuning row whose response was cut off, adds zero loss and zero count); the
+    router losses are means over micro-batches; loss = objective + aux_loss + z_loss."""
 
     ROUTER_TERMS = tuple(f"router_{name}" for name in LOSS_NAMES)
-    FIELDS = ("loss", "lm_loss", "aux_loss", "z_loss", *ROUTER_TERMS, "grad_norm", "micro_steps", "steps")
+    FIELDS = ("objective", "lm_loss", "scored", "aux_loss", "z_loss", *ROUTER_TERMS, "grad_norm", "micro_steps", "steps")
 
     def reset(self) -> None:
         for name in self.FIELDS:
             setattr(self, name, self.zeros())
 
     def add_micro(self, out) -> None:
-        for name in ("loss", "lm_loss", "aux_loss", "z_loss"):
+        objective, scored, _ = loss_sums(out).to(self.objective.dtype)
+        self.objective.add_(objective)
+        self.lm_loss.add_(out.lm_loss.detach() * scored)
+        self.scored.add_(scored)
+        for name in ("aux_loss", "z_loss"):
             getattr(self, name).add_(getattr(out, name).detach())
         for name, value in out.aux_terms.items():
             getattr(self, f"router_{name}").add_(value.detach())
@@ -719,10 +742,16 @@ class LossWindow(Sums):
         self.grad_norm += grad_norm.detach()
         self.steps += 1
 
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "scored" in state:  # else saved before the window weighed tokens: this window starts afresh
+            super().load_state_dict(state)
+
     def means(self) -> dict[str, float]:
         """Window means by their names under train/ (tracking.py)."""
-        m, s = max(float(self.micro_steps), 1.0), max(float(self.steps), 1.0)
-        out = {k: float(getattr(self, k)) / m for k in ("loss", "lm_loss", "aux_loss", "z_loss")}
+        m, s, n = max(float(self.micro_steps), 1.0), max(float(self.steps), 1.0), max(float(self.scored), 1.0)
+        out = {k: float(getattr(self, k)) / m for k in ("aux_loss", "z_loss")}
+        out["lm_loss"] = float(self.lm_loss) / n
+        out["loss"] = float(self.objective) / n + out["aux_loss"] + out["z_loss"]
         out["grad_norm"] = float(self.grad_norm) / s
         if float(self.router_z) != 0.0:  # MoE models: each router loss, unweighted
             out.update({f"router/{k[len('router_'):]}": float(getattr(self, k)) / m for k in self.ROUTER_TERMS})

@@ -435,3 +435,44 @@ def test_duplicate_yaml_keys_are_an_error(tmp_path):
 def test_validation_split_cannot_be_the_training_split():
     with pytest.raises(ConfigError, match="data.validation_split='train' is the training split"):
         config.from_dict({"data": {"validation_split": "train"}})
+
+
+# ------------------------------------------------------------------------ switching the router
+
+
+def test_a_router_set_on_the_command_line_brings_what_it_needs(tmp_path):
+    """`--set moe.router=R` on a config written for another router sets what R needs (its K, its
+    paper's losses, weight normalisation and drop order, no option of another router) unless the
+    command line sets it too, and says what it set; an explicit value is never overridden."""
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    quickstart = REPO / "configs" / "quickstart.yaml"  # topk, top_k 4
+    switch = config.load(quickstart, ["moe.router=switch"])
+    assert (switch.moe.top_k, switch.moe.renormalize, switch.moe.aux_loss_coef, switch.moe.z_loss_coef) == (1, False, 0.01, 0.0)
+    assert switch._router_filled == {"moe.top_k": 1, "moe.renormalize": None, "moe.z_loss_coef": None}
+    gshard = config.load(quickstart, ["moe.router=gshard_top2"])
+    assert (gshard.moe.top_k, gshard.moe.drop_policy) == (2, "rank")
+    assert "moe.top_k=4 must be 1" in load_error(quickstart, ["moe.router=switch", "moe.top_k=4"])  # the user's value stands
+    mine = config.load(quickstart, ["moe.router=hierarchical", "moe.z_loss_coef=0.01", "moe.num_groups=4"])
+    assert (mine.moe.top_k, mine.moe.group_top_k, mine.moe.z_loss_coef) == (2, 2, 0.01)
+    assert "moe.z_loss_coef" not in mine._router_filled and "moe.num_groups" not in mine._router_filled
+    # From a group-limited sigmoid config, another router loses the options only sigmoid takes.
+    v3 = write_config(tmp_path / "v3.yaml", {"moe": {"router": "sigmoid", "num_experts": 8, "top_k": 1, "n_group": 4,
+                                                     "topk_group": 2, "seq_aux_loss_coef": 1e-3}})
+    noisy = config.load(v3, ["moe.router=noisy_topk"])
+    assert (noisy.moe.top_k, noisy.moe.n_group, noisy.moe.seq_aux_loss_coef, noisy.moe.importance_loss_coef) == (2, 1, 0.0, 0.1)
+    assert config.load(quickstart, ["moe.router=topk"])._router_filled == {}  # not a change of router
+    out = CliRunner().invoke(app, ["config", str(quickstart), "--set", "moe.router=switch"])
+    assert out.exit_code == 0 and "top_k: 1" in out.stdout
+    said = " ".join(out.stderr.split())
+    assert "moe.router=switch brings moe.top_k=1, moe.renormalize=False, moe.z_loss_coef=0.0" in said, said
+
+
+@pytest.mark.parametrize("key", ["capacity_factor", "eval_capacity_factor"])
+@pytest.mark.parametrize("value", [0, -1, -0.5])
+def test_capacity_factors_must_be_positive(key, value):
+    with pytest.raises(ConfigError, match=rf"moe.{key}={value}: (must be greater than 0|must be a number > 0 or .dropless.)$"):
+        config.from_dict({"moe": {key: value}})
+    assert config.from_dict({"moe": {"eval_capacity_factor": "dropless"}}).moe.eval_capacity_factor == "dropless"

@@ -40,3 +40,52 @@ def test_readme_router_table_lists_exactly_the_routers_config_accepts():
     section = README.split("## Routing methods", 1)[1].split("\n## ", 1)[0]
     table = next(block for block in section.split("\n\n") if block.startswith("| `moe.router`"))
     assert tuple(re.findall(r"^\| `([a-z_0-9]+)` \|", table, re.M)) == ROUTERS
+
+
+def test_readme_router_table_states_each_routers_defaults_as_config_resolves_them():
+    """Each row names exactly the loss coefficients that are nonzero by default, with their value,
+    and the drop order under capacity, as `moectl config` resolves them for that router."""
+    from moectl import config
+
+    section = README.split("## Routing methods", 1)[1].split("\n## ", 1)[0]
+    table = next(block for block in section.split("\n\n") if block.startswith("| `moe.router`"))
+    header, rows = table.splitlines()[0], table.splitlines()[2:]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    losses_col, capacity_col = columns.index("losses by default (each per MoE layer)"), columns.index(
+        "under capacity (`drop_policy`)")
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        router = cells[0].strip("`")
+        top_k = {"switch": 1}.get(router, 2)
+        moe = config.from_dict({"moe": {"router": router, "top_k": top_k, "capacity_factor": 1.25}}).moe
+        named = dict(re.findall(r"`([a-z_]+_coef)` ([0-9.e-]+)", cells[losses_col]))
+        nonzero = {k: getattr(moe, k) for k in config.LOSS_KEYS if getattr(moe, k)}
+        assert {k: float(v) for k, v in named.items()} == nonzero, router
+        if router in ("expert_choice", "soft"):
+            assert "`" not in cells[capacity_col], router  # no drops to order
+        else:
+            assert re.search(r"`(\w+)`", cells[capacity_col]).group(1) == moe.drop_policy, router
+
+
+def test_the_mixture_head_is_named_the_mixture_of_experts_it_is():
+    """Jacobs & Jordan's mixture of experts, one output matrix per expert: Yang et al.'s mixture of
+    softmaxes (one shared output matrix) is named only to say it is not that."""
+    from moectl import config
+
+    texts = {"README.md": README, "model.head": config.ModelConfig.model_fields["head"].description,
+             "models/head.py": (ROOT / "moectl" / "models" / "head.py").read_text()}
+    for name, text in texts.items():
+        flat = " ".join(text.split()).lower()
+        for at in [m.start() for m in re.finditer(r"mixture[- ]of[- ]softmaxes", flat)]:
+            assert "not yang et al" in flat[max(0, at - 80) : at], f"{name}: ...{flat[max(0, at - 80) : at + 40]}..."
+    assert "## The mixture-of-experts head and EM" in README
+
+
+def test_readme_says_what_a_dropped_lstm_token_gets():
+    """Under lstm_sigmoid (App. C.1) a dropped token's 0 goes through the sigmoid and adds 0.5 per
+    unit (tests/test_published.py measures it): it keeps its hidden state only without the sigmoid."""
+    flat = " ".join(README.split())
+    for at in [m.start() for m in re.finditer("keep(s)? its hidden state", flat)]:
+        sentence = flat[: at].rsplit(". ", 1)[-1]  # the sentence that says so
+        assert "only with `lstm_sigmoid: false`" in sentence.lower(), sentence
+    assert "sigmoid(0) = 0.5 in every unit" in flat

@@ -144,16 +144,21 @@ def test_sigmoid_group_limited_routing_matches_deepseek_v3():
 
 def test_sigmoid_sequence_wise_balance_loss_matches_deepseek_v3():
     """V3 eq. 17-20, per sequence of T tokens: s' = s / sum_j s_j, f_i = E / (K T) * sum_t
-    1[i in token t's top-K], P_i = mean_t s'_i, loss = sum_i f_i P_i; averaged over sequences."""
+    1[s_{i,t} in TopK({s_{j,t}})], P_i = mean_t s'_i, loss = sum_i f_i P_i; averaged over
+    sequences. The indicator is the top-K of the raw affinities s, not the router's choice (which
+    adds the bias b and may be group-limited)."""
     e, k, t_len, b = 8, 2, 5, 3
-    router = sigmoid_router(e, k, seed=31)
+    router = sigmoid_router(e, k, n_group=4, topk_group=2, seed=31)
     with torch.no_grad():
+        router.expert_bias.copy_(torch.linspace(-0.6, 0.6, e))
         rec = router(torch.randn(b * t_len, D))
     s = torch.sigmoid(rec.logits).tolist()
+    raw_top = [sorted(range(e), key=lambda i: -s[t][i])[:k] for t in range(b * t_len)]
+    assert any(sorted(raw_top[t]) != sorted(rec.expert_idx[t].tolist()) for t in range(b * t_len))  # bias matters
     per_sequence = []
     for q in range(b):
         tokens = range(q * t_len, (q + 1) * t_len)
-        f = [e / (k * t_len) * sum(i in rec.expert_idx[t].tolist() for t in tokens) for i in range(e)]
+        f = [e / (k * t_len) * sum(i in raw_top[t] for t in tokens) for i in range(e)]
         p = [sum(s[t][i] / sum(s[t]) for t in tokens) / t_len for i in range(e)]
         per_sequence.append(sum(fi * pi for fi, pi in zip(f, p)))
     expect = sum(per_sequence) / b
@@ -185,10 +190,13 @@ def test_each_router_gets_its_papers_losses_by_default():
              for r in config.ROUTERS}
     assert coefs["switch"]["load_balance"] == coefs["topk"]["load_balance"] == coefs["gshard_top2"]["load_balance"] == 0.01
     for shazeer in ("noisy_topk", "hierarchical"):
-        assert coefs[shazeer] == {"load_balance": 0.0, "importance": 0.1, "load": 0.1, "seq_balance": 0.0, "z": 0.001}
+        assert coefs[shazeer] == {"load_balance": 0.0, "importance": 0.1, "load": 0.1, "seq_balance": 0.0, "z": 0.0}
     for balanced in ("expert_choice", "soft"):
         assert coefs[balanced]["load_balance"] == coefs[balanced]["importance"] == 0.0
     assert coefs["sigmoid"]["load_balance"] == 0.0 and coefs["sigmoid"]["seq_balance"] == 1e-4
+    # The router z-loss is ST-MoE's, whose router is softmax top-k: no other router's paper has one.
+    assert {r: c["z"] for r, c in coefs.items()} == {r: 0.001 if r == "topk" else 0.0 for r in config.ROUTERS}
+    assert config.from_dict({"moe": {"router": "sigmoid", "z_loss_coef": 0.01}}).moe.loss_coefs["z"] == 0.01
     dense = config.from_dict({"model": {"arch": "transformer_dense"}})
     assert dense.moe.aux_loss_coef == 0.0
 
@@ -215,6 +223,40 @@ def test_top1_renormalised_weights_are_refused_and_the_raw_default_trains_the_ro
     y, rec = layer(torch.randn(20, D))
     y.sum().backward()
     assert torch.equal(rec.weights, torch.ones_like(rec.weights)) and float(layer.router.weight.grad.abs().max()) < 1e-8
+
+
+def _hierarchical_gate_grads(cfg: config.Config) -> dict[str, float]:
+    """The largest |gradient| the language-model loss alone gives each gate of the first MoE layer."""
+    torch.manual_seed(0)
+    model = build_model(cfg, 50).train()
+    router = model.blocks[0].ffn.inner.router
+    with torch.no_grad():  # the paper's gates start at zero: give them something to differ by
+        for w in (router.primary.weight, router.weight):
+            w.normal_(0.0, 0.5)
+    ids = torch.randint(0, 50, (2, 9))
+    model(ids[:, :-1], ids[:, 1:]).lm_loss.backward()
+    return {"primary": float(router.primary.weight.grad.abs().max()), "groups": float(router.weight.grad.abs().max())}
+
+
+def test_hierarchical_uses_k_2_at_each_level_and_both_gates_learn_from_the_lm_loss():
+    """Shazeer et al. 2017, App. C.1: k = 2 at each level. A level with k = 1 renormalises its one
+    kept weight to 1, and its gate gets no gradient from the language-model loss: refused."""
+    model = {"d_model": D, "n_layers": 1, "n_heads": 2, "ffn_hidden": 16}
+    moe = {"router": "hierarchical", "num_experts": 8, "num_groups": 4, "z_loss_coef": 0.0,
+           "importance_loss_coef": 0.0, "load_loss_coef": 0.0}
+    cfg = config.from_dict({"model": model, "moe": moe})
+    assert (cfg.moe.group_top_k, cfg.moe.top_k) == (2, 2)  # the paper's, by default
+    grads = _hierarchical_gate_grads(cfg)
+    assert grads["primary"] > 1e-6 and grads["groups"] > 1e-6
+    for key, fix in (("group_top_k", "set moe.group_top_k=2"), ("top_k", "set moe.top_k=2")):
+        with pytest.raises(config.ConfigError, match=re.escape(fix)):
+            config.from_dict({"model": model, "moe": {**moe, key: 1}})
+        # What the refusal prevents: that level's gate learns nothing from the language-model loss.
+        read = config.from_dict({"model": model, "moe": {**moe, key: 1}}, trained=True)  # a run that exists loads
+        starved = _hierarchical_gate_grads(read)
+        assert starved["primary" if key == "group_top_k" else "groups"] < 1e-9
+    with pytest.raises(config.ConfigError, match="which needs moe.num_groups >= 2"):
+        config.from_dict({"model": model, "moe": {**moe, "num_groups": 1, "group_top_k": 1}})
 
 
 def test_lstm_moe_output_passes_a_sigmoid_before_dropout_and_the_residual():

@@ -500,6 +500,73 @@ def test_gshard_second_expert_is_used_with_probability_2_g2():
     assert skipped_seen
 
 
+def gshard_algorithm_1_kept(first: list[int], second: list[int], use_second: list[bool], capacity: int) -> list[list[bool]]:
+    """GShard (Lepikhin et al. 2020), Algorithm 1, transcribed: every token's first choice, in
+    token order, takes a slot while its expert has room; then every token's (randomly kept)
+    second choice, in token order, fills what is left."""
+    count = [0] * (max(first + second) + 1)
+    kept = [[False, False] for _ in first]
+    for t, e in enumerate(first):
+        if count[e] < capacity:
+            kept[t][0], count[e] = True, count[e] + 1
+    for t, e in enumerate(second):
+        if use_second[t] and count[e] < capacity:
+            kept[t][1], count[e] = True, count[e] + 1
+    return kept
+
+
+def gshard_layer(e: int, capacity_factor: float, drop_policy: str = "rank", seed: int = 72) -> MoELayer:
+    torch.manual_seed(seed)
+    router = make_router("gshard_top2", D, e, 2, init_std=1.0)
+    return MoELayer(D, e, 2, H, capacity_factor=capacity_factor, router=router, drop_policy=drop_policy, init_std=0.5)
+
+
+def test_gshard_capacity_fills_every_first_choice_before_any_second_choice():
+    # The issue's case: 2 tokens, 2 experts, capacity 1, opposite preferences. Algorithm 1 keeps both
+    # first choices; serving token 0's second choice before token 1's first would drop token 1 entirely.
+    layer = gshard_layer(2, capacity_factor=0.5).eval()  # capacity = ceil(0.5 * 2 * 2 / 2) = 1
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0], layer.router.weight[1, 1] = 1.0, 1.0
+    x = torch.zeros(2, D)
+    x[0, 0], x[1, 1] = 2.0, 2.0
+    _, rec = layer(x)
+    assert layer.capacity(2) == 1 and rec.expert_idx.tolist() == [[0, 1], [1, 0]]
+    assert rec.kept.tolist() == [[True, False], [True, False]]
+    assert config.from_dict({"moe": {"router": "gshard_top2"}}).moe.drop_policy == "rank"  # the paper's order by default
+    assert config.from_dict({"moe": {"router": "topk"}}).moe.drop_policy == "position"
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("cf", [0.25, 0.4, 0.5])
+def test_gshard_capacity_matches_a_transcription_of_algorithm_1(cf, training):
+    e, n = 4, 40
+    layer = gshard_layer(e, cf).train(training)
+    torch.manual_seed(73)
+    x = torch.randn(n, D)
+    _, rec = layer(x)  # one sequence: token order is position order
+    expect = gshard_algorithm_1_kept(rec.expert_idx[:, 0].tolist(), rec.expert_idx[:, 1].tolist(),
+                                     rec.chosen[:, 1].tolist(), layer.capacity(n))
+    assert rec.kept.tolist() == expect
+    assert int(rec.num_dropped) > 0  # the capacity binds
+    # The causal position order differs: it serves each token's both choices before the next token's.
+    position = gshard_layer(e, cf, "position").train(training)
+    position.load_state_dict(layer.state_dict())
+    torch.manual_seed(73)
+    rec2 = position(torch.randn(n, D))[1]  # the same tokens and random second choices
+    assert torch.equal(rec2.chosen, rec.chosen) and rec2.kept.tolist() != expect
+
+
+def test_gshard_order_is_flagged_as_seeing_later_tokens():
+    from moectl.models import lookahead
+
+    cfg = config.from_dict({"moe": {"router": "gshard_top2", "capacity_factor": 1.25}})
+    assert any("moe.drop_policy=rank" in w for w in lookahead(cfg, training=True))
+    causal = config.from_dict({"moe": {"router": "gshard_top2", "capacity_factor": 1.25, "drop_policy": "position"}})
+    assert lookahead(causal, training=True) == []
+    assert lookahead(config.from_dict({"moe": {"router": "gshard_top2"}}), training=True) == []  # dropless
+
+
 # --------------------------------------------------------------------------- 5. expert choice
 
 
@@ -550,6 +617,25 @@ def test_soft_layer_is_the_softmax_mixture_of_all_experts(cf):
 
 
 # ------------------------------------------------------------------------------ 7. hierarchical
+
+
+def test_hierarchical_z_loss_is_the_log_of_the_primary_weighted_group_partitions():
+    """The leaf logits are l_a + c_{a,b} (primary plus group gate), so the z-loss squares
+    log sum_a e^{l_a} Z_a with Z_a = sum_b e^{c_{a,b}}: neither gate's own log-partition."""
+    e, _, _, extra = SPECS["hierarchical"]
+    g, b = extra["num_groups"], e // extra["num_groups"]
+    router = build_router("hierarchical", seed=101).eval()
+    x = torch.randn(6, D)
+    rec = router(x)
+    primary = (x.double() @ router.primary.weight.detach().double().t()).tolist()  # (N, G) l
+    inner = torch.einsum("nd,gbd->ngb", x.double(), router.weight.detach().double()).tolist()  # (N, G, B) c
+    per_token = []
+    for t in range(6):
+        z_a = [sum(math.exp(inner[t][a][j]) for j in range(b)) for a in range(g)]
+        per_token.append(math.log(sum(math.exp(primary[t][a]) * z_a[a] for a in range(g))) ** 2)
+        own = math.log(sum(math.exp(v) for v in primary[t]))  # the primary gate's log-partition alone
+        assert abs(math.sqrt(per_token[-1]) - own) > 1e-3
+    assert float(routing_losses(rec)["z"]) == pytest.approx(sum(per_token) / 6, rel=1e-5)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -965,7 +1051,7 @@ def test_router_config_errors(moe, message):
         {"router": "gshard_top2", "top_k": 2},
         {"router": "hierarchical", "num_experts": 8, "num_groups": 4, "top_k": 2, "group_top_k": 4},
         {"router": "noisy_topk", "load_loss_coef": 0.1, "importance_loss_coef": 0.1},
-        {"router": "hierarchical", "num_experts": 8, "num_groups": 2, "top_k": 1, "load_loss_coef": 0.1},
+        {"router": "hierarchical", "num_experts": 8, "num_groups": 2, "load_loss_coef": 0.1},
         {"router": "soft", "num_experts": 4, "top_k": 8},
     ],
 )
@@ -984,7 +1070,7 @@ ROUTER_MOE = {
     "gshard_top2": {"top_k": 2, "capacity_factor": 2.0},
     "expert_choice": {},
     "soft": {},
-    "hierarchical": {"num_groups": 2, "top_k": 1, "group_top_k": 1, "load_loss_coef": 0.1},
+    "hierarchical": {"num_groups": 2, "top_k": 2, "group_top_k": 2, "load_loss_coef": 0.1},
     "sigmoid": {"bias_update_rate": 1e-3},
 }
 

@@ -156,7 +156,7 @@ def test_targets_are_response_tokens_of_the_same_example_only(tmp_path):
         assert torch.equal(y[scored], torch.from_numpy(tokens[:, 1:])[scored])
         # Every response token but none at a row's first position is scored, so the count is known.
         assert int(scored.sum()) == int(ex.mask.sum())
-        assert (blocks.segments(ids) is not None) == packing
+        assert ("segments" in blocks.layout(ids)) == packing
 
 
 def test_long_examples_lose_their_prompt_side(tmp_path):

@@ -95,10 +95,17 @@ def lookahead(cfg: Config, training: bool) -> list[str]:
             "token-by-token generation routes differently"
         )
     capacity = moe.capacity_factor if training or moe.eval_capacity_factor is None else moe.eval_capacity_factor
-    if moe.drop_policy == "probability" and capacity not in (None, "dropless"):
+    capped = capacity not in (None, "dropless") and moe.router not in ("expert_choice", "soft")
+    if moe.drop_policy == "probability" and capped:
         found.append(
             "moe.drop_policy=probability: which tokens an expert drops depends on the whole batch, later "
             "positions included, so the model can see the future through its drops"
+        )
+    if moe.drop_policy == "rank" and capped and moe.top_k > 1:
+        found.append(
+            f"moe.drop_policy=rank (GShard's order, the default of moe.router={moe.router}): every token's first choice "
+            "is served before any second choice, so a later token's first choice can drop an earlier token's second "
+            "and the model can see the future through its drops; moe.drop_policy=position keeps it causal"
         )
     return found
 

@@ -3,8 +3,8 @@
 A backbone implements `body(h, state) -> (h, records, state)` on (B, T, D) hidden states; the
 state is what a recurrent backbone carries from one block of a stream to the next (None for the
 Transformer). The base turns
-token ids into embeddings, runs the body, applies the head (a linear softmax, or the mixture of
-softmaxes of models/head.py) and assembles the loss: loss = objective + aux_loss + z_loss, the
+token ids into embeddings, runs the body, applies the head (a linear softmax, or the mixture-of-
+experts head of models/head.py) and assembles the loss: loss = objective + aux_loss + z_loss, the
 objective being the next-token cross-entropy lm_loss (or the EM loss of a mixture head). Each
 router loss of moe/losses.py is computed per MoE layer, weighted by its coefficient and summed
 over the layers, as Switch, GShard and ST-MoE do; aux_loss holds the balancing losses
@@ -25,6 +25,8 @@ from moectl.models.head import MixtureHead, mixture_log_probs, objective_loss
 from moectl.moe import LOSS_NAMES, RoutingRecord, routing_losses
 from moectl.moe.losses import CountReduce
 
+IGNORE_INDEX = -100  # a target the loss skips (torch's cross_entropy default)
+
 
 @dataclass
 class ModelOutput:
@@ -36,6 +38,7 @@ class ModelOutput:
     aux_terms: dict[str, Tensor] = field(default_factory=dict)  # each router loss unweighted, mean over layers
     routing: list[RoutingRecord] = field(default_factory=list)  # one per MoE layer, input to output, then the head's
     state: Optional[Tensor] = None  # the recurrent state after this block (LSTM: (layers, 2, B, D)); None: stateless
+    scored: Optional[Tensor] = None  # () int64: the targets lm_loss averages over (not IGNORE_INDEX)
 
 
 class LanguageModel(nn.Module):
@@ -51,7 +54,7 @@ class LanguageModel(nn.Module):
         objective: str = "likelihood",
         balance_primary: bool = False,
     ):
-        """`head_experts` > 0: a mixture head of that many softmaxes, trained by `objective`
+        """`head_experts` > 0: a mixture-of-experts head of that many softmax experts, trained by `objective`
         (models/head.py); else a linear head. `balance_primary`: hierarchical routers' primary
         gates get router losses too (moe/losses.py)."""
         super().__init__()
@@ -80,7 +83,7 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(module.weight, std=self.init_std)
 
     def body(
-        self, h: Tensor, state: Optional[Tensor] = None, segments: Optional[Tensor] = None
+        self, h: Tensor, state: Optional[Tensor] = None, segments: Optional[Tensor] = None, valid: Optional[Tensor] = None
     ) -> tuple[Tensor, list[RoutingRecord], Optional[Tensor]]:
         raise NotImplementedError
 
@@ -91,6 +94,7 @@ class LanguageModel(nn.Module):
         count_reduce: Optional[CountReduce] = None,
         state: Optional[Tensor] = None,
         segments: Optional[Tensor] = None,
+        valid: Optional[Tensor] = None,
     ) -> ModelOutput:
         """`count_reduce`, when given, sums the Switch loss's assignment counts over data-parallel
         processes (moe.aux_loss_scope=global); the training loop passes it, so model code stays
@@ -98,13 +102,17 @@ class LanguageModel(nn.Module):
         previous block of the same sequences, detached by the caller); None: a fresh start.
         `segments` (B, T): packed sequences, the example each position belongs to; no position
         sees another example (attention is block-diagonal, positions and recurrent state restart
-        at each example). Targets equal to -100 are not scored (instruction tuning's prompts)."""
+        at each example). `valid` (B, T) bool: the real tokens; padding (False) is routed to no
+        expert and left out of every router loss and routing statistic (None: every token is real).
+        Targets equal to -100 are not scored (instruction tuning's prompts and padding); lm_loss
+        is the mean over the scored targets, 0 when there is none."""
         b, t = input_ids.shape
         h = self.drop(self.embed(input_ids))  # (B, T) -> (B, T, D)
-        h, records, state = self.body(h, state, segments)
+        h, records, state = self.body(h, state, segments, valid)
         routing = list(records)
-        if hasattr(self, "head"):  # the mixture of softmaxes
-            log_g, log_p, gate = self.head(h.reshape(b * t, -1))  # (B, T, D) -> (N, D): (N, E_h), (N, E_h, V)
+        if hasattr(self, "head"):  # the mixture-of-experts head
+            flat_valid = valid.reshape(b * t) if valid is not None else None
+            log_g, log_p, gate = self.head(h.reshape(b * t, -1), flat_valid)  # (B, T, D) -> (N, D): (N, E_h), (N, E_h, V)
             logits = mixture_log_probs(log_g, log_p).view(b, t, -1)  # (N, V) -> (B, T, V)
             routing.append(gate)
         else:
@@ -112,8 +120,12 @@ class LanguageModel(nn.Module):
         out = ModelOutput(logits=logits, routing=routing, state=state)
         if targets is None:
             return out
-        # (B, T, V) -> (N, V) against (B, T) -> (N,)
-        out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        # (B, T, V) -> (N, V) against (B, T) -> (N,). A sum over the scored targets divided by their
+        # count (not cross_entropy's mean, which is 0 / 0 = NaN when none is scored).
+        flat = targets.reshape(-1)
+        out.scored = (flat != IGNORE_INDEX).sum()
+        total = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX, reduction="sum")
+        out.lm_loss = total / out.scored.clamp_min(1)
         zero = out.lm_loss.new_zeros(())
         out.aux_loss, out.z_loss = zero, zero
         if records:

@@ -1,5 +1,8 @@
-"""The mixture-of-softmaxes output head, and its objectives: the classic mixture of experts of
-Jacobs, Jordan et al. (1991), trained by likelihood or by EM (Jordan & Jacobs 1994).
+"""The mixture-of-experts output head, and its objectives: the classic mixture of experts of
+Jacobs, Jordan et al. (1991), trained by likelihood or by EM (Jordan & Jacobs 1994). Each expert
+is a whole softmax over the vocabulary with an output matrix W_i of its own, on the same hidden
+state: not Yang et al.'s (2018) mixture of softmaxes, whose components share one output matrix
+and differ in a projection of h.
 
     p(y | h) = sum_i g_i(h) p_i(y | h),   g = softmax(W_g h),   p_i = softmax(W_i h)
 
@@ -17,6 +20,8 @@ Shapes: N tokens, D model dim, V vocabulary, E_h head experts. All of it runs in
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,9 +38,10 @@ class MixtureHead(nn.Module):
         self.proj = nn.Parameter(torch.empty(num_experts, vocab_size, d_model))  # W_i: (E_h, V, D)
         nn.init.normal_(self.proj, std=init_std)
 
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor, RoutingRecord]:
-        """(N, D) -> log g (N, E_h), log p_i (N, E_h, V), and the gate's routing record."""
-        record = self.gate(h)
+    def forward(self, h: Tensor, valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor, RoutingRecord]:
+        """(N, D) -> log g (N, E_h), log p_i (N, E_h, V), and the gate's routing record (padding, where
+        `valid` (N,) is False, left out of it)."""
+        record = self.gate(h, valid)
         with fp32(h):
             log_g = record.logits.log_softmax(-1)
             log_p = torch.einsum("nd,evd->nev", h.float(), self.proj.float()).log_softmax(-1)

@@ -89,11 +89,13 @@ class FFNSlot(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.inner, MoELayer)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Optional[RoutingRecord]]:
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> tuple[Tensor, Optional[RoutingRecord]]:
+        """`valid` (B, T) bool: the real tokens (None: all); an MoE layer routes no padding."""
         if not self.is_moe:
             return self.inner(x), None
         b, t, d = x.shape
         # Under capacity, earlier positions are served first, so no token is dropped because of a later one.
         positions = torch.arange(t, device=x.device).repeat(b)  # (N,) position of token n = b*T + t
-        y, record = self.inner(x.reshape(b * t, d), positions)  # (B, T, D) -> (N, D)
+        flat_valid = valid.reshape(b * t) if valid is not None else None  # (B, T) -> (N,)
+        y, record = self.inner(x.reshape(b * t, d), positions, flat_valid)  # (B, T, D) -> (N, D)
         return y.view(b, t, d), record  # (N, D) -> (B, T, D)

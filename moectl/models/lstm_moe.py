@@ -45,7 +45,7 @@ class LSTMMoE(LanguageModel):
         return h + self.drop(y) if self.residual else self.drop(y)
 
     def body(
-        self, h: Tensor, state: Optional[Tensor] = None, segments: Optional[Tensor] = None
+        self, h: Tensor, state: Optional[Tensor] = None, segments: Optional[Tensor] = None, valid: Optional[Tensor] = None
     ) -> tuple[Tensor, list[RoutingRecord], Optional[Tensor]]:
         """`state` (n_layers, 2, B, D): each LSTM's (h, c) to start from, as the previous block of
         the same streams left them (truncated BPTT); None: zero. Returns the state after this block.
@@ -62,7 +62,7 @@ class LSTMMoE(LanguageModel):
                 final.append(torch.stack([h_n[0], c_n[0]]))
             h = self._add(h, y)
             if i < len(self.ffns):
-                y, record = self.ffns[i](h)
+                y, record = self.ffns[i](h, valid)
                 h = self._add(h, torch.sigmoid(y) if self.sigmoid else y)  # the paper's sigmoid before dropout
                 if record is not None:
                     records.append(record)

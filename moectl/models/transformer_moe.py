@@ -27,9 +27,11 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, RoutingRecord | None]:
+    def forward(
+        self, h: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None, valid: Optional[Tensor] = None
+    ) -> tuple[Tensor, RoutingRecord | None]:
         h = h + self.drop(self.attn(self.attn_norm(h), cos, sin, mask))
-        y, record = self.ffn(self.ffn_norm(h))
+        y, record = self.ffn(self.ffn_norm(h), valid)
         return h + self.drop(y), record
 
 
@@ -56,7 +58,7 @@ class TransformerMoE(LanguageModel):
         self.init_weights()
 
     def body(
-        self, h: Tensor, state: Optional[Tensor] = None, segments: Optional[Tensor] = None
+        self, h: Tensor, state: Optional[Tensor] = None, segments: Optional[Tensor] = None, valid: Optional[Tensor] = None
     ) -> tuple[Tensor, list[RoutingRecord], None]:
         """Attention sees only this sequence: there is no state to carry (`state` is ignored).
         With `segments` (B, T), each position attends only to earlier positions of its own
@@ -75,7 +77,7 @@ class TransformerMoE(LanguageModel):
             mask = (same & torch.ones(t, t, dtype=torch.bool, device=h.device).tril())[:, None]  # (B, 1, T, T)
         records = []
         for block in self.blocks:
-            h, record = block(h, cos, sin, mask)
+            h, record = block(h, cos, sin, mask, valid)
             if record is not None:
                 records.append(record)
         return self.norm(h), records, None

@@ -5,10 +5,12 @@ token-major, a = n*K + k. Under capacity each expert serves its assignments in o
 - token-major (position priority): by the token's `priority` (lower first; the backbones pass each
   token's position in its sequence), ties broken by token, then by slot. A causal LM stays causal:
   a token is only ever displaced by tokens at the same or earlier positions, never by later ones.
-- rank by rank (`by_rank`, batch-prioritised routing, Riquelme et al. 2021): every token's first
-  choice, in priority order, before any token's second choice, and so on, so a second choice
-  never takes the slot of another token's first choice. A token's k-th choice is the slot with
-  its k-th largest routing weight (a hierarchical router's slots are ordered by group, not weight).
+- rank by rank (`by_rank`): every token's first choice, in priority order, before any token's
+  second choice, and so on, so a second choice never takes the slot of another token's first
+  choice. With position priority this is GShard's Algorithm 1 (drop_policy `rank`); with the
+  largest routing weight first, Riquelme et al. 2021's batch-prioritised routing (`probability`).
+  A token's k-th choice is the slot with its k-th largest routing weight (a hierarchical router's
+  slots are ordered by group, not weight).
 
 Memory is O(N*K*D): no (N, E, capacity) one-hot tensor, no weight copy per token.
 

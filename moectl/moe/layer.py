@@ -4,9 +4,10 @@ Two implementations of the same function:
 - "sorted" (default): assignments sorted by expert, each expert run once on its contiguous slice;
 - "loop": the obviously-correct reference, one boolean mask per expert. Tests check they agree.
 
-Around the router: capacity (separate train and eval factors, a minimum, dropless), the drop
-priority (by position, which keeps a causal LM causal, or Riquelme et al.'s batch-prioritised
-routing: rank by rank, each rank by the token's largest routing weight, noise included), and
+Around the router: capacity (separate train and eval factors, a minimum, dropless, counting real
+tokens only: padding chooses no expert), the drop priority (by position, which keeps a causal LM
+causal; GShard's rank by rank in position order; or Riquelme et al.'s batch-prioritised routing:
+rank by rank, each rank by the token's largest routing weight, noise included), and
 always-on shared experts (DeepSeekMoE, Qwen-MoE) whose output is added to the routed experts',
 optionally scaled by a sigmoid gate. The routed output Σ_k w_k E_k(x) is multiplied by
 `routed_scale` (1 as the papers define their routers; DeepSeek-V3's routed scaling; or K, which
@@ -43,7 +44,7 @@ class MoELayer(nn.Module):
         router: Optional[Router] = None,
         eval_capacity_factor: Optional[float] | Literal["train"] = "train",
         min_capacity: int = 0,
-        drop_policy: Literal["position", "probability"] = "position",
+        drop_policy: Literal["position", "rank", "probability"] = "position",
         shared_hidden: int = 0,
         shared_gate: bool = False,
         expert_dropout: float = 0.0,
@@ -58,6 +59,8 @@ class MoELayer(nn.Module):
         super().__init__()
         if impl not in ("sorted", "loop"):
             raise ValueError(f"impl={impl!r} must be 'sorted' or 'loop'")
+        if drop_policy not in ("position", "rank", "probability"):
+            raise ValueError(f"drop_policy={drop_policy!r} must be 'position', 'rank' or 'probability'")
         self.num_experts = num_experts
         self._impl = impl
         self.capacity_factor = capacity_factor
@@ -74,22 +77,33 @@ class MoELayer(nn.Module):
         if self.shared_gate is not None:
             nn.init.normal_(self.shared_gate.weight, std=init_std)
 
+    def _factor(self) -> Optional[float]:
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Slots per expert for a batch of N tokens: max(min_capacity, ceil(factor * N * K / E)); None: dropless."""
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        factor = self._factor()
         if factor is None or not self.router.uses_capacity:
             return None
         # K here is the assignments per token the router makes (hierarchical: group_top_k * top_k).
         assignments = round(self.router.active_experts)
         return max(self.min_capacity, dispatch.expert_capacity(factor, num_tokens, assignments, self.num_experts))
 
-    def forward(self, x: Tensor, positions: Optional[Tensor] = None) -> tuple[Tensor, RoutingRecord]:
-        """(N, D) -> (N, D). `positions` (N,): each token's place in its sequence, for drop priority."""
-        record = self.router(x)  # route
-        by_rank = self.drop_policy == "probability"
+    def forward(
+        self, x: Tensor, positions: Optional[Tensor] = None, valid: Optional[Tensor] = None
+    ) -> tuple[Tensor, RoutingRecord]:
+        """(N, D) -> (N, D). `positions` (N,): each token's place in its sequence, for drop priority.
+        `valid` (N,) bool: the real tokens; padding goes to no expert (its routed output is 0) and
+        counts in no capacity, loss or statistic."""
+        record = self.router(x, valid)  # route
+        by_rank = self.drop_policy in ("rank", "probability")
         # Batch-prioritised routing: the largest weight the gate gave the token goes first; else position.
-        priority = -record.weights.max(dim=-1).values if by_rank else positions
-        plan, record = dispatch.plan(record, self.capacity(x.shape[0]), priority, by_rank)  # sort by expert, drop overflow
+        priority = -record.weights.max(dim=-1).values if self.drop_policy == "probability" else positions
+        capacity = None
+        if self.router.uses_capacity and self._factor() is not None:
+            # Host sync with padding: the capacity counts the real tokens.
+            capacity = self.capacity(x.shape[0] if valid is None else int(valid.sum()))
+        plan, record = dispatch.plan(record, capacity, priority, by_rank)  # sort by expert, drop overflow
         if self.impl == "loop":
             out = self._forward_loop(x, record)
         else:

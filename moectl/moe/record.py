@@ -9,6 +9,10 @@ Top-k routers fill all N*K slots. GShard's random routing leaves some second slo
 expert choice and soft routing use K = E slots (slot k is expert k), chosen where that expert
 takes the token. `chosen` marks the slots the router used; `kept` the subset capacity allowed.
 
+Padding (`valid`, e.g. the pad of an unpacked instruction-tuning row) keeps its rows, so the
+record still lines up with the batch, but no slot of it is chosen, and every mean over tokens
+(the losses' P_i and z-loss, the statistics) is over the valid tokens alone (`masked_mean`).
+
 Notation: N tokens, E experts, K slots per token.
 """
 
@@ -34,6 +38,7 @@ class RoutingRecord:
     load: Optional[Tensor] = None  # (E,) differentiable load estimate (noisy top-k's smooth estimator)
     counted: Optional[Tensor] = None  # (N, K) bool: the slots the load-balancing loss counts (None: all chosen)
     group: Optional["RoutingRecord"] = None  # hierarchical MoE: the primary gate's record over groups
+    valid: Optional[Tensor] = None  # (N,) bool: real tokens, not padding; None: every token is real
 
     @property
     def num_tokens(self) -> int:
@@ -46,6 +51,16 @@ class RoutingRecord:
     @property
     def top_k(self) -> int:
         return self.expert_idx.shape[1]
+
+    def token_mask(self) -> Tensor:
+        """(N,) bool: the tokens that are not padding."""
+        if self.valid is None:
+            return torch.ones(self.num_tokens, dtype=torch.bool, device=self.expert_idx.device)
+        return self.valid
+
+    def num_valid(self) -> Tensor:
+        """() the number of real tokens, on the device (no host sync)."""
+        return self.token_mask().sum()
 
     @property
     def combine_weights(self) -> Tensor:
@@ -62,6 +77,14 @@ class RoutingRecord:
         return dense.scatter_add(1, self.expert_idx, self.weights * self.chosen)
 
 
+def masked_mean(values: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """(N, ...) -> (...): the mean over the `valid` (N,) tokens, all when None (0 when there are none)."""
+    if valid is None:
+        return values.mean(dim=0)
+    w = valid.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+    return (values * w).sum(dim=0) / w.sum().clamp_min(1.0)
+
+
 def _bincount(idx: Tensor, n: int) -> Tensor:
     counts = torch.zeros(n, dtype=torch.int64, device=idx.device)
     return counts.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
@@ -70,8 +93,11 @@ def _bincount(idx: Tensor, n: int) -> Tensor:
 def make_record(
     logits: Tensor, probs: Tensor, expert_idx: Tensor, weights: Tensor, chosen: Optional[Tensor] = None, **extra
 ) -> RoutingRecord:
-    """A record as a router returns it: every chosen slot kept, no capacity applied yet."""
+    """A record as a router returns it: every chosen slot kept, no capacity applied yet. `valid`
+    (N,) bool, in `extra`: padding tokens choose nothing."""
     chosen = torch.ones_like(expert_idx, dtype=torch.bool) if chosen is None else chosen
+    if extra.get("valid") is not None:
+        chosen = chosen & extra["valid"][:, None]
     weights = weights * chosen
     return RoutingRecord(
         logits=logits,

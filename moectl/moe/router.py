@@ -13,6 +13,9 @@
                  updated after each step towards uniform load (aux-loss-free balancing),
                  optionally limited to the best groups of experts
 
+Every router's forward takes `valid` (N,) bool, None for all: padding tokens choose no expert and
+add nothing to a load estimate or a capacity (moe/record.py).
+
 Routing math runs in fp32 even under bf16 autocast (Switch Transformer's "selective
 precision"): the softmax over E logits and the top-k comparison are where low precision
 flips choices and destabilises training. Noise (noisy_topk, switch jitter, gshard's random
@@ -54,7 +57,7 @@ def _gate_weight(num_experts: int, d_model: int, init_std: float) -> nn.Paramete
 
 class Router(nn.Module):
     """Base: E experts, K per token (checked here, at most `max_k`), and the gate weight W_g^T
-    (E, D) when `init_std` is given; subclasses implement forward(x) -> RoutingRecord."""
+    (E, D) when `init_std` is given; subclasses implement forward(x, valid) -> RoutingRecord."""
 
     #: capacity factors apply (False where the method fixes its own capacity or has none)
     uses_capacity: bool = True
@@ -87,7 +90,7 @@ class TopKRouter(Router):
         super().__init__(d_model, num_experts, top_k, init_std)
         self.renormalize = renormalize
 
-    def forward(self, x: Tensor) -> RoutingRecord:
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> RoutingRecord:
         with fp32(x):
             logits = self.logits(x)  # (N, E)
             probs = logits.softmax(dim=-1)
@@ -96,7 +99,7 @@ class TopKRouter(Router):
             else:
                 top_probs, expert_idx = probs.topk(self.top_k, dim=-1)  # (N, K)
             weights = top_probs / top_probs.sum(dim=-1, keepdim=True) if self.renormalize else top_probs
-        return make_record(logits, probs, expert_idx, weights)
+        return make_record(logits, probs, expert_idx, weights, valid=valid)
 
 
 def smooth_load(clean: Tensor, noise_std: Tensor, top_vals: Tensor, top_idx: Tensor, k: int) -> Tensor:
@@ -135,15 +138,18 @@ class NoisyTopKRouter(Router):
         std = F.softplus(x.float() @ self.noise_weight.float().t()) + NOISE_EPS  # (N, E)
         return clean, clean + torch.randn_like(clean) * std, std
 
-    def forward(self, x: Tensor) -> RoutingRecord:
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> RoutingRecord:
         k = self.top_k
         with fp32(x):
             clean, noisy, std = self.noisy_logits(x)
             top_vals, top_idx = noisy.topk(min(k + 1, self.num_experts), dim=-1)  # (N, k+1)
             weights = top_vals[:, :k].softmax(dim=-1)  # softmax over the kept logits: (N, K)
-            load = smooth_load(clean, std, top_vals, top_idx, k).sum(0) if std is not None else None
+            load = None
+            if std is not None:
+                p_in = smooth_load(clean, std, top_vals, top_idx, k)  # (N, E)
+                load = (p_in if valid is None else p_in * valid[:, None]).sum(0)  # (E,) Load(X) over real tokens
             probs = clean.softmax(dim=-1)
-        return make_record(clean, probs, top_idx[:, :k], weights, load=load)
+        return make_record(clean, probs, top_idx[:, :k], weights, load=load, valid=valid)
 
 
 class SwitchRouter(Router):
@@ -154,7 +160,7 @@ class SwitchRouter(Router):
         super().__init__(d_model, num_experts, 1, init_std)
         self.jitter_eps = jitter_eps
 
-    def forward(self, x: Tensor) -> RoutingRecord:
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> RoutingRecord:
         with fp32(x):
             h = x.float()
             if self.training and self.jitter_eps > 0:
@@ -162,19 +168,20 @@ class SwitchRouter(Router):
             logits = self.logits(h)  # (N, E)
             probs = logits.softmax(dim=-1)
             top_prob, expert_idx = probs.max(dim=-1, keepdim=True)  # (N, 1)
-        return make_record(logits, probs, expert_idx, top_prob)
+        return make_record(logits, probs, expert_idx, top_prob, valid=valid)
 
 
 class GShardTop2Router(Router):
     """GShard (Lepikhin et al. 2020, Algorithm 1): top-2 gates normalised so g1 + g2 = 1; in
     training the second expert is used only if 2 * g2 > u, u ~ U(0, 1), else the token goes to
     its first expert alone (with weight g1, as in the algorithm: no renormalisation). Its aux
-    loss counts first choices only (record.counted)."""
+    loss counts first choices only (record.counted). Under capacity the algorithm fills every
+    token's first choice before any second choice: moe.drop_policy `rank`, its default."""
 
     def __init__(self, d_model: int, num_experts: int, init_std: float = 0.02):
         super().__init__(d_model, num_experts, 2, init_std)  # active: 2 at most (random routing skips some)
 
-    def forward(self, x: Tensor) -> RoutingRecord:
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> RoutingRecord:
         with fp32(x):
             logits = self.logits(x)  # (N, E)
             probs = logits.softmax(dim=-1)
@@ -185,13 +192,13 @@ class GShardTop2Router(Router):
                 chosen[:, 1] = 2.0 * gates[:, 1] > torch.rand_like(gates[:, 1])
         first = torch.zeros_like(chosen)
         first[:, 0] = True  # the aux loss's c_e counts each token's first choice (Algorithm 1)
-        return make_record(logits, probs, expert_idx, gates, chosen, counted=first)
+        return make_record(logits, probs, expert_idx, gates, chosen, counted=first, valid=valid)
 
 
 class ExpertChoiceRouter(Router):
     """Zhou et al. 2022: S = softmax(X W_g) over experts; expert j takes the C tokens with the
-    highest S[:, j], C = ceil(capacity_factor * N * K / E), combine weight S[token, j]. A token
-    may get zero or several experts. In a causal LM this choice sees the whole batch, later
+    highest S[:, j], C = ceil(capacity_factor * N * K / E), combine weight S[token, j], N counting
+    the real tokens (padding is never taken). A token may get zero or several experts. In a causal LM this choice sees the whole batch, later
     positions included: see README."""
 
     uses_capacity = False
@@ -207,15 +214,18 @@ class ExpertChoiceRouter(Router):
     def capacity(self, num_tokens: int) -> int:
         return min(num_tokens, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
 
-    def forward(self, x: Tensor) -> RoutingRecord:
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> RoutingRecord:
         n, e = x.shape[0], self.num_experts
+        # Host sync with padding: topk needs C as a Python int, and C counts the real tokens.
+        real = n if valid is None else int(valid.sum())
         with fp32(x):
             logits = self.logits(x)  # (N, E)
             probs = logits.softmax(dim=-1)
-            _, tokens = probs.t().topk(self.capacity(n), dim=-1)  # (E, C) each expert's tokens
+            scores = probs if valid is None else probs.masked_fill(~valid[:, None], -1.0)  # padding ranks last
+            _, tokens = scores.t().topk(self.capacity(real), dim=-1)  # (E, C) each expert's tokens
             chosen = torch.zeros(e, n, dtype=torch.bool, device=x.device).scatter_(1, tokens, True).t()  # (N, E)
         expert_idx = torch.arange(e, device=x.device).expand(n, e)  # slot j is expert j
-        return make_record(logits, probs, expert_idx, probs, chosen)
+        return make_record(logits, probs, expert_idx, probs, chosen, valid=valid)
 
 
 class SoftRouter(Router):
@@ -226,12 +236,12 @@ class SoftRouter(Router):
     def __init__(self, d_model: int, num_experts: int, init_std: float = 0.02):
         super().__init__(d_model, num_experts, num_experts, init_std)  # K = E: every expert, every token
 
-    def forward(self, x: Tensor) -> RoutingRecord:
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> RoutingRecord:
         n, e = x.shape[0], self.num_experts
         with fp32(x):
             logits = self.logits(x)  # (N, E)
             probs = logits.softmax(dim=-1)
-        return make_record(logits, probs, torch.arange(e, device=x.device).expand(n, e), probs)
+        return make_record(logits, probs, torch.arange(e, device=x.device).expand(n, e), probs, valid=valid)
 
 
 class HierarchicalRouter(Router):
@@ -241,8 +251,10 @@ class HierarchicalRouter(Router):
     Expert (a, b) is expert a * B + b; its weight is G_primary(x)_a * G_a(x)_b, so each token's
     weights sum to 1. The leaf load is Load_H(X)_{a,b} = Load_primary(X)_a * Load_a(X^(a))_b /
     |X^(a)|, X^(a) the tokens sent to group a; the record's `group` is the primary gate's record
-    (balanced too only with moe.balance_primary, moe/losses.py). The leaf logits are primary + secondary logits (their
-    logsumexp is the joint log-partition, for the z-loss); probs are G_p softmax times G_a softmax.
+    (balanced too only with moe.balance_primary, moe/losses.py). The leaf logits are l_a + c_{a,b},
+    primary plus secondary clean logits: their logsumexp, what the z-loss squares, is
+    log sum_a e^{l_a} Z_a with Z_a = sum_b e^{c_{a,b}} group a's partition (not the log-partition of
+    either gate, nor of `probs`); probs are G_p softmax times G_a softmax.
     """
 
     def __init__(self, d_model: int, num_experts: int, num_groups: int, group_top_k: int, top_k: int):
@@ -260,9 +272,9 @@ class HierarchicalRouter(Router):
     def active_experts(self) -> float:
         return float(self.primary.top_k * self.top_k)
 
-    def forward(self, x: Tensor) -> RoutingRecord:
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> RoutingRecord:
         n, k, b = x.shape[0], self.top_k, self.per_group
-        group = self.primary(x)  # over G groups: expert_idx (N, Kp), weights (N, Kp), load (G,)
+        group = self.primary(x, valid)  # over G groups: expert_idx (N, Kp), weights (N, Kp), load (G,)
         kp = group.top_k
         with fp32(x):
             h = x.float()
@@ -283,10 +295,10 @@ class HierarchicalRouter(Router):
             load = None
             if std is not None:
                 p_in = smooth_load(clean, std, top_vals, top_idx, k)  # (N, G, B)
-                routed = torch.zeros(n, self.num_groups, device=x.device).scatter_(1, groups, 1.0)  # (N, G) x in X^(a)
+                routed = torch.zeros(n, self.num_groups, device=x.device).scatter_(1, groups, group.chosen.float())  # (N, G) x in X^(a)
                 load_a = (p_in * routed[..., None]).sum(0)  # (G, B) Load_a(X^(a))
                 load = (group.load[:, None] * load_a / routed.sum(0).clamp_min(1.0)[:, None]).reshape(-1)  # (E,)
-        return make_record(logits, probs, expert_idx, weights, load=load, group=group)
+        return make_record(logits, probs, expert_idx, weights, load=load, group=group, valid=valid)
 
 
 class SigmoidRouter(Router):
@@ -299,7 +311,8 @@ class SigmoidRouter(Router):
     best groups are eligible. After each optimizer step, update_bias(counts) moves b_i by
     rate * sign(mean load - load_i). The bias is a buffer, so it is saved with the weights.
     probs (the normalised affinities s' of V3's sequence-wise loss, and the statistics) are s
-    normalised to sum 1 over all experts.
+    normalised to sum 1 over all experts; V3's loss counts each token's top-K of them (moe/losses.py),
+    not the biased, group-limited choice.
     """
 
     balances_with_bias = True
@@ -322,7 +335,7 @@ class SigmoidRouter(Router):
         self.n_group, self.topk_group = n_group, topk_group
         self.register_buffer("expert_bias", torch.zeros(num_experts))
 
-    def forward(self, x: Tensor) -> RoutingRecord:
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> RoutingRecord:
         with fp32(x):
             logits = self.logits(x)  # (N, E)
             scores = logits.sigmoid()
@@ -337,7 +350,7 @@ class SigmoidRouter(Router):
             if self.renormalize:
                 gates = gates / gates.sum(dim=-1, keepdim=True)
             probs = scores / scores.sum(dim=-1, keepdim=True)
-        return make_record(logits, probs, expert_idx, gates)
+        return make_record(logits, probs, expert_idx, gates, valid=valid)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: Tensor) -> None:
