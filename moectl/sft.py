@@ -33,11 +33,12 @@ from moectl import chat, data
 from moectl import tokenizer as tokenizers_
 from moectl.config import Config, DataConfig
 from moectl.errors import DataError
+from moectl.models.base import IGNORE_INDEX
 from moectl.fileio import atomic_write_text
 
 SFT_VERSION = "1"  # bump when the token layout changes, so old caches are not reused
 DOCSTRING_PROMPT = "Write the docstring for this Python function.\n\n"
-IGNORE = -100  # a target the loss skips (torch's cross_entropy ignore_index)
+IGNORE = IGNORE_INDEX  # a target the loss skips
 
 
 @dataclass
