@@ -143,3 +143,59 @@ def assert_sorted_equals_loop(make_layer, x, target, seed=None, tol=None):
     for name in g_s:
         torch.testing.assert_close(g_s[name], g_l[name], **tol, msg=lambda m: f"grad of {name}: {m}")
     return out_s, rec_s, rec_l, g_s
+
+
+# ---------------------------------------------------------------------------------- test tiers
+#
+# Two markers, applied here and nowhere else, from what a test does (its source, its fixtures'
+# and the test modules' helpers they call): `slow` where it trains a model (fit, `moectl train`
+# or a sweep through the CLI, optimizer steps) or starts a process; `dist` where it starts
+# several (torchrun, spawn). `pytest -m "not slow"` is the developer's quick loop; README's
+# command runs everything.
+_SEVERAL_PROCESSES = ("mp.spawn", "torchrun", "--nproc-per-node", "nproc_per_node")
+_ONE_PROCESS = ("subprocess", "Popen", "interrupt_after_first_checkpoint", "moectl(")
+_TRAINS = ("fit(", '"sweep"', "sweeping.run(", ".step()")
+_CLI_TRAINS = ('["train"', "exit_code == 0")  # `moectl train` through CliRunner, expected to succeed
+
+
+def _sources(item) -> str:
+    """The source of a test function, of every fixture it uses, and of the test modules' helper
+    functions these call (two calls deep)."""
+    import inspect
+    import re
+
+    funcs = [getattr(item, "function", None)] + [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+    seen, out = set(), []
+    for _ in range(3):
+        called = []
+        for func in funcs:
+            if func is None or func in seen:
+                continue
+            seen.add(func)
+            try:
+                text = inspect.getsource(func)
+            except (TypeError, OSError):
+                continue
+            out.append(text)
+            module = inspect.getmodule(func)
+            for name in re.findall(r"\b([A-Za-z_]\w*)\(", text):
+                helper = getattr(module, name, None)
+                if inspect.isfunction(helper) and helper.__module__.split(".")[-1].startswith(("test_", "conftest")):
+                    called.append(helper)
+        funcs = called
+    return "\n".join(out)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains a model or starts a process (the quick loop: -m 'not slow')")
+    config.addinivalue_line("markers", "dist: starts several processes (torchrun, spawn)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        text = _sources(item)
+        dist = any(s in text for s in _SEVERAL_PROCESSES)
+        if dist:
+            item.add_marker(pytest.mark.dist)
+        if dist or any(s in text for s in _ONE_PROCESS + _TRAINS) or all(s in text for s in _CLI_TRAINS):
+            item.add_marker(pytest.mark.slow)
