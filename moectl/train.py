@@ -38,7 +38,7 @@ from torch import nn
 
 from moectl import chat, checkpoint, config, console, data, distributed, expert_parallel, perf_model, runtime, sft, warmstart
 from moectl import tokenizer as tokenizers_
-from moectl.config import Config, OptimConfig
+from moectl.config import Config
 from moectl.console import TrainProgress
 from moectl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from moectl.evaluate import mean_loss, perplexity
@@ -46,6 +46,7 @@ from moectl.expert_parallel import ExpertParallel
 from moectl.fileio import atomic_write_text
 from moectl.models import LanguageModel, build_model, lookahead, moe_layers, moe_slots, parameter_counts, routed_experts
 from moectl.moe import LOSS_NAMES
+from moectl.optim import lr_at, make_optimizer
 from moectl.runtime import Dist
 from moectl.stats import LayerStats, RoutingStats, Sums, accumulator_dtype, worst_imbalance
 from moectl.tracking import Tracker
@@ -201,7 +202,7 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
                               tr.ep_overlap)
     model = model.to(device)
     if dp.enabled:
-        torch.manual_seed(tr.seed + 7919 * (dp.rank + 1))  # each rank its own dropout and routing noise
+        _seed_rank(tr.seed, dp)
     for warning in lookahead(cfg, training=True):
         console.warn(warning)
     train_blocks, val_blocks = (sft.blocks(split, cfg, corpus.eot_id) for split in (corpus.train, corpus.validation))
@@ -336,43 +337,6 @@ def restore(run: Run, state: LoopState, ckpt: Path) -> None:
             f"(train.max_steps={run.cfg.train.max_steps}, optim.*) put lr {new_lr:.2e}; training continues on the new schedule"
         )
     console.status(f"resuming {run.run_dir} from step {state.step}")
-
-
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norm weights, biases) do not. With optim.router_lr_mult or
-    optim.expert_lr_mult other than 1, routers and routed experts get groups of their own, whose
-    `lr_mult` scales the schedule's LR."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    mults = {"router": cfg.router_lr_mult, "experts": cfg.expert_lr_mult, "other": 1.0}
-    kinds = ("other", "router", "experts") if cfg.router_lr_mult != 1.0 or cfg.expert_lr_mult != 1.0 else (None,)
-    groups = []
-    for kind in kinds:
-        mine = [p for n, p in named if kind is None or warmstart.parameter_kind(n) == kind]
-        for decay in (True, False):
-            params = [p for p in mine if (p.ndim >= 2) == decay]
-            if params or kind is None:
-                groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
-                               "lr_mult": mults[kind] if kind else 1.0})
-    try:  # one fused kernel per step (CPU and CUDA): 2.1 ms against 5.9 for the quickstart MoE's update on 2 cores
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
-    except RuntimeError:  # a device without fused kernels: the same update, parameter by parameter
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-
-
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """LR for optimizer step `step` (0-based): linear warmup (over the whole run if it is shorter
-    than optim.warmup_steps), then cosine to min_lr_ratio * lr.
-
-    A pure function of the step, so resuming needs no scheduler state.
-    """
-    warmup = min(cfg.warmup_steps, max_steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    if cfg.schedule == "constant" or max_steps <= warmup:
-        return cfg.lr
-    progress = (step - warmup) / (max_steps - warmup)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
 
 def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -772,6 +736,11 @@ def _rng_state() -> dict[str, object]:
     return state
 
 
+def _seed_rank(seed: int, dp: Dist) -> None:
+    """Each rank its own dropout and routing noise (the weights were initialised alike before)."""
+    torch.manual_seed(seed + 7919 * (dp.rank + 1))
+
+
 def _restore_rng(saved, dp: Dist, seed: int) -> None:
     """Each rank's RNG from the checkpoint (one state per rank; older checkpoints hold one)."""
     states = saved if isinstance(saved, list) else [saved]
@@ -780,7 +749,7 @@ def _restore_rng(saved, dp: Dist, seed: int) -> None:
             f"the checkpoint was saved by {len(states)} processes and this run has {dp.world_size}: the data order "
             "continues exactly, but dropout and routing noise take fresh random streams"
         )
-        torch.manual_seed(seed + 7919 * (dp.rank + 1))
+        _seed_rank(seed, dp)
         return
     torch.set_rng_state(states[dp.rank]["torch"])
     if "cuda" in states[dp.rank] and torch.cuda.is_available():

@@ -23,7 +23,7 @@ LAYERS = [
                   "moectl.sweep", "moectl.plan"]),
     ("services", ["moectl.checkpoint", "moectl.loaded_model", "moectl.warmstart", "moectl.hf", "moectl.tracking",
                   "moectl.sft", "moectl.data", "moectl.tokenizer", "moectl.distributed", "moectl.expert_parallel",
-                  "moectl.hub"]),
+                  "moectl.hub", "moectl.optim"]),
     ("models", ["moectl.models"]),
     ("moe", ["moectl.moe"]),
     ("leaves", ["moectl.config", "moectl.runtime", "moectl.stats", "moectl.errors", "moectl.console",

@@ -30,7 +30,8 @@ from moectl import tokenizer as tokenizers_
 from moectl.cli import app
 from moectl.errors import ConfigError, DataError
 from moectl.models import build_model
-from moectl.train import fit, make_optimizer
+from moectl.optim import make_optimizer
+from moectl.train import fit
 
 EOT = "<|endoftext|>"
 

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from conftest import events, interrupt_after_first_checkpoint, scalar_series, tiny_config, weights, write_config
 from moectl import checkpoint, config, plots
 from moectl.cli import app
-from moectl.train import fit, lr_at, make_optimizer
+from moectl.optim import lr_at, make_optimizer
+from moectl.train import fit
 
 runner = CliRunner()
 

