@@ -126,8 +126,8 @@ def _load_config(path: Path, overrides: Optional[list[str]], run_name: Optional[
         cfg = config.with_values(cfg, str(path), **{"run.dir": str(run_dir.parent), "run.name": run_dir.name})
     else:
         cfg = config.load(path, overrides)
-    if cfg._router_filled:  # --set moe.router=R on a config written for another router
-        values = ", ".join(f"{k}={getattr(cfg.moe, k.split('.', 1)[1])}" for k in cfg._router_filled)
+    if cfg.router_filled:  # --set moe.router=R on a config written for another router
+        values = ", ".join(f"{k}={getattr(cfg.moe, k.split('.', 1)[1])}" for k in cfg.router_filled)
         console.status(f"moe.router={cfg.moe.router} brings {values} (what it needs and its paper's defaults; "
                        "--set any of them to choose your own)")
     if run_name is not None:

@@ -661,6 +661,12 @@ class Config(Section):
                 setattr(moe, key, paper.get(key, 0.0))
         return self
 
+    @property
+    def router_filled(self) -> dict[str, Any]:
+        """What load() set because an override changed moe.router (dotted key -> value set; null:
+        the new router's paper value); empty otherwise."""
+        return self._router_filled
+
     # Derived values, so builders and the training loop never recompute them differently.
     @property
     def routed_scale(self) -> Optional[float]:
@@ -751,12 +757,13 @@ def _union_kind(tag: str, err: dict[str, Any]) -> str:
     ctx = err.get("ctx") or {}
     if err["type"] == "literal_error":
         return ctx.get("expected", tag)
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    bounds = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "less_than": ("<", "lt"),
+              "less_than_equal": ("<=", "le")}
     if err["type"] in bounds:
-        key = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}[err["type"]]
+        sign, key = bounds[err["type"]]
         bound = ctx.get(key)
         bound = f"{bound:g}" if isinstance(bound, (int, float)) else bound
-        return f"{'an integer' if 'int' in tag else 'a number'} {bounds[err['type']]} {bound}"
+        return f"{'an integer' if 'int' in tag else 'a number'} {sign} {bound}"
     if tag.startswith("dict"):
         return "a mapping"
     if tag.startswith("list"):
@@ -873,7 +880,7 @@ def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None, sa
     """Read a YAML config, apply `--set` overrides, validate, and fill `run.name` from the file name.
     `saved`: the config.yaml moectl wrote into a run or bundle, read as the model it trained.
     An override that changes moe.router brings what that router needs (router_needs) unless the
-    overrides set it too; the config's `_router_filled` says what was set."""
+    overrides set it too; the config's `router_filled` says what was set."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:

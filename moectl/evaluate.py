@@ -88,9 +88,9 @@ def mean_loss(
         with runtime.autocast(device, amp):
             out = model(x, y, state=state, **layout)
         state = out.state if stateful else None
-        scored = (y != IGNORE).sum()  # instruction tuning scores response tokens only
-        sums[0] += torch.where(scored > 0, out.lm_loss.to(sums.dtype), 0.0) * scored
-        sums[1] += scored
+        # lm_loss is the mean over the scored targets (instruction tuning: response tokens only), 0 for none
+        sums[0] += out.lm_loss.to(sums.dtype) * out.scored
+        sums[1] += out.scored
         if stats is not None:
             stats.update(out.routing)
         if top1 is not None:

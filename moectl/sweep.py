@@ -145,7 +145,7 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> Sweep:
             sets = shared + [f"{k}={_as_set(v)}" for k, v in values.items()]
             try:
                 cfg = config.load(base, sets + [f"run.dir={root}", f"run.name={cell_name}"])
-                needs = cfg._router_filled  # the child's `moectl train` sets the same (config.load)
+                needs = cfg.router_filled  # the child's `moectl train` sets the same (config.load)
                 _check_existing(root / cell_name, cfg)
             except ConfigError as exc:
                 raise ConfigError(f"{path}: cell {cell_name}: {exc}") from None

@@ -395,10 +395,11 @@ def train_step(run: Run, state: LoopState, stop: "StopOnInterrupt") -> float:
             else:  # each response token weighs the same, however they fall over micro-batches and ranks
                 loss = out.lm_loss * shares[j] + (out.aux_loss + out.z_loss) / run.accum  # no response: lm_loss 0
             loss.backward()
-        step_loss += loss_sums(out)
+        sums = loss_sums(out)
+        step_loss += sums
         if run.carry is not None:  # truncated BPTT: the next block of these streams starts here
             run.carry[j] = out.state.detach()
-        run.window.add_micro(out)
+        run.window.add_micro(out, sums)
         run.stats.update(out.routing)
         for k, (i, _) in enumerate(run.bias_routers):
             counts[k] = counts[k] + out.routing[i].chosen_per_expert()
@@ -691,8 +692,9 @@ class LossWindow(Sums):
         for name in self.FIELDS:
             setattr(self, name, self.zeros())
 
-    def add_micro(self, out) -> None:
-        objective, scored, _ = loss_sums(out).to(self.objective.dtype)
+    def add_micro(self, out, sums: torch.Tensor) -> None:
+        """`sums`: loss_sums(out)."""
+        objective, scored, _ = sums.to(self.objective.dtype)
         self.objective.add_(objective)
         self.lm_loss.add_(out.lm_loss.detach() * scored)
         self.scored.add_(scored)

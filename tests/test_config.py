@@ -451,19 +451,19 @@ def test_a_router_set_on_the_command_line_brings_what_it_needs(tmp_path):
     quickstart = REPO / "configs" / "quickstart.yaml"  # topk, top_k 4
     switch = config.load(quickstart, ["moe.router=switch"])
     assert (switch.moe.top_k, switch.moe.renormalize, switch.moe.aux_loss_coef, switch.moe.z_loss_coef) == (1, False, 0.01, 0.0)
-    assert switch._router_filled == {"moe.top_k": 1, "moe.renormalize": None, "moe.z_loss_coef": None}
+    assert switch.router_filled == {"moe.top_k": 1, "moe.renormalize": None, "moe.z_loss_coef": None}
     gshard = config.load(quickstart, ["moe.router=gshard_top2"])
     assert (gshard.moe.top_k, gshard.moe.drop_policy) == (2, "rank")
     assert "moe.top_k=4 must be 1" in load_error(quickstart, ["moe.router=switch", "moe.top_k=4"])  # the user's value stands
     mine = config.load(quickstart, ["moe.router=hierarchical", "moe.z_loss_coef=0.01", "moe.num_groups=4"])
     assert (mine.moe.top_k, mine.moe.group_top_k, mine.moe.z_loss_coef) == (2, 2, 0.01)
-    assert "moe.z_loss_coef" not in mine._router_filled and "moe.num_groups" not in mine._router_filled
+    assert "moe.z_loss_coef" not in mine.router_filled and "moe.num_groups" not in mine.router_filled
     # From a group-limited sigmoid config, another router loses the options only sigmoid takes.
     v3 = write_config(tmp_path / "v3.yaml", {"moe": {"router": "sigmoid", "num_experts": 8, "top_k": 1, "n_group": 4,
                                                      "topk_group": 2, "seq_aux_loss_coef": 1e-3}})
     noisy = config.load(v3, ["moe.router=noisy_topk"])
     assert (noisy.moe.top_k, noisy.moe.n_group, noisy.moe.seq_aux_loss_coef, noisy.moe.importance_loss_coef) == (2, 1, 0.0, 0.1)
-    assert config.load(quickstart, ["moe.router=topk"])._router_filled == {}  # not a change of router
+    assert config.load(quickstart, ["moe.router=topk"]).router_filled == {}  # not a change of router
     out = CliRunner().invoke(app, ["config", str(quickstart), "--set", "moe.router=switch"])
     assert out.exit_code == 0 and "top_k: 1" in out.stdout
     said = " ".join(out.stderr.split())

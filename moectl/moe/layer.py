@@ -77,12 +77,9 @@ class MoELayer(nn.Module):
         if self.shared_gate is not None:
             nn.init.normal_(self.shared_gate.weight, std=init_std)
 
-    def _factor(self) -> Optional[float]:
-        return self.capacity_factor if self.training else self.eval_capacity_factor
-
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Slots per expert for a batch of N tokens: max(min_capacity, ceil(factor * N * K / E)); None: dropless."""
-        factor = self._factor()
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if factor is None or not self.router.uses_capacity:
             return None
         # K here is the assignments per token the router makes (hierarchical: group_top_k * top_k).
@@ -99,10 +96,9 @@ class MoELayer(nn.Module):
         by_rank = self.drop_policy in ("rank", "probability")
         # Batch-prioritised routing: the largest weight the gate gave the token goes first; else position.
         priority = -record.weights.max(dim=-1).values if self.drop_policy == "probability" else positions
-        capacity = None
-        if self.router.uses_capacity and self._factor() is not None:
-            # Host sync with padding: the capacity counts the real tokens.
-            capacity = self.capacity(x.shape[0] if valid is None else int(valid.sum()))
+        capacity = self.capacity(x.shape[0])
+        if capacity is not None and valid is not None:  # host sync, under capacity only: N counts the real tokens
+            capacity = self.capacity(int(valid.sum()))
         plan, record = dispatch.plan(record, capacity, priority, by_rank)  # sort by expert, drop overflow
         if self.impl == "loop":
             out = self._forward_loop(x, record)
