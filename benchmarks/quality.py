@@ -66,7 +66,7 @@ def score(run_dir: Path, context: bool) -> dict:
     cfg = loaded.cfg
     if not context:
         protocol = dict(stride=None, stateful=False)
-    elif cfg.backbone == "lstm":
+    elif cfg.model.backbone == "lstm":
         protocol = dict(stride=None, stateful=True)
     else:
         protocol = dict(stride=cfg.data.seq_len // 2, stateful=False)

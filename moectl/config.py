@@ -147,6 +147,19 @@ class ModelConfig(Section):
     )
     head_experts: int = Field(4, ge=2, description="mixture head: E_h, the softmax experts it mixes.")
 
+    @property
+    def is_moe(self) -> bool:
+        return self.arch.endswith("_moe")
+
+    @property
+    def backbone(self) -> str:
+        return self.arch.split("_")[0]
+
+    @property
+    def num_ffn_slots(self) -> int:
+        """One FFN per transformer block; one between each pair of LSTM layers."""
+        return self.n_layers if self.backbone == "transformer" else self.n_layers - 1
+
 
 class MoEConfig(Section):
     """The MoE layers. Notation: E experts, K experts per token, H expert hidden size, N tokens per batch."""
@@ -255,6 +268,16 @@ class MoEConfig(Section):
         None, ge=0, description="ST-MoE's router z-loss coefficient, per MoE layer, any router. Null: 0.001 for topk "
         "(ST-MoE's top-k router), else 0 (the other routers' papers have no z-loss)."
     )
+
+    @property
+    def routed_scale(self) -> Optional[float]:
+        """routed_scaling as a number; None for `top_k`, which the built router resolves to its K."""
+        return None if self.routed_scaling == "top_k" else float(self.routed_scaling)
+
+    def slots(self, model: ModelConfig) -> list[int]:
+        """The FFN slots of `model` that hold MoE layers: slot i when (i + 1) % every == 0 (every=2: dense,
+        MoE, ...); none for a dense arch."""
+        return [i for i in range(model.num_ffn_slots) if (i + 1) % self.every == 0] if model.is_moe else []
 
     @property
     def loss_coefs(self) -> dict[str, float]:
@@ -438,6 +461,11 @@ class TrainConfig(Section):
             return "off"
         return value
 
+    @property
+    def micro_batch(self) -> int:
+        """Sequences per forward pass of a single-process run (train.batch_layout splits a batch over processes)."""
+        return self.micro_batch_size or self.batch_size
+
 
 class OptimConfig(Section):
     """AdamW with linear warmup and cosine decay."""
@@ -506,13 +534,13 @@ class Config(Section):
     def _cross_field_checks(self, info: ValidationInfo) -> "Config":
         m, moe, d, tok, tr = self.model, self.moe, self.data, self.tokenizer, self.train
         trained = bool(info.context and info.context.get("trained"))  # a run's own saved config
-        if self.backbone == "lstm" and m.n_layers < 2:
+        if m.backbone == "lstm" and m.n_layers < 2:
             raise ValueError(f"model.n_layers={m.n_layers} must be >= 2 for an LSTM model (FFN slots sit between layers)")
-        if self.is_moe:
+        if m.is_moe:
             self._check_router(trained)
-        if self.is_moe and moe.every > self.num_ffn_slots:
+        if m.is_moe and moe.every > m.num_ffn_slots:
             raise ValueError(
-                f"moe.every={moe.every} leaves {m.arch} with no MoE layer: it has {self.num_ffn_slots} FFN slots "
+                f"moe.every={moe.every} leaves {m.arch} with no MoE layer: it has {m.num_ffn_slots} FFN slots "
                 f"(model.n_layers={m.n_layers}); lower moe.every, or use a *_dense arch for a dense model"
             )
         if d.validation_split is not None and d.validation_split == d.train_split:
@@ -520,7 +548,7 @@ class Config(Section):
                 f"data.validation_split={d.validation_split!r} is the training split; validate on held-out data"
             )
         if tr.expert_parallel > 1:
-            if not self.is_moe:
+            if not m.is_moe:
                 raise ValueError(f"train.expert_parallel={tr.expert_parallel} shards experts, but model.arch={m.arch} has none")
             if moe.num_experts % tr.expert_parallel:
                 raise ValueError(
@@ -539,7 +567,7 @@ class Config(Section):
             raise ValueError("train.ep_overlap=true overlaps the expert-parallel exchange; set train.expert_parallel > 1")
         if tr.hardware != "auto" and tr.hardware not in HARDWARE_PRESETS:
             raise ValueError(f"train.hardware={tr.hardware!r} must be auto or one of {', '.join(HARDWARE_PRESETS)}")
-        if tr.lstm_stateful and self.backbone != "lstm":
+        if tr.lstm_stateful and m.backbone != "lstm":
             raise ValueError(f"train.lstm_stateful=true needs an LSTM (model.arch={m.arch} has no recurrent state)")
         if d.task == "sft":
             if tr.lstm_stateful:
@@ -653,9 +681,11 @@ class Config(Section):
             m.activation = "swiglu" if m.arch.startswith("transformer") else "relu"
         if moe.renormalize is None:
             moe.renormalize = moe.top_k > 1
+        if moe.expert_hidden is None:
+            moe.expert_hidden = m.ffn_hidden
         if moe.drop_policy is None:
             moe.drop_policy = PAPER_DROP_POLICY.get(moe.router, "position")
-        paper = PAPER_LOSSES[moe.router] if self.is_moe else {}
+        paper = PAPER_LOSSES[moe.router] if m.is_moe else {}
         for key in LOSS_KEYS:
             if getattr(moe, key) is None:
                 setattr(moe, key, paper.get(key, 0.0))
@@ -667,39 +697,6 @@ class Config(Section):
         the new router's paper value); empty otherwise."""
         return self._router_filled
 
-    # Derived values, so builders and the training loop never recompute them differently.
-    @property
-    def routed_scale(self) -> Optional[float]:
-        """moe.routed_scaling as a number; None for `top_k`, which the built router resolves to its K."""
-        scaling = self.moe.routed_scaling
-        return None if scaling == "top_k" else float(scaling)
-
-    @property
-    def is_moe(self) -> bool:
-        return self.model.arch.endswith("_moe")
-
-    @property
-    def backbone(self) -> str:
-        return self.model.arch.split("_")[0]
-
-    @property
-    def num_ffn_slots(self) -> int:
-        """One FFN per transformer block; one between each pair of LSTM layers."""
-        return self.model.n_layers if self.backbone == "transformer" else self.model.n_layers - 1
-
-    @property
-    def moe_slots(self) -> list[int]:
-        """The FFN slots that hold MoE layers: slot i when (i + 1) % moe.every == 0 (every=2: dense, MoE, ...)."""
-        return [i for i in range(self.num_ffn_slots) if (i + 1) % self.moe.every == 0] if self.is_moe else []
-
-    @property
-    def expert_hidden(self) -> int:
-        return self.moe.expert_hidden or self.model.ffn_hidden
-
-    @property
-    def micro_batch_size(self) -> int:
-        """Sequences per forward pass of a single-process run (train.batch_layout splits a batch over processes)."""
-        return self.train.micro_batch_size or self.train.batch_size
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -936,7 +933,8 @@ def _read_as_trained(raw: dict[str, Any], source: str) -> None:
         return
     model.setdefault("lstm_sigmoid", False)
     moe.update(seq_aux_loss_coef=0.0, balance_primary=True)  # no V3 sequence loss; both hierarchical levels
-    layers = len(from_dict(raw, source, trained=True).moe_slots)
+    read = from_dict(raw, source, trained=True)
+    layers = len(read.moe.slots(read.model))
     for key in ("aux_loss_coef", "importance_loss_coef", "load_loss_coef", "z_loss_coef"):
         if layers and isinstance(moe.get(key), (int, float)):
             moe[key] = moe[key] / layers

@@ -161,7 +161,7 @@ def split_batches(
     tokens = corpus.validation if split == "validation" else corpus.train
     blocks = sft.blocks(tokens, cfg, corpus.eot_id)
     batching = data.stream_batches if stateful else data.eval_batches
-    return blocks, tokens, batching(blocks, cfg.micro_batch_size, max_batches or cfg.train.eval_batches)
+    return blocks, tokens, batching(blocks, cfg.train.micro_batch, max_batches or cfg.train.eval_batches)
 
 
 def byte_lengths(loaded: LoadedModel, split: data.Split) -> tuple[np.ndarray, bool]:
@@ -185,7 +185,7 @@ def context_protocol(cfg, stride: Optional[int], stateful: Optional[bool]) -> tu
     if cfg.data.task == "sft" and (stride is not None or stateful):
         raise ConfigError(f"{'--stride' if stride is not None else '--stateful'}: data.task=sft scores each example "
                           "on its own; drop the option")
-    if stateful and cfg.backbone != "lstm":
+    if stateful and cfg.model.backbone != "lstm":
         raise ConfigError(f"--stateful: model.arch={cfg.model.arch} has no recurrent state to carry; drop --stateful")
     if stride is not None:
         if not 1 <= stride <= cfg.data.seq_len:

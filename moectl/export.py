@@ -90,10 +90,10 @@ def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], no
         f"- {m.arch}: {m.n_layers} layers, d_model {m.d_model}, activation {m.activation}, vocabulary {loaded.tokenizer.get_vocab_size()}",
         f"- parameters: {total:,} total, {active:,} active per token",
     ]
-    if cfg.is_moe:
+    if cfg.model.is_moe:
         moe = cfg.moe
         lines.append(
-            f"- MoE: {moe.num_experts} experts of hidden {cfg.expert_hidden}, router `{moe.router}`, top-{moe.top_k}, "
+            f"- MoE: {moe.num_experts} experts of hidden {cfg.moe.expert_hidden}, router `{moe.router}`, top-{moe.top_k}, "
             f"every {moe.every} FFN slot(s), {moe.shared_experts} shared expert(s), capacity factor "
             f"{moe.capacity_factor if moe.capacity_factor is not None else 'none (dropless)'}"
         )

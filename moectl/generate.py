@@ -89,7 +89,7 @@ def generate(
         raise ConfigError(f"--top-p {top_p}: must be in (0, 1]")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"--top-k {top_k}: must be >= 1")
-    if loaded.cfg.is_moe and loaded.cfg.moe.router == "expert_choice":
+    if loaded.cfg.model.is_moe and loaded.cfg.moe.router == "expert_choice":
         raise ConfigError(
             "moe.router=expert_choice routes each token by comparing it with the whole batch, later positions "
             "included, so token-by-token generation cannot route as the model was trained; measure it with moectl eval"

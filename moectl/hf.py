@@ -66,7 +66,7 @@ def _renormalized(cfg: Config) -> bool:
 
 def routed_scale(cfg: Config) -> float:
     """moe.routed_scaling as the number the MoE layers multiply by (`top_k`: K)."""
-    return cfg.moe.top_k if cfg.routed_scale is None else cfg.routed_scale
+    return cfg.moe.top_k if cfg.moe.routed_scale is None else cfg.moe.routed_scale
 
 
 def architecture(cfg: Config) -> str:
@@ -77,7 +77,7 @@ def architecture(cfg: Config) -> str:
 
 
 def _shared_hidden(cfg: Config) -> int:
-    return cfg.moe.shared_experts * (cfg.moe.shared_expert_hidden or cfg.expert_hidden)
+    return cfg.moe.shared_experts * (cfg.moe.shared_expert_hidden or cfg.moe.expert_hidden)
 
 
 def hf_config(cfg: Config, vocab_size: int, eot: Optional[int]):
@@ -108,7 +108,7 @@ def hf_config(cfg: Config, vocab_size: int, eot: Optional[int]):
         kwargs = dict(
             common,
             intermediate_size=m.ffn_hidden,  # the dense blocks' FFN
-            moe_intermediate_size=cfg.expert_hidden,
+            moe_intermediate_size=cfg.moe.expert_hidden,
             shared_expert_intermediate_size=_shared_hidden(cfg) or 1,  # no shared experts: one zero expert
             num_experts=moe.num_experts,
             norm_topk_prob=_renormalized(cfg),
@@ -122,7 +122,7 @@ def hf_config(cfg: Config, vocab_size: int, eot: Optional[int]):
         klass = MixtralConfig
         kwargs = dict(
             common,
-            intermediate_size=cfg.expert_hidden,
+            intermediate_size=cfg.moe.expert_hidden,
             head_dim=m.d_model // m.n_heads,
             num_local_experts=moe.num_experts,
             router_jitter_noise=0.0,
@@ -201,7 +201,7 @@ def mixtral_mismatch(hc: dict[str, Any], cfg: Config) -> Optional[str]:
         ("num_hidden_layers", hc.get("num_hidden_layers"), "model.n_layers", m.n_layers),
         ("num_attention_heads", hc.get("num_attention_heads"), "model.n_heads", m.n_heads),
         ("num_key_value_heads", hc.get("num_key_value_heads"), "model.n_heads (moectl has no grouped-query attention)", m.n_heads),
-        ("intermediate_size", hc.get("intermediate_size"), "moe.expert_hidden", cfg.expert_hidden),
+        ("intermediate_size", hc.get("intermediate_size"), "moe.expert_hidden", cfg.moe.expert_hidden),
         ("num_local_experts", hc.get("num_local_experts"), "moe.num_experts", cfg.moe.num_experts),
         ("num_experts_per_tok", hc.get("num_experts_per_tok"), "moe.top_k", cfg.moe.top_k),
         ("tie_word_embeddings", hc.get("tie_word_embeddings", False), "model.tie_embeddings", m.tie_embeddings),

@@ -96,7 +96,7 @@ def read_hardware(value: str) -> Hardware:
 def _dense_flops_per_token(cfg: Config, dense_params: int) -> float:
     """Forward + backward FLOPs per token outside the experts: 6 per parameter, plus attention's
     6 x 2 x layers x context x d_model for the Transformer."""
-    attention = 12.0 * cfg.model.n_layers * cfg.data.seq_len * cfg.model.d_model if cfg.backbone == "transformer" else 0.0
+    attention = 12.0 * cfg.model.n_layers * cfg.data.seq_len * cfg.model.d_model if cfg.model.backbone == "transformer" else 0.0
     return 6.0 * dense_params + attention
 
 

@@ -216,8 +216,8 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
         sampler=data.StreamSampler(len(train_blocks), tr.batch_size) if tr.lstm_stateful
         else data.BatchSampler(len(train_blocks), tr.batch_size, tr.seed),
         val_blocks=val_blocks,
-        val_batches=data.stream_batches(val_blocks, cfg.micro_batch_size, tr.eval_batches) if tr.lstm_stateful
-        else eval_chunks(data.eval_batches(val_blocks, cfg.micro_batch_size, tr.eval_batches), micro),
+        val_batches=data.stream_batches(val_blocks, cfg.train.micro_batch, tr.eval_batches) if tr.lstm_stateful
+        else eval_chunks(data.eval_batches(val_blocks, cfg.train.micro_batch, tr.eval_batches), micro),
         data_keys={"train": corpus.train.key, "validation": corpus.validation.key},
         micro=micro, accum=accum, slots=slots,
         bias_routers=[(i, layer.router) for i, layer in enumerate(moe_layers(model)) if layer.router.balances_with_bias],

@@ -62,12 +62,12 @@ def initialize(model: nn.Module, cfg: Config) -> str:
         return f"initialised from the Mixtral model in {path}"
     ckpt, run_dir = checkpoint.resolve(path)
     source_cfg = config.load(run_dir / "config.yaml", saved=True)
-    if source_cfg.backbone != cfg.backbone:
+    if source_cfg.model.backbone != cfg.model.backbone:
         raise ConfigError(
             f"train.init_from={str(path)!r} is a {source_cfg.model.arch} model and this run a {cfg.model.arch}: "
             "the backbones must match"
         )
-    if cfg.is_moe and not source_cfg.is_moe:
+    if cfg.model.is_moe and not source_cfg.model.is_moe:
         return upcycle(model, cfg, source_cfg, ckpt)
     checkpoint.load_model(ckpt, model)
     return f"initialised from {ckpt}"
@@ -112,10 +112,10 @@ def upcycle(model: nn.Module, cfg: Config, dense_cfg: Config, ckpt: Path) -> str
     """Sparse upcycling: see the module docstring."""
     if cfg.moe.shared_experts:
         raise ConfigError("train.init_from: upcycling a dense model into one with moe.shared_experts is not supported")
-    if cfg.expert_hidden != dense_cfg.model.ffn_hidden or cfg.model.activation != dense_cfg.model.activation:
+    if cfg.moe.expert_hidden != dense_cfg.model.ffn_hidden or cfg.model.activation != dense_cfg.model.activation:
         raise ConfigError(
             f"train.init_from: upcycling copies the dense FFN into every expert, so moe.expert_hidden "
-            f"({cfg.expert_hidden}) and model.activation ({cfg.model.activation}) must equal the dense model's "
+            f"({cfg.moe.expert_hidden}) and model.activation ({cfg.model.activation}) must equal the dense model's "
             f"model.ffn_hidden ({dense_cfg.model.ffn_hidden}) and model.activation ({dense_cfg.model.activation})"
         )
     vocab = model.embed.weight.shape[0]

@@ -78,8 +78,8 @@ def test_each_quickstart_has_a_dense_twin_of_equal_active_ffn_compute():
 
     for moe_file, dense_file in PAIRS.values():
         moe, dense = config.load(ROOT / moe_file), config.load(ROOT / dense_file)
-        assert moe.is_moe and not dense.is_moe and moe.backbone == dense.backbone
-        assert dense.model.ffn_hidden == moe.moe.top_k * moe.expert_hidden
+        assert moe.model.is_moe and not dense.model.is_moe and moe.model.backbone == dense.model.backbone
+        assert dense.model.ffn_hidden == moe.moe.top_k * moe.moe.expert_hidden
         changed = set(config.changed(moe, dense))
         assert changed <= {"model.arch", "model.ffn_hidden", "run.name"} | {k for k in changed if k.startswith("moe.")}, changed
 

@@ -240,7 +240,7 @@ def test_cross_field_checks_that_pass():
     # top_k > num_experts is fine for a dense model (no router); odd head dims are fine for an LSTM.
     assert config.from_dict({"model": {"arch": "transformer_dense"}, "moe": {"num_experts": 1, "top_k": 2}}).moe.top_k == 2
     assert config.from_dict({"model": {"arch": "lstm_moe", "d_model": 30, "n_heads": 4}}).model.d_model == 30
-    assert config.from_dict({"train": {"batch_size": 12, "micro_batch_size": 4}}).micro_batch_size == 4
+    assert config.from_dict({"train": {"batch_size": 12, "micro_batch_size": 4}}).train.micro_batch == 4
 
 
 def test_from_dict_source_label():

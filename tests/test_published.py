@@ -320,7 +320,7 @@ def test_a_run_saved_before_these_rules_is_read_as_the_model_it_trained(tmp_path
     path.write_text(__import__("yaml").safe_dump(raw))
     assert config.load(path).model.lstm_sigmoid  # as a new config: today's defaults
     read = config.load(path, saved=True)
-    assert read.model.lstm_sigmoid is False and len(read.moe_slots) == 2
+    assert read.model.lstm_sigmoid is False and len(read.moe.slots(read.model)) == 2
     assert read.moe.aux_loss_coef == pytest.approx(0.01) and read.moe.z_loss_coef == pytest.approx(0.0005)
     torch.manual_seed(0)
     model = build_model(read, 50)

@@ -285,8 +285,8 @@ def test_eval_scores_response_tokens_only(tuned):
     blocks = sft.blocks(corpus.validation, loaded_cfg, corpus.eot_id)
     from moectl.data import eval_batches
 
-    scored = sum(int((blocks.batch(ids)[1] != sft.IGNORE).sum()) for ids in eval_batches(blocks, loaded_cfg.micro_batch_size, 4))
-    assert rep["tokens"] == scored < sum(len(ids) for ids in eval_batches(blocks, loaded_cfg.micro_batch_size, 4)) * 48
+    scored = sum(int((blocks.batch(ids)[1] != sft.IGNORE).sum()) for ids in eval_batches(blocks, loaded_cfg.train.micro_batch, 4))
+    assert rep["tokens"] == scored < sum(len(ids) for ids in eval_batches(blocks, loaded_cfg.train.micro_batch, 4)) * 48
     assert rep["loss"] == pytest.approx(tuned["result"].best_eval_loss, rel=1e-5)
 
 

@@ -41,7 +41,7 @@ def build_moe_layer(cfg: Config, impl: str = "sorted") -> MoELayer:
         m.d_model,
         moe.num_experts,
         moe.top_k,
-        cfg.expert_hidden,
+        cfg.moe.expert_hidden,
         m.activation,
         capacity_factor=moe.capacity_factor,
         init_std=m.init_std,
@@ -49,10 +49,10 @@ def build_moe_layer(cfg: Config, impl: str = "sorted") -> MoELayer:
         eval_capacity_factor="train" if eval_cf is None else None if eval_cf == "dropless" else eval_cf,
         min_capacity=moe.min_capacity,
         drop_policy=moe.drop_policy,
-        shared_hidden=moe.shared_experts * (moe.shared_expert_hidden or cfg.expert_hidden),
+        shared_hidden=moe.shared_experts * (moe.shared_expert_hidden or cfg.moe.expert_hidden),
         shared_gate=moe.shared_expert_gate,
         expert_dropout=moe.expert_dropout,
-        routed_scale=cfg.routed_scale,
+        routed_scale=cfg.moe.routed_scale,
         impl=impl,
     )
 
@@ -61,7 +61,7 @@ def build_model(cfg: Config, vocab_size: int) -> LanguageModel:
     m, moe = cfg.model, cfg.moe
 
     def make_ffn(slot: int) -> FFNSlot:
-        if slot in cfg.moe_slots:
+        if slot in cfg.moe.slots(cfg.model):
             return FFNSlot(build_moe_layer(cfg))
         return FFNSlot(FeedForward(m.d_model, m.ffn_hidden, m.activation, m.init_std))
 
@@ -72,20 +72,20 @@ def build_model(cfg: Config, vocab_size: int) -> LanguageModel:
         make_ffn=make_ffn,
         dropout=m.dropout,
         tie_embeddings=m.tie_embeddings,
-        loss_coefs=moe.loss_coefs if cfg.is_moe else {},
+        loss_coefs=moe.loss_coefs if cfg.model.is_moe else {},
         init_std=m.init_std,
         head_experts=m.head_experts if m.head == "mixture" else 0,
         objective=cfg.train.objective,
         balance_primary=moe.balance_primary,
     )
-    if cfg.backbone == "transformer":
+    if cfg.model.backbone == "transformer":
         return TransformerMoE(n_heads=m.n_heads, rope_theta=m.rope_theta, norm_eps=m.norm_eps, **common)
     return LSTMMoE(residual=m.lstm_residual, sigmoid=m.lstm_sigmoid, **common)
 
 
 def lookahead(cfg: Config, training: bool) -> list[str]:
     """Why this model's routing can see later tokens of a causal LM (none for causal routing)."""
-    if not cfg.is_moe:
+    if not cfg.model.is_moe:
         return []
     moe, found = cfg.moe, []
     if moe.router == "expert_choice":
