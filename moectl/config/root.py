@@ -1,0 +1,134 @@
+"""The root of the typed tree: `Config`, whose fields are the sections, and SECTIONS (each section's
+name -> its class). Config holds the rules that span sections, grouped by concern (MoE layers,
+expert parallelism, task, objective), the one order in which every check runs, the section rules
+included, and the paper defaults that fill null keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
+
+from .data import DataConfig, TokenizerConfig
+from .model import ModelConfig
+from .moe import LOSS_KEYS, PAPER_DROP_POLICY, PAPER_LOSSES, MoEConfig
+from .run import CheckpointConfig, LogConfig, RunConfig
+from .section import Section
+from .train import OptimConfig, TrainConfig
+
+
+class Config(Section):
+    """The whole config tree."""
+
+    run: RunConfig = Field(default_factory=RunConfig, description="Run name and directory.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The backbone.")
+    moe: MoEConfig = Field(default_factory=MoEConfig, description="The MoE layers.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training and validation text.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+    _trained: bool = PrivateAttr(False)  # read from a run's own config.yaml (see from_dict)
+    # what load() set because an override changed moe.router (dotted key -> value; null: the paper's)
+    _router_filled: dict = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self, info: ValidationInfo) -> "Config":
+        # One order for every check, the sections' own included: a config that breaks several rules
+        # is told the first, so reordering these changes what such a config reports. The sections'
+        # own rules are plain methods called from here, not validators on the sections, because
+        # those would run before this one and change which error such a config is told.
+        m, d, tr = self.model, self.data, self.train
+        trained = bool(info.context and info.context.get("trained"))  # a run's own saved config
+        m.check_depth()
+        self._check_moe_layers(trained)
+        d.check_validation_split()
+        self._check_expert_parallel()
+        self._check_task()
+        m.check_attention()
+        tr.check_micro_batch()
+        self.tokenizer.check_one_source()
+        d.check_source()
+        tr.check_device()
+        m.check_output_head()
+        self._check_objective()
+        return self
+
+    def _check_moe_layers(self, trained: bool) -> None:
+        """An MoE arch's router fits its paper, and moe.every leaves it at least one MoE layer."""
+        m, moe = self.model, self.moe
+        if m.is_moe:
+            moe.check_router(trained)
+        if m.is_moe and moe.every > m.num_ffn_slots:
+            raise ValueError(
+                f"moe.every={moe.every} leaves {m.arch} with no MoE layer: it has {m.num_ffn_slots} FFN slots "
+                f"(model.n_layers={m.n_layers}); lower moe.every, or use a *_dense arch for a dense model"
+            )
+
+    def _check_expert_parallel(self) -> None:
+        """Expert parallelism shards experts the model has, and what acts on its groups has groups."""
+        m, moe, tr = self.model, self.moe, self.train
+        if tr.expert_parallel > 1:
+            if not m.is_moe:
+                raise ValueError(f"train.expert_parallel={tr.expert_parallel} shards experts, but model.arch={m.arch} has none")
+            if moe.num_experts % tr.expert_parallel:
+                raise ValueError(
+                    f"train.expert_parallel={tr.expert_parallel} must divide moe.num_experts={moe.num_experts} "
+                    "(each process holds an equal share of every layer's experts)"
+                )
+        tr.check_needs_expert_parallel()
+        # After that check, so a shadow_experts count that gets here has expert_parallel > 1.
+        if isinstance(tr.shadow_experts, int) and not 1 <= tr.shadow_experts <= moe.num_experts:
+            raise ValueError(f"train.shadow_experts={tr.shadow_experts} must be in [1, moe.num_experts={moe.num_experts}]")
+        tr.check_hardware()
+
+    def _check_task(self) -> None:
+        """State carried from block to block needs an LSTM and whole-text blocks; sft scores responses only."""
+        m, d, tr = self.model, self.data, self.train
+        if tr.lstm_stateful and m.backbone != "lstm":
+            raise ValueError(f"train.lstm_stateful=true needs an LSTM (model.arch={m.arch} has no recurrent state)")
+        if d.task == "sft":
+            if tr.lstm_stateful:
+                raise ValueError("train.lstm_stateful=true carries state from one block to the next, but data.task=sft "
+                                 "examples are separate; set train.lstm_stateful=false")
+            if tr.objective != "likelihood":
+                raise ValueError(f"train.objective={tr.objective} (EM on a mixture head) scores every token; "
+                                 "data.task=sft scores responses only: use train.objective=likelihood")
+        d.check_sft_options()
+
+    def _check_objective(self) -> None:
+        if self.train.objective != "likelihood" and self.model.head != "mixture":
+            raise ValueError(
+                f"train.objective={self.train.objective} trains a mixture head by EM; set model.head=mixture"
+            )
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Config":
+        # Resolved here, so the config written to the run directory is explicit.
+        m, moe = self.model, self.moe
+        if m.activation is None:
+            m.activation = "swiglu" if m.arch.startswith("transformer") else "relu"
+        if moe.renormalize is None:
+            moe.renormalize = moe.top_k > 1
+        if moe.expert_hidden is None:
+            moe.expert_hidden = m.ffn_hidden
+        if moe.drop_policy is None:
+            moe.drop_policy = PAPER_DROP_POLICY.get(moe.router, "position")
+        paper = PAPER_LOSSES[moe.router] if m.is_moe else {}
+        for key in LOSS_KEYS:
+            if getattr(moe, key) is None:
+                setattr(moe, key, paper.get(key, 0.0))
+        return self
+
+    @property
+    def router_filled(self) -> dict[str, Any]:
+        """What load() set because an override changed moe.router (dotted key -> value set; null:
+        the new router's paper value); empty otherwise."""
+        return self._router_filled
+
+
+SECTIONS: dict[str, type[Section]] = {
+    name: field.annotation for name, field in Config.model_fields.items()  # type: ignore[misc]
+}
+
