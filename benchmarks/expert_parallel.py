@@ -71,7 +71,7 @@ def worker(rank: int, world: int, ep_size: int, variant: str, args: argparse.Nam
     from moectl import config, distributed, expert_parallel
     from moectl.models import build_model, moe_layers
     from moectl.runtime import Dist
-    from moectl.train import make_optimizer
+    from moectl.training.optim import make_optimizer
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world) if args.device == "cpu" else 1)
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
@@ -83,7 +83,7 @@ def worker(rank: int, world: int, ep_size: int, variant: str, args: argparse.Nam
     cfg = config.load(ROOT / args.config, DEFAULT_SET + args.set)
     vocab, seq = cfg.tokenizer.vocab_size, cfg.data.seq_len
     torch.manual_seed(0)
-    model = build_model(cfg, vocab)
+    model = build_model(cfg.model, cfg.moe, vocab)
     ep = expert_parallel.shard(model, ep_size, dp, shadow=1 if variant == "shadow1" else "off",
                                overlap=variant == "overlap")
     model = model.to(device)
@@ -310,7 +310,7 @@ def predicted_step_ms(args: argparse.Namespace, world: int, ep: int, variant: st
     share = min(1.0, (os.cpu_count() or 1) / world) if args.device == "cpu" else 1.0
     hw = dataclasses.replace(hw, devices_per_node=world, nodes=1, flops=hw.flops * share)
     with torch.device("meta"):
-        model = build_model(cfg, cfg.tokenizer.vocab_size)
+        model = build_model(cfg.model, cfg.moe, cfg.tokenizer.vocab_size)
     loads = [[1.0] * cfg.moe.num_experts for _ in range(len(plan.moe_layers(model)))]
     if variant == "shadow1":
         return None  # the plan predicts its own shadowing policy, not a forced one

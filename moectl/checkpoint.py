@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from moectl import __version__, config
-from moectl.config import Config
+from moectl.config import Config, RunConfig
 from moectl.errors import CheckpointError, ConfigError
 from moectl.fileio import staged_directory
 
@@ -209,8 +209,9 @@ def load_state(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ run directories
 
 
-def run_directory(cfg: Config) -> Path:
-    return Path(cfg.run.dir) / cfg.run.name
+def run_directory(run: RunConfig) -> Path:
+    """`<run.dir>/<run.name>`."""
+    return Path(run.dir) / run.name
 
 
 def _looks_like_a_run(run_dir: Path) -> bool:
@@ -230,7 +231,7 @@ def resume_conflicts(saved: Config, cfg: Config) -> list[str]:
 def finished(cfg: Config) -> Optional[str]:
     """For --resume: why there is nothing to train, when the run's latest checkpoint is at or past
     train.max_steps (said before any data is loaded), else None."""
-    run_dir = run_directory(cfg)
+    run_dir = run_directory(cfg.run)
     ckpt = latest(run_dir) if run_dir.is_dir() else None
     if ckpt is None or (step := read_meta(ckpt)["step"]) < cfg.train.max_steps:
         return None

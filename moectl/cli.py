@@ -173,7 +173,7 @@ def train(
             from moectl.distributed import launch
             from moectl.expert_parallel import check_layout
 
-            check_layout(cfg, nproc_per_node)
+            check_layout(cfg.train.expert_parallel, nproc_per_node)
 
             args = ["train", str(config_path), *(a for o in overrides or [] for a in ("--set", o))]
             args += ["--run-name", run_name] if run_name else []
@@ -388,7 +388,7 @@ def export(
         console.quiet_libraries()
         if fmt == "hf":
             path = exporting.export_hf(model, out, dtype, overwrite)
-            arch = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}[hf.architecture(model.cfg)]
+            arch = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}[hf.architecture(model.cfg.moe)]
             console.status(f"wrote {path}: a {arch} model ({dtype}) whose logits were checked against moectl's")
             typer.echo(f'AutoModelForCausalLM.from_pretrained("{path}"); AutoTokenizer.from_pretrained("{path}")')
             return

@@ -1,11 +1,14 @@
 """Rich output for people: the training progress bar, status lines, the end-of-run summary.
 
 Progress and status go to stderr, results to stdout. When stderr is not a terminal (a log
-file, CI), the bar is replaced by one plain line per logging window.
+file, CI), the bar is replaced by one plain line per logging window. StopOnInterrupt turns the
+first Ctrl-C into a request the training loop answers at the end of its step.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Optional
 
 from rich.console import Console
@@ -146,3 +149,26 @@ def train_summary(result) -> None:
     grid.add_row("next", "\n".join(nxt))
     title = "stopped early" if result.interrupted else "done"
     out.print(Panel(grid, title=f"moectl train: {title}", title_align="left", expand=False))
+
+
+class StopOnInterrupt:
+    """First Ctrl-C: finish the step, checkpoint, return. Second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        warn("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

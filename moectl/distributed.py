@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moectl import console, runtime
+from moectl.config import TrainConfig
 from moectl.errors import ConfigError, DistributedError, PeerFailed
 from moectl.runtime import Dist
 
@@ -210,3 +211,20 @@ def launch(nproc_per_node: int, module_args: list[str]) -> int:
         return 130  # Ctrl-C reached the ranks too: they finished the step and saved
     sys.stdout.flush()
     return 0
+
+
+def batch_layout(tr: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) for each of `world_size` processes: train.batch_size is
+    the global batch, split over processes, then into micro-batches of train.micro_batch_size."""
+    if tr.batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size={tr.batch_size} is the global batch and must be divisible by the {world_size} processes"
+        )
+    share = tr.batch_size // world_size
+    micro = tr.micro_batch_size or share
+    if share % micro:
+        raise ConfigError(
+            f"each of the {world_size} processes gets {share} sequences of train.batch_size={tr.batch_size}, "
+            f"not a multiple of train.micro_batch_size={micro}; change either"
+        )
+    return micro, share // micro

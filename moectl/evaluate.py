@@ -21,23 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moectl import console, data, distributed, runtime, sft
-from moectl import tokenizer as tokenizers_
+from moectl import console, data, distributed, runtime
+from moectl.data import IGNORE
+from moectl.data import tokenizer as tokenizers_
 from moectl.errors import ConfigError, DataError
 from moectl.loaded_model import LoadedModel
 from moectl.models import LanguageModel, moe_layers
 from moectl.runtime import Dist
-from moectl.sft import IGNORE
-from moectl.stats import COLUMNS, RoutingStats, accumulator_dtype
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), capped so a diverged loss reports a huge number instead of overflowing."""
-    return math.exp(min(loss, 50.0))
-
-
-def bits_per_byte(loss: float, tokens: int, num_bytes: float) -> float:
-    return loss * tokens / math.log(2) / num_bytes
+from moectl.stats import COLUMNS, RoutingStats, accumulator_dtype, bits_per_byte, perplexity
 
 
 @torch.no_grad()
@@ -149,17 +140,16 @@ class EvalResult:
 
 def split_batches(
     loaded: LoadedModel, split: str, max_batches: Optional[int], stateful: bool = False
-) -> tuple[data.Blocks, data.Split, list]:
+) -> tuple[data.Rows, data.Split, list]:
     """The split tokenised with the run's tokenizer (cached), in blocks of data.seq_len, and the
     batches eval and route-stats score: `max_batches` of them (default train.eval_batches, the
     ones training evaluates), spread over the split; `stateful`: as contiguous streams."""
     if split not in ("validation", "train"):
         raise DataError(f"--split {split!r}: choose validation or train")
     cfg = loaded.cfg
-    prepare = sft.prepare if cfg.data.task == "sft" else data.prepare
-    corpus = prepare(cfg, tokenizer_file=loaded.run_dir / "tokenizer.json", only="validation" if split == "validation" else "training")
+    corpus = data.prepare(cfg.data, cfg.tokenizer, tokenizer_file=loaded.run_dir / "tokenizer.json", only="validation" if split == "validation" else "training")
     tokens = corpus.validation if split == "validation" else corpus.train
-    blocks = sft.blocks(tokens, cfg, corpus.eot_id)
+    blocks = data.blocks(tokens, cfg.data, corpus.eot_id)
     batching = data.stream_batches if stateful else data.eval_batches
     return blocks, tokens, batching(blocks, cfg.train.micro_batch, max_batches or cfg.train.eval_batches)
 
@@ -170,7 +160,7 @@ def byte_lengths(loaded: LoadedModel, split: data.Split) -> tuple[np.ndarray, bo
     if exact is not None:
         return exact, True
     eot = loaded.tokenizer.token_to_id(loaded.cfg.tokenizer.eot_token)
-    tokens = split.tokens[split.mask] if isinstance(split, sft.Examples) else split.tokens  # what num_bytes measures
+    tokens = split.scored_tokens  # what num_bytes measures
     text_tokens = int((tokens != eot).sum()) if eot is not None else len(tokens)
     per_token = split.num_bytes / max(text_tokens, 1)
     table = np.full(loaded.tokenizer.get_vocab_size(), per_token)
@@ -182,9 +172,7 @@ def byte_lengths(loaded: LoadedModel, split: data.Split) -> tuple[np.ndarray, bo
 def context_protocol(cfg, stride: Optional[int], stateful: Optional[bool]) -> tuple[Optional[int], bool]:
     """(stride, stateful) for `moectl eval`, checked: stateful defaults to how the model trained."""
     stateful = cfg.train.lstm_stateful if stateful is None else stateful
-    if cfg.data.task == "sft" and (stride is not None or stateful):
-        raise ConfigError(f"{'--stride' if stride is not None else '--stateful'}: data.task=sft scores each example "
-                          "on its own; drop the option")
+    data.check_context(cfg.data, stride, stateful)
     if stateful and cfg.model.backbone != "lstm":
         raise ConfigError(f"--stateful: model.arch={cfg.model.arch} has no recurrent state to carry; drop --stateful")
     if stride is not None:
@@ -267,7 +255,7 @@ def run(
         split=split,
         batches=len(batches),
         tokens=n_tokens,
-        targets="response tokens" if cfg.data.task == "sft" else "every token",
+        targets=blocks.targets,
         bytes=int(round(n_bytes)),
         bytes_exact=exact,
         loss=loss,

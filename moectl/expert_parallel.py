@@ -44,16 +44,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moectl import perf_model
-from moectl.config import Config
 from moectl.errors import ConfigError
 from moectl.moe import MoELayer
 from moectl.moe.experts import GroupedExperts, ffn
 from moectl.runtime import Dist
 
 
-def check_layout(cfg: Config, world_size: int) -> None:
-    """Refuse an expert-parallel size this job cannot use, before any process group exists."""
-    n = cfg.train.expert_parallel
+def check_layout(n: int, world_size: int) -> None:
+    """Refuse an expert-parallel size `n` (train.expert_parallel) this job of `world_size` processes
+    cannot use, before any process group exists."""
     if n == 1:
         return
     if world_size == 1:

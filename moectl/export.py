@@ -30,9 +30,10 @@ from typing import Optional
 
 import torch
 
-from moectl import __version__, chat, checkpoint, config, hf
+from moectl import __version__, checkpoint, config, hf
+from moectl.data import chat
 from moectl.errors import CheckpointError, ConfigError, DataError, MoectlError
-from moectl.evaluate import perplexity
+from moectl.stats import perplexity
 from moectl.evaluate import run as evaluate_run
 from moectl.fileio import staged_directory
 from moectl.loaded_model import LoadedModel
@@ -164,7 +165,7 @@ def export_hf(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bo
     logits equal moectl's (to 1e-4, with the weights as stored)."""
     from safetensors.torch import save_file
 
-    reason = hf.refusal(loaded.cfg)
+    reason = hf.refusal(loaded.cfg.model, loaded.cfg.moe)
     if reason:
         raise ConfigError(f"cannot export to transformers: {reason}")
     transformers = _require_transformers()
@@ -172,11 +173,12 @@ def export_hf(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bo
     check_target(out, overwrite)
     eot = loaded.tokenizer.token_to_id(loaded.cfg.tokenizer.eot_token)
     with staged_directory(out) as tmp:
-        hf_config = hf.hf_config(loaded.cfg, loaded.tokenizer.get_vocab_size(), eot)
+        hf_config = hf.hf_config(loaded.cfg.model, loaded.cfg.moe, loaded.tokenizer.get_vocab_size(), eot,
+                                 seq_len=loaded.cfg.data.seq_len)
         setattr(hf_config, "dtype" if hasattr(hf_config, "dtype") else "torch_dtype", DTYPES[dtype])
         hf_config.save_pretrained(tmp)
         stored = _cast_copy(loaded, dtype)
-        tensors = hf.to_transformers(loaded.cfg, stored.state_dict())
+        tensors = hf.to_transformers(loaded.cfg.model, loaded.cfg.moe, stored.state_dict())
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         eot_token = loaded.cfg.tokenizer.eot_token if eot is not None else None

@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from moectl import chat, console
+from moectl import console
+from moectl.data import chat
 from moectl.errors import ConfigError
 from moectl.loaded_model import LoadedModel, check_layer
 

@@ -1,6 +1,7 @@
 """The mapping between moectl models and Hugging Face transformers' Mixtral and Qwen2-MoE: which
 configs have an exact equivalent, their transformers configs, and the state dicts both ways.
-Pure functions of configs and tensors: export.py writes the directory, warmstart.py reads one.
+Pure functions of the model and moe config sections, plain values and tensors: export.py writes
+the directory, warmstart.py reads one.
 
 Only a model that transformers computes exactly maps; `refusal` names the reason otherwise. A
 plain top-k MoE in every block becomes MixtralForCausalLM; a gated shared expert, top-k weights
@@ -29,21 +30,20 @@ from typing import Any, Optional
 
 import torch
 
-from moectl.config import Config
+from moectl.config import ModelConfig, MoEConfig
 
 Tensors = dict[str, torch.Tensor]
 # Per-expert tensor names: (moectl, Mixtral, Qwen2-MoE)
 EXPERT_NAMES = (("w_gate", "w1", "gate_proj"), ("w_down", "w2", "down_proj"), ("w_up", "w3", "up_proj"))
 
 
-def refusal(cfg: Config) -> Optional[str]:
+def refusal(model: ModelConfig, moe: MoEConfig) -> Optional[str]:
     """Why transformers cannot compute this model exactly (None when it can)."""
-    m, moe = cfg.model, cfg.moe
-    if m.arch != "transformer_moe":
-        return f"model.arch={m.arch}: only transformer_moe has a transformers equivalent; use --format safetensors"
-    if m.head != "linear":
-        return (f"model.head={m.head}: Mixtral and Qwen2-MoE end in one linear softmax, not a mixture of softmax experts; "
-                "use --format safetensors")
+    if model.arch != "transformer_moe":
+        return f"model.arch={model.arch}: only transformer_moe has a transformers equivalent; use --format safetensors"
+    if model.head != "linear":
+        return (f"model.head={model.head}: Mixtral and Qwen2-MoE end in one linear softmax, not a mixture of softmax "
+                "experts; use --format safetensors")
     if moe.router not in ("topk", "noisy_topk"):
         return (f"moe.router={moe.router}: Mixtral and Qwen2-MoE route by softmax top-k; only topk and noisy_topk "
                 "(whose evaluation routing is exactly that) export")
@@ -55,63 +55,63 @@ def refusal(cfg: Config) -> Optional[str]:
     if moe.shared_experts and not moe.shared_expert_gate:
         return (f"moe.shared_experts={moe.shared_experts} without moe.shared_expert_gate: Qwen2-MoE, the transformers "
                 "architecture with a shared expert, always scales it by a sigmoid gate")
-    if m.activation != "swiglu":
-        return f"model.activation={m.activation}: Mixtral's and Qwen2-MoE's experts are SwiGLU"
+    if model.activation != "swiglu":
+        return f"model.activation={model.activation}: Mixtral's and Qwen2-MoE's experts are SwiGLU"
     return None
 
 
-def _renormalized(cfg: Config) -> bool:
-    return cfg.moe.router == "noisy_topk" or cfg.moe.renormalize
+def _renormalized(moe: MoEConfig) -> bool:
+    return moe.router == "noisy_topk" or moe.renormalize
 
 
-def routed_scale(cfg: Config) -> float:
+def routed_scale(moe: MoEConfig) -> float:
     """moe.routed_scaling as the number the MoE layers multiply by (`top_k`: K)."""
-    return cfg.moe.top_k if cfg.moe.routed_scale is None else cfg.moe.routed_scale
+    return moe.top_k if moe.routed_scale is None else moe.routed_scale
 
 
-def architecture(cfg: Config) -> str:
+def architecture(moe: MoEConfig) -> str:
     """`mixtral`, or `qwen2_moe` for what only it has: a gated shared expert, top-k weights that are
     not renormalised (its norm_topk_prob switch), or dense FFN blocks between MoE blocks (its
     decoder_sparse_step, which counts blocks as moe.every does)."""
-    return "qwen2_moe" if cfg.moe.shared_experts or not _renormalized(cfg) or cfg.moe.every != 1 else "mixtral"
+    return "qwen2_moe" if moe.shared_experts or not _renormalized(moe) or moe.every != 1 else "mixtral"
 
 
-def _shared_hidden(cfg: Config) -> int:
-    return cfg.moe.shared_experts * (cfg.moe.shared_expert_hidden or cfg.moe.expert_hidden)
+def _shared_hidden(moe: MoEConfig) -> int:
+    return moe.shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
 
 
-def hf_config(cfg: Config, vocab_size: int, eot: Optional[int]):
-    """The transformers config of the model (MixtralConfig or Qwen2MoeConfig)."""
+def hf_config(model: ModelConfig, moe: MoEConfig, vocab_size: int, eot: Optional[int], seq_len: int):
+    """The transformers config of the model (MixtralConfig or Qwen2MoeConfig); `seq_len` (data.seq_len)
+    becomes its max_position_embeddings."""
     import inspect
 
     from transformers import MixtralConfig, Qwen2MoeConfig
 
-    m, moe = cfg.model, cfg.moe
     common = dict(
         vocab_size=vocab_size,
-        hidden_size=m.d_model,
-        num_hidden_layers=m.n_layers,
-        num_attention_heads=m.n_heads,
-        num_key_value_heads=m.n_heads,
+        hidden_size=model.d_model,
+        num_hidden_layers=model.n_layers,
+        num_attention_heads=model.n_heads,
+        num_key_value_heads=model.n_heads,
         hidden_act="silu",
-        max_position_embeddings=cfg.data.seq_len,
-        rms_norm_eps=m.norm_eps,
-        tie_word_embeddings=m.tie_embeddings,
+        max_position_embeddings=seq_len,
+        rms_norm_eps=model.norm_eps,
+        tie_word_embeddings=model.tie_embeddings,
         num_experts_per_tok=moe.top_k,
         attention_dropout=0.0,
         bos_token_id=None,
         eos_token_id=eot,
         pad_token_id=eot,
     )
-    if architecture(cfg) == "qwen2_moe":
+    if architecture(moe) == "qwen2_moe":
         klass = Qwen2MoeConfig
         kwargs = dict(
             common,
-            intermediate_size=m.ffn_hidden,  # the dense blocks' FFN
-            moe_intermediate_size=cfg.moe.expert_hidden,
-            shared_expert_intermediate_size=_shared_hidden(cfg) or 1,  # no shared experts: one zero expert
+            intermediate_size=model.ffn_hidden,  # the dense blocks' FFN
+            moe_intermediate_size=moe.expert_hidden,
+            shared_expert_intermediate_size=_shared_hidden(moe) or 1,  # no shared experts: one zero expert
             num_experts=moe.num_experts,
-            norm_topk_prob=_renormalized(cfg),
+            norm_topk_prob=_renormalized(moe),
             decoder_sparse_step=moe.every,
             mlp_only_layers=[],
             qkv_bias=False,
@@ -122,64 +122,64 @@ def hf_config(cfg: Config, vocab_size: int, eot: Optional[int]):
         klass = MixtralConfig
         kwargs = dict(
             common,
-            intermediate_size=cfg.moe.expert_hidden,
-            head_dim=m.d_model // m.n_heads,
+            intermediate_size=moe.expert_hidden,
+            head_dim=model.d_model // model.n_heads,
             num_local_experts=moe.num_experts,
             router_jitter_noise=0.0,
             sliding_window=None,
             architectures=["MixtralForCausalLM"],
         )
     if "rope_parameters" in inspect.signature(klass.__init__).parameters:
-        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": m.rope_theta}
+        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": model.rope_theta}
     else:  # transformers 4.x
-        kwargs["rope_theta"] = m.rope_theta
+        kwargs["rope_theta"] = model.rope_theta
     return klass(**kwargs)
 
 
 # ---------------------------------------------------------------------- moectl -> transformers
 
 
-def to_transformers(cfg: Config, sd: Tensors) -> Tensors:
+def to_transformers(model: ModelConfig, moe: MoEConfig, sd: Tensors) -> Tensors:
     """moectl's weights under the architecture's names, in its per-expert layout (views of `sd`)."""
-    out = _outside_ffn(cfg, sd)
-    qwen = architecture(cfg) == "qwen2_moe"
+    out = _outside_ffn(model, sd)
+    qwen = architecture(moe) == "qwen2_moe"
     column = 2 if qwen else 1
-    scale = routed_scale(cfg)
-    for i in range(cfg.model.n_layers):
-        moe = f"blocks.{i}.ffn.inner."
+    scale = routed_scale(moe)
+    for i in range(model.n_layers):
+        src = f"blocks.{i}.ffn.inner."
         dst = f"model.layers.{i}.mlp." if qwen else f"model.layers.{i}.block_sparse_moe."
-        if moe + "router.weight" not in sd:  # a dense block: Qwen2MoeMLP
+        if src + "router.weight" not in sd:  # a dense block: Qwen2MoeMLP
             for names in EXPERT_NAMES:
-                out[f"{dst}{names[2]}.weight"] = sd[moe + names[0]].t()
+                out[f"{dst}{names[2]}.weight"] = sd[src + names[0]].t()
             continue
-        out[dst + "gate.weight"] = sd[moe + "router.weight"]
+        out[dst + "gate.weight"] = sd[src + "router.weight"]
         for names in EXPERT_NAMES:
-            stacked = sd[f"{moe}experts.{names[0]}"]  # (E, in, out) -> E of (out, in)
+            stacked = sd[f"{src}experts.{names[0]}"]  # (E, in, out) -> E of (out, in)
             if names[0] == "w_down" and scale != 1.0:  # the routed scaling folds into each expert's last matrix
                 stacked = stacked * scale
             for e in range(stacked.shape[0]):
                 out[f"{dst}experts.{e}.{names[column]}.weight"] = stacked[e].t()
         if qwen:
-            _shared_expert(cfg, sd, moe, dst, out)
+            _shared_expert(model, moe, sd, src, dst, out)
     return out
 
 
-def _shared_expert(cfg: Config, sd: Tensors, moe: str, dst: str, out: Tensors) -> None:
+def _shared_expert(model: ModelConfig, moe: MoEConfig, sd: Tensors, src: str, dst: str, out: Tensors) -> None:
     """Qwen2-MoE's gated shared expert; a model without one gets a zero expert, which adds 0."""
-    d, width, dtype = cfg.model.d_model, _shared_hidden(cfg), sd[moe + "router.weight"].dtype
+    d, width, dtype = model.d_model, _shared_hidden(moe), sd[src + "router.weight"].dtype
     for ours, _, theirs in EXPERT_NAMES:
         zero = torch.zeros((1, d) if ours != "w_down" else (d, 1), dtype=dtype)
-        out[f"{dst}shared_expert.{theirs}.weight"] = sd[f"{moe}shared.{ours}"].t() if width else zero
-    gate = sd.get(moe + "shared_gate.weight")
+        out[f"{dst}shared_expert.{theirs}.weight"] = sd[f"{src}shared.{ours}"].t() if width else zero
+    gate = sd.get(src + "shared_gate.weight")
     out[dst + "shared_expert_gate.weight"] = gate if gate is not None else torch.zeros(1, d, dtype=dtype)
 
 
-def _outside_ffn(cfg: Config, sd: Tensors) -> Tensors:
+def _outside_ffn(model: ModelConfig, sd: Tensors) -> Tensors:
     """Embeddings, norms and attention: the same names in Mixtral and Qwen2-MoE."""
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
-    if not cfg.model.tie_embeddings:
+    if not model.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.model.n_layers):
+    for i in range(model.n_layers):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         out[dst + "input_layernorm.weight"] = sd[src + "attn_norm.weight"]
         out[dst + "post_attention_layernorm.weight"] = sd[src + "ffn_norm.weight"]
@@ -191,50 +191,51 @@ def _outside_ffn(cfg: Config, sd: Tensors) -> Tensors:
 # ------------------------------------------------------------------------- Mixtral -> moectl
 
 
-def mixtral_mismatch(hc: dict[str, Any], cfg: Config) -> Optional[str]:
-    """The first way a Mixtral config.json (as a dict) differs from the model `cfg` builds, or why
-    `cfg` is not a Mixtral model at all; None when they are the same model."""
+def mixtral_mismatch(hc: dict[str, Any], model: ModelConfig, moe: MoEConfig) -> Optional[str]:
+    """The first way a Mixtral config.json (as a dict) differs from the model the `model` and `moe`
+    sections build, or why they do not describe a Mixtral model at all; None when they are the same model."""
     rope = (hc.get("rope_parameters") or {}).get("rope_theta", hc.get("rope_theta", 10000.0))
-    m = cfg.model
     pairs = [
-        ("hidden_size", hc.get("hidden_size"), "model.d_model", m.d_model),
-        ("num_hidden_layers", hc.get("num_hidden_layers"), "model.n_layers", m.n_layers),
-        ("num_attention_heads", hc.get("num_attention_heads"), "model.n_heads", m.n_heads),
-        ("num_key_value_heads", hc.get("num_key_value_heads"), "model.n_heads (moectl has no grouped-query attention)", m.n_heads),
-        ("intermediate_size", hc.get("intermediate_size"), "moe.expert_hidden", cfg.moe.expert_hidden),
-        ("num_local_experts", hc.get("num_local_experts"), "moe.num_experts", cfg.moe.num_experts),
-        ("num_experts_per_tok", hc.get("num_experts_per_tok"), "moe.top_k", cfg.moe.top_k),
-        ("tie_word_embeddings", hc.get("tie_word_embeddings", False), "model.tie_embeddings", m.tie_embeddings),
-        ("rms_norm_eps", hc.get("rms_norm_eps"), "model.norm_eps", m.norm_eps),
-        ("rope theta", rope, "model.rope_theta", m.rope_theta),
-        ("routed output scale", 1.0, "moe.routed_scaling", routed_scale(cfg)),
+        ("hidden_size", hc.get("hidden_size"), "model.d_model", model.d_model),
+        ("num_hidden_layers", hc.get("num_hidden_layers"), "model.n_layers", model.n_layers),
+        ("num_attention_heads", hc.get("num_attention_heads"), "model.n_heads", model.n_heads),
+        ("num_key_value_heads", hc.get("num_key_value_heads"), "model.n_heads (moectl has no grouped-query attention)",
+         model.n_heads),
+        ("intermediate_size", hc.get("intermediate_size"), "moe.expert_hidden", moe.expert_hidden),
+        ("num_local_experts", hc.get("num_local_experts"), "moe.num_experts", moe.num_experts),
+        ("num_experts_per_tok", hc.get("num_experts_per_tok"), "moe.top_k", moe.top_k),
+        ("tie_word_embeddings", hc.get("tie_word_embeddings", False), "model.tie_embeddings", model.tie_embeddings),
+        ("rms_norm_eps", hc.get("rms_norm_eps"), "model.norm_eps", model.norm_eps),
+        ("rope theta", rope, "model.rope_theta", model.rope_theta),
+        ("routed output scale", 1.0, "moe.routed_scaling", routed_scale(moe)),
     ]
     for theirs_name, theirs, ours_name, ours in pairs:
         if theirs != ours:
             return f"its {theirs_name} is {theirs} but {ours_name} is {ours}; set the model and moe sections to match it"
-    reason = refusal(cfg) or (None if architecture(cfg) == "mixtral" else
-                              "it has shared experts, dense blocks or unrenormalised top-k weights, which Mixtral has not")
+    reason = refusal(model, moe) or (
+        None if architecture(moe) == "mixtral" else
+        "it has shared experts, dense blocks or unrenormalised top-k weights, which Mixtral has not")
     if reason:
         return f"it is a Mixtral model, but this config is not: {reason}"
-    if hc.get("head_dim") not in (None, m.d_model // m.n_heads):
+    if hc.get("head_dim") not in (None, model.d_model // model.n_heads):
         return f"its head_dim {hc['head_dim']} != model.d_model / model.n_heads"
     return None
 
 
-def from_mixtral(hf_sd: Tensors, cfg: Config) -> Tensors:
+def from_mixtral(hf_sd: Tensors, model: ModelConfig, moe: MoEConfig) -> Tensors:
     """Mixtral's per-expert tensors under moectl's names, stacked per layer (fp32)."""
     get = lambda k: hf_sd[k].float()  # noqa: E731
     out = {"embed.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
     out["lm_head.weight"] = get("lm_head.weight") if "lm_head.weight" in hf_sd else out["embed.weight"]
-    for i in range(cfg.model.n_layers):
+    for i in range(model.n_layers):
         src, dst = f"model.layers.{i}.", f"blocks.{i}."
         out[dst + "attn_norm.weight"] = get(src + "input_layernorm.weight")
         out[dst + "ffn_norm.weight"] = get(src + "post_attention_layernorm.weight")
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             out[f"{dst}attn.{proj}.weight"] = get(f"{src}self_attn.{proj}.weight")
-        moe = src + "block_sparse_moe."
-        out[dst + "ffn.inner.router.weight"] = get(moe + "gate.weight")
+        sparse = src + "block_sparse_moe."
+        out[dst + "ffn.inner.router.weight"] = get(sparse + "gate.weight")
         for ours, theirs, _ in EXPERT_NAMES:
-            experts = [get(f"{moe}experts.{e}.{theirs}.weight").t() for e in range(cfg.moe.num_experts)]
+            experts = [get(f"{sparse}experts.{e}.{theirs}.weight").t() for e in range(moe.num_experts)]
             out[f"{dst}ffn.inner.experts.{ours}"] = torch.stack(experts)  # (E, in, out)
     return out

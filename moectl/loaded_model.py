@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer
 
 from moectl import checkpoint, config, console, runtime
-from moectl import tokenizer as tokenizers_
+from moectl.data import tokenizer as tokenizers_
 from moectl.config import Config
 from moectl.errors import CheckpointError, ConfigError
 from moectl.models import LanguageModel, build_model, lookahead, moe_slots, routed_experts
@@ -49,7 +49,7 @@ class LoadedModel:
 
     def warn_about_lookahead(self) -> None:
         """Say so when this model's routing sees later tokens (train says it too)."""
-        for warning in lookahead(self.cfg, training=False):
+        for warning in lookahead(self.cfg.model, self.cfg.moe, training=False):
             console.warn(warning)
 
 
@@ -77,7 +77,7 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> LoadedModel:
             f"{tok_file} has {tok.get_vocab_size()} tokens but the checkpoint's embedding has {rows[0]} rows: "
             "the tokenizer does not belong to this checkpoint; restore the run's own tokenizer.json"
         )
-    model = build_model(cfg, tok.get_vocab_size())
+    model = build_model(cfg.model, cfg.moe, tok.get_vocab_size(), cfg.train.objective)
     checkpoint.load_model(ckpt, model)
     dev = runtime.pick_device(cfg.train.device)
     model.to(dev).eval()

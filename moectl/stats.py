@@ -1,4 +1,5 @@
-"""Routing statistics, computed in one place from routing records (moe/record.py).
+"""Statistics, each computed in one place: perplexity and bits per byte of a loss, and the routing
+statistics of routing records (moe/record.py).
 
 `COLUMNS` is the one list of per-layer statistics: TensorBoard's routing scalars, the progress
 bar's imbalance, `moectl eval`'s table, route-stats' report and the export model card all show
@@ -27,6 +28,15 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from moectl.moe import RoutingRecord
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged loss reports a huge number instead of overflowing."""
+    return math.exp(min(loss, 50.0))
+
+
+def bits_per_byte(loss: float, tokens: int, num_bytes: float) -> float:
+    return loss * tokens / math.log(2) / num_bytes
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,10 @@ class RoutingStats(Sums):
         self.experts = [experts] * num_layers if isinstance(experts, int) else list(experts)
         self.num_experts = max(self.experts, default=0)
         super().__init__(device)
+
+    def blank(self) -> "RoutingStats":
+        """A new, empty accumulator for the same layers."""
+        return RoutingStats(self.num_layers, self.experts, self.device)
 
     def reset(self) -> None:
         self.load = self.zeros(self.num_layers, self.num_experts)

@@ -26,49 +26,50 @@ import torch
 from torch import nn
 
 from moectl import checkpoint, config, hf
-from moectl.config import Config
+from moectl.config import ModelConfig, MoEConfig, TrainConfig
 from moectl.errors import ConfigError
 from moectl.models import build_model
 from moectl.models.layers import FFNSlot
 
 
-def _source(cfg: Config) -> Path:
-    path = Path(cfg.train.init_from)
+def _source(init_from: str) -> Path:
+    path = Path(init_from)
     if not path.exists():
-        raise ConfigError(f"train.init_from={cfg.train.init_from!r}: no such directory")
+        raise ConfigError(f"train.init_from={init_from!r}: no such directory")
     return path
 
 
-def source_tokenizer(cfg: Config) -> Optional[Path]:
-    """The tokenizer.json of `train.init_from` (None when there is no init_from)."""
-    if not cfg.train.init_from:
+def source_tokenizer(init_from: Optional[str]) -> Optional[Path]:
+    """The tokenizer.json of `init_from` (train.init_from; None when there is none)."""
+    if not init_from:
         return None
-    path = _source(cfg)
+    path = _source(init_from)
     tok = path / "tokenizer.json" if _mixtral_config(path) else checkpoint.resolve(path)[1] / "tokenizer.json"
     if not tok.is_file():
-        raise ConfigError(f"train.init_from={cfg.train.init_from!r}: {tok} is missing; the source's tokenizer is needed")
+        raise ConfigError(f"train.init_from={init_from!r}: {tok} is missing; the source's tokenizer is needed")
     return tok
 
 
-def initialize(model: nn.Module, cfg: Config) -> str:
-    """Load `train.init_from` into `model`; returns what was done, for the console."""
-    path = _source(cfg)
+def initialize(model: nn.Module, model_cfg: ModelConfig, moe: MoEConfig, train: TrainConfig) -> str:
+    """Load `train.init_from` into `model`, which the `model_cfg` and `moe` sections built; returns
+    what was done, for the console."""
+    path = _source(train.init_from)
     mixtral = _mixtral_config(path)
     if mixtral is not None:
-        mismatch = hf.mixtral_mismatch(mixtral, cfg)
+        mismatch = hf.mixtral_mismatch(mixtral, model_cfg, moe)
         if mismatch:
             raise ConfigError(f"train.init_from={str(path)!r}: {mismatch}")
-        _load_exactly(model, hf.from_mixtral(_load_safetensors(path), cfg), path)
+        _load_exactly(model, hf.from_mixtral(_load_safetensors(path), model_cfg, moe), path)
         return f"initialised from the Mixtral model in {path}"
     ckpt, run_dir = checkpoint.resolve(path)
     source_cfg = config.load(run_dir / "config.yaml", saved=True)
-    if source_cfg.model.backbone != cfg.model.backbone:
+    if source_cfg.model.backbone != model_cfg.backbone:
         raise ConfigError(
-            f"train.init_from={str(path)!r} is a {source_cfg.model.arch} model and this run a {cfg.model.arch}: "
+            f"train.init_from={str(path)!r} is a {source_cfg.model.arch} model and this run a {model_cfg.arch}: "
             "the backbones must match"
         )
-    if cfg.model.is_moe and not source_cfg.model.is_moe:
-        return upcycle(model, cfg, source_cfg, ckpt)
+    if model_cfg.is_moe and not source_cfg.model.is_moe:
+        return upcycle(model, model_cfg, moe, train, source_cfg.model, source_cfg.moe, ckpt)
     checkpoint.load_model(ckpt, model)
     return f"initialised from {ckpt}"
 
@@ -108,23 +109,25 @@ def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor], source: Path
 
 
 @torch.no_grad()
-def upcycle(model: nn.Module, cfg: Config, dense_cfg: Config, ckpt: Path) -> str:
-    """Sparse upcycling: see the module docstring."""
-    if cfg.moe.shared_experts:
+def upcycle(model: nn.Module, model_cfg: ModelConfig, moe: MoEConfig, train: TrainConfig,
+            dense_model: ModelConfig, dense_moe: MoEConfig, ckpt: Path) -> str:
+    """Sparse upcycling (see the module docstring) of the dense model at `ckpt`, which the
+    `dense_model` and `dense_moe` sections of its run's config build, into `model`."""
+    if moe.shared_experts:
         raise ConfigError("train.init_from: upcycling a dense model into one with moe.shared_experts is not supported")
-    if cfg.moe.expert_hidden != dense_cfg.model.ffn_hidden or cfg.model.activation != dense_cfg.model.activation:
+    if moe.expert_hidden != dense_model.ffn_hidden or model_cfg.activation != dense_model.activation:
         raise ConfigError(
             f"train.init_from: upcycling copies the dense FFN into every expert, so moe.expert_hidden "
-            f"({cfg.moe.expert_hidden}) and model.activation ({cfg.model.activation}) must equal the dense model's "
-            f"model.ffn_hidden ({dense_cfg.model.ffn_hidden}) and model.activation ({dense_cfg.model.activation})"
+            f"({moe.expert_hidden}) and model.activation ({model_cfg.activation}) must equal the dense model's "
+            f"model.ffn_hidden ({dense_model.ffn_hidden}) and model.activation ({dense_model.activation})"
         )
     vocab = model.embed.weight.shape[0]
-    dense = build_model(dense_cfg, vocab)
+    dense = build_model(dense_model, dense_moe, vocab)  # only its weights are used, so its train.objective is moot
     checkpoint.load_model(ckpt, dense)
     ffn_prefixes = tuple(name + "." for name, m in model.named_modules() if isinstance(m, FFNSlot))
     outside = {k: v for k, v in dense.state_dict().items() if not k.startswith(ffn_prefixes)}
     _load_exactly(model, outside, ckpt, skip=ffn_prefixes)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
+    gen = torch.Generator().manual_seed(train.seed)
     copied = 0
     ours = [m for m in model.modules() if isinstance(m, FFNSlot)]
     theirs = [m for m in dense.modules() if isinstance(m, FFNSlot)]
@@ -141,10 +144,10 @@ def upcycle(model: nn.Module, cfg: Config, dense_cfg: Config, ckpt: Path) -> str
             if name == "w_down":  # the layer multiplies the routed output by routed_scale: undo it
                 w = w / slot.inner.routed_scale
             target.copy_(w.unsqueeze(0).expand_as(target))
-            if cfg.train.upcycle_noise:
-                target.add_(torch.randn(target.shape, generator=gen).to(target.device) * cfg.train.upcycle_noise * w.std())
+            if train.upcycle_noise:
+                target.add_(torch.randn(target.shape, generator=gen).to(target.device) * train.upcycle_noise * w.std())
         copied += 1
-    return f"upcycled the dense model {ckpt} into {copied} MoE layers of {cfg.moe.num_experts} experts each"
+    return f"upcycled the dense model {ckpt} into {copied} MoE layers of {moe.num_experts} experts each"
 
 
 def parameter_kind(name: str) -> str:

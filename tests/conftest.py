@@ -82,6 +82,13 @@ def weights(ckpt: Path) -> dict:
     return load_file(str(ckpt / "model.safetensors"))
 
 
+def prepare_corpus(cfg, tokenizer_file=None, only=None):
+    """moectl.data.prepare with a whole config's data and tokenizer sections."""
+    from moectl import data
+
+    return data.prepare(cfg.data, cfg.tokenizer, tokenizer_file=tokenizer_file, only=only)
+
+
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

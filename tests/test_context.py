@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from conftest import tiny_config, weights, write_config
-from moectl import checkpoint, config, data, evaluate
+from moectl import checkpoint, config, data, errors, evaluate
 from moectl.cli import app
 from moectl.loaded_model import load
 from moectl.models import build_model
@@ -54,7 +54,7 @@ def test_stream_sampler_deals_contiguous_streams_and_restarts_them_each_pass():
     again = data.StreamSampler(14, 4)
     again.load_state_dict(sampler.state_dict())
     assert not again.fresh and again.next().tolist() == sampler.next().tolist() == [1, 4, 7, 10]
-    with pytest.raises(data.DataError, match="batch_size=8 streams"):
+    with pytest.raises(errors.DataError, match="batch_size=8 streams"):
         data.StreamSampler(7, 8)
 
 
@@ -76,7 +76,7 @@ def test_stream_batches_cover_consecutive_blocks():
 def test_carried_state_equals_one_long_sequence(tmp_path, arch):
     cfg = config.from_dict(tiny_config(tmp_path, arch=arch, model={"dropout": 0.0}, moe={"router": "topk"}))
     torch.manual_seed(0)
-    model = build_model(cfg, 50).eval()
+    model = build_model(cfg.model, cfg.moe, 50).eval()
     ids = torch.randint(0, 50, (3, 24))
     whole = model(ids).logits
     first = model(ids[:, :10])

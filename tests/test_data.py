@@ -18,8 +18,9 @@ from tokenizers import Tokenizer
 import torch
 from tokenizers import pre_tokenizers
 
-from conftest import module_texts
-from moectl import config, data, tokenizer
+from conftest import module_texts, prepare_corpus
+from moectl import config, data
+from moectl.data import lm, tokenizer
 from moectl.data import BatchSampler, Blocks, Split
 from moectl.errors import DataError
 
@@ -96,13 +97,13 @@ def test_text_documents_with_carved_validation(tmp_path):
         tmp_path,
         {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document", "validation_fraction": 0.2, "split_seed": 5},
     )
-    train, val = data.load_raw(cfg.data)
+    train, val = lm.load_raw(cfg.data)
     assert len(val) == 2 and len(train) == 8
     assert sorted(col(train, "text") + col(val, "text")) == sorted(CHUNKS[:10])
     # Both parts keep the files' order.
     order = {t: i for i, t in enumerate(CHUNKS[:10])}
     assert [order[t] for t in col(train, "text")] == sorted(order[t] for t in col(train, "text"))
-    corpus = data.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     check_split(corpus, corpus.train, col(train, "text"))
     check_split(corpus, corpus.validation, col(val, "text"))
     assert corpus.eot_id == corpus.tokenizer.token_to_id(EOT)
@@ -124,13 +125,13 @@ def test_text_lines_with_named_validation(tmp_path):
             "validation_split": "validation",
         },
     )
-    train, val = data.load_raw(cfg.data)
+    train, val = lm.load_raw(cfg.data)
     extra_lines = extra.split("\n")
     if extra_lines[-1] == "":
         extra_lines.pop()
     assert col(train, "text") == train_text.split("\n")[:-1] + extra_lines
     assert col(val, "text") == ["val one", "", "val two"]
-    corpus = data.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     check_split(corpus, corpus.train, col(train, "text"))
     check_split(corpus, corpus.validation, ["val one", "", "val two"])
     assert corpus.validation.num_docs == 2  # the blank line is not a document
@@ -155,7 +156,7 @@ def test_jsonl_named_validation_skips_empty_rows(tmp_path):
             "validation_split": "validation",
         },
     )
-    corpus = data.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     # The first non-empty document comes first: rows 0 and 1 are empty and skipped.
     check_split(corpus, corpus.train, [r["text"] for r in train_rows])
     check_split(corpus, corpus.validation, [r["text"] for r in val_rows])
@@ -167,10 +168,10 @@ def test_json_array_carved(tmp_path):
     path = tmp_path / "all.json"
     path.write_text(json.dumps(rows), encoding="utf-8")
     cfg = make_cfg(tmp_path, {"data_files": str(path), "text_column": "body", "validation_fraction": 0.25})
-    train, val = data.load_raw(cfg.data)
+    train, val = lm.load_raw(cfg.data)
     assert len(val) == 2
     assert sorted(col(train, "n") + col(val, "n")) == list(range(8))
-    corpus = data.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     check_split(corpus, corpus.train, col(train, "body"))
     check_split(corpus, corpus.validation, col(val, "body"))
 
@@ -193,7 +194,7 @@ def test_csv_named_validation(tmp_path):
             "validation_split": "validation",
         },
     )
-    corpus = data.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     check_split(corpus, corpus.train, docs)
     check_split(corpus, corpus.validation, CHUNKS[4:6])
 
@@ -204,12 +205,12 @@ def test_parquet_carved(tmp_path):
     path = tmp_path / "data.parquet"
     datasets.Dataset.from_dict({"text": CHUNKS[:12], "idx": list(range(12))}).to_parquet(str(path))
     cfg = make_cfg(tmp_path, {"data_files": str(path), "validation_fraction": 0.25, "split_seed": 1})
-    train, val = data.load_raw(cfg.data)
+    train, val = lm.load_raw(cfg.data)
     assert len(val) == 3 and len(train) == 9
     assert sorted(col(train, "idx") + col(val, "idx")) == list(range(12))
     assert col(train, "idx") == sorted(col(train, "idx")) and col(val, "idx") == sorted(col(val, "idx"))
     assert [CHUNKS[i] for i in col(val, "idx")] == col(val, "text")
-    corpus = data.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     check_split(corpus, corpus.train, col(train, "text"))
     check_split(corpus, corpus.validation, col(val, "text"))
 
@@ -217,10 +218,10 @@ def test_parquet_carved(tmp_path):
 def test_explicit_format_overrides_extension(tmp_path):
     path = write_jsonl(tmp_path / "rows.data", [{"text": t} for t in CHUNKS[:4]])
     cfg = make_cfg(tmp_path, {"data_files": str(path), "format": "json"})
-    train, val = data.load_raw(cfg.data)
+    train, val = lm.load_raw(cfg.data)
     assert sorted(col(train, "text") + col(val, "text")) == sorted(CHUNKS[:4])
     with pytest.raises(DataError, match=r"set data\.format to one of text, json, csv, parquet"):
-        data.load_raw(make_cfg(tmp_path, {"data_files": str(path)}).data)
+        lm.load_raw(make_cfg(tmp_path, {"data_files": str(path)}).data)
 
 
 # ------------------------------------------------------------------------------------- the carve
@@ -230,14 +231,14 @@ def test_carve_is_deterministic_disjoint_and_complete(tmp_path):
     rows = [{"text": f"document number {i}", "id": i} for i in range(40)]
     path = str(write_jsonl(tmp_path / "rows.jsonl", rows))
     cfg = lambda seed: make_cfg(tmp_path, {"data_files": path, "split_seed": seed, "validation_fraction": 0.1})  # noqa: E731
-    t1, v1 = data.load_raw(cfg(3).data)
-    t2, v2 = data.load_raw(cfg(3).data)
+    t1, v1 = lm.load_raw(cfg(3).data)
+    t2, v2 = lm.load_raw(cfg(3).data)
     assert col(v1, "id") == col(v2, "id") and col(t1, "id") == col(t2, "id")  # same seed, same carve
     assert len(v1) == 4 and len(t1) == 36
     assert set(col(t1, "id")).isdisjoint(col(v1, "id"))
     assert sorted(col(t1, "id") + col(v1, "id")) == list(range(40))
     assert col(t1, "id") == sorted(col(t1, "id")) and col(v1, "id") == sorted(col(v1, "id"))
-    _, v3 = data.load_raw(cfg(4).data)
+    _, v3 = lm.load_raw(cfg(4).data)
     assert col(v3, "id") != col(v1, "id")  # another seed, another carve
     # The carve has its own fingerprints, so caches keyed by them differ per part and seed.
     assert len({t1._fingerprint, v1._fingerprint, v3._fingerprint}) == 3
@@ -248,10 +249,10 @@ def test_carve_bounds():
     import datasets
 
     two = datasets.Dataset.from_dict({"text": ["a", "b"]})
-    train, val = data.carve(two, 0.05, 0)
+    train, val = lm.carve(two, 0.05, 0)
     assert len(train) == 1 and len(val) == 1  # at least one held out
     many = datasets.Dataset.from_dict({"text": [str(i) for i in range(10)]})
-    train, val = data.carve(many, 0.99, 0)
+    train, val = lm.carve(many, 0.99, 0)
     assert len(train) == 1 and len(val) == 9  # at least one kept for training
     assert sorted(col(train, "text") + col(val, "text")) == sorted(many["text"])
 
@@ -270,9 +271,9 @@ def test_disk_dataset_dict(tmp_path):
     )
     dd.save_to_disk(str(tmp_path / "dd"))
     cfg = make_cfg(tmp_path, {"source": "disk", "path": str(tmp_path / "dd"), "validation_split": "valid"})
-    train, val = data.load_raw(cfg.data)
+    train, val = lm.load_raw(cfg.data)
     assert col(train, "text") == ["", *CHUNKS[:6]] and col(val, "text") == CHUNKS[6:8]
-    corpus = data.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     check_split(corpus, corpus.train, ["", *CHUNKS[:6]])
     check_split(corpus, corpus.validation, CHUNKS[6:8])
 
@@ -282,25 +283,25 @@ def test_disk_single_dataset(tmp_path):
 
     datasets.Dataset.from_dict({"text": CHUNKS[:8], "i": list(range(8))}).save_to_disk(str(tmp_path / "one"))
     cfg = make_cfg(tmp_path, {"source": "disk", "path": str(tmp_path / "one"), "validation_fraction": 0.25})
-    train, val = data.load_raw(cfg.data)
+    train, val = lm.load_raw(cfg.data)
     assert len(val) == 2 and sorted(col(train, "i") + col(val, "i")) == list(range(8))
     # A single Dataset becomes the split named by data.train_split, whatever that is.
     cfg2 = make_cfg(tmp_path, {"source": "disk", "path": str(tmp_path / "one"), "train_split": "everything"})
-    train2, val2 = data.load_raw(cfg2.data)
+    train2, val2 = lm.load_raw(cfg2.data)
     assert sorted(col(train2, "i") + col(val2, "i")) == list(range(8))
-    corpus = data.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     check_split(corpus, corpus.train, col(train, "text"))
 
 
 def test_disk_errors(tmp_path):
     with pytest.raises(DataError) as info:
-        data.load_raw(make_cfg(tmp_path, {"source": "disk", "path": str(tmp_path / "missing")}).data)
+        lm.load_raw(make_cfg(tmp_path, {"source": "disk", "path": str(tmp_path / "missing")}).data)
     assert str(info.value) == (
         f"data.path={str(tmp_path / 'missing')!r}: no such directory; give a directory written by save_to_disk"
     )
     (tmp_path / "plain").mkdir()
     with pytest.raises(DataError, match=r"is not a save_to_disk directory"):
-        data.load_raw(make_cfg(tmp_path, {"source": "disk", "path": str(tmp_path / "plain")}).data)
+        lm.load_raw(make_cfg(tmp_path, {"source": "disk", "path": str(tmp_path / "plain")}).data)
 
 
 # ---------------------------------------------------------------------------------------- stdlib
@@ -309,7 +310,7 @@ def test_disk_errors(tmp_path):
 def test_stdlib_files():
     import sysconfig
 
-    files = data.stdlib_files()
+    files = lm.stdlib_files()
     assert len(files) > 100
     root = Path(sysconfig.get_paths()["stdlib"])
     rel = [f.relative_to(root) for f in files]
@@ -318,7 +319,7 @@ def test_stdlib_files():
         assert not set(r.parts[:-1]) & {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}, r
     names = {r.as_posix() for r in rel}
     assert {"json/decoder.py", "argparse.py", "random.py"} <= names
-    assert files == data.stdlib_files()  # stable order
+    assert files == lm.stdlib_files()  # stable order
     assert len(set(files)) == len(files)
 
 
@@ -327,8 +328,8 @@ def test_stdlib_source_loads_the_files(monkeypatch):
 
     root = Path(sysconfig.get_paths()["stdlib"])
     few = [root / "bisect.py", root / "json" / "decoder.py", root / "operator.py", root / "string.py"]
-    monkeypatch.setattr(data, "stdlib_files", lambda: few)
-    train, val = data.load_raw(config.from_dict({"data": {"validation_fraction": 0.25}}).data)
+    monkeypatch.setattr(lm, "stdlib_files", lambda: few)
+    train, val = lm.load_raw(config.from_dict({"data": {"validation_fraction": 0.25}}).data)
     assert len(val) == 1 and len(train) == 3
     got = dict(zip(col(train, "path") + col(val, "path"), col(train, "text") + col(val, "text")))
     assert got == {f.relative_to(root).as_posix(): f.read_text(encoding="utf-8") for f in few}
@@ -339,7 +340,7 @@ def test_stdlib_source_loads_the_files(monkeypatch):
 
 def test_bpe_is_byte_level_and_has_the_configured_vocab(tmp_path):
     corpus_dir = write_docs(tmp_path / "c", CHUNKS[:8])
-    corpus = data.prepare(make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}))
+    corpus = prepare_corpus(make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}))
     tok = corpus.tokenizer
     assert tok.get_vocab_size() == 300
     assert tok.token_to_id(EOT) == corpus.eot_id
@@ -366,7 +367,7 @@ def test_auto_vocab_size_follows_the_documented_rule(tmp_path):
     corpus_dir = write_docs(tmp_path / "c", CHUNKS[:8])
     cfg = make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}, vocab_size="auto")
     text_bytes = sum(len(t.encode()) for t in CHUNKS[:8])
-    corpus = data.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     # A trained BPE of the rule's size, or smaller when the text runs out of merges.
     assert 256 < corpus.tokenizer.get_vocab_size() <= rule(text_bytes)
     assert config.from_dict({"tokenizer": {"vocab_size": "auto"}}).tokenizer.vocab_size == "auto"
@@ -383,7 +384,7 @@ def test_literal_eot_string_in_a_document(tmp_path, num_proc):
         tmp_path,
         {"data_files": {"train": str(train), "validation": str(val)}, "validation_split": "validation", "num_proc": num_proc},
     )
-    corpus = data.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     # One end-of-text token per document, and every document decodes back to itself.
     assert int((corpus.train.tokens == corpus.eot_id).sum()) == corpus.train.num_docs == 3
     check_split(corpus, corpus.train, docs)
@@ -401,14 +402,14 @@ def test_tokenizer_path_loads_a_saved_tokenizer(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tokenizer, "train_bpe", boom)
     cfg = make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}, path=str(path))
-    corpus = data.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     assert corpus.tokenizer.get_vocab_size() == 290
     assert tokenizer.fingerprint(corpus.tokenizer) == tokenizer.fingerprint(tok)
     assert corpus.tokenizer_from_cache is False
     assert corpus.eot_id == tok.token_to_id(EOT)
-    check_split(corpus, corpus.train, col(data.load_raw(cfg.data)[0], "text"))
+    check_split(corpus, corpus.train, col(lm.load_raw(cfg.data)[0], "text"))
     # Resuming passes the run's own tokenizer file.
-    resumed = data.prepare(make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}), path)
+    resumed = prepare_corpus(make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}), path)
     assert resumed.tokenizer_from_cache is True
     assert np.array_equal(resumed.train.tokens, corpus.train.tokens)
 
@@ -418,14 +419,14 @@ def test_bad_tokenizer_path(tmp_path):
     files = {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}
     missing = tmp_path / "nope.json"
     with pytest.raises(DataError) as info:
-        data.prepare(make_cfg(tmp_path, files, path=str(missing)))
+        prepare_corpus(make_cfg(tmp_path, files, path=str(missing)))
     assert str(info.value) == (
         f"tokenizer.path={str(missing)!r}: no such file; give a tokenizer.json, or drop it to train one"
     )
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json")
     with pytest.raises(DataError, match=r"^tokenizer\.path=.*garbage\.json': not a valid tokenizer\.json \("):
-        data.prepare(make_cfg(tmp_path, files, path=str(garbage)))
+        prepare_corpus(make_cfg(tmp_path, files, path=str(garbage)))
 
 
 def test_eot_token_not_in_vocab(tmp_path):
@@ -437,10 +438,10 @@ def test_eot_token_not_in_vocab(tmp_path):
         tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}, path=str(path), eot_token="</s>"
     )
     with pytest.raises(DataError) as info:
-        data.prepare(cfg)
+        prepare_corpus(cfg)
     assert str(info.value).startswith("tokenizer.eot_token='</s>' is not in the tokenizer's vocabulary")
     # A trained tokenizer always carries the configured eot token.
-    corpus = data.prepare(make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}, eot_token="</s>"))
+    corpus = prepare_corpus(make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}, eot_token="</s>"))
     assert corpus.eot_id == corpus.tokenizer.token_to_id("</s>")
     assert corpus.tokenizer.token_to_id(EOT) is None
 
@@ -467,7 +468,7 @@ def test_max_train_chars_limits_the_bpe_text():
 def test_second_prepare_uses_the_caches(tmp_path, monkeypatch):
     corpus_dir = write_docs(tmp_path / "c", CHUNKS[:8])
     cfg = make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"})
-    first = data.prepare(cfg)
+    first = prepare_corpus(cfg)
     assert first.tokenizer_from_cache is False
     assert first.train.from_cache is False and first.validation.from_cache is False
     assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 1
@@ -477,8 +478,8 @@ def test_second_prepare_uses_the_caches(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(tokenizer, "train_bpe", boom)
-        m.setattr(data, "_tokenize_batch", boom)
-        second = data.prepare(cfg)
+        m.setattr(lm, "_tokenize_batch", boom)
+        second = prepare_corpus(cfg)
     assert second.tokenizer_from_cache is True
     assert second.train.from_cache is True and second.validation.from_cache is True
     assert np.array_equal(second.train.tokens, first.train.tokens)
@@ -487,7 +488,7 @@ def test_second_prepare_uses_the_caches(tmp_path, monkeypatch):
     assert tokenizer.fingerprint(second.tokenizer) == tokenizer.fingerprint(first.tokenizer)
 
     # Other tokenizer settings on the same data: a new tokenizer, so new tokens.
-    other = data.prepare(make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}, vocab_size=280))
+    other = prepare_corpus(make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}, vocab_size=280))
     assert other.tokenizer_from_cache is False and other.train.from_cache is False
     assert other.tokenizer.get_vocab_size() == 280
 
@@ -497,18 +498,18 @@ def test_second_prepare_uses_the_caches(tmp_path, monkeypatch):
     st = changed.stat()
     os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     calls = []
-    real = data._tokenize_batch
+    real = lm._tokenize_batch
 
     def counting(batch, *a, **k):
         calls.append(len(batch["text"]))
         return real(batch, *a, **k)
 
-    monkeypatch.setattr(data, "_tokenize_batch", counting)
-    third = data.prepare(cfg)
+    monkeypatch.setattr(lm, "_tokenize_batch", counting)
+    third = prepare_corpus(cfg)
     assert sum(calls) == 8
     assert third.train.from_cache is False and third.validation.from_cache is False
     assert third.tokenizer_from_cache is False
-    train, val = data.load_raw(cfg.data)
+    train, val = lm.load_raw(cfg.data)
     assert "a brand new first document\n" + CHUNKS[0] in col(train, "text") + col(val, "text")
     check_split(third, third.train, col(train, "text"))
 
@@ -546,7 +547,7 @@ def test_blocks_layout(n, L):
 def test_blocks_on_a_real_split(tmp_path):
     rows = [{"text": t} for t in CHUNKS[:6]]
     cfg = make_cfg(tmp_path, {"data_files": str(write_jsonl(tmp_path / "d.jsonl", rows)), "seq_len": 32})
-    corpus = data.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     blocks = Blocks(corpus.train, 32)
     assert len(blocks) == (len(corpus.train.tokens) - 1) // 32
     x, y = blocks.batch(np.array([0, 3]))
@@ -646,14 +647,14 @@ def test_eval_batches():
 def test_missing_text_column_lists_columns(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"content": t, "id": i} for i, t in enumerate(CHUNKS[:4])])
     with pytest.raises(DataError) as info:
-        data.prepare(make_cfg(tmp_path, {"data_files": str(path)}))
+        prepare_corpus(make_cfg(tmp_path, {"data_files": str(path)}))
     assert str(info.value) == "data.text_column='text' is not a column of the training split; its columns are: content, id"
 
 
 def test_non_text_column(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "id": i} for i, t in enumerate(CHUNKS[:4])])
     with pytest.raises(DataError) as info:
-        data.prepare(make_cfg(tmp_path, {"data_files": str(path), "text_column": "id"}))
+        prepare_corpus(make_cfg(tmp_path, {"data_files": str(path), "text_column": "id"}))
     msg = str(info.value)
     assert msg.startswith("data.text_column='id' holds ") and msg.endswith("not text; pick a text column")
     assert "int64" in msg
@@ -666,7 +667,7 @@ def test_split_where_every_row_is_empty(tmp_path):
         tmp_path, {"data_files": {"train": str(train), "validation": str(val)}, "validation_split": "validation"}
     )
     with pytest.raises(DataError) as info:
-        data.prepare(cfg)
+        prepare_corpus(cfg)
     assert str(info.value).startswith(f"{val}: column 'text' (data.text_column) has no text, every row is empty")
 
 
@@ -675,7 +676,7 @@ def test_data_files_matching_nothing(tmp_path):
     for pattern in (str(tmp_path / "empty" / "*.txt"), str(tmp_path / "nowhere" / "*.txt"), str(tmp_path / "x.txt")):
         t0 = time.monotonic()
         with pytest.raises(DataError) as info:
-            data.load_raw(make_cfg(tmp_path, {"data_files": pattern}).data)
+            lm.load_raw(make_cfg(tmp_path, {"data_files": pattern}).data)
         assert "matches no files" in str(info.value), str(info.value)
         assert pattern in str(info.value)
         assert time.monotonic() - t0 < 5
@@ -686,10 +687,10 @@ def test_unknown_split_names(tmp_path):
     val = write_jsonl(tmp_path / "v.jsonl", [{"text": CHUNKS[2]}])
     files = {"train": str(train), "validation": str(val)}
     with pytest.raises(DataError) as info:
-        data.load_raw(make_cfg(tmp_path, {"data_files": files, "train_split": "trian"}).data)
+        lm.load_raw(make_cfg(tmp_path, {"data_files": files, "train_split": "trian"}).data)
     assert str(info.value) == "data.train_split='trian' is not in the dataset; its splits are: train, validation"
     with pytest.raises(DataError) as info:
-        data.load_raw(make_cfg(tmp_path, {"data_files": files, "validation_split": "test"}).data)
+        lm.load_raw(make_cfg(tmp_path, {"data_files": files, "validation_split": "test"}).data)
     assert str(info.value).startswith(
         "data.validation_split='test' is not in the dataset; its splits are: train, validation"
     )
@@ -699,7 +700,7 @@ def test_unknown_split_names(tmp_path):
 def test_single_document_cannot_be_carved(tmp_path):
     (tmp_path / "only.txt").write_text(CHUNKS[0])
     with pytest.raises(DataError) as info:
-        data.load_raw(make_cfg(tmp_path, {"data_files": str(tmp_path / "only.txt"), "sample_by": "document"}).data)
+        lm.load_raw(make_cfg(tmp_path, {"data_files": str(tmp_path / "only.txt"), "sample_by": "document"}).data)
     assert str(info.value).startswith("cannot carve a validation split off 1 training document(s)")
     assert "data.validation_split" in str(info.value)
 
@@ -711,7 +712,7 @@ def test_hub_dataset_offline_fails_fast():
     cfg = config.from_dict({"data": {"source": "hub", "name": "wikitext", "config_name": "wikitext-2-raw-v1"}})
     t0 = time.monotonic()
     with pytest.raises(DataError) as info:
-        data.load_raw(cfg.data)
+        lm.load_raw(cfg.data)
     assert time.monotonic() - t0 < 15
     msg = str(info.value)
     assert msg.startswith("data.name='wikitext': the Hugging Face Hub is unreachable")
@@ -733,7 +734,7 @@ def test_a_validation_split_in_the_data_is_used_when_none_is_named(tmp_path):
     val = write_jsonl(tmp_path / "val.jsonl", [{"text": t} for t in CHUNKS[6:8]])
     cfg = make_cfg(tmp_path, {"data_files": {"train": str(train), "validation": str(val)}})
     assert cfg.data.validation_split is None
-    tr, va = data.load_raw(cfg.data)
+    tr, va = lm.load_raw(cfg.data)
     assert col(tr, "text") == CHUNKS[:6] and col(va, "text") == CHUNKS[6:8]  # nothing carved off train
 
 
@@ -747,7 +748,7 @@ def test_template_tokens_of_a_loaded_tokenizer_are_not_added(tmp_path):
     path = tmp_path / "tok.json"
     tokenizer.save(tok, path)
     corpus_dir = write_docs(tmp_path / "c", CHUNKS[:4])
-    corpus = data.prepare(make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}, path=str(path)))
+    corpus = prepare_corpus(make_cfg(tmp_path, {"data_files": str(corpus_dir / "*.txt"), "sample_by": "document"}, path=str(path)))
     # Exactly one separator per document: the EOT after it, no template token before it.
     assert int((corpus.train.tokens == bos).sum()) == corpus.train.num_docs
     assert corpus.train.tokens[0] != bos
@@ -758,13 +759,13 @@ def test_json_problems_are_placed_on_the_files_own_lines(tmp_path):
     one JSON document; datasets' own are 0-based rows within a chunk of the file."""
     lines = tmp_path / "a.jsonl"
     lines.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": 3}\n')
-    assert data.json_problem(str(lines)).startswith("line 4: field 'text' is a number, but a string on line 1")
-    assert data.json_line_numbers(str(lines)) == [1, 3, 4]
+    assert lm.json_problem(str(lines)).startswith("line 4: field 'text' is a number, but a string on line 1")
+    assert lm.json_line_numbers(str(lines)) == [1, 3, 4]
     lines.write_text('{"text": "a"}\n\n["text"]\n')
-    assert data.json_problem(str(lines)).startswith("line 3: a JSON array, not an object")
+    assert lm.json_problem(str(lines)).startswith("line 3: a JSON array, not an object")
     document = tmp_path / "b.json"
     document.write_text('[\n  {"text": "a"},\n\n  {"text": "b"\n  {"text": "c"}\n]\n')
-    assert data.json_problem(str(document)).startswith("line 5: not valid JSON (Expecting ',' delimiter at column 3)")
-    assert data.json_line_numbers(str(document)) is None
+    assert lm.json_problem(str(document)).startswith("line 5: not valid JSON (Expecting ',' delimiter at column 3)")
+    assert lm.json_line_numbers(str(document)) is None
     document.write_text('[{"text": "a"}, {"text": null}]')
-    assert data.json_problem(str(document)) is None
+    assert lm.json_problem(str(document)) is None

@@ -22,7 +22,9 @@ from conftest import events, interrupt_after_first_checkpoint, scalar_series, ti
 from moectl import checkpoint, config, distributed
 from moectl.errors import ConfigError
 from moectl.moe import load_balancing_loss
-from moectl.train import batch_layout, eval_chunks, fit
+from moectl.data import eval_chunks
+from moectl.distributed import batch_layout
+from moectl.train import fit
 
 # Without router losses and dropout, 1 and 2 processes compute the same gradients.
 # Micro-batches of 1: the single process accumulates 4, each of the two processes 2.
@@ -249,14 +251,14 @@ def test_a_bad_config_fails_before_any_process_starts(tmp_path):
 
 def test_batch_layout_splits_the_global_batch():
     cfg = config.from_dict({"train": {"batch_size": 32, "micro_batch_size": 4}})
-    assert batch_layout(cfg, 1) == (4, 8)
-    assert batch_layout(cfg, 2) == (4, 4)
-    assert batch_layout(cfg, 8) == (4, 1)
+    assert batch_layout(cfg.train, 1) == (4, 8)
+    assert batch_layout(cfg.train, 2) == (4, 4)
+    assert batch_layout(cfg.train, 8) == (4, 1)
     with pytest.raises(ConfigError, match="divisible by the 3 processes"):
-        batch_layout(cfg, 3)
+        batch_layout(cfg.train, 3)
     with pytest.raises(ConfigError, match="micro_batch_size=4"):
-        batch_layout(config.from_dict({"train": {"batch_size": 8, "micro_batch_size": 4}}), 4)
-    assert batch_layout(config.from_dict({"train": {"batch_size": 8}}), 2) == (4, 1)
+        batch_layout(config.from_dict({"train": {"batch_size": 8, "micro_batch_size": 4}}).train, 4)
+    assert batch_layout(config.from_dict({"train": {"batch_size": 8}}).train, 2) == (4, 1)
 
 
 def test_eval_chunks_cover_the_same_sequences_for_any_size():

@@ -222,8 +222,8 @@ def test_a_size_that_does_not_fit_the_processes_is_refused_before_any_starts(tmp
     with pytest.raises(ConfigError, match=r"this is a single process"):
         fit(cfg)
     with pytest.raises(ConfigError, match=r"must divide the 3 processes"):
-        expert_parallel.check_layout(cfg, 3)
-    expert_parallel.check_layout(cfg, 4)
+        expert_parallel.check_layout(cfg.train.expert_parallel, 3)
+    expert_parallel.check_layout(cfg.train.expert_parallel, 4)
     assert not (tmp_path / "runs").exists()
     proc = moectl("train", str(tmp_path / "t.yaml"), "--nproc-per-node", "3", "--set", "train.expert_parallel=2")
     assert proc.returncode == 2

@@ -109,13 +109,14 @@ def test_bf16_export_is_checked_against_bf16_rounded_weights(corpus_config, tmp_
 )
 def test_models_transformers_would_compute_differently_are_refused(changes, reason):
     cfg = config.from_dict({"model": {"arch": "transformer_moe"}, **changes})
-    assert reason in hf.refusal(cfg)
-    assert hf.refusal(config.from_dict({"model": {"arch": "transformer_moe"}})) is None
+    assert reason in hf.refusal(cfg.model, cfg.moe)
+    plain = config.from_dict({"model": {"arch": "transformer_moe"}})
+    assert hf.refusal(plain.model, plain.moe) is None
 
 
 def test_architecture_choice():
     def arch(**moe):
-        return hf.architecture(config.from_dict({"model": {"arch": "transformer_moe"}, "moe": moe}))
+        return hf.architecture(config.from_dict({"model": {"arch": "transformer_moe"}, "moe": moe}).moe)
 
     assert arch() == "mixtral" and arch(router="noisy_topk", renormalize=False) == "mixtral"
     assert arch(renormalize=False) == arch(every=2) == arch(shared_experts=1, shared_expert_gate=True) == "qwen2_moe"
@@ -126,8 +127,8 @@ def test_every_mapped_tensor_keeps_the_weights_dtype(dtype):
     # Qwen2-MoE without shared experts gets zero placeholders for them: in the export dtype too.
     cfg = config.from_dict({"model": {"arch": "transformer_moe", "d_model": 32, "n_layers": 2, "n_heads": 2},
                             "moe": {"num_experts": 4, "every": 2}})
-    assert hf.architecture(cfg) == "qwen2_moe"
-    tensors = hf.to_transformers(cfg, build_model(cfg, 300).to(dtype).state_dict())
+    assert hf.architecture(cfg.moe) == "qwen2_moe"
+    tensors = hf.to_transformers(cfg.model, cfg.moe, build_model(cfg.model, cfg.moe, 300).to(dtype).state_dict())
     assert "model.layers.1.mlp.shared_expert_gate.weight" in tensors
     assert {t.dtype for t in tensors.values()} == {dtype}
 

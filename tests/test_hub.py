@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from moectl import data, hub, tokenizer
+from moectl import data, hub
+from moectl.data import lm, tokenizer
 from moectl.config import from_dict
 from moectl.errors import DataError
 
@@ -49,7 +50,7 @@ def test_unreachable_hub_dataset_and_tokenizer_fail_fast_with_advice(online_env)
     cfg = from_dict({"data": {"source": "hub", "name": "wikitext", "config_name": "wikitext-2-raw-v1"}})
     t0 = time.monotonic()
     with pytest.raises(DataError, match="the Hugging Face Hub is unreachable .*data.source=files"):
-        data.load_raw(cfg.data)
+        lm.load_raw(cfg.data)
     with pytest.raises(DataError, match="tokenizer.name='gpt2': the Hugging Face Hub is unreachable"):
         tokenizer.load_hub("gpt2")
     assert time.monotonic() - t0 < 15

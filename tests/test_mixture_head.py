@@ -34,7 +34,7 @@ def mixture_model(objective: str, arch: str = "transformer_dense", seed: int = 0
         "train": {"objective": objective},
     })
     torch.manual_seed(seed)
-    return build_model(cfg, V)
+    return build_model(cfg.model, cfg.moe, V, cfg.train.objective)
 
 
 def gradients(model, ids) -> dict[str, torch.Tensor]:
@@ -146,7 +146,7 @@ def test_a_mixture_head_trains_reports_and_ships(tmp_path, arch, objective):
     refused = runner.invoke(app, ["export", str(run.run_dir), "--format", "hf", "--out", str(tmp_path / "hf")])
     assert refused.exit_code == 2 and "cannot export to transformers" in refused.output and not (tmp_path / "hf").exists()
     moe_with_head = config.from_dict({**raw, "model": {**raw["model"], "arch": "transformer_moe"}})
-    assert "model.head=mixture" in refusal(moe_with_head)  # the head alone is reason enough
+    assert "model.head=mixture" in refusal(moe_with_head.model, moe_with_head.moe)  # the head alone is reason enough
     bundle = tmp_path / "bundle"
     assert runner.invoke(app, ["export", str(run.run_dir), "--out", str(bundle)]).exit_code == 0
     again = json.loads(runner.invoke(app, ["eval", str(bundle), "--json"]).stdout)

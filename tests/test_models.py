@@ -29,8 +29,9 @@ def make_cfg(arch: str = "transformer_moe", model: dict | None = None, moe: dict
 
 
 def make_model(arch: str = "transformer_moe", seed: int = 0, vocab: int = V, **sections):
+    cfg = make_cfg(arch, **sections)
     torch.manual_seed(seed)
-    return build_model(make_cfg(arch, **sections), vocab)
+    return build_model(cfg.model, cfg.moe, vocab)
 
 
 def batch(seed: int = 1, b: int = B, t: int = T, vocab: int = V):

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import scalar_series, tiny_config, write_config
-from moectl import config, evaluate, sft
+from conftest import prepare_corpus, scalar_series, tiny_config, write_config
+from moectl import config, data, evaluate
+from moectl.data import sft
 from moectl.config import ROUTERS
 from moectl.models import build_model
 from moectl.moe import make_router, routing_losses
@@ -135,7 +136,7 @@ def test_the_bias_update_and_the_model_losses_ignore_padding_tokens():
                             "moe": {"router": "sigmoid", "num_experts": 4, "top_k": 2, "capacity_factor": 1.0,
                                     "z_loss_coef": 1e-3}})
     torch.manual_seed(15)
-    model = build_model(cfg, 50).train()
+    model = build_model(cfg.model, cfg.moe, 50).train()
     real = torch.arange(T)[None, :] < torch.tensor(LENGTHS)[:, None]  # (B, T)
     ids = torch.randint(0, 50, (B, T))
     out = []
@@ -169,7 +170,7 @@ def test_unpacked_rows_mark_their_padding_and_eval_statistics_leave_it_out(tmp_p
     assert torch.equal(packed["valid"], packed["segments"] >= 0)
     cfg = config.from_dict({"model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "ffn_hidden": 32},
                             "moe": {"num_experts": 4}})
-    model = build_model(cfg, tok.get_vocab_size())
+    model = build_model(cfg.model, cfg.moe, tok.get_vocab_size())
     stats = RoutingStats(1, 4)
     loss = evaluate.mean_loss(model, blocks, [ids[:3], ids[3:]], torch.device("cpu"), None, stats)
     assert math.isfinite(loss) and float(stats.tokens[0]) == float(layout["valid"].sum())
@@ -178,7 +179,7 @@ def test_unpacked_rows_mark_their_padding_and_eval_statistics_leave_it_out(tmp_p
 def test_a_micro_batch_without_a_scored_target_adds_zero_loss_and_zero_count():
     cfg = config.from_dict({"model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "ffn_hidden": 32},
                             "moe": {"num_experts": 4}})
-    model = build_model(cfg, 50)
+    model = build_model(cfg.model, cfg.moe, 50)
     x = torch.randint(0, 50, (2, 8))
     out = model(x, torch.full_like(x, -100))
     assert float(out.lm_loss.detach()) == 0.0 and int(out.scored) == 0 and math.isfinite(float(out.loss.detach()))
@@ -199,9 +200,9 @@ def test_responses_lost_to_truncation_are_counted_and_train_nothing(tmp_path):
                           {"role": "user", "content": long_user}]} for i in range(8)]
     rows += [{"messages": [{"role": "user", "content": f"Name {i}"}, {"role": "assistant", "content": f"Bo {i}."}]}
              for i in range(8)]
-    data = tmp_path / "chats.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    raw = tiny_config(tmp_path, data={"source": "files", "data_files": str(data), "task": "sft", "seq_len": 24,
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = tiny_config(tmp_path, data={"source": "files", "data_files": str(chats), "task": "sft", "seq_len": 24,
                                       "validation_fraction": 0.25, "sample_by": "line"},
                       train={"max_steps": 6, "batch_size": 4, "micro_batch_size": 1, "eval_every": 3, "eval_batches": 4},
                       log={"every": 1})
@@ -210,7 +211,7 @@ def test_responses_lost_to_truncation_are_counted_and_train_nothing(tmp_path):
     assert result.step == 6 and math.isfinite(result.eval_loss)
     losses = [v for _, v in scalar_series(result.run_dir, "train/lm_loss")]
     assert len(losses) == 6 and all(math.isfinite(v) and v > 0 for v in losses)
-    corpus = sft.prepare(cfg)
-    blocks = sft.blocks(corpus.train, cfg, corpus.eot_id)
+    corpus = prepare_corpus(cfg)
+    blocks = data.blocks(corpus.train, cfg.data, corpus.eot_id)
     lost = [i for i in range(len(blocks)) if not bool((blocks.batch(np.array([i]))[1] != sft.IGNORE).any())]
     assert blocks.responses_lost == len(lost) > 0

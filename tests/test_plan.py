@@ -106,5 +106,5 @@ def test_the_plan_counts_the_expert_rows_the_built_router_computes_per_token(tmp
 
     cfg = _cfg(tmp_path, **moe)
     with torch.device("meta"):
-        layer = moe_layers(build_model(cfg, cfg.tokenizer.vocab_size))[0]
+        layer = moe_layers(build_model(cfg.model, cfg.moe, cfg.tokenizer.vocab_size))[0]
     assert plan.assignments_per_token(cfg.moe) == layer.active_experts

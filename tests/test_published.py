@@ -173,7 +173,7 @@ def test_deepseek_v3_config_defaults_and_refusals():
     assert v3.moe.aux_loss_coef == 0.0 and v3.moe.seq_aux_loss_coef == 1e-4  # no Switch loss unless asked for
     asked = config.from_dict({"moe": {"router": "sigmoid", "aux_loss_coef": 0.01}})
     assert asked.moe.aux_loss_coef == 0.01
-    assert "moe.router=sigmoid" in refusal(v3)  # transformers' Mixtral / Qwen2-MoE cannot express it
+    assert "moe.router=sigmoid" in refusal(v3.model, v3.moe)  # transformers' Mixtral / Qwen2-MoE cannot express it
     for bad, message in [
         ({"n_group": 3}, "must split into moe.n_group=3 groups"),
         ({"n_group": 4, "topk_group": 5}, "moe.topk_group=5 must be <= moe.n_group=4"),
@@ -213,7 +213,7 @@ def test_top1_renormalised_weights_are_refused_and_the_raw_default_trains_the_ro
                             "moe": {"num_experts": 4, "top_k": 1, "aux_loss_coef": 0.0, "z_loss_coef": 0.0}})
     assert cfg.moe.renormalize is False
     torch.manual_seed(0)
-    model = build_model(cfg, 50)
+    model = build_model(cfg.model, cfg.moe, 50)
     ids = torch.randint(0, 50, (2, 9))
     model(ids[:, :-1], ids[:, 1:]).loss.backward()
     assert model.blocks[0].ffn.inner.router.weight.grad.abs().max() > 0
@@ -228,7 +228,7 @@ def test_top1_renormalised_weights_are_refused_and_the_raw_default_trains_the_ro
 def _hierarchical_gate_grads(cfg: config.Config) -> dict[str, float]:
     """The largest |gradient| the language-model loss alone gives each gate of the first MoE layer."""
     torch.manual_seed(0)
-    model = build_model(cfg, 50).train()
+    model = build_model(cfg.model, cfg.moe, 50).train()
     router = model.blocks[0].ffn.inner.router
     with torch.no_grad():  # the paper's gates start at zero: give them something to differ by
         for w in (router.primary.weight, router.weight):
@@ -266,7 +266,8 @@ def test_lstm_moe_output_passes_a_sigmoid_before_dropout_and_the_residual():
     ids = torch.randint(0, 50, (2, 7))
     for sigmoid in (True, False):
         torch.manual_seed(0)
-        model = build_model(config.from_dict({**base, "model": {**base["model"], "lstm_sigmoid": sigmoid}}), 50).eval()
+        cfg = config.from_dict({**base, "model": {**base["model"], "lstm_sigmoid": sigmoid}})
+        model = build_model(cfg.model, cfg.moe, 50).eval()
         h0 = model.embed(ids)
         h1 = h0 + model.lstms[0](h0)[0]
         y, rec = model.ffns[0](h1)
@@ -285,7 +286,7 @@ def test_the_lstm_sigmoid_comes_before_dropout_in_training():
     cfg = config.from_dict({"model": {"arch": "lstm_moe", "d_model": D, "n_layers": 2, "ffn_hidden": 16, "dropout": 0.5},
                             "moe": {"num_experts": 4}})
     torch.manual_seed(0)
-    model = build_model(cfg, 50).train()
+    model = build_model(cfg.model, cfg.moe, 50).train()
     seen = {}
     model.ffns[0].register_forward_hook(lambda m, args, out: seen.update(h1=args[0], y=out[0]))
     model.lstms[1].register_forward_pre_hook(lambda m, args: seen.update(h2=args[0]))
@@ -301,7 +302,7 @@ def test_the_sequence_wise_loss_enters_the_model_loss_per_sequence_and_layer():
     cfg = config.from_dict({"model": {"d_model": D, "n_layers": 2, "n_heads": 2, "ffn_hidden": 16},
                             "moe": {"router": "sigmoid", "num_experts": 4, "seq_aux_loss_coef": 0.3, "z_loss_coef": 0.0}})
     torch.manual_seed(0)
-    model = build_model(cfg, 50)
+    model = build_model(cfg.model, cfg.moe, 50)
     ids = torch.randint(0, 50, (3, 9))
     with torch.no_grad():
         out = model(ids[:, :-1], ids[:, 1:])
@@ -323,7 +324,7 @@ def test_a_run_saved_before_these_rules_is_read_as_the_model_it_trained(tmp_path
     assert read.model.lstm_sigmoid is False and len(read.moe.slots(read.model)) == 2
     assert read.moe.aux_loss_coef == pytest.approx(0.01) and read.moe.z_loss_coef == pytest.approx(0.0005)
     torch.manual_seed(0)
-    model = build_model(read, 50)
+    model = build_model(read.model, read.moe, 50)
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         out = model(ids[:, :-1], ids[:, 1:])

@@ -561,10 +561,11 @@ def test_gshard_order_is_flagged_as_seeing_later_tokens():
     from moectl.models import lookahead
 
     cfg = config.from_dict({"moe": {"router": "gshard_top2", "capacity_factor": 1.25}})
-    assert any("moe.drop_policy=rank" in w for w in lookahead(cfg, training=True))
+    assert any("moe.drop_policy=rank" in w for w in lookahead(cfg.model, cfg.moe, training=True))
     causal = config.from_dict({"moe": {"router": "gshard_top2", "capacity_factor": 1.25, "drop_policy": "position"}})
-    assert lookahead(causal, training=True) == []
-    assert lookahead(config.from_dict({"moe": {"router": "gshard_top2"}}), training=True) == []  # dropless
+    assert lookahead(causal.model, causal.moe, training=True) == []
+    dropless = config.from_dict({"moe": {"router": "gshard_top2"}})
+    assert lookahead(dropless.model, dropless.moe, training=True) == []
 
 
 # --------------------------------------------------------------------------- 5. expert choice
@@ -890,7 +891,7 @@ def test_eval_capacity_factor_from_config(value, expected):
         {"model": {"d_model": D}, "moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 0.5,
                                           "eval_capacity_factor": value}}
     )
-    layer = build_moe_layer(cfg)
+    layer = build_moe_layer(cfg.model, cfg.moe)
     assert layer.capacity(64) == 16  # ceil(0.5 * 64 * 2 / 4)
     layer.eval()
     assert layer.capacity(64) == expected
@@ -955,7 +956,7 @@ def test_hierarchical_capacity_counts_every_assignment():
         {"model": {"d_model": D}, "moe": {"router": "hierarchical", "num_experts": 16, "num_groups": 4,
                                           "group_top_k": 2, "top_k": 2, "capacity_factor": 1.0}}
     )
-    layer = build_moe_layer(cfg)
+    layer = build_moe_layer(cfg.model, cfg.moe)
     n = 64
     _, rec = layer(torch.randn(n, D))
     assert rec.top_k == 4
@@ -1127,7 +1128,7 @@ def test_every_parameter_gets_a_gradient_in_every_training_step(kind, arch):
     cfg = config.from_dict({"model": {"arch": arch, "d_model": 16, "n_layers": 2, "n_heads": 2, "ffn_hidden": 32},
                             "moe": moe})
     torch.manual_seed(0)
-    model = build_model(cfg, vocab_size=50)
+    model = build_model(cfg.model, cfg.moe, vocab_size=50)
     ids = torch.randint(0, 50, (1, 3))  # 3 tokens: most experts get none
     model(ids, ids).loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None]

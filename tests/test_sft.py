@@ -24,13 +24,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import module_texts, scalar_series, tiny_config, weights, write_config
-from moectl import chat, checkpoint, config, sft
-from moectl import tokenizer as tokenizers_
+from conftest import module_texts, prepare_corpus, scalar_series, tiny_config, weights, write_config
+from moectl import checkpoint, config, data
+from moectl.data import chat, sft
+from moectl.data import tokenizer as tokenizers_
 from moectl.cli import app
 from moectl.errors import ConfigError, DataError
 from moectl.models import build_model
-from moectl.optim import make_optimizer
+from moectl.training.optim import make_optimizer
 from moectl.train import fit
 
 EOT = "<|endoftext|>"
@@ -70,7 +71,7 @@ def _examples(tmp_path: Path, rows: list, **data) -> tuple[sft.Examples, object]
 
     ds = Dataset.from_list(rows)
     template = chat.template_source(cfg.data.chat_template, None)
-    return sft.tokenize(ds, "training", cfg, tok, template, tmp_path / "cache"), tok
+    return sft.tokenize(ds, "training", cfg.data, cfg.tokenizer.eot_token, tok, template, tmp_path / "cache"), tok
 
 
 def _example(ex: sft.Examples, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,7 +182,7 @@ def test_packed_examples_never_see_each_other(tmp_path, arch):
     cfg = config.load(write_config(tmp_path / "m.yaml", tiny_config(
         tmp_path, arch=arch, moe={"capacity_factor": None}, model={"dropout": 0.0})))
     torch.manual_seed(0)
-    model = build_model(cfg, 50).eval()
+    model = build_model(cfg.model, cfg.moe, 50).eval()
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randint(50, (7,), generator=gen), torch.randint(50, (9,), generator=gen)
     pad = torch.zeros(4, dtype=torch.long)
@@ -216,7 +217,7 @@ def test_packed_examples_never_see_each_other(tmp_path, arch):
 def test_bad_rows_are_refused_with_file_line_and_field(tmp_path, rows, message):
     cfg = _sft_config(tmp_path, _jsonl(tmp_path / "d.jsonl", rows * 3), data={"validation_fraction": 0.3})
     with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        sft.prepare(cfg)
+        prepare_corpus(cfg)
 
 
 def test_a_template_that_cannot_render_a_turn_is_refused_with_the_row(tmp_path):
@@ -229,7 +230,7 @@ def test_a_template_that_cannot_render_a_turn_is_refused_with_the_row(tmp_path):
     cfg = _sft_config(tmp_path, _jsonl(tmp_path / "d.jsonl", rows), data={"chat_template": strict, "validation_fraction": 0.25})
     with pytest.raises(DataError, match=r"d.jsonl, line 4: field 'messages\[0\]': the chat template \(data.chat_template\) cannot render "
                        r"turn 0 \(system\): no system turns"):
-        sft.prepare(cfg)
+        prepare_corpus(cfg)
 
 
 def test_config_refuses_sft_options_without_sft_and_sft_with_stateful_or_em(tmp_path):
@@ -281,8 +282,8 @@ def test_eval_scores_response_tokens_only(tuned):
     rep = json.loads(out.stdout)
     assert rep["targets"] == "response tokens"
     loaded_cfg = config.load(run_dir / "config.yaml", saved=True)
-    corpus = sft.prepare(loaded_cfg, tokenizer_file=run_dir / "tokenizer.json", only="validation")
-    blocks = sft.blocks(corpus.validation, loaded_cfg, corpus.eot_id)
+    corpus = prepare_corpus(loaded_cfg, tokenizer_file=run_dir / "tokenizer.json", only="validation")
+    blocks = data.blocks(corpus.validation, loaded_cfg.data, corpus.eot_id)
     from moectl.data import eval_batches
 
     scored = sum(int((blocks.batch(ids)[1] != sft.IGNORE).sum()) for ids in eval_batches(blocks, loaded_cfg.train.micro_batch, 4))
@@ -341,7 +342,7 @@ def test_a_resumed_tuning_run_measures_drift_as_the_uninterrupted_one(tuned, tmp
 def test_lr_multipliers_and_frozen_experts(tmp_path):
     cfg = config.load(write_config(tmp_path / "t.yaml", tiny_config(tmp_path, optim={"router_lr_mult": 0.5, "expert_lr_mult": 2.0})))
     torch.manual_seed(0)
-    model = build_model(cfg, 100)
+    model = build_model(cfg.model, cfg.moe, 100)
     opt = make_optimizer(model, cfg.optim)
     by_mult = {}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -432,7 +433,7 @@ def test_a_tokenizer_brings_its_own_chat_template(tmp_path):
     (hf_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": EOT}))
     cfg = _sft_config(tmp_path, _jsonl(tmp_path / "d.jsonl", [{"prompt": "Hi", "response": "Hello."}] * 4),
                       tokenizer={"path": str(hf_dir / "tokenizer.json")}, data={"validation_fraction": 0.25})
-    corpus = sft.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     assert corpus.chat_template.endswith(template) and corpus.chat_template.startswith("{% set bos_token")
     ids, mask = _example(corpus.train, 0)
     assert tok.decode(ids.tolist(), skip_special_tokens=False) == f"{EOT}Q: Hi\nA: Hello.{EOT}"
@@ -475,7 +476,7 @@ def test_a_trained_bpe_makes_a_templates_markers_single_tokens_and_scores_its_en
     rows = [{"messages": turns}] * 4
     cfg = _sft_config(tmp_path, _jsonl(tmp_path / "d.jsonl", rows), data={"chat_template": CHATML,
                                                                           "validation_fraction": 0.5})
-    corpus = sft.prepare(cfg)
+    corpus = prepare_corpus(cfg)
     tok = corpus.tokenizer
     start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
     assert start is not None and end is not None

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conftest import events, interrupt_after_first_checkpoint, scalar_series, tiny_config, weights, write_config
 from moectl import checkpoint, config, plots
 from moectl.cli import app
-from moectl.optim import lr_at, make_optimizer
+from moectl.training.optim import lr_at, make_optimizer
 from moectl.train import fit
 
 runner = CliRunner()
@@ -153,8 +153,8 @@ def test_optimizer_is_fused_adamw_with_the_reference_update(tmp_path):
 
     cfg = config.load(write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path)), [])
     torch.manual_seed(0)
-    model = build_model(cfg, 64)
-    twin = build_model(cfg, 64)
+    model = build_model(cfg.model, cfg.moe, 64)
+    twin = build_model(cfg.model, cfg.moe, 64)
     twin.load_state_dict(model.state_dict())
     start = [p.detach().clone() for p in model.parameters()]
     fused = make_optimizer(model, cfg.optim)
@@ -211,9 +211,9 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted_run(tmp_path):
 def test_ctrl_c_during_a_step_finishes_that_step_and_saves_it(tmp_path, monkeypatch):
     import signal
 
-    import moectl.train as train_module
+    from moectl import training
 
-    sent, real_lr_at = [], train_module.lr_at
+    sent, real_lr_at = [], training.lr_at
 
     def lr_at(step, *args):
         if step == 1 and not sent:  # step 2 has begun: Ctrl-C arrives before its forward pass
@@ -221,7 +221,7 @@ def test_ctrl_c_during_a_step_finishes_that_step_and_saves_it(tmp_path, monkeypa
             os.kill(os.getpid(), signal.SIGINT)
         return real_lr_at(step, *args)
 
-    monkeypatch.setattr(train_module, "lr_at", lr_at)
+    monkeypatch.setattr(training, "lr_at", lr_at)  # the loop reads it from the package at each step
     result = fit(config.from_dict(tiny_config(tmp_path)))
     assert sent and result.interrupted and result.step == 2
     assert checkpoint.latest(result.run_dir).name == "step_000002"

@@ -46,8 +46,8 @@ def test_export_to_mixtral_and_back_gives_identical_logits(base, tmp_path):
     assert runner.invoke(app, ["export", str(run.run_dir), "--format", "hf", "--out", str(out)]).exit_code == 0
     cfg = config.from_dict(with_changes(raw, "from_hf", train={"init_from": str(out)}))
     source = load(run.run_dir)
-    model = build_model(cfg, source.tokenizer.get_vocab_size())
-    assert "Mixtral" in warmstart.initialize(model, cfg)
+    model = build_model(cfg.model, cfg.moe, source.tokenizer.get_vocab_size())
+    assert "Mixtral" in warmstart.initialize(model, cfg.model, cfg.moe, cfg.train)
     ids = torch.randint(0, source.tokenizer.get_vocab_size(), (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(logits_of(model, ids), logits_of(source.model, ids))
 
@@ -57,10 +57,10 @@ def test_export_to_mixtral_and_back_gives_identical_logits(base, tmp_path):
 
     wrong = config.from_dict(with_changes(raw, "bad", train={"init_from": str(out)}, moe={"num_experts": 8}))
     with pytest.raises(ConfigError, match="num_local_experts is 4 but moe.num_experts is 8"):
-        warmstart.initialize(build_model(wrong, 300), wrong)
+        warmstart.initialize(build_model(wrong.model, wrong.moe, 300), wrong.model, wrong.moe, wrong.train)
     scaled = config.from_dict(with_changes(raw, "scaled", train={"init_from": str(out)}, moe={"routed_scaling": "top_k"}))
     with pytest.raises(ConfigError, match="routed output scale is 1.0 but moe.routed_scaling is 2"):
-        warmstart.initialize(build_model(scaled, 300), scaled)
+        warmstart.initialize(build_model(scaled.model, scaled.moe, 300), scaled.model, scaled.moe, scaled.train)
 
 
 @pytest.mark.parametrize("mode", ["router", "all_but_experts"])
@@ -94,8 +94,8 @@ def test_upcycled_model_starts_with_the_dense_models_loss(base, tmp_path, arch):
             moe={"num_experts": 4, "top_k": 2, "expert_hidden": 32, "renormalize": True, "routed_scaling": scaling},
             train={"init_from": str(dense.run_dir)},
         ))
-        model = build_model(moe_cfg, source.tokenizer.get_vocab_size())
-        assert "upcycled" in warmstart.initialize(model, moe_cfg)
+        model = build_model(moe_cfg.model, moe_cfg.moe, source.tokenizer.get_vocab_size())
+        assert "upcycled" in warmstart.initialize(model, moe_cfg.model, moe_cfg.moe, moe_cfg.train)
         with torch.no_grad():
             up, ref = model.eval()(ids[:, :-1], ids[:, 1:]), source.model(ids[:, :-1], ids[:, 1:])
         assert float(up.lm_loss) == pytest.approx(float(ref.lm_loss), abs=1e-5), scaling
@@ -104,25 +104,26 @@ def test_upcycled_model_starts_with_the_dense_models_loss(base, tmp_path, arch):
     noisy = config.from_dict(with_changes(raw, "noisy", model={"arch": f"{arch}_moe", "ffn_hidden": 32},
                                           moe={"num_experts": 4, "top_k": 2, "expert_hidden": 32},
                                           train={"init_from": str(dense.run_dir), "upcycle_noise": 0.05}))
-    m2 = build_model(noisy, source.tokenizer.get_vocab_size())
-    warmstart.initialize(m2, noisy)
+    m2 = build_model(noisy.model, noisy.moe, source.tokenizer.get_vocab_size())
+    warmstart.initialize(m2, noisy.model, noisy.moe, noisy.train)
     w = [layer for layer in m2.modules() if hasattr(layer, "experts")][0].experts.w_up
     assert not torch.equal(w[0], w[1])  # noise makes the copies differ
 
     mismatched = config.from_dict(with_changes(raw, "mismatch", model={"arch": f"{arch}_moe", "ffn_hidden": 32},
                                                moe={"expert_hidden": 48}, train={"init_from": str(dense.run_dir)}))
+    m3 = build_model(mismatched.model, mismatched.moe, source.tokenizer.get_vocab_size())
     with pytest.raises(ConfigError, match="moe.expert_hidden"):
-        warmstart.initialize(build_model(mismatched, source.tokenizer.get_vocab_size()), mismatched)
+        warmstart.initialize(m3, mismatched.model, mismatched.moe, mismatched.train)
 
 
 def test_init_from_errors_are_one_line(base, tmp_path):
     tmp, raw, run = base
     missing = config.from_dict(with_changes(raw, "missing", train={"init_from": str(tmp_path / "nope")}))
     with pytest.raises(ConfigError, match="no such directory"):
-        warmstart.source_tokenizer(missing)
+        warmstart.source_tokenizer(missing.train.init_from)
     lstm = config.from_dict(with_changes(raw, "lstm", model={"arch": "lstm_moe"}, train={"init_from": str(run.run_dir)}))
     with pytest.raises(ConfigError, match="backbones must match"):
-        warmstart.initialize(build_model(lstm, 300), lstm)
+        warmstart.initialize(build_model(lstm.model, lstm.moe, 300), lstm.model, lstm.moe, lstm.train)
 
 
 def test_init_from_an_export_bundle_loads_every_tensor(base, tmp_path):
@@ -130,9 +131,9 @@ def test_init_from_an_export_bundle_loads_every_tensor(base, tmp_path):
     bundle = tmp_path / "bundle"
     assert runner.invoke(app, ["export", str(run.run_dir), "--out", str(bundle)]).exit_code == 0
     cfg = config.from_dict(with_changes(raw, "from_bundle", train={"init_from": str(bundle)}))
-    assert warmstart.source_tokenizer(cfg) == bundle / "tokenizer.json"
+    assert warmstart.source_tokenizer(cfg.train.init_from) == bundle / "tokenizer.json"
     source = load(run.run_dir)
-    model = build_model(cfg, source.tokenizer.get_vocab_size())
-    warmstart.initialize(model, cfg)
+    model = build_model(cfg.model, cfg.moe, source.tokenizer.get_vocab_size())
+    warmstart.initialize(model, cfg.model, cfg.moe, cfg.train)
     ids = torch.randint(0, source.tokenizer.get_vocab_size(), (1, 16), generator=torch.Generator().manual_seed(2))
     assert torch.equal(logits_of(model, ids), logits_of(source.model, ids))

@@ -27,9 +27,11 @@ import torch
 from tokenizers import Tokenizer
 
 from moectl import hub
-from moectl import tokenizer as tokenizers_
-from moectl.config import Config, DataConfig
+from moectl.data import tokenizer as tokenizers_
+from moectl.data.chat import TEMPLATE_FILE
+from moectl.config import DataConfig, TokenizerConfig
 from moectl.errors import DataError
+from moectl.fileio import atomic_write_text
 
 TOKENS_VERSION = "2"  # bump when the token layout changes, so old caches are not reused
 FORMAT_BY_SUFFIX = {
@@ -341,6 +343,11 @@ class Split:
     from_cache: bool
     key: str  # identifies the data and tokenizer: a resumed run checks it has not changed
 
+    @property
+    def scored_tokens(self) -> np.ndarray:
+        """The tokens whose text num_bytes measures: every token of a text split."""
+        return self.tokens
+
 
 def _tokenize_batch(batch: dict[str, list], column: str, tokenizer: Tokenizer, eot: int) -> dict[str, list]:
     texts = [t for t in batch[column] if t]  # empty rows (e.g. wikitext's blank lines) are not documents
@@ -395,13 +402,21 @@ class Corpus:
     eot_id: int
     chat_template: Optional[str] = None  # data.task=sft: the Jinja template the examples were rendered with
 
+    def save(self, run_dir: Path, tokenizer: bool) -> None:
+        """What a run directory keeps of its data: tokenizer.json (`tokenizer`: a new run's; a resumed
+        run keeps its own) and the chat template that `moectl generate --chat` renders prompts with."""
+        if tokenizer:
+            tokenizers_.save(self.tokenizer, run_dir / "tokenizer.json")
+        if self.chat_template is not None:
+            atomic_write_text(run_dir / TEMPLATE_FILE, self.chat_template)
 
-def prepare(cfg: Config, tokenizer_file: Optional[Path] = None, only: Optional[str] = None) -> Corpus:
+
+def prepare(d: DataConfig, tok_cfg: TokenizerConfig, tokenizer_file: Optional[Path] = None,
+            only: Optional[str] = None) -> Corpus:
     """Load both splits, get the tokenizer (from `tokenizer_file` when resuming), and tokenise.
 
     `only="training"` or `"validation"` tokenises just that split (the other comes back empty):
     eval and route-stats read one split."""
-    d = cfg.data
     train, validation = load_raw(d)
     check_text_column(train, d.text_column, "training")
     check_text_column(validation, d.text_column, "validation")
@@ -409,8 +424,8 @@ def prepare(cfg: Config, tokenizer_file: Optional[Path] = None, only: Optional[s
     if tokenizer_file is not None:
         tok, tok_cached = tokenizers_.load_file(tokenizer_file), True
     else:
-        tok, tok_cached = tokenizers_.build(cfg.tokenizer, train, d.text_column, train._fingerprint, cache)
-    eot = tokenizers_.eot_id(tok, cfg.tokenizer.eot_token)
+        tok, tok_cached = tokenizers_.build(tok_cfg, train, d.text_column, train._fingerprint, cache)
+    eot = tokenizers_.eot_id(tok, tok_cfg.eot_token)
     splits = [
         tokenize(ds, name, d.text_column, tok, eot, cache, d.num_proc)
         if only in (None, name)
@@ -425,6 +440,9 @@ def prepare(cfg: Config, tokenizer_file: Optional[Path] = None, only: Optional[s
 
 class Blocks:
     """Fixed-length blocks over a flat token array: block i = tokens[i*L : i*L + L + 1]."""
+
+    targets = "every token"  # what the loss scores
+    weighs_targets = False  # every block scores seq_len targets: each micro-batch weighs the same
 
     def __init__(self, split: Split, seq_len: int):
         self.split = split
@@ -556,3 +574,12 @@ def eval_batches(blocks: Blocks, batch_size: int, max_batches: Optional[int]) ->
     else:
         ids = np.linspace(0, n - 1, max_batches * batch_size).round().astype(np.int64)  # distinct: step >= 1
     return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+
+
+def eval_chunks(batches: list, size: int) -> list:
+    """The validation set's batches re-cut to `size` sequences (each process's micro-batch), so
+    every world size evaluates the same sequences."""
+    if not batches:
+        return []
+    ids = np.concatenate(batches)
+    return [ids[i : i + size] for i in range(0, len(ids), size)]

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from moectl import chat, data
-from moectl import tokenizer as tokenizers_
-from moectl.config import Config, DataConfig
+from moectl.data import chat, lm
+from moectl.data import tokenizer as tokenizers_
+from moectl.config import DataConfig, TokenizerConfig
 from moectl.errors import DataError
 from moectl.models.base import IGNORE_INDEX
 from moectl.fileio import atomic_write_text
@@ -42,12 +42,17 @@ IGNORE = IGNORE_INDEX  # a target the loss skips
 
 
 @dataclass
-class Examples(data.Split):
+class Examples(lm.Split):
     """One split of tokenised examples: example i is tokens[offsets[i]:offsets[i + 1]]; `mask`
     marks its response tokens. num_bytes counts the UTF-8 bytes of the responses' text."""
 
     mask: np.ndarray  # (num_tokens,) bool
     offsets: np.ndarray  # (num_docs + 1,) int64
+
+    @property
+    def scored_tokens(self) -> np.ndarray:
+        """The response tokens, whose text num_bytes measures."""
+        return self.tokens[self.mask]
 
 
 # ------------------------------------------------------------------------------------ raw rows
@@ -57,7 +62,7 @@ def docstring_pairs(files: Optional[list[Path]] = None) -> dict[str, list[str]]:
     """Prompt/response pairs from the standard library (or `files`): each documented function's
     signature, and the first paragraph of its docstring (10 to 400 characters), in a stable order."""
     rows: dict[str, list[str]] = {"prompt": [], "response": [], "path": []}
-    for path in data.stdlib_files() if files is None else files:
+    for path in lm.stdlib_files() if files is None else files:
         try:
             tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
         except (SyntaxError, ValueError):
@@ -98,24 +103,24 @@ def _load_files(cfg: DataConfig):
     """Each file on its own, so every row knows its file and line (the `_where` column)."""
     import datasets
 
-    data.check_local_files(cfg.data_files)
-    fmt = cfg.format or data.infer_format(cfg.data_files)
+    lm.check_local_files(cfg.data_files)
+    fmt = cfg.format or lm.infer_format(cfg.data_files)
     if fmt == "text":
         raise DataError("data.task=sft reads JSON / JSONL, Parquet or CSV files (fields per example), not plain text; "
                         "set data.format or give such files")
     splits: dict[str, list] = {}
-    for split, pattern in data.patterns(cfg.data_files):
+    for split, pattern in lm.patterns(cfg.data_files):
         files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if "://" not in pattern else [pattern]
         for file in files:
-            if data.is_empty(file):
+            if lm.is_empty(file):
                 raise DataError(f"{file} is empty; put examples in it, or leave it out of data.data_files")
             try:
                 ds = datasets.load_dataset(fmt, data_files=[file], split="train")
             except Exception as exc:  # the builders raise DatasetGenerationError, ArrowInvalid, ValueError, ...
-                located = data.locate_json_problem([file]) if fmt == "json" and "://" not in file else None
-                raise DataError(located or f"{file}: cannot read it as {fmt} ({data.builder_reason(exc)})") from None
+                located = lm.locate_json_problem([file]) if fmt == "json" and "://" not in file else None
+                raise DataError(located or f"{file}: cannot read it as {fmt} ({lm.builder_reason(exc)})") from None
             # JSON lines: the file's line, blank lines counted, as an editor shows it; else the row.
-            lines = data.json_line_numbers(file) if fmt == "json" and "://" not in file else None
+            lines = lm.json_line_numbers(file) if fmt == "json" and "://" not in file else None
             where = ([f"{file}, line {n}" for n in lines] if lines is not None and len(lines) == len(ds)
                      else [f"{file}, row {i + 1}" for i in range(len(ds))])
             splits.setdefault(split, []).append(ds.add_column("_where", where))
@@ -130,14 +135,14 @@ def load_rows(cfg: DataConfig):
     from datasets import Dataset, DatasetDict
 
     if cfg.source == "stdlib":
-        pairs = _cached_docstring_pairs(data.cache_dir(cfg))
+        pairs = _cached_docstring_pairs(lm.cache_dir(cfg))
         if not pairs["prompt"]:
             raise DataError("data.source=stdlib: this Python has no documented standard-library functions; use data.source=files")
         where = [f"stdlib {p}" for p in pairs.pop("path")]
-        return data.load_raw(cfg, splits=DatasetDict({"train": Dataset.from_dict({**pairs, "_where": where})}))
+        return lm.load_raw(cfg, splits=DatasetDict({"train": Dataset.from_dict({**pairs, "_where": where})}))
     if cfg.source == "files":
-        return data.load_raw(cfg, splits=_load_files(cfg))
-    return data.load_raw(cfg)
+        return lm.load_raw(cfg, splits=_load_files(cfg))
+    return lm.load_raw(cfg)
 
 
 # -------------------------------------------------------------------------------- tokenisation
@@ -169,13 +174,13 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], form: str, field
     return {"input_ids": ids, "mask": mask, "num_bytes": out_bytes}
 
 
-def tokenize(ds, name: str, cfg: Config, tokenizer: Tokenizer, template: tuple[str, str], cache: Path) -> Examples:
+def tokenize(ds, name: str, d: DataConfig, eos: str, tokenizer: Tokenizer, template: tuple[str, str], cache: Path) -> Examples:
+    """The split's examples rendered with `template` (its source and name), ending in `eos`, tokenised and masked."""
     from datasets import Features, List, Value
 
-    d = cfg.data
     fields = chat.Fields(d.prompt_field, d.response_field, d.messages_field)
     form = input_form(ds, name, fields)
-    eos, bos = cfg.tokenizer.eot_token, ""
+    bos = ""
     key = hashlib.sha256(repr((SFT_VERSION, ds._fingerprint, form, fields, template[0], eos,
                                tokenizers_.fingerprint(tokenizer))).encode()).hexdigest()[:16]
     path = cache / "sft" / f"{key}.arrow"
@@ -214,7 +219,7 @@ def input_form(ds, name: str, fields: chat.Fields) -> str:
         raise DataError(f"{where}: {exc}") from None
 
 
-def tokenizer_template(tokenizer_file: Optional[Path], cfg: Config) -> Optional[str]:
+def tokenizer_template(tokenizer_file: Optional[Path], tok: TokenizerConfig) -> Optional[str]:
     """The chat template a loaded tokenizer brings: `chat_template` in the tokenizer_config.json
     beside its tokenizer.json (a Hugging Face model directory), or in the Hub repository of
     tokenizer.name when it is in the local cache."""
@@ -223,13 +228,13 @@ def tokenizer_template(tokenizer_file: Optional[Path], cfg: Config) -> Optional[
     candidates = []
     if tokenizer_file is not None:
         candidates.append(Path(tokenizer_file).with_name("tokenizer_config.json"))
-    if cfg.tokenizer.path:
-        candidates.append(Path(cfg.tokenizer.path).expanduser().with_name("tokenizer_config.json"))
-    if cfg.tokenizer.name and tokenizer_file is None:
+    if tok.path:
+        candidates.append(Path(tok.path).expanduser().with_name("tokenizer_config.json"))
+    if tok.name and tokenizer_file is None:
         try:
             from huggingface_hub import hf_hub_download
 
-            candidates.append(Path(hf_hub_download(cfg.tokenizer.name, "tokenizer_config.json")))
+            candidates.append(Path(hf_hub_download(tok.name, "tokenizer_config.json")))
         except Exception:  # not there, or the Hub is unreachable: no template of its own
             pass
     for path in candidates:
@@ -249,18 +254,19 @@ def tokenizer_template(tokenizer_file: Optional[Path], cfg: Config) -> Optional[
     return None
 
 
-def prepare(cfg: Config, tokenizer_file: Optional[Path] = None, only: Optional[str] = None) -> data.Corpus:
+def prepare(d: DataConfig, tok_cfg: TokenizerConfig, tokenizer_file: Optional[Path] = None,
+            only: Optional[str] = None) -> lm.Corpus:
     """Load both splits of examples, get the tokenizer (from `tokenizer_file` when resuming or
     fine-tuning; a BPE trained on the examples' text otherwise) and tokenise them with the chat
-    template. `only` as in data.prepare."""
-    train, validation = load_rows(cfg.data)
-    fields = chat.Fields(cfg.data.prompt_field, cfg.data.response_field, cfg.data.messages_field)
+    template. `only` as in lm.prepare."""
+    train, validation = load_rows(d)
+    fields = chat.Fields(d.prompt_field, d.response_field, d.messages_field)
     form = input_form(train, "training", fields)
-    cache = data.cache_dir(cfg.data)
+    cache = lm.cache_dir(d)
     try:
-        template = chat.template_source(cfg.data.chat_template, tokenizer_template(tokenizer_file, cfg))
+        template = chat.template_source(d.chat_template, tokenizer_template(tokenizer_file, tok_cfg))
         # Parses, or names the problem; a BPE trained here makes the template's markers special tokens.
-        markers = chat.Template(template[0], cfg.tokenizer.eot_token, name=template[1]).markers()
+        markers = chat.Template(template[0], tok_cfg.eot_token, name=template[1]).markers()
     except chat.ChatError as exc:
         raise DataError(str(exc)) from None
     if tokenizer_file is not None:
@@ -268,16 +274,16 @@ def prepare(cfg: Config, tokenizer_file: Optional[Path] = None, only: Optional[s
     else:
         texts = train.map(_plain_text, fn_kwargs={"form": form, "fields": fields},
                           remove_columns=train.column_names, desc="collecting text for the tokenizer")
-        tok, tok_cached = tokenizers_.build(cfg.tokenizer, texts, "text", texts._fingerprint, cache, markers)
-    eot = tokenizers_.eot_id(tok, cfg.tokenizer.eot_token)
+        tok, tok_cached = tokenizers_.build(tok_cfg, texts, "text", texts._fingerprint, cache, markers)
+    eot = tokenizers_.eot_id(tok, tok_cfg.eot_token)
     splits = [
-        tokenize(ds, name, cfg, tok, template, cache)
+        tokenize(ds, name, d, tok_cfg.eot_token, tok, template, cache)
         if only in (None, name)
         else Examples(name=name, tokens=np.zeros(0, dtype=np.int32), num_docs=0, num_bytes=0, from_cache=True, key="",
                       mask=np.zeros(0, dtype=bool), offsets=np.zeros(1, dtype=np.int64))
         for ds, name in ((train, "training"), (validation, "validation"))
     ]
-    return data.Corpus(train=splits[0], validation=splits[1], tokenizer=tok, tokenizer_from_cache=tok_cached,
+    return lm.Corpus(train=splits[0], validation=splits[1], tokenizer=tok, tokenizer_from_cache=tok_cached,
                        eot_id=eot, chat_template=template[0])
 
 
@@ -293,13 +299,18 @@ def _plain_text(row: dict, form: str, fields: chat.Fields) -> dict[str, str]:
 
 
 class ExampleBlocks:
-    """Rows of seq_len + 1 tokens made of whole examples, with the interface of data.Blocks.
+    """Rows of seq_len + 1 tokens made of whole examples, with the interface of lm.Blocks.
 
     Without packing, row r is example r, padded. With packing, examples fill rows in order, a new
     row starting when the next example does not fit. Inputs are a row's first L tokens, targets
     its last L, and a target is IGNORE unless it is a response token of the same example as its
     input (so no example is asked to predict the next one's first token).
     """
+
+    targets = "response tokens"  # what the loss scores: prompt, system and padding tokens are not
+    # Rows score different numbers of targets: a step weighs each micro-batch by its share of the
+    # batch's scored targets, so that every response token counts the same.
+    weighs_targets = True
 
     def __init__(self, split: Examples, seq_len: int, packing: bool, pad_id: int):
         self.split, self.seq_len, self.packing, self.pad_id = split, seq_len, packing, pad_id
@@ -371,10 +382,3 @@ class ExampleBlocks:
         if (segments < 0).any():
             out["valid"] = torch.from_numpy(segments >= 0)
         return out
-
-
-def blocks(split: data.Split, cfg: Config, pad_id: int):
-    """The split's rows: data.Blocks for language modelling, ExampleBlocks for instruction tuning."""
-    if isinstance(split, Examples):
-        return ExampleBlocks(split, cfg.data.seq_len, cfg.data.packing, pad_id)
-    return data.Blocks(split, cfg.data.seq_len)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moectl import hub
-from moectl.chat import ROLE_TOKENS
+from moectl.data.chat import ROLE_TOKENS
 from moectl.config import TokenizerConfig
 from moectl.errors import DataError
 from moectl.fileio import atomic_write_text

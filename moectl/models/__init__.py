@@ -1,12 +1,13 @@
-"""Model registry: `build_model(cfg, vocab_size)` and `build_moe_layer(cfg)` read the config; the
-modules they build take plain arguments. Also what callers ask of a built model: its MoE layers,
-their FFN slots, and its total and active parameter counts."""
+"""Model registry: `build_model(model, moe, vocab_size, objective)` and `build_moe_layer(model, moe)`
+read the model and moe config sections; the modules they build take plain arguments. Also what
+callers ask of a built model: its MoE layers, their FFN slots, and its total and active parameter
+counts."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from moectl.config import Config
+from moectl.config import ModelConfig, MoEConfig
 from moectl.models.base import LanguageModel, ModelOutput
 from moectl.models.head import MixtureHead
 from moectl.models.layers import FeedForward, FFNSlot
@@ -17,13 +18,12 @@ from moectl.moe import MoELayer, make_router
 __all__ = ["LanguageModel", "ModelOutput", "build_model", "moe_layers", "moe_slots", "parameter_counts", "routed_experts"]
 
 
-def build_moe_layer(cfg: Config, impl: str = "sorted") -> MoELayer:
-    """One MoE layer as the config describes it; `impl` picks the expert path (moe/layer.py)."""
-    m, moe = cfg.model, cfg.moe
-    router_std = m.init_std if moe.router_init_std is None else moe.router_init_std
+def build_moe_layer(model: ModelConfig, moe: MoEConfig, impl: str = "sorted") -> MoELayer:
+    """One MoE layer as the model and moe sections describe it; `impl` picks the expert path (moe/layer.py)."""
+    router_std = model.init_std if moe.router_init_std is None else moe.router_init_std
     router = make_router(
         moe.router,
-        m.d_model,
+        model.d_model,
         moe.num_experts,
         moe.top_k,
         renormalize=moe.renormalize,
@@ -38,56 +38,57 @@ def build_moe_layer(cfg: Config, impl: str = "sorted") -> MoELayer:
     )
     eval_cf = moe.eval_capacity_factor
     return MoELayer(
-        m.d_model,
+        model.d_model,
         moe.num_experts,
         moe.top_k,
-        cfg.moe.expert_hidden,
-        m.activation,
+        moe.expert_hidden,
+        model.activation,
         capacity_factor=moe.capacity_factor,
-        init_std=m.init_std,
+        init_std=model.init_std,
         router=router,
         eval_capacity_factor="train" if eval_cf is None else None if eval_cf == "dropless" else eval_cf,
         min_capacity=moe.min_capacity,
         drop_policy=moe.drop_policy,
-        shared_hidden=moe.shared_experts * (moe.shared_expert_hidden or cfg.moe.expert_hidden),
+        shared_hidden=moe.shared_experts * (moe.shared_expert_hidden or moe.expert_hidden),
         shared_gate=moe.shared_expert_gate,
         expert_dropout=moe.expert_dropout,
-        routed_scale=cfg.moe.routed_scale,
+        routed_scale=moe.routed_scale,
         impl=impl,
     )
 
 
-def build_model(cfg: Config, vocab_size: int) -> LanguageModel:
-    m, moe = cfg.model, cfg.moe
+def build_model(model: ModelConfig, moe: MoEConfig, vocab_size: int, objective: str = "likelihood") -> LanguageModel:
+    """The model the sections describe; `objective` is train.objective (how a mixture head trains)."""
 
     def make_ffn(slot: int) -> FFNSlot:
-        if slot in cfg.moe.slots(cfg.model):
-            return FFNSlot(build_moe_layer(cfg))
-        return FFNSlot(FeedForward(m.d_model, m.ffn_hidden, m.activation, m.init_std))
+        if slot in moe.slots(model):
+            return FFNSlot(build_moe_layer(model, moe))
+        return FFNSlot(FeedForward(model.d_model, model.ffn_hidden, model.activation, model.init_std))
 
     common = dict(
         vocab_size=vocab_size,
-        d_model=m.d_model,
-        n_layers=m.n_layers,
+        d_model=model.d_model,
+        n_layers=model.n_layers,
         make_ffn=make_ffn,
-        dropout=m.dropout,
-        tie_embeddings=m.tie_embeddings,
-        loss_coefs=moe.loss_coefs if cfg.model.is_moe else {},
-        init_std=m.init_std,
-        head_experts=m.head_experts if m.head == "mixture" else 0,
-        objective=cfg.train.objective,
+        dropout=model.dropout,
+        tie_embeddings=model.tie_embeddings,
+        loss_coefs=moe.loss_coefs if model.is_moe else {},
+        init_std=model.init_std,
+        head_experts=model.head_experts if model.head == "mixture" else 0,
+        objective=objective,
         balance_primary=moe.balance_primary,
     )
-    if cfg.model.backbone == "transformer":
-        return TransformerMoE(n_heads=m.n_heads, rope_theta=m.rope_theta, norm_eps=m.norm_eps, **common)
-    return LSTMMoE(residual=m.lstm_residual, sigmoid=m.lstm_sigmoid, **common)
+    if model.backbone == "transformer":
+        return TransformerMoE(n_heads=model.n_heads, rope_theta=model.rope_theta, norm_eps=model.norm_eps, **common)
+    return LSTMMoE(residual=model.lstm_residual, sigmoid=model.lstm_sigmoid, **common)
 
 
-def lookahead(cfg: Config, training: bool) -> list[str]:
-    """Why this model's routing can see later tokens of a causal LM (none for causal routing)."""
-    if not cfg.model.is_moe:
+def lookahead(model: ModelConfig, moe: MoEConfig, training: bool) -> list[str]:
+    """Why this model's routing can see later tokens of a causal LM (none for causal routing or a
+    dense arch)."""
+    if not model.is_moe:
         return []
-    moe, found = cfg.moe, []
+    found = []
     if moe.router == "expert_choice":
         found.append(
             "moe.router=expert_choice: each expert picks its tokens from the whole batch, so in this causal LM a "

@@ -6,11 +6,12 @@ run needs no scheduler state."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
-from moectl import warmstart
+from moectl import console, warmstart
 from moectl.config import OptimConfig
 
 
@@ -49,3 +50,13 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     progress = (step - warmup) / (max_steps - warmup)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def check_schedule(saved_lr: Optional[float], step: int, cfg: OptimConfig, max_steps: int) -> None:
+    """Warn when the settings of a resumed run put another LR on its last step than it trained at."""
+    new_lr = lr_at(step - 1, cfg, max_steps)
+    if saved_lr and abs(new_lr - saved_lr) > 1e-3 * saved_lr:
+        console.warn(
+            f"the LR schedule changed: step {step} trained at lr {saved_lr:.2e}, where the new settings "
+            f"(train.max_steps={max_steps}, optim.*) put lr {new_lr:.2e}; training continues on the new schedule"
+        )

@@ -1,0 +1,46 @@
+"""The model as the loop trains it: built from its config sections, warm-started, frozen where
+train.freeze says, its experts sharded over expert-parallel groups, on its device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from moectl import console, expert_parallel, perf_model, warmstart
+from moectl.config import ModelConfig, MoEConfig, TrainConfig
+from moectl.expert_parallel import ExpertParallel
+from moectl.models import LanguageModel, build_model, lookahead, parameter_counts
+from moectl.runtime import Dist
+from moectl.training.state import seed_rank
+
+
+def build(model_cfg: ModelConfig, moe: MoEConfig, tr: TrainConfig, vocab_size: int, dp: Dist, device: torch.device,
+          warm_start: bool) -> tuple[LanguageModel, tuple[int, int], Optional[ExpertParallel]]:
+    """(the model on `device`, its (total, active per token) parameters counted before sharding,
+    this rank's expert-parallel groups or None). `warm_start`: load train.init_from into it."""
+    # Every rank builds the same initial model (on the CPU, so that a device only ever holds its
+    # share of the experts); DDP keeps the replicated parameters equal.
+    torch.manual_seed(tr.seed)
+    model = build_model(model_cfg, moe, vocab_size, tr.objective)
+    if warm_start:
+        console.status(warmstart.initialize(model, model_cfg, moe, tr))
+    frozen = warmstart.freeze(model, tr.freeze)
+    if frozen:
+        console.status(f"train.freeze={tr.freeze}: {console.human(frozen)} parameters stay as they are")
+    params = parameter_counts(model)
+    ep = expert_parallel.shard(model, tr.expert_parallel, dp, tr.shadow_experts, perf_model.hardware(tr.hardware, device.type),
+                               tr.ep_overlap)
+    model = model.to(device)
+    if dp.enabled:
+        seed_rank(tr.seed, dp)
+    for warning in lookahead(model_cfg, moe, training=True):
+        console.warn(warning)
+    return model, params, ep
+
+
+def tokenizer_file(run_dir: Path, resume_from: Optional[Path], init_from: Optional[str]) -> Optional[Path]:
+    """The tokenizer.json the model's vocabulary comes from: the run's own when it resumes,
+    train.init_from's when it fine-tunes; None for a new run, which gets its tokenizer from the data."""
+    return run_dir / "tokenizer.json" if resume_from else warmstart.source_tokenizer(init_from)
