@@ -2,7 +2,7 @@
 
 For every (processes W, expert-parallel size N) it starts W processes (gloo on CPU, NCCL with
 --device cuda), builds a Transformer-MoE from a moectl config, shards its experts over groups of
-N (`moectl.expert_parallel`; N = 1 is plain DDP), and trains it for --steps steps on random
+N (`moectl.services.expert_parallel`; N = 1 is plain DDP), and trains it for --steps steps on random
 tokens at the same global batch in every layout. Each process reports:
 
   expert_mb      the expert parameters it holds (must fall as 1/N)
@@ -20,8 +20,8 @@ of the whole job with its ratio to plain DDP (N = 1) of the same W.
     python benchmarks/expert_parallel.py --json            # one JSON object per layout
     python benchmarks/expert_parallel.py --device cuda --world 8 --ep 1 2 4 8   # on a GPU node
 
-It also prints `moectl plan`'s prediction of each layout's step (moectl/plan.py with the `cpu`
-preset of moectl/perf_model.py), whether it ranks the layouts as measured, and the factor
+It also prints `moectl plan`'s prediction of each layout's step (moectl/commands/plan.py with the `cpu`
+preset of moectl/common/perf_model.py), whether it ranks the layouts as measured, and the factor
 between measured and predicted times.
 
 JSON keys: world, ep, variant (plain, overlap: train.ep_overlap, shadow1: train.shadow_experts=1), device, threads, steps, global_tokens, expert_mb, params_mb, peak_mb,
@@ -68,9 +68,10 @@ def worker(rank: int, world: int, ep_size: int, variant: str, args: argparse.Nam
     import torch
     import torch.distributed as dist
 
-    from moectl import config, distributed, expert_parallel
+    from moectl import config
+    from moectl.services import distributed, expert_parallel
     from moectl.models import build_model, moe_layers
-    from moectl.runtime import Dist
+    from moectl.common.runtime import Dist
     from moectl.training.optim import make_optimizer
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world) if args.device == "cpu" else 1)
@@ -188,7 +189,7 @@ def _calibrate_worker(rank: int, store: str, out: str) -> None:
 
 
 def calibrate() -> dict:
-    """The rates of moectl/perf_model.py's `cpu` preset, measured here: one thread's matmul FLOP/s
+    """The rates of moectl/common/perf_model.py's `cpu` preset, measured here: one thread's matmul FLOP/s
     on an expert's shapes (d 256 x hidden 1024, 2048 rows), and a 2-process gloo all-to-all's
     latency and bandwidth (bytes each process sends per second)."""
     import torch
@@ -300,9 +301,10 @@ def predicted_step_ms(args: argparse.Namespace, world: int, ep: int, variant: st
 
     import torch
 
-    from moectl import config, plan
+    from moectl import config
+    from moectl.commands import plan
     from moectl.models import build_model
-    from moectl.perf_model import PRESETS
+    from moectl.common.perf_model import PRESETS
 
     cfg = config.load(ROOT / args.config, DEFAULT_SET + args.set + [f"train.batch_size={args.batch_size}"])
     hw = PRESETS["gpu-node" if args.device == "cuda" else "cpu"]

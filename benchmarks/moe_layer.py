@@ -16,7 +16,7 @@ all alike; the reported time is the median of all --repeats x --rounds timed run
        allocator, which unmaps large freed blocks, so the peak follows live memory (it still
        includes the BLAS library's own workspaces);
   CUDA: torch.cuda.max_memory_allocated minus the memory allocated before them.
-For timing, the CPU process tunes glibc malloc as `moectl train` does (moectl/runtime.py), for
+For timing, the CPU process tunes glibc malloc as `moectl train` does (moectl/common/runtime.py), for
 every implementation alike; --allocator default times without it.
 
     python benchmarks/moe_layer.py                    # the table
@@ -93,7 +93,7 @@ def run_case(args) -> dict:
     import torch
 
     if args.allocator == "tuned" and args.device == "cpu":
-        from moectl.runtime import keep_freed_memory
+        from moectl.common.runtime import keep_freed_memory
 
         keep_freed_memory()
     torch.set_num_threads(args.threads)

@@ -46,7 +46,7 @@ PAIRS = {
 
 def sweep_cells(name: str, base: Path, seeds: list[int], sets: dict, out: Path, jobs: int):
     """Train `base` once per seed with `sets` through moectl's sweep runner; its finished cells."""
-    from moectl import sweep
+    from moectl.commands import sweep
 
     out.mkdir(parents=True, exist_ok=True)
     spec = {"base": str(base.resolve()), "name": name, "set": {"run.dir": str(out), **sets}, "grid": {"train.seed": seeds}}
@@ -60,7 +60,8 @@ def sweep_cells(name: str, base: Path, seeds: list[int], sets: dict, out: Path, 
 
 def score(run_dir: Path, context: bool) -> dict:
     """Whole-split validation loss and bits per byte of a run, block or with context."""
-    from moectl import evaluate, loaded_model
+    from moectl.commands import evaluate
+    from moectl.services import loaded_model
 
     loaded = loaded_model.load(run_dir)
     cfg = loaded.cfg
@@ -75,13 +76,13 @@ def score(run_dir: Path, context: bool) -> dict:
 
 
 def tokens_per_sec(run_dir: Path) -> float:
-    from moectl import checkpoint
+    from moectl.services import checkpoint
 
     return float(checkpoint.read_meta(checkpoint.latest(run_dir)).get("tokens_per_sec") or 0.0)
 
 
 def run_pair(pair: str, files: tuple[str, str], args, out: Path) -> list[dict]:
-    from moectl.sweep import mean_ci
+    from moectl.commands.sweep import mean_ci
 
     moe_file, dense_file = (ROOT / f for f in files)
     common = dict(args.extra)
@@ -123,7 +124,7 @@ def run_pair(pair: str, files: tuple[str, str], args, out: Path) -> list[dict]:
 
 
 def _max_steps(run_dir: Path) -> int:
-    from moectl import checkpoint
+    from moectl.services import checkpoint
 
     return int(checkpoint.read_meta(checkpoint.latest(run_dir))["step"])
 

@@ -92,7 +92,7 @@ def layer_shares(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from moectl.moe import MoELayer, dispatch
-    from moectl.runtime import keep_freed_memory
+    from moectl.common.runtime import keep_freed_memory
 
     keep_freed_memory()
     torch.set_num_threads(args.threads)

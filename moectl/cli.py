@@ -13,8 +13,9 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 
-from moectl import __version__, console, runtime
-from moectl.errors import ConfigError, MoectlError, PeerFailed
+from moectl import __version__
+from moectl.common import console, runtime
+from moectl.common.errors import ConfigError, MoectlError, PeerFailed
 
 app = typer.Typer(
     name="moectl",
@@ -159,7 +160,7 @@ def train(
     with user_errors(debug):
         cfg = _load_config(config_path, overrides, run_name)  # a bad config stops here, before any process starts
         if resume and not overwrite:
-            from moectl import checkpoint
+            from moectl.services import checkpoint
 
             # A finished run is a no-op (exit 0), not an error: a job script that reruns one
             # `--resume` command after preemption must also succeed once the run is done.
@@ -170,8 +171,8 @@ def train(
         if nproc_per_node is not None:
             if runtime.under_torchrun():
                 raise ConfigError("--nproc-per-node starts torchrun itself; under torchrun, drop it")
-            from moectl.distributed import launch
-            from moectl.expert_parallel import check_layout
+            from moectl.services.distributed import launch
+            from moectl.services.expert_parallel import check_layout
 
             check_layout(cfg.train.expert_parallel, nproc_per_node)
 
@@ -183,7 +184,7 @@ def train(
                 raise typer.Exit(code)
             return
         console.quiet_libraries()
-        from moectl.train import fit
+        from moectl.commands.train import fit
 
         result = fit(cfg, resume=resume, overwrite=overwrite)
         console.train_summary(result)
@@ -244,8 +245,9 @@ def eval_command(
     with user_errors(debug):
         import json
 
-        from moectl import evaluate, loaded_model
-        from moectl.fileio import atomic_write_text
+        from moectl.commands import evaluate
+        from moectl.services import loaded_model
+        from moectl.common.fileio import atomic_write_text
 
         _choose("--split", split, SPLITS)
         extra = [] if capacity_factor is None else [f"moe.eval_capacity_factor={_capacity_factor(capacity_factor)}"]
@@ -281,7 +283,8 @@ def route_stats_command(
     with user_errors(debug):
         import json
 
-        from moectl import loaded_model, route_stats
+        from moectl.commands import route_stats
+        from moectl.services import loaded_model
 
         _choose("--split", split, SPLITS)
         model = loaded_model.load(run, overrides)
@@ -316,7 +319,8 @@ def plan_command(
     with user_errors(debug):
         import json
 
-        from moectl import loaded_model, plan
+        from moectl.commands import plan
+        from moectl.services import loaded_model
 
         hw = plan.read_hardware(hardware)
         model = loaded_model.load(run, overrides)
@@ -352,8 +356,8 @@ def generate(
 ) -> None:
     """Sample text from a checkpoint, optionally showing which expert each new token went to."""
     with user_errors(debug):
-        from moectl import generate as generation
-        from moectl import loaded_model
+        from moectl.commands import generate as generation
+        from moectl.services import loaded_model
 
         model = loaded_model.load(run)
         result = generation.generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, show_routing,
@@ -380,8 +384,8 @@ def export(
 ) -> None:
     """Ship a checkpoint: weights, config, tokenizer and a model card in one directory."""
     with user_errors(debug):
-        from moectl import export as exporting
-        from moectl import hf, loaded_model
+        from moectl.commands import export as exporting
+        from moectl.services import hf, loaded_model
 
         fmt, dtype = _choose("--format", fmt, EXPORT_FORMATS), _choose("--dtype", dtype, EXPORT_DTYPES)
         model = loaded_model.load(run)
@@ -407,7 +411,7 @@ def sweep(
 ) -> None:
     """Train a grid of configurations over seeds and compare them: mean and 95% CI per group."""
     with user_errors(debug):
-        from moectl import sweep as sweeping
+        from moectl.commands import sweep as sweeping
 
         console.quiet_libraries()
         code = sweeping.sweep_command(sweep_path, overrides, jobs, report)

@@ -107,7 +107,7 @@ def interrupt_after_first_checkpoint(args: list[str], run_dir: Path):
     import sys
     import time
 
-    from moectl import checkpoint
+    from moectl.services import checkpoint
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

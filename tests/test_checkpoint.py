@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from moectl import checkpoint
-from moectl.errors import CheckpointError
+from moectl.services import checkpoint
+from moectl.common.errors import CheckpointError
 
 
 class Tiny(nn.Module):

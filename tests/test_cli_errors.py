@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_config, write_config
-from moectl import checkpoint
+from moectl.services import checkpoint
 from moectl.cli import app
 
 runner = CliRunner()
@@ -341,6 +341,7 @@ def test_flags_with_a_fixed_set_of_values_list_them_and_refuse_others(tmp_path, 
 
 
 def test_the_cli_offers_the_formats_and_dtypes_export_knows():
-    from moectl import cli, export
+    from moectl import cli
+    from moectl.commands import export
 
     assert cli.EXPORT_FORMATS == tuple(export.FORMATS) and cli.EXPORT_DTYPES == tuple(export.DTYPES)

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import tiny_config, write_config
 from moectl import config
-from moectl.errors import ConfigError
+from moectl.common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

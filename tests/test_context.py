@@ -16,11 +16,14 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from conftest import tiny_config, weights, write_config
-from moectl import checkpoint, config, data, errors, evaluate
+from moectl import config, data
+from moectl.commands import evaluate
+from moectl.common import errors
+from moectl.services import checkpoint
 from moectl.cli import app
-from moectl.loaded_model import load
+from moectl.services.loaded_model import load
 from moectl.models import build_model
-from moectl.train import fit
+from moectl.commands.train import fit
 
 runner = CliRunner()
 # Deterministic: no dropout, no routing noise, so runs that differ only in bookkeeping agree.

@@ -22,7 +22,7 @@ from conftest import module_texts, prepare_corpus
 from moectl import config, data
 from moectl.data import lm, tokenizer
 from moectl.data import BatchSampler, Blocks, Split
-from moectl.errors import DataError
+from moectl.common.errors import DataError
 
 EOT = "<|endoftext|>"
 

@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from conftest import events, interrupt_after_first_checkpoint, scalar_series, tiny_config, weights, write_config
-from moectl import checkpoint, config, distributed
-from moectl.errors import ConfigError
+from moectl import config
+from moectl.services import checkpoint, distributed
+from moectl.common.errors import ConfigError
 from moectl.moe import load_balancing_loss
 from moectl.data import eval_chunks
-from moectl.distributed import batch_layout
-from moectl.train import fit
+from moectl.services.distributed import batch_layout
+from moectl.commands.train import fit
 
 # Without router losses and dropout, 1 and 2 processes compute the same gradients.
 # Micro-batches of 1: the single process accumulates 4, each of the two processes 2.
@@ -196,7 +197,7 @@ def run_with_rank1_fault(tmp_path: Path, fault: str, *overrides: str) -> tuple[s
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
         "    import time\n"
-        "    import moectl.train as t\n"
+        "    import moectl.commands.train as t\n"
         "    _lr_at = t.lr_at\n"
         "    def lr_at(step, *args):\n"
         "        if step == 2:\n"

@@ -22,12 +22,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import scalar_series, tiny_config, weights, write_config
-from moectl import checkpoint, config, expert_parallel
-from moectl.errors import ConfigError
+from moectl import config
+from moectl.services import checkpoint, expert_parallel
+from moectl.common.errors import ConfigError
 from moectl.moe import MoELayer
 from moectl.moe.router import ExpertChoiceRouter, SoftRouter
-from moectl.runtime import Dist
-from moectl.train import fit
+from moectl.common.runtime import Dist
+from moectl.commands.train import fit
 from test_distributed import EXACT, assert_close_weights, moectl
 
 # ----------------------------------------------------------------------------- the sharded layer
@@ -107,7 +108,7 @@ def test_arrivals_are_regrouped_by_expert_then_source_rank():
 
 def test_shadow_policies_pick_the_hottest_experts():
     from moectl.moe.experts import GroupedExperts
-    from moectl.perf_model import Hardware
+    from moectl.common.perf_model import Hardware
 
     experts = GroupedExperts(4, 64, 64, "swiglu")
     skewed = torch.tensor([[500, 10, 10, 10], [500, 10, 20, 10]])  # (N, E) rows per rank and expert

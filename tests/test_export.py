@@ -13,8 +13,8 @@ from conftest import tiny_config, weights
 from moectl import config
 from moectl.cli import app
 from moectl.models import parameter_counts
-from moectl.train import fit
-from moectl.loaded_model import load
+from moectl.commands.train import fit
+from moectl.services.loaded_model import load
 
 runner = CliRunner()
 

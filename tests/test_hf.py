@@ -9,12 +9,13 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_config
-from moectl import config, hf
+from moectl import config
+from moectl.services import hf
 from moectl.cli import app
-from moectl.generate import generate
-from moectl.loaded_model import load
+from moectl.commands.generate import generate
+from moectl.services.loaded_model import load
 from moectl.models import build_model
-from moectl.train import fit
+from moectl.commands.train import fit
 
 transformers = pytest.importorskip("transformers")  # the `test` extra installs it, so CI runs these
 runner = CliRunner()

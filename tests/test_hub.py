@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from moectl import data, hub
+from moectl import data
+from moectl.common import hub
 from moectl.data import lm, tokenizer
 from moectl.config import from_dict
-from moectl.errors import DataError
+from moectl.common.errors import DataError
 
 
 @pytest.fixture

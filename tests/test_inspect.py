@@ -13,13 +13,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import events, tiny_config
-from moectl import config, loaded_model, plots, route_stats
+from moectl import config
+from moectl.commands import route_stats
+from moectl.common import plots
+from moectl.services import loaded_model
 from moectl.cli import app
-from moectl.evaluate import JSON_KEYS as EVAL_KEYS
-from moectl.generate import filter_logits, token_pieces
+from moectl.commands.evaluate import JSON_KEYS as EVAL_KEYS
+from moectl.commands.generate import filter_logits, token_pieces
 from moectl.moe.record import make_record
-from moectl.stats import RoutingProfile, summarize
-from moectl.train import fit
+from moectl.common.stats import RoutingProfile, summarize
+from moectl.commands.train import fit
 
 runner = CliRunner()
 
@@ -117,7 +120,7 @@ def test_eval_matches_training_and_reports_bits_per_byte(runs, arch, tmp_path):
     assert rep["bytes_exact"] and rep["step"] == 4
     # The bytes are the UTF-8 bytes of the scored text.
     model = loaded_model.load(run.run_dir)
-    from moectl import evaluate
+    from moectl.commands import evaluate
 
     blocks, _, batches = evaluate.split_batches(model, "validation", None)
     text_bytes = sum(len(model.tokenizer.decode(blocks.batch(b)[1].reshape(-1).tolist()).encode()) for b in batches)
@@ -230,7 +233,7 @@ def test_generate_is_reproducible_and_shows_routing(runs, arch):
     shown = invoke(*args, "--show-routing", layer)
     assert shown.exit_code == 0, shown.output
     assert f"layer {layer:02d}, top-1 expert of each new token" in shown.stdout
-    from moectl.generate import generate
+    from moectl.commands.generate import generate
 
     g = generate(model, "def f(x):", 20, 0.8, 50, None, 7, show_layer=layer)
     assert len(g.experts) == len(g.token_ids) == len(g.pieces)

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 from conftest import events, tiny_config
 from moectl import config
 from moectl.cli import app
-from moectl.hf import refusal
+from moectl.services.hf import refusal
 from moectl.models import build_model
 from moectl.models.head import MixtureHead, mixture_log_probs, objective_loss
-from moectl.train import fit
+from moectl.commands.train import fit
 
 runner = CliRunner()
 V = 50
@@ -168,8 +168,8 @@ def test_the_head_gate_is_read_by_its_weights_and_frozen_with_the_routers():
     # A dense gate sends every token to every expert, so route-stats reads who takes what from the
     # gate weights: token 5 goes 0.9 + 0.9 to expert 0, token 6 mostly to expert 1.
     from moectl.moe.record import make_record
-    from moectl.stats import RoutingProfile
-    from moectl.warmstart import freeze
+    from moectl.common.stats import RoutingProfile
+    from moectl.services.warmstart import freeze
 
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.9, 0.1]])
     rec = make_record(probs.log(), probs, torch.arange(2).expand(3, 2), probs)

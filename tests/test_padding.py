@@ -20,13 +20,14 @@ import pytest
 import torch
 
 from conftest import prepare_corpus, scalar_series, tiny_config, write_config
-from moectl import config, data, evaluate
+from moectl import config, data
+from moectl.commands import evaluate
 from moectl.data import sft
 from moectl.config import ROUTERS
 from moectl.models import build_model
 from moectl.moe import make_router, routing_losses
-from moectl.stats import RoutingProfile, RoutingStats
-from moectl.train import fit
+from moectl.common.stats import RoutingProfile, RoutingStats
+from moectl.commands.train import fit
 from test_routers import CAPACITY_ROUTERS, D, _one_thread, build_layer  # noqa: F401 (_one_thread: autouse fixture)
 
 B, T = 3, 10

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from moectl.perf_model import ExpertShape, Hardware, Layout, estimate, greedy_shadow, owner, top_shadow
+from moectl.common.perf_model import ExpertShape, Hardware, Layout, estimate, greedy_shadow, owner, top_shadow
 
 SHAPE = ExpertShape(d_model=8, hidden=16, num_experts=4, matrices=3, bytes_per_value=4)
 HW = Hardware("test", flops=1e9, intra_bandwidth=1e6, inter_bandwidth=1e5, latency=1e-3, devices_per_node=8, memory=1e9)

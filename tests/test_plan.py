@@ -10,11 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_config, write_config
-from moectl import config, plan
+from moectl import config
+from moectl.commands import plan
 from moectl.cli import app
-from moectl.errors import ConfigError
-from moectl.perf_model import PRESETS, Hardware
-from moectl.train import fit
+from moectl.common.errors import ConfigError
+from moectl.common.perf_model import PRESETS, Hardware
+from moectl.commands.train import fit
 
 HW = Hardware("test", flops=1e12, intra_bandwidth=1e10, inter_bandwidth=1e9, latency=1e-5, devices_per_node=4,
               memory=1e9, nodes=2)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moectl import config
-from moectl.hf import refusal
+from moectl.services.hf import refusal
 from moectl.models import build_model
 from moectl.moe import MoELayer, make_router, routing_losses
 from moectl.moe.dispatch import plan

@@ -29,12 +29,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import assert_sorted_equals_loop, tiny_config
 from moectl import config
-from moectl.errors import ConfigError
+from moectl.common.errors import ConfigError
 from moectl.models import build_model, build_moe_layer
 from moectl.config import ROUTERS
 from moectl.moe import MoELayer, make_router, routing_losses
 from moectl.moe.router import NOISE_EPS, smooth_load
-from moectl.train import fit
+from moectl.commands.train import fit
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True:UserWarning")
 

@@ -25,14 +25,15 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import module_texts, prepare_corpus, scalar_series, tiny_config, weights, write_config
-from moectl import checkpoint, config, data
+from moectl import config, data
+from moectl.services import checkpoint
 from moectl.data import chat, sft
 from moectl.data import tokenizer as tokenizers_
 from moectl.cli import app
-from moectl.errors import ConfigError, DataError
+from moectl.common.errors import ConfigError, DataError
 from moectl.models import build_model
 from moectl.training.optim import make_optimizer
-from moectl.train import fit
+from moectl.commands.train import fit
 
 EOT = "<|endoftext|>"
 
@@ -352,7 +353,7 @@ def test_lr_multipliers_and_frozen_experts(tmp_path):
     assert {n: m for n, m in by_mult.items() if ".router." in n} and all(
         by_mult[n] == (0.5 if ".router." in n else 2.0 if ".experts." in n else 1.0) for n in by_mult)
     assert len(by_mult) == sum(1 for _ in model.parameters())
-    from moectl import warmstart
+    from moectl.services import warmstart
 
     frozen = warmstart.freeze(model, "experts")
     assert frozen == sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -513,8 +514,8 @@ def test_generate_chat_stops_at_the_templates_end_of_turn_marker(tmp_path, case)
     """The answer ends where the model closes its turn, with the marker one token (a BPE trained
     for the template) or several (a tokenizer that does not know it), and the marker is not shown;
     the built-in template stops at end-of-text as it always has."""
-    from moectl import generate as generation
-    from moectl.loaded_model import LoadedModel
+    from moectl.commands import generate as generation
+    from moectl.services.loaded_model import LoadedModel
 
     template = chat.BUILTIN_TEMPLATE if case == "built-in" else CHATML
     markers = chat.Template(CHATML, EOT).markers() if case == "chatml, one token" else ()

@@ -1,4 +1,4 @@
-"""Routing statistics (moectl.stats): `summarize` on hand-made loads, router entropy, and the
+"""Routing statistics (moectl.common.stats): `summarize` on hand-made loads, router entropy, and the
 window accumulator `RoutingStats`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moectl.moe import MoELayer, RoutingRecord
-from moectl.stats import RoutingStats, summarize
+from moectl.common.stats import RoutingStats, summarize
 
 # float() on a loss that requires grad is fine here: the tests only read values.
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True:UserWarning")

@@ -17,10 +17,11 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import tiny_config, write_config
-from moectl import checkpoint, config
-from moectl import sweep as sweeping
+from moectl import config
+from moectl.services import checkpoint
+from moectl.commands import sweep as sweeping
 from moectl.cli import app
-from moectl.errors import ConfigError
+from moectl.common.errors import ConfigError
 
 runner = CliRunner()
 
@@ -164,7 +165,7 @@ def test_every_shipped_experiment_validates(monkeypatch):
 
 def test_the_error_bar_chart_draws_groups_without_a_value():
     # A dense model has no MoE layer, so no max/mean load: its group is drawn without a point.
-    from moectl import plots
+    from moectl.common import plots
 
     image = plots.error_bars(["dense", "E8"], [float("nan"), 1.3], [float("nan"), 0.1], "max_over_mean")
     assert image.shape[2] == 3 and (image != 255).any()

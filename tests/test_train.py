@@ -13,10 +13,12 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import events, interrupt_after_first_checkpoint, scalar_series, tiny_config, weights, write_config
-from moectl import checkpoint, config, plots
+from moectl import config
+from moectl.common import plots
+from moectl.services import checkpoint
 from moectl.cli import app
 from moectl.training.optim import lr_at, make_optimizer
-from moectl.train import fit
+from moectl.commands.train import fit
 
 runner = CliRunner()
 

@@ -9,12 +9,13 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_config, weights
-from moectl import config, warmstart
+from moectl import config
+from moectl.services import warmstart
 from moectl.cli import app
-from moectl.errors import ConfigError
+from moectl.common.errors import ConfigError
 from moectl.models import build_model
-from moectl.train import fit
-from moectl.loaded_model import load
+from moectl.commands.train import fit
+from moectl.services.loaded_model import load
 
 runner = CliRunner()
 

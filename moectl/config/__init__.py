@@ -25,8 +25,8 @@ Which file holds what (import everything from `moectl.config`):
     reference.py  reference_yaml (`moectl config`) and reference_markdown (README's table)
 """
 
-from moectl.errors import ConfigError
-from moectl.perf_model import PRESETS as HARDWARE_PRESETS
+from moectl.common.errors import ConfigError
+from moectl.common.perf_model import PRESETS as HARDWARE_PRESETS
 
 from .data import DataConfig, TokenizerConfig
 from .loading import (_apply, _check_key, _Loader, _read_as_trained, _switch_router, changed, config_hash, dump,

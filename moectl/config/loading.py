@@ -15,8 +15,8 @@ from typing import Any, Optional, Union
 import yaml
 from pydantic import ValidationError
 
-from moectl.errors import ConfigError
-from moectl.fileio import atomic_write_text
+from moectl.common.errors import ConfigError
+from moectl.common.fileio import atomic_write_text
 
 from .messages import _did_you_mean, _format_errors
 from .moe import ROUTERS, MoEConfig, router_needs

@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator
 
-from moectl.perf_model import PRESETS as HARDWARE_PRESETS
+from moectl.common.perf_model import PRESETS as HARDWARE_PRESETS
 
 from .section import Section
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from moectl import console
+from moectl.common import console
 from moectl.config import DataConfig, TokenizerConfig
 from moectl.data import lm, sft
 from moectl.data.lm import BatchSampler, Blocks, Corpus, Split, StreamSampler, eval_batches, eval_chunks, stream_batches
 from moectl.data.sft import IGNORE, ExampleBlocks, Examples
-from moectl.errors import ConfigError
+from moectl.common.errors import ConfigError
 
 __all__ = ["IGNORE", "BatchSampler", "Blocks", "Corpus", "ExampleBlocks", "Examples", "Rows", "Split", "StreamSampler",
            "blocks", "check_context", "describe", "eval_batches", "eval_chunks", "prepare", "report", "report_tokens", "stream_batches"]

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from moectl import hub
+from moectl.common import hub
 from moectl.data import tokenizer as tokenizers_
 from moectl.data.chat import TEMPLATE_FILE
 from moectl.config import DataConfig, TokenizerConfig
-from moectl.errors import DataError
-from moectl.fileio import atomic_write_text
+from moectl.common.errors import DataError
+from moectl.common.fileio import atomic_write_text
 
 TOKENS_VERSION = "2"  # bump when the token layout changes, so old caches are not reused
 FORMAT_BY_SUFFIX = {

@@ -4,7 +4,7 @@ Sources are those of language modelling (data.source): JSONL, JSON, Parquet or C
 dataset, a save_to_disk directory, or `stdlib`, which here means instruction pairs made from
 this Python's standard library: "write the docstring for this function" with a function's
 signature as the prompt and the first paragraph of its docstring as the response (offline,
-like the language-modelling corpus). Each row becomes a conversation (moectl/chat.py), is
+like the language-modelling corpus). Each row becomes a conversation (moectl/data/chat.py), is
 rendered with the chat template and tokenised piece by piece, so every token is known to be
 prompt or response. Only response tokens are targets: the loss, perplexity and bits per byte
 count them alone.
@@ -32,9 +32,9 @@ from tokenizers import Tokenizer
 from moectl.data import chat, lm
 from moectl.data import tokenizer as tokenizers_
 from moectl.config import DataConfig, TokenizerConfig
-from moectl.errors import DataError
+from moectl.common.errors import DataError
 from moectl.models.base import IGNORE_INDEX
-from moectl.fileio import atomic_write_text
+from moectl.common.fileio import atomic_write_text
 
 SFT_VERSION = "1"  # bump when the token layout changes, so old caches are not reused
 DOCSTRING_PROMPT = "Write the docstring for this Python function.\n\n"

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from moectl import hub
+from moectl.common import hub
 from moectl.data.chat import ROLE_TOKENS
 from moectl.config import TokenizerConfig
-from moectl.errors import DataError
-from moectl.fileio import atomic_write_text
+from moectl.common.errors import DataError
+from moectl.common.fileio import atomic_write_text
 
 if TYPE_CHECKING:
     import numpy
@@ -26,7 +26,7 @@ RECIPE_VERSION = "bytelevel-bpe-2"  # bump when training changes, so old cached 
 
 def reserved(eot_token: str, markers: Sequence[str] = ()) -> list[str]:
     """A trained BPE's special tokens: the end-of-text token, the built-in chat template's role
-    markers (moectl/chat.py), so a model pretrained with it can be instruction-tuned without
+    markers (moectl/data/chat.py), so a model pretrained with it can be instruction-tuned without
     growing its vocabulary, then `markers`, those of the template it is trained for
     (chat.Template.markers), so each is one token; each once."""
     return list(dict.fromkeys([eot_token, *ROLE_TOKENS, *markers]))

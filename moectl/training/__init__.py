@@ -1,4 +1,4 @@
-"""The training loop's parts; moectl/train.py is the loop itself and imports them from here.
+"""The training loop's parts; moectl/commands/train.py is the loop itself and imports them from here.
 
   model.py   the model as the loop trains it: built, warm-started, frozen, sharded, on its device
   optim.py   AdamW's parameter groups and the LR schedule

@@ -8,11 +8,12 @@ from typing import Optional
 
 import torch
 
-from moectl import console, expert_parallel, perf_model, warmstart
+from moectl.common import console, perf_model
+from moectl.services import expert_parallel, warmstart
 from moectl.config import ModelConfig, MoEConfig, TrainConfig
-from moectl.expert_parallel import ExpertParallel
+from moectl.services.expert_parallel import ExpertParallel
 from moectl.models import LanguageModel, build_model, lookahead, parameter_counts
-from moectl.runtime import Dist
+from moectl.common.runtime import Dist
 from moectl.training.state import seed_rank
 
 

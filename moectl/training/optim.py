@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from moectl import console, warmstart
+from moectl.common import console
+from moectl.services import warmstart
 from moectl.config import OptimConfig
 
 

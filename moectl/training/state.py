@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from moectl import console, distributed
+from moectl.common import console
+from moectl.services import distributed
 from moectl.data import IGNORE, Rows, StreamSampler
-from moectl.expert_parallel import ExpertParallel
-from moectl.runtime import Dist
-from moectl.stats import Sums, perplexity
+from moectl.services.expert_parallel import ExpertParallel
+from moectl.common.runtime import Dist
+from moectl.common.stats import Sums, perplexity
 
 
 # The loop's counters that a checkpoint's meta.json keeps (eval and route-stats read them there too).

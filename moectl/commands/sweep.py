@@ -46,10 +46,13 @@ from typing import Any, Optional
 
 import yaml
 
-from moectl import checkpoint, config, console, evaluate, loaded_model, plots
+from moectl import config
+from moectl.commands import evaluate
+from moectl.common import console, plots
+from moectl.services import checkpoint, loaded_model
 from moectl.config import Config
-from moectl.errors import ConfigError
-from moectl.tracking import Tracker
+from moectl.common.errors import ConfigError
+from moectl.services.tracking import Tracker
 
 SWEEP_KEYS = ("base", "name", "set", "grid", "variants")
 ATTEMPT = "=== moectl sweep: attempt"  # opens each attempt in a cell's log

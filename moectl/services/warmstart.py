@@ -11,7 +11,7 @@ Three sources:
   computes exactly the dense model before training;
 - a Hugging Face Mixtral directory (a transformers checkpoint, or what `moectl export --format hf`
   wrote for a Mixtral-shaped model): its config must describe the model the moectl config builds,
-  and its tensors are mapped by moectl/hf.py.
+  and its tensors are mapped by moectl/services/hf.py.
 
 The run uses the source's tokenizer, so token ids keep their meaning.
 """
@@ -25,9 +25,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from moectl import checkpoint, config, hf
+from moectl import config
+from moectl.services import checkpoint, hf
 from moectl.config import ModelConfig, MoEConfig, TrainConfig
-from moectl.errors import ConfigError
+from moectl.common.errors import ConfigError
 from moectl.models import build_model
 from moectl.models.layers import FFNSlot
 

@@ -30,8 +30,8 @@ from torch import nn
 
 from moectl import __version__, config
 from moectl.config import Config, RunConfig
-from moectl.errors import CheckpointError, ConfigError
-from moectl.fileio import staged_directory
+from moectl.common.errors import CheckpointError, ConfigError
+from moectl.common.fileio import staged_directory
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 BEST = "best"  # checkpoints/best -> step_NNNNNN with checkpoint.keep_best

@@ -16,10 +16,12 @@ from typing import Optional
 import torch
 from tokenizers import Tokenizer
 
-from moectl import checkpoint, config, console, runtime
+from moectl import config
+from moectl.common import console, runtime
+from moectl.services import checkpoint
 from moectl.data import tokenizer as tokenizers_
 from moectl.config import Config
-from moectl.errors import CheckpointError, ConfigError
+from moectl.common.errors import CheckpointError, ConfigError
 from moectl.models import LanguageModel, build_model, lookahead, moe_slots, routed_experts
 
 # What a user may change when measuring a trained model: which data, and how capacity behaves.

@@ -32,8 +32,8 @@ from typing import Optional
 
 import numpy as np
 
-from moectl import plots
-from moectl.stats import COLUMNS, LayerStats, worst_imbalance
+from moectl.common import plots
+from moectl.common.stats import COLUMNS, LayerStats, worst_imbalance
 
 
 def layer_tag(slot: int) -> str:

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from moectl.errors import ConfigError
+from moectl.common.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

@@ -19,10 +19,10 @@ from typing import Optional
 
 import torch
 
-from moectl import console
+from moectl.common import console
 from moectl.data import chat
-from moectl.errors import ConfigError
-from moectl.loaded_model import LoadedModel, check_layer
+from moectl.common.errors import ConfigError
+from moectl.services.loaded_model import LoadedModel, check_layer
 
 
 @dataclass

@@ -15,11 +15,11 @@ The loop's parts live in moectl/training/: the model as trained, the optimizer a
 the logging window, and the resumable state (`Run.resumable`), whose parts each save and restore
 themselves; save and restore here never name a part.
 
-Under torchrun the same loop runs in every process (moectl/distributed.py): each rank takes
+Under torchrun the same loop runs in every process (moectl/services/distributed.py): each rank takes
 its slice of every global batch, DDP averages the gradients (skipping the all-reduce on
 non-final micro-steps), routing statistics and logged losses are summed over ranks before
 they are logged, evaluation is split over ranks, and only rank 0 writes logs and checkpoints.
-With train.expert_parallel each rank holds only its share of the experts (moectl/expert_parallel.py):
+With train.expert_parallel each rank holds only its share of the experts (moectl/services/expert_parallel.py):
 the loop reduces and clips their gradients itself, and checkpoints hold them in the one-process layout.
 """
 
@@ -37,19 +37,21 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from torch import nn
 
-from moectl import checkpoint, config, console, data, distributed, expert_parallel, runtime, training
+from moectl import config, data, training
+from moectl.common import console, runtime
+from moectl.services import checkpoint, distributed, expert_parallel
 from moectl.config import Config
-from moectl.console import StopOnInterrupt, TrainProgress
-from moectl.errors import CheckpointError, DataError, TrainingError
-from moectl.evaluate import mean_loss, perplexity
+from moectl.common.console import StopOnInterrupt, TrainProgress
+from moectl.common.errors import CheckpointError, DataError, TrainingError
+from moectl.commands.evaluate import mean_loss, perplexity
 from moectl.models import LanguageModel, moe_layers, moe_slots
-from moectl.runtime import Dist
+from moectl.common.runtime import Dist
 from moectl.training import LoopState, RunResult
-from moectl.tracking import Tracker
+from moectl.services.tracking import Tracker
 
 if TYPE_CHECKING:
-    from moectl.expert_parallel import ExpertParallel
-    from moectl.stats import RoutingStats
+    from moectl.services.expert_parallel import ExpertParallel
+    from moectl.common.stats import RoutingStats
 
 
 @dataclass

@@ -2,7 +2,7 @@
 training loop needs, and the `--nproc-per-node` launcher.
 
 The same `moectl train` runs with one process or many. Under torchrun (WORLD_SIZE > 1 in the
-environment moectl/runtime.py reads) `init` starts a process group (NCCL when the device is
+environment moectl/common/runtime.py reads) `init` starts a process group (NCCL when the device is
 CUDA, gloo otherwise) and the loop wraps the model in DistributedDataParallel.
 Without torchrun every helper here is a no-op, so single-process code pays nothing.
 
@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moectl import console, runtime
+from moectl.common import console, runtime
 from moectl.config import TrainConfig
-from moectl.errors import ConfigError, DistributedError, PeerFailed
-from moectl.runtime import Dist
+from moectl.common.errors import ConfigError, DistributedError, PeerFailed
+from moectl.common.runtime import Dist
 
 T = TypeVar("T")
 

@@ -21,12 +21,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from moectl import plots
-from moectl.errors import ConfigError
-from moectl.evaluate import split_batches
-from moectl.loaded_model import LoadedModel
-from moectl.stats import COLUMNS, LayerStats, RoutingProfile
-from moectl.tracking import Tracker
+from moectl.common import plots
+from moectl.common.errors import ConfigError
+from moectl.commands.evaluate import split_batches
+from moectl.services.loaded_model import LoadedModel
+from moectl.common.stats import COLUMNS, LayerStats, RoutingProfile
+from moectl.services.tracking import Tracker
 
 POSITION_BINS = 8
 
@@ -40,7 +40,7 @@ JSON_KEYS = {
     "layers": "one entry per MoE layer, keys below",
     "layers[].slot": "FFN slot of the layer (the transformer block, or the gap after LSTM layer N)",
     "layers[].stats": "the layer's balance statistics: load, share, tokens, "
-    + ", ".join(c.name for c in COLUMNS) + " (moectl/stats.py)",
+    + ", ".join(c.name for c in COLUMNS) + " (moectl/common/stats.py)",
     "layers[].collapsed": "max_over_mean > collapse_threshold",
     "layers[].experts": "per expert: expert, load (assignments processed), share, importance (share of summed router "
     "probability), drop_fraction (chosen but dropped by capacity), top10_share (share of its assignments taken by its "

@@ -21,14 +21,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moectl import console, data, distributed, runtime
+from moectl import data
+from moectl.common import console, runtime
+from moectl.services import distributed
 from moectl.data import IGNORE
 from moectl.data import tokenizer as tokenizers_
-from moectl.errors import ConfigError, DataError
-from moectl.loaded_model import LoadedModel
+from moectl.common.errors import ConfigError, DataError
+from moectl.services.loaded_model import LoadedModel
 from moectl.models import LanguageModel, moe_layers
-from moectl.runtime import Dist
-from moectl.stats import COLUMNS, RoutingStats, accumulator_dtype, bits_per_byte, perplexity
+from moectl.common.runtime import Dist
+from moectl.common.stats import COLUMNS, RoutingStats, accumulator_dtype, bits_per_byte, perplexity
 
 
 @torch.no_grad()
@@ -112,7 +114,7 @@ JSON_KEYS = {
     "eval_capacity_factor": "capacity factor the MoE layers used (null: dropless)",
     "context": "`block` (each block from a fresh start), `stateful` (LSTM state carried over contiguous streams) "
     "or `stride S` (sliding windows: each token scored once with at least seq_len - S tokens of context)",
-    "layers": "per MoE layer: slot (FFN index) plus the routing statistics of moectl/stats.py",
+    "layers": "per MoE layer: slot (FFN index) plus the routing statistics of moectl/common/stats.py",
 }
 
 

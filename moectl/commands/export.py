@@ -11,7 +11,7 @@ train.init_from accept as they accept a run:
     DIR/README.md           a model card: architecture, parameters, data, quality, routing summary
 
 `--format hf`: a Mixtral or Qwen2-MoE directory that transformers' `AutoModelForCausalLM` and
-`AutoTokenizer` load as-is (the mapping is moectl/hf.py); an instruction-tuned run's chat
+`AutoTokenizer` load as-is (the mapping is moectl/services/hf.py); an instruction-tuned run's chat
 template becomes the tokenizer's, for apply_chat_template. It is loaded in transformers and its
 logits are checked against moectl's before it is put in place.
 
@@ -30,15 +30,16 @@ from typing import Optional
 
 import torch
 
-from moectl import __version__, checkpoint, config, hf
+from moectl import __version__, config
+from moectl.services import checkpoint, hf
 from moectl.data import chat
-from moectl.errors import CheckpointError, ConfigError, DataError, MoectlError
-from moectl.stats import perplexity
-from moectl.evaluate import run as evaluate_run
-from moectl.fileio import staged_directory
-from moectl.loaded_model import LoadedModel
+from moectl.common.errors import CheckpointError, ConfigError, DataError, MoectlError
+from moectl.common.stats import perplexity
+from moectl.commands.evaluate import run as evaluate_run
+from moectl.common.fileio import staged_directory
+from moectl.services.loaded_model import LoadedModel
 from moectl.models import parameter_counts
-from moectl.stats import COLUMNS
+from moectl.common.stats import COLUMNS
 
 FORMATS = {"safetensors": "moectl-safetensors-bundle-1", "hf": "moectl-hf-export-1"}  # meta.json "format"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -23,7 +23,7 @@ FasterMoE (He et al., PPoPP 2022), each part behind its own key and each leaving
 as it was: dynamic shadowing (`train.shadow_experts`: the group's hottest experts broadcast from
 their owners and computed where their tokens are, gradients reduced back) and smart scheduling
 (`train.ep_overlap`: the exchange split into point-to-point messages per peer, overlapped with
-the experts' compute of the rows already there). moectl/perf_model.py predicts what they buy.
+the experts' compute of the rows already there). moectl/common/perf_model.py predicts what they buy.
 
 Checkpoints stay in the full layout: `full_experts` lets rank 0 write every expert, and lets
 every rank read a full checkpoint and keep its own slice, so a run resumes under any expert- or
@@ -43,11 +43,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moectl import perf_model
-from moectl.errors import ConfigError
+from moectl.common import perf_model
+from moectl.common.errors import ConfigError
 from moectl.moe import MoELayer
 from moectl.moe.experts import GroupedExperts, ffn
-from moectl.runtime import Dist
+from moectl.common.runtime import Dist
 
 
 def check_layout(n: int, world_size: int) -> None:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from moectl.runtime import is_main_process
+from moectl.common.runtime import is_main_process
 
 err = Console(stderr=True)
 out = Console()

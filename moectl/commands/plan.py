@@ -2,7 +2,7 @@
 
 From a trained run it takes the model's shape and each MoE layer's routing (the per-expert
 loads route-stats measures on the validation split), and from a hardware description (a preset
-of moectl/perf_model.py or a small YAML file) the device count, rates and memory. For each
+of moectl/common/perf_model.py or a small YAML file) the device count, rates and memory. For each
 candidate layout (plain DDP, every expert-parallel size that divides the processes and the
 experts, each alone, with FasterMoE's shadowing, and with shadowing and overlap) it predicts:
 
@@ -28,12 +28,12 @@ import yaml
 
 from torch import nn
 
-from moectl import route_stats
+from moectl.commands import route_stats
 from moectl.config import Config, yaml_load
-from moectl.errors import ConfigError
-from moectl.loaded_model import LoadedModel
+from moectl.common.errors import ConfigError
+from moectl.services.loaded_model import LoadedModel
 from moectl.models import moe_layers
-from moectl.perf_model import PRESETS, ExpertShape, Hardware, Layout, estimate, greedy_shadow
+from moectl.common.perf_model import PRESETS, ExpertShape, Hardware, Layout, estimate, greedy_shadow
 
 JSON_KEYS = {
     "hardware": "the hardware description used (name, flops, intra_bandwidth, inter_bandwidth, latency, "

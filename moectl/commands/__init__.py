@@ -1,0 +1,12 @@
+"""The commands: what `moectl <command>` runs, one module each. cli.py parses the command line,
+loads the config and calls one function here; below this layer nothing holds the whole Config
+(only the sections it needs), except a checkpoint's metadata.
+
+  train.py        `moectl train`: the training loop (its parts are in moectl/training/)
+  evaluate.py     the evaluation loop (training calls it too) and `moectl eval`
+  route_stats.py  `moectl route-stats`: what each layer's routing does, with pictures
+  generate.py     `moectl generate`: sampling, and chat with an instruction-tuned run
+  export.py       `moectl export`: a safetensors bundle, or a transformers directory
+  sweep.py        `moectl sweep`: a grid of runs over seeds, compared with confidence intervals
+  plan.py         `moectl plan`: a run's predicted step on other hardware and layouts
+"""

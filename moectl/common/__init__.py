@@ -1,0 +1,11 @@
+"""The leaves: small modules every layer may use, which use nothing above them.
+
+  runtime.py     device, autocast, the torchrun environment, threads and memory
+  stats.py       perplexity, bits per byte, and the one list of routing-statistic columns
+  errors.py      the error types the command line turns into one clear line
+  console.py     progress bars, status lines, the end-of-run summary; Ctrl-C handling
+  fileio.py      atomic writes of files and directories
+  plots.py       heatmaps and error-bar charts as PNG files
+  perf_model.py  FasterMoE's performance model of an expert-parallel layer (plain arithmetic)
+  hub.py         Hugging Face Hub access that fails fast when the Hub cannot be reached
+"""
