@@ -20,7 +20,7 @@ from tokenizers import pre_tokenizers
 
 from conftest import module_texts, prepare_corpus
 from moectl import config, data
-from moectl.data import lm, tokenizer
+from moectl.data import formats, lm, tokenizer
 from moectl.data import BatchSampler, Blocks, Split
 from moectl.common.errors import DataError
 
@@ -759,13 +759,13 @@ def test_json_problems_are_placed_on_the_files_own_lines(tmp_path):
     one JSON document; datasets' own are 0-based rows within a chunk of the file."""
     lines = tmp_path / "a.jsonl"
     lines.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": 3}\n')
-    assert lm.json_problem(str(lines)).startswith("line 4: field 'text' is a number, but a string on line 1")
-    assert lm.json_line_numbers(str(lines)) == [1, 3, 4]
+    assert formats.json_problem(str(lines)).startswith("line 4: field 'text' is a number, but a string on line 1")
+    assert formats.json_line_numbers(str(lines)) == [1, 3, 4]
     lines.write_text('{"text": "a"}\n\n["text"]\n')
-    assert lm.json_problem(str(lines)).startswith("line 3: a JSON array, not an object")
+    assert formats.json_problem(str(lines)).startswith("line 3: a JSON array, not an object")
     document = tmp_path / "b.json"
     document.write_text('[\n  {"text": "a"},\n\n  {"text": "b"\n  {"text": "c"}\n]\n')
-    assert lm.json_problem(str(document)).startswith("line 5: not valid JSON (Expecting ',' delimiter at column 3)")
-    assert lm.json_line_numbers(str(document)) is None
+    assert formats.json_problem(str(document)).startswith("line 5: not valid JSON (Expecting ',' delimiter at column 3)")
+    assert formats.json_line_numbers(str(document)) is None
     document.write_text('[{"text": "a"}, {"text": null}]')
-    assert lm.json_problem(str(document)) is None
+    assert formats.json_problem(str(document)) is None

@@ -197,7 +197,7 @@ def run_with_rank1_fault(tmp_path: Path, fault: str, *overrides: str) -> tuple[s
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
         "    import time\n"
-        "    import moectl.commands.train as t\n"
+        "    import moectl.training as t  # the loop reads lr_at from the package at each step\n"
         "    _lr_at = t.lr_at\n"
         "    def lr_at(step, *args):\n"
         "        if step == 2:\n"

@@ -12,7 +12,6 @@ quality numbers, and `moectl eval`, which reports them with each layer's routing
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional

@@ -71,6 +71,21 @@ def token_pieces(tok, ids: list[int]) -> list[str]:
 
 
 @torch.no_grad()
+def check_sampling(loaded: LoadedModel, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """Refuse sampling settings out of range, and a model that cannot generate token by token."""
+    if temperature < 0:
+        raise ConfigError(f"--temperature {temperature}: must be >= 0 (0 is greedy)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p {top_p}: must be in (0, 1]")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k {top_k}: must be >= 1")
+    if loaded.cfg.model.is_moe and loaded.cfg.moe.router == "expert_choice":
+        raise ConfigError(
+            "moe.router=expert_choice routes each token by comparing it with the whole batch, later positions "
+            "included, so token-by-token generation cannot route as the model was trained; measure it with moectl eval"
+        )
+
+
 def generate(
     loaded: LoadedModel,
     prompt: str,
@@ -84,17 +99,7 @@ def generate(
 ) -> Generation:
     """`chat_turn`: send the prompt as a user turn in the run's chat template, which generation
     answers (None: when the run was instruction-tuned, data.task=sft)."""
-    if temperature < 0:
-        raise ConfigError(f"--temperature {temperature}: must be >= 0 (0 is greedy)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"--top-p {top_p}: must be in (0, 1]")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"--top-k {top_k}: must be >= 1")
-    if loaded.cfg.model.is_moe and loaded.cfg.moe.router == "expert_choice":
-        raise ConfigError(
-            "moe.router=expert_choice routes each token by comparing it with the whole batch, later positions "
-            "included, so token-by-token generation cannot route as the model was trained; measure it with moectl eval"
-        )
+    check_sampling(loaded, temperature, top_k, top_p)
     loaded.warn_about_lookahead()
     record_index = check_layer(loaded, show_layer) if show_layer is not None else None
     tok, cfg = loaded.tokenizer, loaded.cfg

@@ -2,7 +2,9 @@
 instruction tuning (data.task=sft); training and evaluation consume what it hands them alike.
 
   lm.py         text: loading (Hub, files, save_to_disk, the built-in corpus), the validation carve,
-                tokenising with its cache, Blocks of the token stream, the samplers, evaluation batches
+                tokenising with its cache, Blocks of the token stream
+  formats.py    local data files: their format, their split patterns, the line at fault in bad JSON
+  batches.py    which rows make each batch: the samplers (shuffled, or streams), evaluation batches
   sft.py        instruction tuning: examples -> chat template -> tokens with a response mask -> rows
   chat.py       chat templates: rendering, their markers, messages from prompt/response fields
   tokenizer.py  the BPE trained here, or a tokenizer file or Hub tokenizer; special tokens
@@ -22,7 +24,8 @@ from typing import Optional, Union
 from moectl.common import console
 from moectl.config import DataConfig, TokenizerConfig
 from moectl.data import lm, sft
-from moectl.data.lm import BatchSampler, Blocks, Corpus, Split, StreamSampler, eval_batches, eval_chunks, stream_batches
+from moectl.data.batches import BatchSampler, StreamSampler, eval_batches, eval_chunks, stream_batches
+from moectl.data.lm import Blocks, Corpus, Split
 from moectl.data.sft import IGNORE, ExampleBlocks, Examples
 from moectl.common.errors import ConfigError
 

@@ -12,21 +12,19 @@ token array with the end-of-text token after every document; block i is tokens[i
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import os
-import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 from moectl.common import hub
+from moectl.data import formats
 from moectl.data import tokenizer as tokenizers_
 from moectl.data.chat import TEMPLATE_FILE
 from moectl.config import DataConfig, TokenizerConfig
@@ -34,17 +32,7 @@ from moectl.common.errors import DataError
 from moectl.common.fileio import atomic_write_text
 
 TOKENS_VERSION = "2"  # bump when the token layout changes, so old caches are not reused
-FORMAT_BY_SUFFIX = {
-    ".txt": "text",
-    ".md": "text",
-    ".py": "text",
-    ".json": "json",
-    ".jsonl": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-}
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-EMPTY_PROBE_BYTES = 1 << 20  # a larger file is not read to see whether it holds only whitespace
 
 
 def cache_dir(cfg: DataConfig) -> Path:
@@ -79,149 +67,15 @@ def _load_stdlib():
     return DatasetDict({"train": Dataset.from_dict({"text": texts, "path": [str(f.relative_to(root)) for f in files]})})
 
 
-def infer_format(data_files: Any) -> str:
-    first = data_files
-    while isinstance(first, (list, dict)):
-        first = next(iter(first.values())) if isinstance(first, dict) else (first[0] if first else "")
-    suffix = Path(str(first)).suffix.lower()
-    if suffix not in FORMAT_BY_SUFFIX:
-        raise DataError(
-            f"data.format is null and the extension of {first!r} does not say which builder to use; "
-            f"set data.format to one of text, json, csv, parquet"
-        )
-    return FORMAT_BY_SUFFIX[suffix]
-
-
-def patterns(data_files: Any) -> list[tuple[str, str]]:
-    """(split, pattern) pairs of a data_files value (a path, a list, or a mapping split -> either)."""
-    if isinstance(data_files, dict):
-        return [(split, p) for split, v in data_files.items() for _, p in patterns(v)]
-    items = data_files if isinstance(data_files, list) else [data_files]
-    return [("train", str(p)) for p in items]
-
-
-def check_local_files(data_files: Any) -> None:
-    for split, pattern in patterns(data_files):
-        if "://" in pattern:  # remote (hf://, s3://, https://): left to datasets
-            continue
-        if not glob.glob(os.path.expanduser(pattern), recursive=True):
-            raise DataError(f"data.data_files: {pattern!r} ({split}) matches no files; check the path or glob")
-
-
-def split_files(data_files: Any) -> dict[str, list[str]]:
-    """The local files a data_files value matches, by split, each list sorted; a split with a remote
-    pattern (hf://, s3://, https://) is left out: what it holds is not known here."""
-    out: dict[str, list[str]] = {}
-    remote = {split for split, pattern in patterns(data_files) if "://" in pattern}
-    for split, pattern in patterns(data_files):
-        if split not in remote:
-            out.setdefault(split, []).extend(sorted(glob.glob(os.path.expanduser(pattern), recursive=True)))
-    return out
-
-
-def is_empty(file: str) -> bool:
-    """A file with no text: no bytes, or only whitespace (datasets reads such a file as no rows)."""
-    if not os.path.isfile(file) or os.path.getsize(file) > EMPTY_PROBE_BYTES:
-        return False
-    with open(file, "rb") as f:
-        return not f.read().strip()
-
-
-def _json_kind(value: Any) -> str:
-    kinds = ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"), (dict, "object"))
-    return next(name for types, name in kinds if isinstance(value, types))
-
-
-def _json_lines(raw: bytes) -> Optional[list[bytes]]:
-    """The lines of a JSON-lines file (split on newlines, as datasets reads it), or None for a
-    file holding one JSON document (an array of rows): its first non-blank line is no JSON object."""
-    lines = raw.split(b"\n")
-    first = next((line for line in lines if line.strip()), None)
-    if first is not None:
-        try:
-            if not isinstance(json.loads(first), dict):
-                return None
-        except ValueError:
-            return None
-    return lines
-
-
-def _not_json(number: int, exc: json.JSONDecodeError) -> str:
-    return f"line {number}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}); fix that line"
-
-
-def json_line_numbers(file: str) -> Optional[list[int]]:
-    """The file line (1-based, as an editor shows it) of each row of a JSON-lines file: blank lines
-    hold no row. None for a file that is one JSON document."""
-    with open(file, "rb") as f:  # streamed: an instruction-tuning file can be large
-        numbers = [i for i, line in enumerate(f, 1) if line.strip()]
-        f.seek(0)
-        first = next((line for line in f if line.strip()), b"")
-    return numbers if _json_lines(first) is not None else None
-
-
-def json_problem(file: str) -> Optional[str]:
-    """Where a JSON or JSON-lines file stops being readable, as `line N: what` with N the file's
-    line (1-based, blank lines counted: datasets and pyarrow count rows, from 0, within each
-    10 MB chunk). None when Python's json reads it all and every field keeps one type."""
-    raw = Path(file).read_bytes()
-    lines = _json_lines(raw)
-    if lines is None:  # one document
-        try:
-            json.loads(raw)
-        except UnicodeDecodeError:
-            return "line 1: not UTF-8 text; save the file as UTF-8"
-        except json.JSONDecodeError as exc:
-            return _not_json(exc.lineno, exc)
-        return None
-    seen: dict[str, tuple[str, int]] = {}  # field -> (its JSON type, the line it first had it)
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            return f"line {number}: not UTF-8 text; save the file as UTF-8"
-        except json.JSONDecodeError as exc:
-            return _not_json(number, exc)
-        if not isinstance(row, dict):
-            return f"line {number}: a JSON {_json_kind(row)}, not an object of fields; each line must be one {{...}}"
-        for field, value in row.items():
-            if value is None:
-                continue
-            kind, first = seen.setdefault(field, (_json_kind(value), number))
-            if kind != _json_kind(value):
-                return (f"line {number}: field {field!r} is a {_json_kind(value)}, but a {kind} on line {first}; "
-                        "give it one type in every row")
-    return None
-
-
-def locate_json_problem(files: list[str]) -> Optional[str]:
-    """`FILE, line N: what` for the first of the JSON `files` datasets could not read, or None."""
-    for file in files:
-        problem = json_problem(file) if os.path.isfile(file) else None
-        if problem:
-            return f"{file}, {problem}"
-    return None
-
-
-def builder_reason(exc: Exception) -> str:
-    """The first line of a datasets builder's error, less its row number (counted from 0 within
-    a chunk of the file, so not a line a person can find)."""
-    cause = exc.__cause__ or exc
-    reason = str(cause).splitlines()[0] if str(cause) else cause.__class__.__name__
-    return re.sub(r" in row \d+", "", reason)
-
-
 def _load_files(cfg: DataConfig):
     import datasets
 
-    check_local_files(cfg.data_files)
-    fmt = cfg.format or infer_format(cfg.data_files)
+    formats.check_local_files(cfg.data_files)
+    fmt = cfg.format or formats.infer_format(cfg.data_files)
     kwargs = {"sample_by": cfg.sample_by} if fmt == "text" else {}
-    by_split = split_files(cfg.data_files)
+    by_split = formats.split_files(cfg.data_files)
     for split, files in by_split.items():
-        if files and all(is_empty(f) for f in files):
+        if files and all(formats.is_empty(f) for f in files):
             named = files[0] if len(files) == 1 else f"every {split} file of data.data_files={cfg.data_files!r}"
             raise DataError(f"{named} is empty (no text at all); add text, or point data.data_files at other files")
     try:
@@ -229,8 +83,8 @@ def _load_files(cfg: DataConfig):
     except FileNotFoundError:
         raise DataError(f"data.data_files={cfg.data_files!r} matches no files; check the path or glob") from None
     except Exception as exc:  # the builders raise DatasetGenerationError, ArrowInvalid, ValueError, ...
-        located = locate_json_problem([f for files in by_split.values() for f in files]) if fmt == "json" else None
-        reason = f"data.data_files={cfg.data_files!r}: cannot read them as {fmt} ({builder_reason(exc)})"
+        located = formats.locate_json_problem([f for files in by_split.values() for f in files]) if fmt == "json" else None
+        reason = f"data.data_files={cfg.data_files!r}: cannot read them as {fmt} ({formats.builder_reason(exc)})"
         raise DataError(located or reason) from None
     for split, ds in splits.items():
         if len(ds) and not has_text(ds, cfg.text_column):
@@ -468,118 +322,3 @@ class Blocks:
         """Every block is one stretch of the token stream, with no padding: nothing for the model
         beyond the tokens (see sft.ExampleBlocks.layout)."""
         return {}
-
-
-class BatchSampler:
-    """Shuffled global batches of block ids, a fresh permutation per epoch, resumable.
-
-    Epoch e's order is randperm(num_blocks) under seed + e; a batch never straddles two
-    epochs (the tail that does not fill a batch is skipped). The state is (epoch, cursor).
-    """
-
-    def __init__(self, num_blocks: int, batch_size: int, seed: int):
-        if num_blocks < batch_size:
-            raise DataError(
-                f"the training split has {num_blocks} blocks, fewer than train.batch_size={batch_size}; "
-                "lower train.batch_size or data.seq_len, or add data"
-            )
-        self.num_blocks = num_blocks
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-        self.cursor = 0
-        self._perm: Optional[np.ndarray] = None
-
-    def _order(self) -> np.ndarray:
-        if self._perm is None:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._perm = torch.randperm(self.num_blocks, generator=g).numpy()
-        return self._perm
-
-    def next(self) -> np.ndarray:
-        """The next global batch: (batch_size,) block ids."""
-        if self.cursor + self.batch_size > self.num_blocks:
-            self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
-        ids = self._order()[self.cursor : self.cursor + self.batch_size]
-        self.cursor += self.batch_size
-        return ids
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor, self._perm = int(state["epoch"]), int(state["cursor"]), None
-
-
-class StreamSampler:
-    """Batches for truncated backpropagation through time (train.lstm_stateful): the blocks are
-    cut into batch_size contiguous streams of `per` = num_blocks // batch_size blocks, and step j
-    of a pass takes block j of every stream, so row s of each batch continues row s of the
-    previous one. A new pass starts the streams again from a zero state (`fresh`). The state is
-    (epoch, cursor), as BatchSampler's."""
-
-    def __init__(self, num_blocks: int, batch_size: int):
-        self.per = num_blocks // batch_size
-        if self.per < 1:
-            raise DataError(
-                f"the training split has {num_blocks} blocks, fewer than train.batch_size={batch_size} streams; "
-                "lower train.batch_size or data.seq_len, or add data"
-            )
-        self.batch_size = batch_size
-        self.epoch = 0
-        self.cursor = 0
-
-    def next(self) -> np.ndarray:
-        """The next global batch: (batch_size,) block ids, one per stream, in stream order."""
-        if self.cursor == self.per:
-            self.epoch, self.cursor = self.epoch + 1, 0
-        ids = np.arange(self.batch_size, dtype=np.int64) * self.per + self.cursor
-        self.cursor += 1
-        return ids
-
-    @property
-    def fresh(self) -> bool:
-        """Whether the batch next() returns starts the streams (a zero state)."""
-        return self.cursor in (0, self.per)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-
-
-def stream_batches(blocks: Blocks, batch_size: int, max_batches: Optional[int]) -> list[np.ndarray]:
-    """Validation batches for a model that carries state: batch_size contiguous streams spread
-    over the split, and batch j holds block j of each; the first `max_batches` of them (all when None)."""
-    per = len(blocks) // batch_size
-    if per < 1:
-        raise DataError(
-            f"the {blocks.split.name} split has {len(blocks)} blocks, fewer than {batch_size} streams of one; "
-            "lower the batch size or data.seq_len"
-        )
-    columns = per if max_batches is None else min(per, max_batches)
-    return [np.arange(batch_size, dtype=np.int64) * per + j for j in range(columns)]
-
-
-def eval_batches(blocks: Blocks, batch_size: int, max_batches: Optional[int]) -> list[np.ndarray]:
-    """Validation batches, the same at every evaluation.
-
-    All blocks in order, or, when max_batches caps them, blocks spread evenly over the whole split
-    (not its first documents), so a capped evaluation still samples all of it.
-    """
-    n = len(blocks)
-    if max_batches is None or max_batches * batch_size >= n:
-        ids = np.arange(n)
-    else:
-        ids = np.linspace(0, n - 1, max_batches * batch_size).round().astype(np.int64)  # distinct: step >= 1
-    return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
-
-
-def eval_chunks(batches: list, size: int) -> list:
-    """The validation set's batches re-cut to `size` sequences (each process's micro-batch), so
-    every world size evaluates the same sequences."""
-    if not batches:
-        return []
-    ids = np.concatenate(batches)
-    return [ids[i : i + size] for i in range(0, len(ids), size)]

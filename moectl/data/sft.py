@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from moectl.data import chat, lm
+from moectl.data import chat, formats, lm
 from moectl.data import tokenizer as tokenizers_
 from moectl.config import DataConfig, TokenizerConfig
 from moectl.common.errors import DataError
@@ -103,24 +103,24 @@ def _load_files(cfg: DataConfig):
     """Each file on its own, so every row knows its file and line (the `_where` column)."""
     import datasets
 
-    lm.check_local_files(cfg.data_files)
-    fmt = cfg.format or lm.infer_format(cfg.data_files)
+    formats.check_local_files(cfg.data_files)
+    fmt = cfg.format or formats.infer_format(cfg.data_files)
     if fmt == "text":
         raise DataError("data.task=sft reads JSON / JSONL, Parquet or CSV files (fields per example), not plain text; "
                         "set data.format or give such files")
     splits: dict[str, list] = {}
-    for split, pattern in lm.patterns(cfg.data_files):
+    for split, pattern in formats.patterns(cfg.data_files):
         files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if "://" not in pattern else [pattern]
         for file in files:
-            if lm.is_empty(file):
+            if formats.is_empty(file):
                 raise DataError(f"{file} is empty; put examples in it, or leave it out of data.data_files")
             try:
                 ds = datasets.load_dataset(fmt, data_files=[file], split="train")
             except Exception as exc:  # the builders raise DatasetGenerationError, ArrowInvalid, ValueError, ...
-                located = lm.locate_json_problem([file]) if fmt == "json" and "://" not in file else None
-                raise DataError(located or f"{file}: cannot read it as {fmt} ({lm.builder_reason(exc)})") from None
+                located = formats.locate_json_problem([file]) if fmt == "json" and "://" not in file else None
+                raise DataError(located or f"{file}: cannot read it as {fmt} ({formats.builder_reason(exc)})") from None
             # JSON lines: the file's line, blank lines counted, as an editor shows it; else the row.
-            lines = lm.json_line_numbers(file) if fmt == "json" and "://" not in file else None
+            lines = formats.json_line_numbers(file) if fmt == "json" and "://" not in file else None
             where = ([f"{file}, line {n}" for n in lines] if lines is not None and len(lines) == len(ds)
                      else [f"{file}, row {i + 1}" for i in range(len(ds))])
             splits.setdefault(split, []).append(ds.add_column("_where", where))
