@@ -246,8 +246,8 @@ def eval_command(
         import json
 
         from moectl.commands import evaluate
-        from moectl.services import loaded_model
         from moectl.common.fileio import atomic_write_text
+        from moectl.services import loaded_model
 
         _choose("--split", split, SPLITS)
         extra = [] if capacity_factor is None else [f"moe.eval_capacity_factor={_capacity_factor(capacity_factor)}"]

@@ -22,14 +22,14 @@ import torch.nn.functional as F
 
 from moectl import data
 from moectl.common import console, runtime
-from moectl.services import distributed
-from moectl.data import IGNORE
-from moectl.data import tokenizer as tokenizers_
 from moectl.common.errors import ConfigError, DataError
-from moectl.services.loaded_model import LoadedModel
-from moectl.models import LanguageModel, moe_layers
 from moectl.common.runtime import Dist
 from moectl.common.stats import COLUMNS, RoutingStats, accumulator_dtype, bits_per_byte, perplexity
+from moectl.data import IGNORE
+from moectl.data import tokenizer as tokenizers_
+from moectl.models import LanguageModel, moe_layers
+from moectl.services import distributed
+from moectl.services.loaded_model import LoadedModel
 
 
 @torch.no_grad()

@@ -31,15 +31,14 @@ from typing import Optional
 import torch
 
 from moectl import __version__, config
-from moectl.services import checkpoint, hf
-from moectl.data import chat
-from moectl.common.errors import CheckpointError, ConfigError, DataError, MoectlError
-from moectl.common.stats import perplexity
 from moectl.commands.evaluate import run as evaluate_run
+from moectl.common.errors import CheckpointError, ConfigError, DataError, MoectlError
 from moectl.common.fileio import staged_directory
-from moectl.services.loaded_model import LoadedModel
+from moectl.common.stats import COLUMNS, perplexity
+from moectl.data import chat
 from moectl.models import parameter_counts
-from moectl.common.stats import COLUMNS
+from moectl.services import checkpoint, hf
+from moectl.services.loaded_model import LoadedModel
 
 FORMATS = {"safetensors": "moectl-safetensors-bundle-1", "hf": "moectl-hf-export-1"}  # meta.json "format"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

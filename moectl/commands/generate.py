@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 
 from moectl.common import console
-from moectl.data import chat
 from moectl.common.errors import ConfigError
+from moectl.data import chat
 from moectl.services.loaded_model import LoadedModel, check_layer
 
 

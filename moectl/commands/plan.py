@@ -25,15 +25,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-
 from torch import nn
 
 from moectl.commands import route_stats
-from moectl.config import Config, yaml_load
 from moectl.common.errors import ConfigError
-from moectl.services.loaded_model import LoadedModel
-from moectl.models import moe_layers
 from moectl.common.perf_model import PRESETS, ExpertShape, Hardware, Layout, estimate, greedy_shadow
+from moectl.config import Config, yaml_load
+from moectl.models import moe_layers
+from moectl.services.loaded_model import LoadedModel
 
 JSON_KEYS = {
     "hardware": "the hardware description used (name, flops, intra_bandwidth, inter_bandwidth, latency, "

@@ -21,11 +21,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from moectl.commands.evaluate import split_batches
 from moectl.common import plots
 from moectl.common.errors import ConfigError
-from moectl.commands.evaluate import split_batches
-from moectl.services.loaded_model import LoadedModel
 from moectl.common.stats import COLUMNS, LayerStats, RoutingProfile
+from moectl.services.loaded_model import LoadedModel
 from moectl.services.tracking import Tracker
 
 POSITION_BINS = 8

@@ -49,9 +49,9 @@ import yaml
 from moectl import config
 from moectl.commands import evaluate
 from moectl.common import console, plots
-from moectl.services import checkpoint, loaded_model
-from moectl.config import Config
 from moectl.common.errors import ConfigError
+from moectl.config import Config
+from moectl.services import checkpoint, loaded_model
 from moectl.services.tracking import Tracker
 
 SWEEP_KEYS = ("base", "name", "set", "grid", "variants")

@@ -38,20 +38,20 @@ import torch
 from torch import nn
 
 from moectl import config, data, training
+from moectl.commands.evaluate import mean_loss, perplexity
 from moectl.common import console, runtime
-from moectl.services import checkpoint, distributed, expert_parallel
-from moectl.config import Config
 from moectl.common.console import StopOnInterrupt, TrainProgress
 from moectl.common.errors import CheckpointError, DataError, TrainingError
-from moectl.commands.evaluate import mean_loss, perplexity
-from moectl.models import LanguageModel, moe_layers, moe_slots
 from moectl.common.runtime import Dist
-from moectl.training import LoopState, RunResult
+from moectl.config import Config
+from moectl.models import LanguageModel, moe_layers, moe_slots
+from moectl.services import checkpoint, distributed, expert_parallel
 from moectl.services.tracking import Tracker
+from moectl.training import LoopState, RunResult
 
 if TYPE_CHECKING:
-    from moectl.services.expert_parallel import ExpertParallel
     from moectl.common.stats import RoutingStats
+    from moectl.services.expert_parallel import ExpertParallel
 
 
 @dataclass

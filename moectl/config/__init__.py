@@ -29,8 +29,23 @@ from moectl.common.errors import ConfigError
 from moectl.common.perf_model import PRESETS as HARDWARE_PRESETS
 
 from .data import DataConfig, TokenizerConfig
-from .loading import (_apply, _check_key, _Loader, _read_as_trained, _switch_router, changed, config_hash, dump,
-                      from_dict, load, parse_override, save, to_dict, with_values, yaml_load)
+from .loading import (
+    _apply,
+    _check_key,
+    _Loader,
+    _read_as_trained,
+    _switch_router,
+    changed,
+    config_hash,
+    dump,
+    from_dict,
+    load,
+    parse_override,
+    save,
+    to_dict,
+    with_values,
+    yaml_load,
+)
 from .messages import _describe_error, _did_you_mean, _field_key, _format_errors, _section_fields, _union_kind
 from .model import ACTIVATIONS, ModelConfig
 from .moe import LOSS_KEYS, PAPER_DROP_POLICY, PAPER_LOSSES, ROUTER_TOP_K, ROUTERS, MoEConfig, router_needs

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Optional, Union
 
 from moectl.common import console
+from moectl.common.errors import ConfigError
 from moectl.config import DataConfig, TokenizerConfig
 from moectl.data import lm, sft
 from moectl.data.batches import BatchSampler, StreamSampler, eval_batches, eval_chunks, stream_batches
 from moectl.data.lm import Blocks, Corpus, Split
 from moectl.data.sft import IGNORE, ExampleBlocks, Examples
-from moectl.common.errors import ConfigError
 
 __all__ = ["IGNORE", "BatchSampler", "Blocks", "Corpus", "ExampleBlocks", "Examples", "Rows", "Split", "StreamSampler",
            "blocks", "check_context", "describe", "eval_batches", "eval_chunks", "prepare", "report", "report_tokens", "stream_batches"]

@@ -24,12 +24,12 @@ import torch
 from tokenizers import Tokenizer
 
 from moectl.common import hub
+from moectl.common.errors import DataError
+from moectl.common.fileio import atomic_write_text
+from moectl.config import DataConfig, TokenizerConfig
 from moectl.data import formats
 from moectl.data import tokenizer as tokenizers_
 from moectl.data.chat import TEMPLATE_FILE
-from moectl.config import DataConfig, TokenizerConfig
-from moectl.common.errors import DataError
-from moectl.common.fileio import atomic_write_text
 
 TOKENS_VERSION = "2"  # bump when the token layout changes, so old caches are not reused
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}

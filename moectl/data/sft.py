@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from moectl.common.errors import DataError
+from moectl.common.fileio import atomic_write_text
+from moectl.config import DataConfig, TokenizerConfig
 from moectl.data import chat, formats, lm
 from moectl.data import tokenizer as tokenizers_
-from moectl.config import DataConfig, TokenizerConfig
-from moectl.common.errors import DataError
 from moectl.models.base import IGNORE_INDEX
-from moectl.common.fileio import atomic_write_text
 
 SFT_VERSION = "1"  # bump when the token layout changes, so old caches are not reused
 DOCSTRING_PROMPT = "Write the docstring for this Python function.\n\n"

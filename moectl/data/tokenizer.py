@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moectl.common import hub
-from moectl.data.chat import ROLE_TOKENS
-from moectl.config import TokenizerConfig
 from moectl.common.errors import DataError
 from moectl.common.fileio import atomic_write_text
+from moectl.config import TokenizerConfig
+from moectl.data.chat import ROLE_TOKENS
 
 if TYPE_CHECKING:
     import numpy

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from moectl import __version__, config
-from moectl.config import Config, RunConfig
 from moectl.common.errors import CheckpointError, ConfigError
 from moectl.common.fileio import staged_directory
+from moectl.config import Config, RunConfig
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 BEST = "best"  # checkpoints/best -> step_NNNNNN with checkpoint.keep_best

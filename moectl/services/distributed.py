@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moectl.common import console, runtime
-from moectl.config import TrainConfig
 from moectl.common.errors import ConfigError, DistributedError, PeerFailed
 from moectl.common.runtime import Dist
+from moectl.config import TrainConfig
 
 T = TypeVar("T")
 

@@ -45,9 +45,9 @@ from torch import Tensor, nn
 
 from moectl.common import perf_model
 from moectl.common.errors import ConfigError
+from moectl.common.runtime import Dist
 from moectl.moe import MoELayer
 from moectl.moe.experts import GroupedExperts, ffn
-from moectl.common.runtime import Dist
 
 
 def check_layout(n: int, world_size: int) -> None:

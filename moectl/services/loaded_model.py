@@ -18,11 +18,11 @@ from tokenizers import Tokenizer
 
 from moectl import config
 from moectl.common import console, runtime
-from moectl.services import checkpoint
-from moectl.data import tokenizer as tokenizers_
-from moectl.config import Config
 from moectl.common.errors import CheckpointError, ConfigError
+from moectl.config import Config
+from moectl.data import tokenizer as tokenizers_
 from moectl.models import LanguageModel, build_model, lookahead, moe_slots, routed_experts
+from moectl.services import checkpoint
 
 # What a user may change when measuring a trained model: which data, and how capacity behaves.
 OVERRIDABLE = ("data.", "train.eval_batches", "train.micro_batch_size", "train.device", "train.precision",

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from moectl import config
-from moectl.services import checkpoint, hf
-from moectl.config import ModelConfig, MoEConfig, TrainConfig
 from moectl.common.errors import ConfigError
+from moectl.config import ModelConfig, MoEConfig, TrainConfig
 from moectl.models import build_model
 from moectl.models.layers import FFNSlot
+from moectl.services import checkpoint, hf
 
 
 def _source(init_from: str) -> Path:

@@ -10,7 +10,16 @@
 from moectl.training.model import build, tokenizer_file
 from moectl.training.optim import check_schedule, lr_at, make_optimizer
 from moectl.training.state import (
-    Flags, LoopState, LSTMCarry, OptimizerState, RankSums, RNGStates, RunResult, StartRoutes, TrainState, seed_rank,
+    Flags,
+    LoopState,
+    LSTMCarry,
+    OptimizerState,
+    RankSums,
+    RNGStates,
+    RunResult,
+    StartRoutes,
+    TrainState,
+    seed_rank,
 )
 from moectl.training.window import LossWindow, loss_sums, review, routing_window, target_shares
 

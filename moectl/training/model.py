@@ -9,11 +9,11 @@ from typing import Optional
 import torch
 
 from moectl.common import console, perf_model
-from moectl.services import expert_parallel, warmstart
-from moectl.config import ModelConfig, MoEConfig, TrainConfig
-from moectl.services.expert_parallel import ExpertParallel
-from moectl.models import LanguageModel, build_model, lookahead, parameter_counts
 from moectl.common.runtime import Dist
+from moectl.config import ModelConfig, MoEConfig, TrainConfig
+from moectl.models import LanguageModel, build_model, lookahead, parameter_counts
+from moectl.services import expert_parallel, warmstart
+from moectl.services.expert_parallel import ExpertParallel
 from moectl.training.state import seed_rank
 
 

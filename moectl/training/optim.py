@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from moectl.common import console
-from moectl.services import warmstart
 from moectl.config import OptimConfig
+from moectl.services import warmstart
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

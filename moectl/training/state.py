@@ -28,12 +28,11 @@ import torch
 from torch import nn
 
 from moectl.common import console
-from moectl.services import distributed
-from moectl.data import IGNORE, Rows, StreamSampler
-from moectl.services.expert_parallel import ExpertParallel
 from moectl.common.runtime import Dist
 from moectl.common.stats import Sums, perplexity
-
+from moectl.data import IGNORE, Rows, StreamSampler
+from moectl.services import distributed
+from moectl.services.expert_parallel import ExpertParallel
 
 # The loop's counters that a checkpoint's meta.json keeps (eval and route-stats read them there too).
 COUNTERS = ("tokens_seen", "first_eval_loss", "eval_loss", "best_eval_loss", "best_step", "evals_since_best")

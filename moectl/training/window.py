@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moectl.services import distributed
+from moectl.common.runtime import Dist
+from moectl.common.stats import LayerStats, RoutingStats, Sums, accumulator_dtype, worst_imbalance
 from moectl.data import IGNORE
 from moectl.models import moe_slots, routed_experts
 from moectl.moe import LOSS_NAMES
-from moectl.common.runtime import Dist
-from moectl.common.stats import LayerStats, RoutingStats, Sums, accumulator_dtype, worst_imbalance
+from moectl.services import distributed
 
 
 def loss_sums(out) -> torch.Tensor:
