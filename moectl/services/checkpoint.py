@@ -4,9 +4,11 @@ A run directory `<run.dir>/<run.name>/` holds config.yaml, tokenizer.json, Tenso
 and `checkpoints/step_NNNNNN/`, each with
 
   model.safetensors   the weights (tied tensors stored once)
-  state.pt            optimizer, sampler position, RNG state of every rank, the logging window's
-                      loss and routing sums, and which layers were flagged as collapsing; tensors
-                      and plain containers only, read with torch.load(weights_only=True)
+  state.pt            the resumable state's parts by name (moectl/training/state.py): optimizer,
+                      sampler position, RNG state of every rank, the logging window's loss and
+                      routing sums, collapse flags, and where used the carried LSTM state and the
+                      starting routes; tensors and plain containers only, read with
+                      torch.load(weights_only=True)
   meta.json           `metadata()`: step, tokens seen, config hash, versions, time, eval loss, ...
 
 A checkpoint is staged in a hidden directory and renamed into place (fileio.staged_directory),
