@@ -3,7 +3,7 @@ quality numbers, and `moectl eval`, which reports them with each layer's routing
 (as JSON with the documented JSON_KEYS, or as a table for people).
 
 - loss: mean next-token cross-entropy in nats per token;
-- perplexity = exp(loss);
+- perplexity = exp(loss) (this and bits per byte are computed in moectl/common/stats.py);
 - bits per byte = (summed loss / ln 2) / (UTF-8 bytes of the target tokens), so models with
   different tokenizers compare. With a byte-level BPE every token's byte length is exact (one
   vocabulary character is one byte; the end-of-text token has none); with another tokenizer
@@ -148,7 +148,8 @@ def split_batches(
     if split not in ("validation", "train"):
         raise DataError(f"--split {split!r}: choose validation or train")
     cfg = loaded.cfg
-    corpus = data.prepare(cfg.data, cfg.tokenizer, tokenizer_file=loaded.run_dir / "tokenizer.json", only="validation" if split == "validation" else "training")
+    corpus = data.prepare(cfg.data, cfg.tokenizer, tokenizer_file=loaded.run_dir / "tokenizer.json",
+                          only="validation" if split == "validation" else "training")
     tokens = corpus.validation if split == "validation" else corpus.train
     blocks = data.blocks(tokens, cfg.data, corpus.eot_id)
     batching = data.stream_batches if stateful else data.eval_batches

@@ -209,7 +209,7 @@ def _resumable(run: Run, state: LoopState) -> training.TrainState:
         parts["lstm_state"] = run.carry
     if run.drift is not None:
         parts["routes_at_start"] = run.drift
-    return training.TrainState(run.model, run.ep, parts, optional=("collapsed", "lstm_state", "routes_at_start"))
+    return training.TrainState(run.ep, parts, optional=("collapsed", "lstm_state", "routes_at_start"))
 
 
 def _open_logs(run: Run, state: LoopState, purge: Optional[int]) -> None:

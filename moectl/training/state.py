@@ -7,8 +7,9 @@ A part has two methods:
   load_state_dict(saved)  on every rank at resume, with what was written (None for an optional
                           part the checkpoint lacks)
 
-`TrainState` holds the parts by their names in state.pt and the model, whose weights a checkpoint
-keeps apart (model.safetensors). The loop's save and restore name no part: a new feature that must
+`TrainState` holds the parts by their names in state.pt; the weights a checkpoint keeps apart
+(model.safetensors), and `TrainState.weights` puts every expert in place for them. The loop's
+save and restore name no part: a new feature that must
 survive a resume adds a part where the run is set up, and nothing else. `LoopState` holds the loop's
 step and counters, which a checkpoint keeps in its metadata (meta.json), where eval reads them too.
 
@@ -25,7 +26,6 @@ from typing import Any, ContextManager, Optional, Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
 from moectl.common import console
 from moectl.common.runtime import Dist
@@ -114,9 +114,8 @@ class Stateful(Protocol):
 class TrainState:
     """The run's resumable parts, saved and restored in one order on every rank (some gather)."""
 
-    def __init__(self, model: nn.Module, ep: Optional[ExpertParallel], parts: dict[str, Stateful],
-                 optional: tuple[str, ...] = ()):
-        self.model, self.ep, self.parts, self.optional = model, ep, parts, optional
+    def __init__(self, ep: Optional[ExpertParallel], parts: dict[str, Stateful], optional: tuple[str, ...] = ()):
+        self.ep, self.parts, self.optional = ep, parts, optional
 
     def weights(self, gather: bool) -> ContextManager:
         """The model with every expert in place, to save (`gather`) or to load into (see
