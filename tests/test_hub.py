@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from moectl import data
 from moectl.common import hub
 from moectl.data import lm, tokenizer
 from moectl.config import from_dict
