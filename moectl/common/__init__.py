@@ -2,6 +2,7 @@
 
   runtime.py     device, autocast, the torchrun environment, threads and memory
   stats.py       perplexity, bits per byte, and the one list of routing-statistic columns
+  paired.py      comparisons over seeds: means with t-intervals, paired differences, verdicts, curves
   errors.py      the error types the command line turns into one clear line
   console.py     progress bars, status lines, the end-of-run summary; Ctrl-C handling
   fileio.py      atomic writes of files and directories
