@@ -288,6 +288,7 @@ def train_step(run: Run, state: LoopState, stop: StopOnInterrupt) -> float:
     state.tokens_seen, state.session_tokens, state.window_tokens = (
         state.tokens_seen + tokens, state.session_tokens + tokens, state.window_tokens + tokens)
     state.train_seconds, state.window_seconds = state.train_seconds + seconds, state.window_seconds + seconds
+    state.seconds_trained += seconds
     run.progress.update(state.step, loss, lr)
     return lr
 
@@ -361,7 +362,7 @@ def evaluate(run: Run, state: LoopState) -> float:
     routes: Optional[list] = [] if drift is not None and (state.step == 0 or drift.start is not None) else None
     loss = mean_loss(run.model, run.val_blocks, run.val_batches, run.device, run.amp, stats, run.dp,
                      stateful=run.carry is not None, lockstep=run.ep is not None, top1=routes)
-    run.tracker.evaluation(loss, perplexity(loss), state.step)
+    run.tracker.evaluation(loss, perplexity(loss), state.step, state.seconds_trained)
     if run.slots:
         run.tracker.heatmap(stats.summary(), state.step)
     fractions = drift.observe(routes) if routes is not None else None  # the first evaluation records the start

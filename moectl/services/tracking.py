@@ -7,6 +7,8 @@ Scalars
                                      unweighted (moe/losses.py), mean over layers and window
   train/grad_norm (pre-clip, window mean), train/lr, train/tokens_per_sec
   eval/loss, eval/ppl                validation cross-entropy (nats/token) and exp of it
+  eval/train_seconds                 training seconds before this evaluation, over every session
+                                     (the steps alone: no evaluation, logging or checkpoint time)
   routing/layerNN/<column>           per MoE layer over the window, one per stats.COLUMNS name
                                      (cv, max_over_mean, ..., bottom20_share)
   routing/worst_max_over_mean        the most imbalanced layer's max/mean
@@ -57,8 +59,8 @@ class Tracker:
         """The window's training scalars by name: loss, ..., router/z, grad_norm, lr, tokens_per_sec."""
         self._scalars("train/", means, step)
 
-    def evaluation(self, loss: float, ppl: float, step: int) -> None:
-        self._scalars("eval/", {"loss": loss, "ppl": ppl}, step)
+    def evaluation(self, loss: float, ppl: float, step: int, train_seconds: float) -> None:
+        self._scalars("eval/", {"loss": loss, "ppl": ppl, "train_seconds": train_seconds}, step)
 
     def routing(self, slots: list[int], layers: list[LayerStats], step: int, histograms: bool) -> None:
         if not self.writer or not layers:

@@ -35,7 +35,8 @@ from moectl.services import distributed
 from moectl.services.expert_parallel import ExpertParallel
 
 # The loop's counters that a checkpoint's meta.json keeps (eval and route-stats read them there too).
-COUNTERS = ("tokens_seen", "first_eval_loss", "eval_loss", "best_eval_loss", "best_step", "evals_since_best")
+COUNTERS = ("tokens_seen", "first_eval_loss", "eval_loss", "best_eval_loss", "best_step", "evals_since_best",
+            "seconds_trained")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class LoopState:
     best_step: Optional[int] = None
     evals_since_best: int = 0  # evaluations in a row without a lower eval loss (train.early_stopping)
     early_stopped: bool = False
+    seconds_trained: float = 0.0  # in the steps alone, over every session (equal-time comparisons read it)
     train_seconds: float = 0.0  # in this session
     session_tokens: int = 0
     window_seconds: float = 0.0
