@@ -6,6 +6,7 @@ The environment is set at import time, before `datasets` / `huggingface_hub` rea
 from __future__ import annotations
 
 import os
+import shutil
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -43,9 +44,41 @@ def write_corpus(directory: Path, n_files: int = 24) -> Path:
     return directory
 
 
-def tiny_config(tmp_path: Path, arch: str = "transformer_moe", **sections) -> dict:
-    """A config dict for a model that trains in seconds on a written corpus."""
-    corpus = write_corpus(tmp_path / "corpus")
+_SHARED_CORPUS = _SESSION_TMP / "corpus"
+_shared_corpus_files: dict = {}  # name -> (size, mtime) as written; empty until it is
+
+
+def _files(directory: Path) -> dict:
+    return {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in directory.iterdir()} if directory.is_dir() else {}
+
+
+def shared_corpus() -> Path:
+    """The 24-file corpus of `tiny_config`, written once per session and read-only: every run on
+    it finds its data and tokenizer in the session's cache (the cache key follows the files' paths
+    and times, so a corpus written per test is tokenised, and its tokenizer trained, per test)."""
+    if not _shared_corpus_files:
+        shutil.rmtree(_SHARED_CORPUS, ignore_errors=True)
+        write_corpus(_SESSION_TMP / "corpus.tmp").rename(_SHARED_CORPUS)
+        for file in _SHARED_CORPUS.iterdir():
+            file.chmod(0o444)  # a test that edits its corpus must ask tiny_config for its own
+        _shared_corpus_files.update(_files(_SHARED_CORPUS))
+    return _SHARED_CORPUS
+
+
+@pytest.fixture(autouse=True)
+def _shared_corpus_unchanged():
+    """After each test: the shared corpus is as written (a test that changed it, even as root,
+    errors here and the next test gets a new one)."""
+    yield
+    if _shared_corpus_files and _files(_SHARED_CORPUS) != _shared_corpus_files:
+        _shared_corpus_files.clear()
+        pytest.fail("this test changed the shared corpus of tiny_config; give it tiny_config(..., own_corpus=True)")
+
+
+def tiny_config(tmp_path: Path, arch: str = "transformer_moe", *, own_corpus: bool = False, **sections) -> dict:
+    """A config dict for a model that trains in seconds on a written corpus: the session's shared
+    one, or with `own_corpus` one written to tmp_path/corpus (for a test that changes or moves it)."""
+    corpus = write_corpus(tmp_path / "corpus") if own_corpus else shared_corpus()
     cfg = {
         "run": {"name": "tiny", "dir": str(tmp_path / "runs")},
         "model": {"arch": arch, "d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden": 64},
@@ -191,6 +224,12 @@ def _sources(item) -> str:
                     called.append(helper)
         funcs = called
     return "\n".join(out)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's directory (caches, shared corpus, HF home) goes with the session: a full run
+    leaves a few hundred MB in it."""
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
 def pytest_configure(config):

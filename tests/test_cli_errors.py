@@ -39,13 +39,18 @@ def assert_clean_failure(result, *needles: str, code: int = 2) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def trained(tmp_path):
-    """A finished tiny run, and a snapshot of its directory."""
-    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, train={"max_steps": 3}))
+def train_tiny(tmp_path, own_corpus: bool = False):
+    """A finished tiny run: its config file and run directory."""
+    cfg_file = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, own_corpus=own_corpus, train={"max_steps": 3}))
     assert runner.invoke(app, ["train", str(cfg_file)]).exit_code == 0
     run_dir = tmp_path / "runs" / "tiny"
     return cfg_file, run_dir
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A finished tiny run, and a snapshot of its directory."""
+    return train_tiny(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -304,9 +309,9 @@ def test_a_text_column_empty_in_every_row_names_the_file(tmp_path):
                          f"{file}: column 'text'", "every row is empty")
 
 
-def test_resuming_a_finished_run_says_so_before_loading_data(trained, tmp_path):
+def test_resuming_a_finished_run_says_so_before_loading_data(tmp_path):
     """A no-op that succeeds (a job script may rerun its one --resume command), and says how to train on."""
-    cfg_file, run_dir = trained
+    cfg_file, run_dir = train_tiny(tmp_path, own_corpus=True)  # a corpus of its own, to move away
     (tmp_path / "corpus").rename(tmp_path / "moved")  # loading the data would fail: it is not loaded
     before = snapshot(run_dir)
     for target in (run_dir, cfg_file):

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from typer.testing import CliRunner
 
 from conftest import scalar_series, tiny_config, weights, write_config
 from moectl import config
@@ -28,8 +29,11 @@ from moectl.common.errors import ConfigError
 from moectl.moe import MoELayer
 from moectl.moe.router import ExpertChoiceRouter, SoftRouter
 from moectl.common.runtime import Dist
+from moectl.cli import app
 from moectl.commands.train import fit
 from test_distributed import EXACT, assert_close_weights, moectl
+
+runner = CliRunner()
 
 # ----------------------------------------------------------------------------- the sharded layer
 
@@ -174,10 +178,12 @@ def test_checkpoints_hold_every_expert_and_evaluate_as_one_process_would(runs):
     assert sharded["blocks.0.ffn.inner.experts.w_up"].shape[0] == 4
     saved = checkpoint.load_state(checkpoint.latest(runs["ep2"]))["optimizer"]["state"]
     assert {tuple(s["exp_avg"].shape) for s in saved.values()} >= {(4, 32, 32)}  # the optimizer state is whole too
-    proc = moectl("eval", str(runs["ep2"]), "--json")
-    assert proc.returncode == 0, proc.stderr
-    proc_single = moectl("eval", str(runs["single"]), "--json")
-    assert json.loads(proc.stdout)["loss"] == pytest.approx(json.loads(proc_single.stdout)["loss"], rel=1e-5)
+    # `moectl eval` in this process (a single process, as a subprocess would be): no start-up to pay.
+    res = runner.invoke(app, ["eval", str(runs["ep2"]), "--json"])
+    assert res.exit_code == 0, res.output
+    res_single = runner.invoke(app, ["eval", str(runs["single"]), "--json"])
+    assert res_single.exit_code == 0, res_single.output
+    assert json.loads(res.stdout)["loss"] == pytest.approx(json.loads(res_single.stdout)["loss"], rel=1e-5)
 
 
 def _stopped_after_step_2(source: Path, dest: Path) -> Path:
