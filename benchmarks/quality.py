@@ -82,7 +82,7 @@ def tokens_per_sec(run_dir: Path) -> float:
 
 
 def run_pair(pair: str, files: tuple[str, str], args, out: Path) -> list[dict]:
-    from moectl.commands.sweep import mean_ci
+    from moectl.common.paired import mean_ci
 
     moe_file, dense_file = (ROOT / f for f in files)
     common = dict(args.extra)

@@ -20,6 +20,7 @@ from conftest import tiny_config, write_config
 from moectl import config
 from moectl.services import checkpoint
 from moectl.commands import sweep as sweeping
+from moectl.common import paired
 from moectl.cli import app
 from moectl.common.errors import ConfigError
 
@@ -34,9 +35,9 @@ def sweep_file(tmp_path: Path, base_config: dict, **sweep) -> Path:
 
 
 def test_mean_and_confidence_interval_follow_student_t():
-    mean, half = sweeping.mean_ci([1.0, 2.0, 3.0])
+    mean, half = paired.mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / 3**0.5)
-    assert sweeping.mean_ci([5.0])[0] == 5.0 and sweeping.mean_ci([5.0])[1] != sweeping.mean_ci([5.0])[1]  # NaN
+    assert paired.mean_ci([5.0])[0] == 5.0 and paired.mean_ci([5.0])[1] != paired.mean_ci([5.0])[1]  # NaN
 
 
 def test_a_router_grid_gets_what_each_router_needs(tmp_path):
@@ -93,7 +94,7 @@ def test_a_sweep_runs_reports_keeps_going_past_a_failure_and_skips_what_is_done(
     assert {c["cell"]: c["status"] for c in summary["cells"]} == {
         "moe_seed=1": "done", "moe_seed=2": "done", "broken_seed=1": "failed", "broken_seed=2": "failed"}
     losses = [c["metrics"]["eval_loss"] for c in summary["cells"] if c["metrics"]]
-    mean, half = sweeping.mean_ci(losses)
+    mean, half = paired.mean_ci(losses)
     assert float(rows[0]["eval_loss"]) == pytest.approx(mean) and float(rows[0]["eval_loss_ci95"]) == pytest.approx(half)
     assert losses[0] != losses[1] and half > 0  # the seeds differ
     assert (root / "eval_loss.png").is_file() and any((root / "hparams").iterdir())
@@ -148,7 +149,7 @@ def test_a_failed_cell_reports_its_last_attempts_error(tmp_path):
 
 def test_student_t_beyond_the_table():
     # Exact 97.5% quantiles: 2.1199 (16), 2.0423 (30), 2.0003 (60).
-    assert [round(sweeping.t975(d), 3) for d in (15, 16, 30, 60)] == [2.131, 2.119, 2.042, 2.0]
+    assert [round(paired.t975(d), 3) for d in (15, 16, 30, 60)] == [2.131, 2.119, 2.042, 2.0]
 
 
 def test_every_shipped_experiment_validates(monkeypatch):

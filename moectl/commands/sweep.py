@@ -11,6 +11,11 @@ A sweep file:
     variants:                            # optional: named sets of keys, each crossed with the grid
       - {name: moe}
       - {name: dense, model.arch: transformer_dense}
+    compare:                             # optional: every group against a baseline, paired by seed
+      baseline: dense                    # a variant's name, or {grid key: value}, e.g. {moe.router: topk}
+      metric: eval_loss                  # one of the report's metrics (default eval_loss)
+      better: lower                      # the rule, declared before the run: which way is better,
+      margin: 0.02                       # and the margin within which arms are called equivalent
 
 Every cell is validated before any starts. A cell that changes `moe.router` also gets what that
 router needs unless the sweep sets it (config.router_needs, as for `moectl train --set`: Switch's
@@ -23,17 +28,16 @@ run one after another or `jobs` at a time, each with its share of the cores. A f
 is skipped, a stopped one resumed; a failed one is reported and the others go on. Ctrl-C
 stops the running cells at their next step (they save) and a rerun continues.
 
-The report groups the cells over `train.seed` and gives each group's mean and 95% confidence
-interval (Student's t) of the final metrics (`METRICS`), in a table, summary.csv, summary.json,
-TensorBoard's HParams dashboard and one PNG per metric against the swept values.
+The report (sweep_report.py) groups the cells over `train.seed` and gives each group's mean and
+95% confidence interval (Student's t) of the final metrics, and with `compare:` each group's
+paired difference from its baseline with its interval and verdict, the eval loss at equal
+training seconds, and the baseline's steps to reach the group's final loss.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
-import math
 import os
 import signal
 import subprocess
@@ -47,29 +51,15 @@ from typing import Any, Optional
 import yaml
 
 from moectl import config
-from moectl.commands import evaluate
-from moectl.common import console, plots
+from moectl.commands.sweep_report import Compare, compare, finished, parse_compare, show, summarize, write_report
+from moectl.common import console
 from moectl.common.errors import ConfigError
 from moectl.config import Config
-from moectl.services import checkpoint, loaded_model
-from moectl.services.tracking import Tracker
+from moectl.services import checkpoint
 
-SWEEP_KEYS = ("base", "name", "set", "grid", "variants")
+SWEEP_KEYS = ("base", "name", "set", "grid", "variants", "compare")
 ATTEMPT = "=== moectl sweep: attempt"  # opens each attempt in a cell's log
 SEED = "train.seed"
-METRICS = {  # the report's columns: name -> what it is
-    "eval_loss": "final validation loss, nats per token",
-    "bits_per_byte": "final validation bits per byte",
-    "tokens_per_sec": "training throughput of the cell's last session",
-    "max_over_mean": "the most imbalanced MoE layer's max/mean expert load on the validation batches",
-    "maxvio": "MaxVio (Wang et al. 2024): max/mean load - 1 on the validation batches, mean over MoE layers",
-    "drop_fraction": "assignments dropped by capacity on the validation batches, mean over MoE layers",
-    "router_z": "router z-loss mean_x logsumexp(logits)^2, unweighted, over the last training window",
-}
-# Student's t, 97.5% quantile, by degrees of freedom (a 95% two-sided interval); 1.96 beyond.
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
-
-
 @dataclass
 class Cell:
     name: str
@@ -82,6 +72,7 @@ class Cell:
     status: str = "pending"  # pending, done, skipped, failed, stopped
     error: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    curve: dict[str, list] = field(default_factory=dict)  # the eval curve: steps, loss, training seconds
 
 
 @dataclass
@@ -92,6 +83,7 @@ class Sweep:
     root: Path
     keys: list[str]  # the swept keys, in grid order (variant first, if any)
     cells: list[Cell]
+    compare: Optional[Compare] = None  # the compare: block: every group against its baseline, by seed
 
 
 def _as_set(value: Any) -> str:
@@ -135,6 +127,7 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> Sweep:
         raise ConfigError(f"{path}: the grid is empty; give grid: {{key: [values]}} or variants")
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         raise ConfigError(f"{path}: variants: give a list of mappings, e.g. [{{name: dense, model.arch: transformer_dense}}]")
+    spec = parse_compare(raw.get("compare"), f"{path}: compare", grid, [v["name"] for v in variants if v.get("name")])
     base_cfg = config.load(base, shared)
     name = str(raw.get("name") or path.stem)
     root = Path(base_cfg.run.dir) / name
@@ -156,7 +149,7 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> Sweep:
     if len({c.name for c in cells}) != len(cells):
         raise ConfigError(f"{path}: two cells share a name; give each variant a distinct `name:`")
     keys = (["variant"] if any(c.variant for c in cells) else []) + list(grid)
-    return Sweep(path, name, base, root, keys, cells)
+    return Sweep(path, name, base, root, keys, cells, spec)
 
 
 # What a cell's earlier run may differ in and still be continued (or reported) as this cell.
@@ -174,11 +167,6 @@ def _check_existing(run_dir: Path, cfg: Config) -> None:
     if changed:
         diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:3])
         raise ConfigError(f"{run_dir} holds a run of another config ({diff}); delete it, or give the sweep another name")
-
-
-def finished(cell: Cell) -> bool:
-    ckpt = checkpoint.latest(cell.run_dir)
-    return ckpt is not None and checkpoint.read_meta(ckpt)["step"] >= cell.cfg.train.max_steps
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -283,156 +271,6 @@ def _stop(running: dict[subprocess.Popen, tuple[Cell, float]]) -> None:
 # ---------------------------------------------------------------------------------------- report
 
 
-def _cell_metrics(cell: Cell) -> dict[str, float]:
-    """The final metrics of a finished cell, measured once per checkpoint (cached in sweep_eval.json)."""
-    ckpt = checkpoint.latest(cell.run_dir)
-    meta = checkpoint.read_meta(ckpt)
-    cache = cell.run_dir / "sweep_eval.json"
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("checkpoint") == str(ckpt):
-            return cached["metrics"]
-    result = evaluate.run(loaded_model.load(cell.run_dir))
-    layers = result.layers
-    metrics = {
-        "eval_loss": result.loss,
-        "bits_per_byte": result.bits_per_byte,
-        "tokens_per_sec": meta.get("tokens_per_sec") or float("nan"),
-        "max_over_mean": max((s["max_over_mean"] for s in layers), default=float("nan")),
-        "maxvio": sum(s["max_over_mean"] - 1 for s in layers) / len(layers) if layers else float("nan"),
-        "drop_fraction": sum(s["drop_fraction"] for s in layers) / len(layers) if layers else float("nan"),
-        "router_z": _last_scalar(cell.run_dir, "train/router/z"),
-    }
-    cache.write_text(json.dumps({"checkpoint": str(ckpt), "metrics": metrics}, indent=2) + "\n")
-    return metrics
-
-
-def _last_scalar(run_dir: Path, tag: str) -> float:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return acc.Scalars(tag)[-1].value if tag in acc.Tags()["scalars"] else float("nan")
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% confidence interval of the mean: t * s / sqrt(n)); NaN half-width for n < 2."""
-    values = [v for v in values if v == v]
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, t975(n - 1) * sd / math.sqrt(n)
-
-
-def t975(df: int) -> float:
-    """Student's t 97.5% quantile: the table to 15 degrees of freedom, then the Cornish-Fisher
-    expansion (within 0.001 of the exact value from 16 on)."""
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def summarize(sweep: Sweep) -> list[dict]:
-    """One row per group of cells that differ only in their seed."""
-    groups: dict[tuple, list[Cell]] = {}
-    for cell in sweep.cells:
-        if cell.status in ("pending", "stopped") and finished(cell):
-            cell.status = "done"
-        if cell.status in ("done", "skipped") and not cell.metrics:
-            cell.metrics = _cell_metrics(cell)
-        group = ({"variant": cell.variant} if cell.variant else {}) | {
-            k: v for k, v in cell.values.items() if k != SEED and k in sweep.keys}
-        groups.setdefault(json.dumps(group, sort_keys=True), (group, []))[1].append(cell)  # 1 and 1.0 stay apart
-    rows = []
-    for group, cells in groups.values():
-        done = [c for c in cells if c.metrics]
-        row = {"group": group, "cells": len(cells), "finished": len(done),
-               "errors": [f"{c.name}: {c.error}" for c in cells if c.status == "failed"]}
-        for metric in METRICS:
-            row[metric], row[f"{metric}_ci95"] = mean_ci([c.metrics[metric] for c in done])
-        rows.append(row)
-    return rows
-
-
-def _shown(mean: float, half: float, spec: str) -> str:
-    if mean != mean:
-        return "-"
-    return format(mean, spec) + ("" if half != half else "±" + format(half, spec))
-
-
-def write_report(sweep: Sweep, rows: list[dict]) -> None:
-    """summary.json, summary.csv, HParams events and one PNG per metric in the sweep directory."""
-    root = sweep.root
-    root.mkdir(parents=True, exist_ok=True)
-    cells = [{"cell": c.name, "values": c.values, "router_needs": c.needs, "status": c.status, "error": c.error,
-              "metrics": c.metrics} for c in sweep.cells]
-    summary = {"sweep": str(sweep.path), "metrics": METRICS, "groups": rows, "cells": cells}
-    (root / "summary.json").write_text(json.dumps(_strict(summary), indent=2, default=str) + "\n")
-    with open(root / "summary.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        columns = [m for metric in METRICS for m in (metric, f"{metric}_ci95")]
-        writer.writerow([*sweep.keys, "cells", "finished", *columns, "errors"])
-        for row in rows:
-            writer.writerow([json.dumps(row["group"][k]) if k in row["group"] and row["group"][k] is None
-                             else row["group"].get(k, "") for k in sweep.keys] + [row["cells"], row["finished"]]
-                            + [row[c] for c in columns] + [" | ".join(row["errors"])])
-    tracker = Tracker(root / "hparams")
-    for c in sweep.cells:
-        if c.metrics:
-            values = {**({"variant": c.variant} if c.variant else {}), **c.needs, **c.values}
-            tracker.hparams(values, {k: v for k, v in c.metrics.items() if v == v}, c.name)
-    tracker.close()
-    labels = ["\n".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row["group"].items()) or "all" for row in rows]
-    for metric in ("eval_loss", "bits_per_byte", "max_over_mean"):
-        if any(row[metric] == row[metric] for row in rows):
-            image = plots.error_bars(labels, [row[metric] for row in rows], [row[f"{metric}_ci95"] for row in rows],
-                                     f"{sweep.name}: {metric} (mean and 95% CI over seeds)")
-            plots.save_png(image, root / f"{metric}.png")
-
-
-def _strict(obj: Any) -> Any:
-    """NaN (a metric a cell does not have, e.g. load for a dense model) as JSON null."""
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    return [_strict(v) for v in obj] if isinstance(obj, list) else obj
-
-
-def show(sweep: Sweep, rows: list[dict]) -> None:
-    """The report for people: one row per group of seeds."""
-    from rich.table import Table
-
-    table = Table(title=f"sweep {sweep.name}: mean ± 95% CI over seeds", title_justify="left", box=None,
-                  pad_edge=False, header_style="bold underline")
-    for key in sweep.keys:
-        if key != SEED:
-            table.add_column(key.rsplit(".", 1)[-1], overflow="fold")
-    for name in ("seeds", "eval loss", "bits/byte", "tok/s", "max/mean", "drop", "router z"):
-        table.add_column(name, justify="right", overflow="fold")  # a narrow terminal wraps, never hides, a figure
-    for row in rows:
-        table.add_row(
-            *(str(row["group"].get(k, "")) for k in sweep.keys if k != SEED),
-            f"{row['finished']}/{row['cells']}",
-            _shown(row["eval_loss"], row["eval_loss_ci95"], ".4f"),
-            _shown(row["bits_per_byte"], row["bits_per_byte_ci95"], ".4f"),
-            _shown(row["tokens_per_sec"], row["tokens_per_sec_ci95"], ".0f"),
-            _shown(row["max_over_mean"], row["max_over_mean_ci95"], ".2f"),
-            _shown(row["drop_fraction"], row["drop_fraction_ci95"], ".3f"),
-            _shown(row["router_z"], row["router_z_ci95"], ".2f"),
-        )
-    console.out.print(table)
-    for row in rows:
-        for error in row["errors"]:
-            console.error(f"cell {error}")
-    console.status(f"wrote {sweep.root}/summary.csv, summary.json, hparams/ (TensorBoard) and *.png")
-
-
 def sweep_command(path: Path, overrides: Optional[list[str]], jobs: int, report_only: bool) -> int:
     """`moectl sweep`: validate, run (unless `report_only`), report; the exit code."""
     sweep = load(path, overrides)
@@ -442,7 +280,7 @@ def sweep_command(path: Path, overrides: Optional[list[str]], jobs: int, report_
                            f"for moe.router={cell.values['moe.router']}")
     console.status(f"sweep {sweep.name}: {len(sweep.cells)} cells in {sweep.root}")
     complete = run(sweep, jobs) if not report_only else True
-    rows = summarize(sweep)
-    write_report(sweep, rows)
-    show(sweep, rows)
+    rows, comparisons = summarize(sweep), compare(sweep)
+    write_report(sweep, rows, comparisons)
+    show(sweep, rows, comparisons)
     return 0 if complete else 1

@@ -1,0 +1,345 @@
+"""`moectl sweep`'s report: each finished cell's final metrics and eval curve, the groups of cells
+that differ only in their seed (each metric's mean and 95% Student-t interval), and, when the sweep
+file has a `compare:` block, every group against its baseline group, seed by seed
+(moectl/common/paired.py):
+
+- the declared metric: the paired difference (arm - baseline), its 95% interval, and the verdict of
+  the declared rule (better, worse, equivalent within the margin, inconclusive);
+- the eval loss at equal training seconds: each pair read, on its eval curves, at the seconds of
+  the run that trained for less (eval/train_seconds: the steps alone);
+- the speed-up: the steps the baseline needs to reach the arm's final eval loss, over the arm's
+  steps (Switch Transformer's measure; none where the baseline never gets there).
+
+Written as tables, summary.json, summary.csv, paired.csv, TensorBoard's HParams dashboard and one
+PNG per metric.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from moectl.commands import evaluate
+from moectl.common import console, plots
+from moectl.common.errors import ConfigError
+from moectl.common.paired import Rule, first_reach, mean_ci, paired, value_at
+from moectl.services import checkpoint, loaded_model
+from moectl.services.tracking import Tracker
+
+if TYPE_CHECKING:
+    from moectl.commands.sweep import Cell, Sweep
+
+SEED = "train.seed"
+METRICS = {  # the report's columns: name -> what it is
+    "eval_loss": "final validation loss, nats per token",
+    "bits_per_byte": "final validation bits per byte",
+    "tokens_per_sec": "training throughput of the cell's last session",
+    "max_over_mean": "the most imbalanced MoE layer's max/mean expert load on the validation batches",
+    "maxvio": "MaxVio (Wang et al. 2024): max/mean load - 1 on the validation batches, mean over MoE layers",
+    "drop_fraction": "assignments dropped by capacity on the validation batches, mean over MoE layers",
+    "router_z": "router z-loss mean_x logsumexp(logits)^2, unweighted, over the last training window",
+}
+COMPARE_KEYS = ("baseline", "metric", "better", "margin")
+
+
+@dataclass(frozen=True)
+class Compare:
+    """A sweep file's `compare:` block: what makes a group the baseline, the metric, and the rule
+    its verdict follows (declared before the run)."""
+
+    baseline: dict  # {"variant": name} or {swept key: value}
+    metric: str = "eval_loss"
+    rule: Rule = Rule()
+
+    def describe(self) -> str:
+        base = ", ".join(f"{k}={v}" for k, v in self.baseline.items())
+        margin = f"; equivalent within ±{self.rule.margin:g}" if self.rule.margin else ""
+        return f"against {base}, paired by seed: {self.metric}, {self.rule.better} is better{margin}"
+
+
+def parse_compare(raw: Any, where: str, grid: dict, variant_names: list[str]) -> Optional[Compare]:
+    """The sweep file's `compare:` block, checked against the grid and the variants it may name."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or "baseline" not in raw:
+        raise ConfigError(f"{where}: give a mapping with baseline (a variant's name, or {{key: value}} of the grid) "
+                          "and optionally metric, better, margin")
+    unknown = [k for k in raw if k not in COMPARE_KEYS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; compare has {', '.join(COMPARE_KEYS)}")
+    base = raw["baseline"]
+    if isinstance(base, str):
+        if base not in variant_names:
+            raise ConfigError(f"{where}.baseline={base!r} names no variant (variants: {', '.join(variant_names) or 'none'})")
+        selector = {"variant": base}
+    elif isinstance(base, dict) and base:
+        for key, value in base.items():
+            if key == SEED or key not in grid:
+                swept = ", ".join(k for k in grid if k != SEED) or "none"
+                raise ConfigError(f"{where}.baseline: {key!r} is not a swept key other than {SEED} (swept: {swept})")
+            if value not in grid[key]:
+                raise ConfigError(f"{where}.baseline: {key}={value!r} is not one of its values {grid[key]}")
+        selector = dict(base)
+    else:
+        raise ConfigError(f"{where}.baseline: give a variant's name or a mapping of grid keys to values")
+    metric = raw.get("metric", "eval_loss")
+    if metric not in METRICS:
+        raise ConfigError(f"{where}.metric={metric!r}: choose one of {', '.join(METRICS)}")
+    try:
+        rule = Rule(better=raw.get("better", "higher" if metric == "tokens_per_sec" else "lower"),
+                    margin=float(raw.get("margin", 0.0)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return Compare(selector, metric, rule)
+
+
+def finished(cell: Cell) -> bool:
+    ckpt = checkpoint.latest(cell.run_dir)
+    return ckpt is not None and checkpoint.read_meta(ckpt)["step"] >= cell.cfg.train.max_steps
+
+
+# ------------------------------------------------------------------------------------- measuring
+
+
+def measure(cell: Cell) -> None:
+    """A finished cell's final metrics and eval curve, measured once per checkpoint (cached in
+    sweep_eval.json)."""
+    ckpt = checkpoint.latest(cell.run_dir)
+    cache = cell.run_dir / "sweep_eval.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("checkpoint") == str(ckpt) and "curve" in cached:
+            cell.metrics, cell.curve = cached["metrics"], cached["curve"]
+            return
+    meta = checkpoint.read_meta(ckpt)
+    result = evaluate.run(loaded_model.load(cell.run_dir))
+    layers = result.layers
+    scalars = _scalars(cell.run_dir, ("train/router/z", "eval/loss", "eval/train_seconds"))
+    cell.metrics = {
+        "eval_loss": result.loss,
+        "bits_per_byte": result.bits_per_byte,
+        "tokens_per_sec": meta.get("tokens_per_sec") or float("nan"),
+        "max_over_mean": max((s["max_over_mean"] for s in layers), default=float("nan")),
+        "maxvio": sum(s["max_over_mean"] - 1 for s in layers) / len(layers) if layers else float("nan"),
+        "drop_fraction": sum(s["drop_fraction"] for s in layers) / len(layers) if layers else float("nan"),
+        "router_z": scalars["train/router/z"][-1][1] if scalars["train/router/z"] else float("nan"),
+    }
+    seconds = dict(scalars["eval/train_seconds"])
+    points = [(step, seconds.get(step), loss) for step, loss in scalars["eval/loss"]]
+    cell.curve = {"steps": [p[0] for p in points], "loss": [p[2] for p in points],
+                  "seconds": [p[1] for p in points] if points and all(p[1] is not None for p in points) else []}
+    cache.write_text(json.dumps({"checkpoint": str(ckpt), "metrics": cell.metrics, "curve": cell.curve}, indent=2) + "\n")
+
+
+def _scalars(run_dir: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of each tag in the run's TensorBoard events, in step order ([] if absent)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    have = set(acc.Tags()["scalars"])
+    return {tag: sorted((e.step, e.value) for e in acc.Scalars(tag)) if tag in have else [] for tag in tags}
+
+
+def groups(sweep: Sweep) -> list[tuple[dict, list[Cell]]]:
+    """The cells by group (the swept values but the seed), finished ones measured."""
+    found: dict[str, tuple[dict, list[Cell]]] = {}
+    for cell in sweep.cells:
+        if cell.status in ("pending", "stopped") and finished(cell):
+            cell.status = "done"
+        if cell.status in ("done", "skipped") and not cell.metrics:
+            measure(cell)
+        group = ({"variant": cell.variant} if cell.variant else {}) | {
+            k: v for k, v in cell.values.items() if k != SEED and k in sweep.keys}
+        found.setdefault(json.dumps(group, sort_keys=True), (group, []))[1].append(cell)  # 1 and 1.0 stay apart
+    return list(found.values())
+
+
+def summarize(sweep: Sweep) -> list[dict]:
+    """One row per group of cells that differ only in their seed."""
+    rows = []
+    for group, cells in groups(sweep):
+        done = [c for c in cells if c.metrics]
+        row = {"group": group, "cells": len(cells), "finished": len(done),
+               "errors": [f"{c.name}: {c.error}" for c in cells if c.status == "failed"]}
+        for metric in METRICS:
+            row[metric], row[f"{metric}_ci95"] = mean_ci([c.metrics[metric] for c in done])
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- comparing
+
+
+def compare(sweep: Sweep) -> list[dict]:
+    """Every group that is not a baseline against its baseline group (its swept values, with what
+    compare.baseline sets), over the seeds both finished; see the module docstring."""
+    spec = sweep.compare
+    if spec is None:
+        return []
+    found = {json.dumps(group, sort_keys=True): (group, cells) for group, cells in groups(sweep)}
+    out = []
+    for group, cells in found.values():
+        base_group = {**group, **spec.baseline}
+        key = json.dumps(base_group, sort_keys=True)
+        if base_group == group or key not in found:
+            continue
+        arm, base = _by_seed(cells), _by_seed(found[key][1])
+        seeds = [s for s in arm if s in base]
+        difference = paired({s: arm[s].metrics[spec.metric] for s in seeds},
+                            {s: base[s].metrics[spec.metric] for s in seeds}, spec.rule)
+        out.append({"group": group, "baseline": base_group, "metric": spec.metric, "difference": difference.to_dict(),
+                    **_curves_compared({s: (arm[s].curve, base[s].curve) for s in seeds}, spec)})
+    return out
+
+
+def _by_seed(cells: list[Cell]) -> dict:
+    return {c.values.get(SEED, c.cfg.train.seed): c for c in cells if c.metrics}
+
+
+def _curves_compared(pairs: dict, spec: Compare) -> dict:
+    """The eval loss at equal training seconds, and the baseline's steps to the arm's final loss
+    over the arm's steps, per seed; `pairs`: seed -> (arm's curve, baseline's curve)."""
+    at_time, seconds, speedups = {}, {}, {}
+    for seed, (a, b) in pairs.items():
+        if not a.get("loss") or not b.get("loss"):
+            continue
+        reach = first_reach(b["steps"], b["loss"], a["loss"][-1])
+        speedups[seed] = None if reach is None else reach / a["steps"][-1]
+        if a.get("seconds") and b.get("seconds"):
+            seconds[seed] = t = min(a["seconds"][-1], b["seconds"][-1])
+            at_time[seed] = value_at(a["seconds"], a["loss"], t) - value_at(b["seconds"], b["loss"], t)
+    # The eval loss is lower-is-better whatever the declared metric; the margin is the metric's
+    # only when that metric is the eval loss too.
+    rule = Rule("lower", spec.rule.margin if spec.metric == "eval_loss" else 0.0)
+    equal_time = paired(at_time, {s: 0.0 for s in at_time}, rule)
+    reached = [v for v in speedups.values() if v is not None]
+    mean, half = mean_ci(reached)
+    return {"equal_time": {**equal_time.to_dict(), "seconds": seconds},
+            "speedup": {"mean": mean, "ci95": half, "per_seed": speedups, "not_reached": len(speedups) - len(reached)}}
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+def _shown(mean: float, half: float, spec: str) -> str:
+    if mean != mean:
+        return "-"
+    return format(mean, spec) + ("" if half != half else "±" + format(half, spec))
+
+
+def write_report(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> None:
+    """summary.json, summary.csv, paired.csv (with a compare: block), HParams events and one PNG
+    per metric in the sweep directory."""
+    root = sweep.root
+    root.mkdir(parents=True, exist_ok=True)
+    cells = [{"cell": c.name, "values": c.values, "router_needs": c.needs, "status": c.status, "error": c.error,
+              "metrics": c.metrics} for c in sweep.cells]
+    summary = {"sweep": str(sweep.path), "metrics": METRICS, "groups": rows, "cells": cells}
+    if sweep.compare is not None:
+        summary["compare"] = {"baseline": sweep.compare.baseline, "metric": sweep.compare.metric,
+                              "better": sweep.compare.rule.better, "margin": sweep.compare.rule.margin,
+                              "comparisons": comparisons}
+    (root / "summary.json").write_text(json.dumps(_strict(summary), indent=2, default=str) + "\n")
+    with open(root / "summary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        columns = [m for metric in METRICS for m in (metric, f"{metric}_ci95")]
+        writer.writerow([*sweep.keys, "cells", "finished", *columns, "errors"])
+        for row in rows:
+            writer.writerow([_csv_value(row["group"], k) for k in sweep.keys] + [row["cells"], row["finished"]]
+                            + [row[c] for c in columns] + [" | ".join(row["errors"])])
+    if comparisons:
+        _write_paired_csv(sweep, comparisons)
+    tracker = Tracker(root / "hparams")
+    for c in sweep.cells:
+        if c.metrics:
+            values = {**({"variant": c.variant} if c.variant else {}), **c.needs, **c.values}
+            tracker.hparams(values, {k: v for k, v in c.metrics.items() if v == v}, c.name)
+    tracker.close()
+    labels = ["\n".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row["group"].items()) or "all" for row in rows]
+    for metric in ("eval_loss", "bits_per_byte", "max_over_mean"):
+        if any(row[metric] == row[metric] for row in rows):
+            image = plots.error_bars(labels, [row[metric] for row in rows], [row[f"{metric}_ci95"] for row in rows],
+                                     f"{sweep.name}: {metric} (mean and 95% CI over seeds)")
+            plots.save_png(image, root / f"{metric}.png")
+
+
+def _csv_value(group: dict, key: str) -> Any:
+    return json.dumps(group[key]) if key in group and group[key] is None else group.get(key, "")
+
+
+def _write_paired_csv(sweep: Sweep, comparisons: list[dict]) -> None:
+    with open(sweep.root / "paired.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*sweep.keys, "seeds", "difference", "ci95", "verdict", "equal_time_difference",
+                         "equal_time_ci95", "equal_time_verdict", "speedup", "speedup_ci95", "speedup_not_reached"])
+        for c in comparisons:
+            d, t, s = c["difference"], c["equal_time"], c["speedup"]
+            writer.writerow([_csv_value(c["group"], k) for k in sweep.keys if k != SEED]
+                            + ([""] if SEED in sweep.keys else [])
+                            + [d["n"], d["mean"], d["ci95"], d["verdict"], t["mean"], t["ci95"], t["verdict"],
+                               s["mean"], s["ci95"], s["not_reached"]])
+
+
+def _strict(obj: Any) -> Any:
+    """NaN (a metric a cell does not have, e.g. load for a dense model) as JSON null."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    return [_strict(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def show(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> None:
+    """The report for people: one row per group of seeds, then each group against its baseline."""
+    from rich.table import Table
+
+    table = Table(title=f"sweep {sweep.name}: mean ± 95% CI over seeds", title_justify="left", box=None,
+                  pad_edge=False, header_style="bold underline")
+    for key in sweep.keys:
+        if key != SEED:
+            table.add_column(key.rsplit(".", 1)[-1], overflow="fold")
+    for name in ("seeds", "eval loss", "bits/byte", "tok/s", "max/mean", "drop", "router z"):
+        table.add_column(name, justify="right", overflow="fold")  # a narrow terminal wraps, never hides, a figure
+    for row in rows:
+        table.add_row(
+            *(str(row["group"].get(k, "")) for k in sweep.keys if k != SEED),
+            f"{row['finished']}/{row['cells']}",
+            _shown(row["eval_loss"], row["eval_loss_ci95"], ".4f"),
+            _shown(row["bits_per_byte"], row["bits_per_byte_ci95"], ".4f"),
+            _shown(row["tokens_per_sec"], row["tokens_per_sec_ci95"], ".0f"),
+            _shown(row["max_over_mean"], row["max_over_mean_ci95"], ".2f"),
+            _shown(row["drop_fraction"], row["drop_fraction_ci95"], ".3f"),
+            _shown(row["router_z"], row["router_z_ci95"], ".2f"),
+        )
+    console.out.print(table)
+    if comparisons:
+        _show_comparisons(sweep, comparisons)
+    for row in rows:
+        for error in row["errors"]:
+            console.error(f"cell {error}")
+    written = "summary.csv, summary.json" + (", paired.csv" if comparisons else "")
+    console.status(f"wrote {sweep.root}/{written}, hparams/ (TensorBoard) and *.png")
+
+
+def _show_comparisons(sweep: Sweep, comparisons: list[dict]) -> None:
+    from rich.table import Table
+
+    spec = sweep.compare
+    table = Table(title=f"{sweep.name}: each arm {spec.describe()}; 95% t-intervals of the mean difference",
+                  title_justify="left", box=None, pad_edge=False, header_style="bold underline")
+    for key in sweep.keys:
+        if key != SEED:
+            table.add_column(key.rsplit(".", 1)[-1], overflow="fold")
+    for name in ("seeds", f"Δ {spec.metric}", "verdict", "Δ eval loss at equal time", "verdict", "speed-up"):
+        table.add_column(name, justify="right", overflow="fold")
+    for c in comparisons:
+        d, t, s = c["difference"], c["equal_time"], c["speedup"]
+        missed = f" ({s['not_reached']} not reached)" if s["not_reached"] else ""
+        table.add_row(*(str(c["group"].get(k, "")) for k in sweep.keys if k != SEED), str(d["n"]),
+                      _shown(d["mean"], d["ci95"], "+.4f"), d["verdict"], _shown(t["mean"], t["ci95"], "+.4f"),
+                      t["verdict"] if t["n"] else "-", _shown(s["mean"], s["ci95"], ".2f") + missed)
+    console.out.print(table)

@@ -1,0 +1,122 @@
+"""`moectl sweep` with a `compare:` block: every group against its baseline group, paired by seed,
+with the verdict of the declared rule; the eval loss at equal training seconds; the baseline's
+steps to reach an arm's final loss. The arithmetic is pinned on hand-made metrics and curves;
+one small sweep runs end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+from conftest import tiny_config
+from typer.testing import CliRunner
+
+from moectl.cli import app
+from moectl.commands import sweep as sweeping
+from moectl.commands import sweep_report
+from moectl.common.errors import ConfigError
+from test_sweep import sweep_file
+
+runner = CliRunner()
+
+
+GRID = {"train.seed": [1, 2, 3], "moe.top_k": [1, 2]}
+VARIANTS = [{"name": "moe"}, {"name": "dense", "model.arch": "transformer_dense"}]
+
+
+@pytest.mark.parametrize("compare, message", [
+    ({"metric": "eval_loss"}, "give a mapping with baseline"),
+    ({"baseline": "dnse"}, "compare.baseline='dnse' names no variant (variants: moe, dense)"),
+    ({"baseline": {"train.seed": 1}}, "'train.seed' is not a swept key other than train.seed (swept: moe.top_k)"),
+    ({"baseline": {"moe.top_k": 3}}, "moe.top_k=3 is not one of its values [1, 2]"),
+    ({"baseline": "dense", "metric": "loss"}, "compare.metric='loss': choose one of eval_loss"),
+    ({"baseline": "dense", "better": "less"}, "better='less' must be lower or higher"),
+    ({"baseline": "dense", "margin": -1}, "margin=-1.0 must be >= 0"),
+    ({"baseline": "dense", "rule": "x"}, "unknown key 'rule'; compare has baseline, metric, better, margin"),
+])
+def test_a_bad_compare_block_is_refused_with_the_key_named(tmp_path, compare, message):
+    path = sweep_file(tmp_path, tiny_config(tmp_path), grid=GRID, variants=VARIANTS, compare=compare)
+    with pytest.raises(ConfigError, match="compare") as info:
+        sweeping.load(path)
+    assert message in str(info.value), str(info.value)
+
+
+def _finished(sweep, metrics: dict, curves: dict) -> None:
+    """Mark every cell done with the given eval loss and curve, by (variant, top_k, seed)."""
+    for cell in sweep.cells:
+        key = (cell.variant, cell.values["moe.top_k"], cell.values["train.seed"])
+        cell.status, cell.metrics = "done", {m: float("nan") for m in sweep_report.METRICS}
+        cell.metrics["eval_loss"] = metrics[key]
+        cell.curve = curves[key]
+
+
+def test_each_group_is_paired_by_seed_with_its_baseline_and_judged_by_the_rule(tmp_path):
+    path = sweep_file(tmp_path, tiny_config(tmp_path), grid=GRID, variants=VARIANTS,
+                      compare={"baseline": "dense", "margin": 0.05})
+    sweep = sweeping.load(path)
+    assert sweep.compare.baseline == {"variant": "dense"} and sweep.compare.rule.margin == 0.05
+    arm_loss = {1: 2.90, 2: 2.88, 3: 2.89}  # moe, top_k=2: 0.10, 0.12, 0.11 below dense
+    metrics, curves = {}, {}
+    for seed in (1, 2, 3):
+        for k in (1, 2):
+            metrics[("dense", k, seed)] = 3.0
+            metrics[("moe", k, seed)] = arm_loss[seed] if k == 2 else 3.0 + 0.01 * (seed - 2)  # k=1: -0.01, 0, 0.01
+            # dense: 3 evaluations 5 s apart; moe: slower per step (10 s apart), lower at the end.
+            curves[("dense", k, seed)] = {"steps": [0, 100, 200, 300], "seconds": [0, 5, 10, 15], "loss": [5, 4, 3.5, 3.0]}
+            curves[("moe", k, seed)] = {"steps": [0, 100, 200], "seconds": [0, 10, 20], "loss": [5, 3, 2 + seed / 10]}
+    _finished(sweep, metrics, curves)
+    found = {json.dumps(c["group"], sort_keys=True): c for c in sweep_report.compare(sweep)}
+    assert len(found) == 2  # the two moe groups; dense groups are baselines
+    top2 = found[json.dumps({"variant": "moe", "moe.top_k": 2}, sort_keys=True)]
+    assert top2["baseline"] == {"variant": "dense", "moe.top_k": 2}
+    d = top2["difference"]
+    assert d["diffs"] == pytest.approx({1: -0.10, 2: -0.12, 3: -0.11}) and d["n"] == 3
+    assert d["mean"] == pytest.approx(-0.11) and d["ci95"] == pytest.approx(4.303 * 0.01 / math.sqrt(3))
+    assert d["verdict"] == "better"
+    top1 = found[json.dumps({"variant": "moe", "moe.top_k": 1}, sort_keys=True)]
+    assert top1["difference"]["mean"] == pytest.approx(0.0)
+    assert top1["difference"]["verdict"] == "equivalent within ±0.05"  # ±4.303 * 0.01 / sqrt(3) = ±0.025
+    # Equal time: both read at 15 s (the dense runs' end). moe at 15 s: 3 + (2 + s/10 - 3) / 2.
+    t = top2["equal_time"]
+    assert t["seconds"] == {1: 15, 2: 15, 3: 15}
+    assert t["diffs"] == pytest.approx({s: (3 + (2 + s / 10 - 3) / 2) - 3.0 for s in (1, 2, 3)})
+    assert t["verdict"] == "better"
+    # Speed-up: dense never gets below 3.0 within its 300 steps, so it never reaches moe's 2.1-2.3.
+    assert top2["speedup"]["not_reached"] == 3 and top2["speedup"]["per_seed"] == {1: None, 2: None, 3: None}
+
+
+def test_speed_up_is_the_baselines_steps_to_the_arms_final_loss_over_the_arms_steps():
+    spec = sweep_report.Compare({"variant": "dense"})
+    arm = {"steps": [0, 100], "seconds": [0, 10], "loss": [5.0, 3.5]}
+    base = {"steps": [0, 100, 200, 300], "seconds": [0, 4, 8, 12], "loss": [5.0, 4.0, 3.0, 2.5]}
+    out = sweep_report._curves_compared({7: (arm, base)}, spec)
+    assert out["speedup"]["per_seed"] == {7: pytest.approx(1.5)}  # dense reaches 3.5 at step 150; moe took 100
+    assert out["equal_time"]["seconds"] == {7: 10}  # moe ran 10 s, dense 12 s: both read at 10 s
+    assert out["equal_time"]["diffs"] == {7: pytest.approx(3.5 - 2.75)}  # dense at 10 s: 3.0 + (2.5 - 3.0) / 2
+    no_time = sweep_report._curves_compared({7: ({**arm, "seconds": []}, base)}, spec)
+    assert no_time["equal_time"]["n"] == 0 and no_time["speedup"]["per_seed"] == {7: pytest.approx(1.5)}
+
+
+def test_a_sweep_with_a_baseline_reports_paired_differences_end_to_end(tmp_path):
+    raw = tiny_config(tmp_path, train={"max_steps": 2, "eval_every": 1})
+    path = sweep_file(tmp_path, raw, name="pairs", grid={"train.seed": [1, 2]},
+                      variants=[{"name": "moe"}, {"name": "dense", "model.arch": "transformer_dense"}],
+                      compare={"baseline": "dense", "margin": 0.5})
+    res = runner.invoke(app, ["sweep", str(path), "--jobs", "2"])
+    assert res.exit_code == 0, res.output
+    root = tmp_path / "runs" / "pairs"
+    summary = json.loads((root / "summary.json").read_text())
+    losses = {c["cell"]: c["metrics"]["eval_loss"] for c in summary["cells"]}
+    (comparison,) = summary["compare"]["comparisons"]
+    expected = {s: losses[f"moe_seed={s}"] - losses[f"dense_seed={s}"] for s in (1, 2)}
+    assert comparison["difference"]["diffs"] == {str(s): pytest.approx(v) for s, v in expected.items()}
+    assert comparison["difference"]["verdict"] in ("better", "worse", "equivalent within ±0.5", "inconclusive")
+    assert comparison["equal_time"]["n"] == 2 and all(v > 0 for v in comparison["equal_time"]["seconds"].values())
+    (row,) = list(csv.DictReader(open(root / "paired.csv")))
+    assert row["variant"] == "moe" and row["seeds"] == "2"
+    assert float(row["difference"]) == pytest.approx(sum(expected.values()) / 2)
+    said = " ".join(res.output.split())
+    assert "against variant=dense, paired by seed: eval_loss, lower is better; equivalent within ±0.5" in said
+    assert comparison["difference"]["verdict"] in said
