@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import pytest
 from conftest import tiny_config
@@ -103,7 +104,7 @@ def test_a_sweep_with_a_baseline_reports_paired_differences_end_to_end(tmp_path)
     raw = tiny_config(tmp_path, train={"max_steps": 2, "eval_every": 1})
     path = sweep_file(tmp_path, raw, name="pairs", grid={"train.seed": [1, 2]},
                       variants=[{"name": "moe"}, {"name": "dense", "model.arch": "transformer_dense"}],
-                      compare={"baseline": "dense", "margin": 0.5})
+                      compare={"baseline": "dense", "margin": 0.5}, record="results/pairs.json")
     res = runner.invoke(app, ["sweep", str(path), "--jobs", "2"])
     assert res.exit_code == 0, res.output
     root = tmp_path / "runs" / "pairs"
@@ -120,3 +121,19 @@ def test_a_sweep_with_a_baseline_reports_paired_differences_end_to_end(tmp_path)
     said = " ".join(res.output.split())
     assert "against variant=dense, paired by seed: eval_loss, lower is better; equivalent within ±0.5" in said
     assert comparison["difference"]["verdict"] in said
+    # The record to commit: beside the sweep file, every cell's seed, config hash and metrics,
+    # the same comparison, and what ran it.
+    record = json.loads((tmp_path / "results" / "pairs.json").read_text())
+    assert {c["cell"]: c["metrics"]["eval_loss"] for c in record["cells"]} == losses
+    assert {c["cell"]: c["seed"] for c in record["cells"]} == {"moe_seed=1": 1, "moe_seed=2": 2, "dense_seed=1": 1,
+                                                                 "dense_seed=2": 2}
+    assert all(len(c["config_hash"]) == 16 for c in record["cells"])
+    assert record["compare"]["comparisons"] == summary["compare"]["comparisons"]
+    assert record["machine"]["cores"] == os.cpu_count() and "torch" in record["machine"]
+    assert set(record["source"]) == {"version", "commit", "modified"}
+
+
+def test_a_record_must_be_a_path(tmp_path):
+    path = sweep_file(tmp_path, tiny_config(tmp_path), grid={"train.seed": [1]}, record=["x"])
+    with pytest.raises(ConfigError, match="record: give a file path"):
+        sweeping.load(path)

@@ -16,6 +16,7 @@ A sweep file:
       metric: eval_loss                  # one of the report's metrics (default eval_loss)
       better: lower                      # the rule, declared before the run: which way is better,
       margin: 0.02                       # and the margin within which arms are called equivalent
+    record: results/routers.json         # optional: the results to commit (relative to this file)
 
 Every cell is validated before any starts. A cell that changes `moe.router` also gets what that
 router needs unless the sweep sets it (config.router_needs, as for `moectl train --set`: Switch's
@@ -51,13 +52,22 @@ from typing import Any, Optional
 import yaml
 
 from moectl import config
-from moectl.commands.sweep_report import Compare, compare, finished, parse_compare, show, summarize, write_report
+from moectl.commands.sweep_report import (
+    Compare,
+    compare,
+    finished,
+    parse_compare,
+    show,
+    summarize,
+    write_record,
+    write_report,
+)
 from moectl.common import console
 from moectl.common.errors import ConfigError
 from moectl.config import Config
 from moectl.services import checkpoint
 
-SWEEP_KEYS = ("base", "name", "set", "grid", "variants", "compare")
+SWEEP_KEYS = ("base", "name", "set", "grid", "variants", "compare", "record")
 ATTEMPT = "=== moectl sweep: attempt"  # opens each attempt in a cell's log
 SEED = "train.seed"
 @dataclass
@@ -84,6 +94,7 @@ class Sweep:
     keys: list[str]  # the swept keys, in grid order (variant first, if any)
     cells: list[Cell]
     compare: Optional[Compare] = None  # the compare: block: every group against its baseline, by seed
+    record: Optional[Path] = None  # the record: file, the sweep's results to commit
 
 
 def _as_set(value: Any) -> str:
@@ -149,7 +160,11 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> Sweep:
     if len({c.name for c in cells}) != len(cells):
         raise ConfigError(f"{path}: two cells share a name; give each variant a distinct `name:`")
     keys = (["variant"] if any(c.variant for c in cells) else []) + list(grid)
-    return Sweep(path, name, base, root, keys, cells, spec)
+    record = raw.get("record")
+    if record is not None and not isinstance(record, str):
+        raise ConfigError(f"{path}: record: give a file path for the results, e.g. results/{name}.json")
+    record = None if record is None else path.parent / record  # relative to the sweep file, as base is not
+    return Sweep(path, name, base, root, keys, cells, spec, record)
 
 
 # What a cell's earlier run may differ in and still be continued (or reported) as this cell.
@@ -282,5 +297,7 @@ def sweep_command(path: Path, overrides: Optional[list[str]], jobs: int, report_
     complete = run(sweep, jobs) if not report_only else True
     rows, comparisons = summarize(sweep), compare(sweep)
     write_report(sweep, rows, comparisons)
+    if sweep.record is not None:
+        write_record(sweep, rows, comparisons)
     show(sweep, rows, comparisons)
     return 0 if complete else 1

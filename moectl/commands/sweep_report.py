@@ -11,7 +11,8 @@ file has a `compare:` block, every group against its baseline group, seed by see
   steps (Switch Transformer's measure; none where the baseline never gets there).
 
 Written as tables, summary.json, summary.csv, paired.csv, TensorBoard's HParams dashboard and one
-PNG per metric.
+PNG per metric; and with `record:` a results file to commit beside the sweep file: every cell's
+metrics and config hash, the groups, the comparisons, the machine and the source version.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from moectl import config
 from moectl.commands import evaluate
-from moectl.common import console, plots
+from moectl.common import console, plots, runtime
 from moectl.common.errors import ConfigError
+from moectl.common.fileio import atomic_write_text
 from moectl.common.paired import Rule, first_reach, mean_ci, paired, value_at
 from moectl.services import checkpoint, loaded_model
 from moectl.services.tracking import Tracker
@@ -240,9 +243,7 @@ def write_report(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> Non
               "metrics": c.metrics} for c in sweep.cells]
     summary = {"sweep": str(sweep.path), "metrics": METRICS, "groups": rows, "cells": cells}
     if sweep.compare is not None:
-        summary["compare"] = {"baseline": sweep.compare.baseline, "metric": sweep.compare.metric,
-                              "better": sweep.compare.rule.better, "margin": sweep.compare.rule.margin,
-                              "comparisons": comparisons}
+        summary["compare"] = _compare_summary(sweep.compare, comparisons)
     (root / "summary.json").write_text(json.dumps(_strict(summary), indent=2, default=str) + "\n")
     with open(root / "summary.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -265,6 +266,25 @@ def write_report(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> Non
             image = plots.error_bars(labels, [row[metric] for row in rows], [row[f"{metric}_ci95"] for row in rows],
                                      f"{sweep.name}: {metric} (mean and 95% CI over seeds)")
             plots.save_png(image, root / f"{metric}.png")
+
+
+def write_record(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> None:
+    """The sweep's results, small enough to commit (sweep file's `record:`): per cell its seed,
+    config hash and final metrics; the groups; the comparisons; what ran it and on which code."""
+    cells = [{"cell": c.name, "variant": c.variant, "values": c.values, "seed": c.values.get(SEED, c.cfg.train.seed),
+              "config_hash": config.config_hash(c.cfg), "status": c.status, "metrics": c.metrics} for c in sweep.cells]
+    record = {"sweep": sweep.path.name, "name": sweep.name, "source": runtime.source_version(),
+              "machine": runtime.machine(), "metrics": METRICS, "cells": cells, "groups": rows}
+    if sweep.compare is not None:
+        record["compare"] = _compare_summary(sweep.compare, comparisons)
+    sweep.record.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(sweep.record, json.dumps(_strict(record), indent=2, default=str) + "\n")
+    console.status(f"wrote the sweep's record to {sweep.record}")
+
+
+def _compare_summary(spec: Compare, comparisons: list[dict]) -> dict:
+    return {"baseline": spec.baseline, "metric": spec.metric, "better": spec.rule.better, "margin": spec.rule.margin,
+            "comparisons": comparisons}
 
 
 def _csv_value(group: dict, key: str) -> Any:

@@ -1,5 +1,6 @@
 """Process facts, each read in one place: where this process sits in a torchrun job, which
-device and precision it computes in, and how its threads and memory allocator are set.
+device and precision it computes in, how its threads and memory allocator are set, and what ran
+it (the machine and the source version, for results files).
 
 Nothing here imports torch at module level: the CLI reads the torchrun environment before a
 command has loaded torch, and `moectl --help` must stay fast.
@@ -14,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from moectl import __version__
 from moectl.common.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -128,3 +130,34 @@ def keep_freed_memory() -> bool:
         return False
     ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1
     return libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1) == 1 and ok
+
+
+def machine() -> dict[str, object]:
+    """What ran this, for a results file: the CPU model, its cores, and the versions that matter."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def source_version() -> dict[str, object]:
+    """The moectl version, and when it runs from a git checkout its commit and whether tracked
+    files differ from it (results from uncommitted code say so)."""
+    import subprocess
+
+    where = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"version": __version__, "commit": None, "modified": None}
+    if commit.returncode != 0:
+        return {"version": __version__, "commit": None, "modified": None}
+    return {"version": __version__, "commit": commit.stdout.strip(), "modified": bool(dirty.stdout.strip())}
