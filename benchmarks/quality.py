@@ -96,8 +96,8 @@ def run_pair(pair: str, files: tuple[str, str], args, out: Path) -> list[dict]:
     if args.seconds:
         for label, file in (("moe", moe_file), ("dense", dense_file)):
             speed = statistics.median(tokens_per_sec(c.run_dir) for c in cells[("steps", label)])
-            cfg = yaml.safe_load(file.read_text())
-            per_step = cfg["train"]["batch_size"] * cfg["data"]["seq_len"]
+            resolved = cells[("steps", label)][0].cfg  # the config as run: the YAML with every --set applied
+            per_step = resolved.train.batch_size * resolved.data.seq_len
             steps = max(1, round(args.seconds * speed / per_step))
             cells[("time", label)] = sweep_cells(f"{pair}_time_{label}", file, args.seeds,
                                                  {**common, "train.max_steps": steps}, out, args.jobs)

@@ -65,6 +65,8 @@ def test_quality_benchmark_smoke(tmp_path):
         assert r["diff_bpb"] == pytest.approx(r["moe_bpb"] - r["dense_bpb"], abs=1e-9)
         assert r["moe_bpb"] > 0 and r["dense_bpb"] > 0 and r["moe_ci"] >= 0
     assert rows[0]["steps_moe"] == rows[0]["steps_dense"] == 3
+    for label in ("moe", "dense"):  # the time budget buys steps of the batch as run (--set), not as in the YAML
+        assert rows[2][f"steps_{label}"] == max(1, round(0.5 * rows[0][f"{label}_tokens_per_sec"] / (4 * 32)))
     assert rows[0]["eval_tokens"] == rows[1]["eval_tokens"] or abs(rows[0]["eval_tokens"] - rows[1]["eval_tokens"]) < 4 * 32
 
 
