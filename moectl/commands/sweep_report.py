@@ -231,7 +231,7 @@ def _curves_compared(pairs: dict, spec: Compare) -> dict:
 def _shown(mean: float, half: float, spec: str) -> str:
     if mean != mean:
         return "-"
-    return format(mean, spec) + ("" if half != half else "±" + format(half, spec))
+    return format(mean, spec) + ("" if half != half else "±" + format(half, spec.lstrip("+")))
 
 
 def write_report(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> None:

@@ -98,8 +98,11 @@ class Paired:
 
 def paired(arm: dict, baseline: dict, rule: Rule) -> Paired:
     """`arm` and `baseline`: seed -> metric. Seeds missing on either side, or NaN, are left out."""
-    diffs = {s: arm[s] - baseline[s] for s in sorted(arm, key=str) if s in baseline and arm[s] == arm[s]
-             and baseline[s] == baseline[s]}
+    try:
+        seeds = sorted(arm)
+    except TypeError:  # seeds of mixed types
+        seeds = sorted(arm, key=str)
+    diffs = {s: arm[s] - baseline[s] for s in seeds if s in baseline and arm[s] == arm[s] and baseline[s] == baseline[s]}
     mean, half = mean_ci(list(diffs.values()))
     return Paired(mean, half, diffs, verdict(mean, half, rule))
 
