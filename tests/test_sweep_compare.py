@@ -137,3 +137,14 @@ def test_a_record_must_be_a_path(tmp_path):
     path = sweep_file(tmp_path, tiny_config(tmp_path), grid={"train.seed": [1]}, record=["x"])
     with pytest.raises(ConfigError, match="record: give a file path"):
         sweeping.load(path)
+
+
+def test_a_report_of_unfinished_cells_leaves_the_committed_record_alone(tmp_path):
+    path = sweep_file(tmp_path, tiny_config(tmp_path), grid={"train.seed": [1, 2]}, record="results/r.json")
+    committed = tmp_path / "results" / "r.json"
+    committed.parent.mkdir()
+    committed.write_text('{"cells": "measured earlier"}\n')
+    res = runner.invoke(app, ["sweep", str(path), "--report"])  # nothing trained here
+    assert res.exit_code == 0, res.output
+    assert committed.read_text() == '{"cells": "measured earlier"}\n'
+    assert "left as it is: 2 of 2 cells have no results" in " ".join(res.output.split())

@@ -45,7 +45,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,7 +52,8 @@ import yaml
 
 from moectl import config
 from moectl.commands.sweep_report import (
-    Compare,
+    Cell,
+    Sweep,
     compare,
     finished,
     parse_compare,
@@ -69,34 +69,6 @@ from moectl.services import checkpoint
 
 SWEEP_KEYS = ("base", "name", "set", "grid", "variants", "compare", "record")
 ATTEMPT = "=== moectl sweep: attempt"  # opens each attempt in a cell's log
-SEED = "train.seed"
-@dataclass
-class Cell:
-    name: str
-    variant: Optional[str]  # its variant's name
-    values: dict[str, Any]  # what the grid and its variant set
-    needs: dict[str, Any]  # what the runner set for the cell's router
-    overrides: list[str]  # every --set of the cell
-    cfg: Config
-    run_dir: Path
-    status: str = "pending"  # pending, done, skipped, failed, stopped
-    error: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-    curve: dict[str, list] = field(default_factory=dict)  # the eval curve: steps, loss, training seconds
-
-
-@dataclass
-class Sweep:
-    path: Path
-    name: str
-    base: Path
-    root: Path
-    keys: list[str]  # the swept keys, in grid order (variant first, if any)
-    cells: list[Cell]
-    compare: Optional[Compare] = None  # the compare: block: every group against its baseline, by seed
-    record: Optional[Path] = None  # the record: file, the sweep's results to commit
-
-
 def _as_set(value: Any) -> str:
     return json.dumps(value)  # JSON is YAML: numbers, strings, null and lists parse back as they were
 

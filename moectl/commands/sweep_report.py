@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from moectl import config
 from moectl.commands import evaluate
@@ -29,11 +29,9 @@ from moectl.common import console, plots, runtime
 from moectl.common.errors import ConfigError
 from moectl.common.fileio import atomic_write_text
 from moectl.common.paired import Rule, first_reach, mean_ci, paired, value_at
+from moectl.config import Config
 from moectl.services import checkpoint, loaded_model
 from moectl.services.tracking import Tracker
-
-if TYPE_CHECKING:
-    from moectl.commands.sweep import Cell, Sweep
 
 SEED = "train.seed"
 METRICS = {  # the report's columns: name -> what it is
@@ -61,6 +59,33 @@ class Compare:
         base = ", ".join(f"{k}={v}" for k, v in self.baseline.items())
         margin = f"; equivalent within ±{self.rule.margin:g}" if self.rule.margin else ""
         return f"against {base}, paired by seed: {self.metric}, {self.rule.better} is better{margin}"
+
+
+@dataclass
+class Cell:
+    name: str
+    variant: Optional[str]  # its variant's name
+    values: dict[str, Any]  # what the grid and its variant set
+    needs: dict[str, Any]  # what the runner set for the cell's router
+    overrides: list[str]  # every --set of the cell
+    cfg: Config
+    run_dir: Path
+    status: str = "pending"  # pending, done, skipped, failed, stopped
+    error: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    curve: dict[str, list] = field(default_factory=dict)  # the eval curve: steps, loss, training seconds
+
+
+@dataclass
+class Sweep:
+    path: Path
+    name: str
+    base: Path
+    root: Path
+    keys: list[str]  # the swept keys, in grid order (variant first, if any)
+    cells: list[Cell]
+    compare: Optional[Compare] = None  # the compare: block: every group against its baseline, by seed
+    record: Optional[Path] = None  # the record: file, the sweep's results to commit
 
 
 def parse_compare(raw: Any, where: str, grid: dict, variant_names: list[str]) -> Optional[Compare]:
@@ -270,7 +295,14 @@ def write_report(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> Non
 
 def write_record(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> None:
     """The sweep's results, small enough to commit (sweep file's `record:`): per cell its seed,
-    config hash and final metrics; the groups; the comparisons; what ran it and on which code."""
+    config hash and final metrics; the groups; the comparisons; what ran it and on which code.
+    Only a complete sweep writes it: a report of unfinished cells (a fresh clone has no runs/) must
+    not replace results committed earlier."""
+    missing = [c.name for c in sweep.cells if not c.metrics]
+    if missing:
+        console.warn(f"record: {sweep.record} left as it is: {len(missing)} of {len(sweep.cells)} cells have no "
+                     f"results (first: {missing[0]}); it is written when every cell has finished")
+        return
     cells = [{"cell": c.name, "variant": c.variant, "values": c.values, "seed": c.values.get(SEED, c.cfg.train.seed),
               "config_hash": config.config_hash(c.cfg), "status": c.status, "metrics": c.metrics} for c in sweep.cells]
     record = {"sweep": sweep.path.name, "name": sweep.name, "source": runtime.source_version(),

@@ -12,7 +12,8 @@ import torch
 from moectl.common.errors import DataError
 
 if TYPE_CHECKING:
-    from moectl.data import Rows
+    from moectl.data.lm import Blocks
+    from moectl.data.sft import ExampleBlocks
 
 
 class BatchSampler:
@@ -94,7 +95,7 @@ class StreamSampler:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
 
-def stream_batches(blocks: Rows, batch_size: int, max_batches: Optional[int]) -> list[np.ndarray]:
+def stream_batches(blocks: Blocks | ExampleBlocks, batch_size: int, max_batches: Optional[int]) -> list[np.ndarray]:
     """Validation batches for a model that carries state: batch_size contiguous streams spread
     over the split, and batch j holds block j of each; the first `max_batches` of them (all when None)."""
     per = len(blocks) // batch_size
@@ -107,7 +108,7 @@ def stream_batches(blocks: Rows, batch_size: int, max_batches: Optional[int]) ->
     return [np.arange(batch_size, dtype=np.int64) * per + j for j in range(columns)]
 
 
-def eval_batches(blocks: Rows, batch_size: int, max_batches: Optional[int]) -> list[np.ndarray]:
+def eval_batches(blocks: Blocks | ExampleBlocks, batch_size: int, max_batches: Optional[int]) -> list[np.ndarray]:
     """Validation batches, the same at every evaluation.
 
     All blocks in order, or, when max_batches caps them, blocks spread evenly over the whole split
