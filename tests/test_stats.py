@@ -157,6 +157,36 @@ def test_update_over_steps_equals_summarize_of_concatenated_counts():
         assert got.drop_fraction == pytest.approx(dropped / (62 * 2))
 
 
+def test_batch_imbalance_z_and_logit_spread_by_hand():
+    """batch max/mean averages each pass's own ratio (not the ratio of the summed load); z and the
+    logit spread are means over real tokens; shifting every logit moves z, not the spread."""
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0], [1.0, 3.0]])  # (N=3, E=2)
+    probs = logits.softmax(-1)
+    first = record_from(probs, torch.tensor([[0], [0], [0]]))  # load [3, 0]: max/mean 2
+    first.logits = logits
+    second = record_from(probs, torch.tensor([[0], [1], [1]]))  # load [1, 2]: max/mean 4/3
+    second.logits = logits + 5.0
+    stats = RoutingStats(1, 2)
+    stats.update([first])
+    stats.update([second])
+    s = stats.summary()[0]
+    assert s.max_over_mean == pytest.approx(4 / 3)  # summed load [4, 2]
+    assert s.batch_max_over_mean == pytest.approx((2 + 4 / 3) / 2)
+    lse = [math.log(math.exp(a) + math.exp(b)) for a, b in logits.tolist()]
+    z = (sum(v**2 for v in lse) + sum((v + 5) ** 2 for v in lse)) / 6
+    assert s.router_z == pytest.approx(z)
+    assert s.logit_spread == pytest.approx((1 + 0 + 1) / 3)  # population std of two logits: |a - b| / 2
+    # Padding counts in none of them.
+    padded = record_from(probs, torch.tensor([[0], [0], [1]]))
+    padded.logits, padded.valid = logits, torch.tensor([True, True, False])
+    padded.tokens_per_expert = torch.tensor([2, 0])
+    alone = RoutingStats(1, 2)
+    alone.update([padded])
+    s = alone.summary()[0]
+    assert s.router_z == pytest.approx((lse[0] ** 2 + lse[1] ** 2) / 2)
+    assert s.logit_spread == pytest.approx(0.5) and s.batch_max_over_mean == pytest.approx(2.0)
+
+
 def test_state_dict_round_trip_and_reset():
     torch.manual_seed(0)
     e = 4
@@ -165,7 +195,7 @@ def test_state_dict_round_trip_and_reset():
     stats.update(_records(1, layers, 16))
     stats.update(_records(2, layers, 16))
     state = stats.state_dict()
-    assert set(state) == {"load", "entropy_sum", "tokens", "dropped"}
+    assert set(state) == {"load", "entropy_sum", "tokens", "dropped", "z_sum", "spread_sum", "batch_peak_sum", "passes"}
     assert all(t.device.type == "cpu" for t in state.values())
 
     restored = RoutingStats(1, e)

@@ -103,7 +103,8 @@ def test_speed_up_is_the_baselines_steps_to_the_arms_final_loss_over_the_arms_st
 def test_a_sweep_with_a_baseline_reports_paired_differences_end_to_end(tmp_path):
     raw = tiny_config(tmp_path, train={"max_steps": 2, "eval_every": 1})
     path = sweep_file(tmp_path, raw, name="pairs", grid={"train.seed": [1, 2]},
-                      variants=[{"name": "moe"}, {"name": "dense", "model.arch": "transformer_dense"}],
+                      variants=[{"name": "moe", "moe.capacity_factor": 0.5},
+                                {"name": "dense", "model.arch": "transformer_dense"}],
                       compare={"baseline": "dense", "margin": 0.5}, record="results/pairs.json")
     res = runner.invoke(app, ["sweep", str(path), "--jobs", "2"])
     assert res.exit_code == 0, res.output
@@ -118,6 +119,19 @@ def test_a_sweep_with_a_baseline_reports_paired_differences_end_to_end(tmp_path)
     (row,) = list(csv.DictReader(open(root / "paired.csv")))
     assert row["variant"] == "moe" and row["seeds"] == "2"
     assert float(row["difference"]) == pytest.approx(sum(expected.values()) / 2)
+    # The routing metrics: training windows with the router's noise, the validation batches, and the
+    # loss evaluated again without capacity (the MoE cells drop tokens at capacity factor 0.5).
+    from moectl.commands import evaluate
+    from moectl.services import loaded_model
+
+    moe = summary["cells"][0]["metrics"]
+    assert moe["drop_fraction"] > 0 and moe["train_max_over_mean"] >= 1 and moe["train_batch_max_over_mean"] >= 1
+    assert 0 < moe["router_entropy"] <= 1 and moe["logit_spread"] > 0 and moe["val_router_z"] > 0
+    assert moe["maxvio_batch"] >= 0
+    dropless = evaluate.run(loaded_model.load(root / "moe_seed=1", ["moe.eval_capacity_factor=dropless"])).loss
+    assert moe["eval_loss_dropless"] == pytest.approx(dropless) and dropless != moe["eval_loss"]
+    dense = summary["cells"][2]["metrics"]
+    assert dense["eval_loss_dropless"] == dense["eval_loss"] and dense["router_entropy"] is None
     said = " ".join(res.output.split())
     assert "against variant=dense, paired by seed: eval_loss, lower is better; equivalent within ±0.5" in said
     assert comparison["difference"]["verdict"] in said

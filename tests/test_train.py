@@ -15,6 +15,7 @@ from moectl import config
 from moectl.common import plots
 from moectl.services import checkpoint
 from moectl.cli import app
+from moectl.common.errors import ConfigError
 from moectl.training.optim import lr_at, make_optimizer
 from moectl.commands.train import fit
 
@@ -186,6 +187,20 @@ def test_lr_schedule():
     assert lr_at(110, cfg.optim, 110) == pytest.approx(0.1)
     const = config.from_dict({"optim": {"lr": 1.0, "warmup_steps": 0, "schedule": "constant"}})
     assert lr_at(500, const.optim, 1000) == 1.0
+
+
+def test_constant_schedule_with_a_cool_down():
+    cfg = config.from_dict({"optim": {"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1, "schedule": "constant",
+                                      "cooldown_steps": 20}, "train": {"max_steps": 110}})
+    lrs = [lr_at(s, cfg.optim, 110) for s in range(110)]
+    assert lrs[9] == lrs[10] == lrs[89] == 1.0  # warmup done; constant up to the cool-down
+    assert lrs[90] == pytest.approx(1.0 - 0.9 / 20)  # first cool-down step, one twentieth down
+    assert lrs[99] == pytest.approx(0.55) and lrs[109] == pytest.approx(0.1)  # linear to min_lr_ratio at the end
+    assert all(a > b for a, b in zip(lrs[89:], lrs[90:]))
+    # A cool-down longer than the run after warmup starts when warmup ends.
+    assert lr_at(10, cfg.optim, 25) == pytest.approx(1.0 - 0.9 / 15) and lr_at(24, cfg.optim, 25) == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="optim.cooldown_steps=20 needs optim.schedule=constant"):
+        config.from_dict({"optim": {"cooldown_steps": 20}})
 
 
 def test_ctrl_c_saves_and_resume_matches_uninterrupted_run(tmp_path):

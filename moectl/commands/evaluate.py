@@ -289,10 +289,13 @@ def show(result: EvalResult) -> None:
     if not result.layers:
         return
     cf = result.eval_capacity_factor
-    table = Table(title=f"routing (eval capacity factor: {'dropless' if cf is None else cf})", title_justify="left",
-                  box=None, pad_edge=False, header_style="bold underline")  # 80 columns wide
-    for name in ("layer", *(c.label for c in COLUMNS)):
-        table.add_column(name, justify="right", no_wrap=True)
-    for s in result.layers:
-        table.add_row(f"{s['slot']:02d}", *(c.format(s[c.name]) for c in COLUMNS))
-    console.out.print(table)
+    titles = {"load": f"routing: expert load (eval capacity factor: {'dropless' if cf is None else cf})",
+              "router": "routing: the router's distribution and logits"}
+    for about, title in titles.items():  # two tables, each within 80 columns
+        columns = [c for c in COLUMNS if c.about == about]
+        table = Table(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold underline")
+        for name in ("layer", *(c.label for c in columns)):
+            table.add_column(name, justify="right", no_wrap=True)
+        for s in result.layers:
+            table.add_row(f"{s['slot']:02d}", *(c.format(s[c.name]) for c in columns))
+        console.out.print(table)

@@ -30,7 +30,7 @@ from moectl.common.errors import ConfigError
 from moectl.common.fileio import atomic_write_text
 from moectl.common.paired import Rule, first_reach, mean_ci, paired, value_at
 from moectl.config import Config
-from moectl.services import checkpoint, loaded_model
+from moectl.services import checkpoint, loaded_model, tracking
 from moectl.services.tracking import Tracker
 
 SEED = "train.seed"
@@ -42,6 +42,17 @@ METRICS = {  # the report's columns: name -> what it is
     "maxvio": "MaxVio (Wang et al. 2024): max/mean load - 1 on the validation batches, mean over MoE layers",
     "drop_fraction": "assignments dropped by capacity on the validation batches, mean over MoE layers",
     "router_z": "router z-loss mean_x logsumexp(logits)^2, unweighted, over the last training window",
+    "train_max_over_mean": "the most imbalanced MoE layer's max/mean load over the last training window (training "
+    "batches, with the router's noise)",
+    "train_batch_max_over_mean": "the same per training batch: the most imbalanced layer's mean over the last window's "
+    "forward passes of each pass's max/mean load",
+    "maxvio_batch": "MaxVio per batch on the validation batches: each batch's max/mean load - 1, mean over batches and "
+    "MoE layers",
+    "router_entropy": "the router's normalised entropy H(p(x)) / log E on the validation batches, mean over MoE layers",
+    "val_router_z": "mean_x logsumexp(logits)^2 on the validation batches, mean over MoE layers",
+    "logit_spread": "the std of the router logits over experts on the validation batches, mean over tokens and MoE "
+    "layers (a shift of every logit lowers z and leaves it)",
+    "eval_loss_dropless": "final validation loss evaluated without capacity (the eval loss when the run is dropless)",
 }
 COMPARE_KEYS = ("baseline", "metric", "better", "margin")
 
@@ -134,32 +145,55 @@ def finished(cell: Cell) -> bool:
 
 def measure(cell: Cell) -> None:
     """A finished cell's final metrics and eval curve, measured once per checkpoint (cached in
-    sweep_eval.json)."""
+    sweep_eval.json; a cache that lacks a metric is measured again)."""
     ckpt = checkpoint.latest(cell.run_dir)
     cache = cell.run_dir / "sweep_eval.json"
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("checkpoint") == str(ckpt) and "curve" in cached:
+        if cached.get("checkpoint") == str(ckpt) and "curve" in cached and set(METRICS) <= set(cached["metrics"]):
             cell.metrics, cell.curve = cached["metrics"], cached["curve"]
             return
     meta = checkpoint.read_meta(ckpt)
     result = evaluate.run(loaded_model.load(cell.run_dir))
     layers = result.layers
-    scalars = _scalars(cell.run_dir, ("train/router/z", "eval/loss", "eval/train_seconds"))
+    dropless = result.loss
+    if result.eval_capacity_factor is not None:
+        dropless = evaluate.run(loaded_model.load(cell.run_dir, ["moe.eval_capacity_factor=dropless"])).loss
+    windows = _scalars(cell.run_dir, ("train/router/z", "eval/loss", "eval/train_seconds"))
+    slots = [s["slot"] for s in layers]
+    last = _last_window(cell.run_dir, slots, ("max_over_mean", "batch_max_over_mean"))
     cell.metrics = {
         "eval_loss": result.loss,
         "bits_per_byte": result.bits_per_byte,
         "tokens_per_sec": meta.get("tokens_per_sec") or float("nan"),
         "max_over_mean": max((s["max_over_mean"] for s in layers), default=float("nan")),
-        "maxvio": sum(s["max_over_mean"] - 1 for s in layers) / len(layers) if layers else float("nan"),
-        "drop_fraction": sum(s["drop_fraction"] for s in layers) / len(layers) if layers else float("nan"),
-        "router_z": scalars["train/router/z"][-1][1] if scalars["train/router/z"] else float("nan"),
+        "maxvio": _mean([s["max_over_mean"] - 1 for s in layers]),
+        "drop_fraction": _mean([s["drop_fraction"] for s in layers]),
+        "router_z": windows["train/router/z"][-1][1] if windows["train/router/z"] else float("nan"),
+        "train_max_over_mean": max(last["max_over_mean"], default=float("nan")),
+        "train_batch_max_over_mean": max(last["batch_max_over_mean"], default=float("nan")),
+        "maxvio_batch": _mean([s["batch_max_over_mean"] - 1 for s in layers]),
+        "router_entropy": _mean([s["router_entropy"] for s in layers]),
+        "val_router_z": _mean([s["router_z"] for s in layers]),
+        "logit_spread": _mean([s["logit_spread"] for s in layers]),
+        "eval_loss_dropless": dropless,
     }
-    seconds = dict(scalars["eval/train_seconds"])
-    points = [(step, seconds.get(step), loss) for step, loss in scalars["eval/loss"]]
+    seconds = dict(windows["eval/train_seconds"])
+    points = [(step, seconds.get(step), loss) for step, loss in windows["eval/loss"]]
     cell.curve = {"steps": [p[0] for p in points], "loss": [p[2] for p in points],
                   "seconds": [p[1] for p in points] if points and all(p[1] is not None for p in points) else []}
     cache.write_text(json.dumps({"checkpoint": str(ckpt), "metrics": cell.metrics, "curve": cell.curve}, indent=2) + "\n")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _last_window(run_dir: Path, slots: list[int], columns: tuple[str, ...]) -> dict[str, list[float]]:
+    """Each column's value in every MoE layer's last logged training window (TensorBoard)."""
+    tags = {(c, slot): f"{tracking.layer_tag(slot)}/{c}" for c in columns for slot in slots}
+    found = _scalars(run_dir, tuple(tags.values()))
+    return {c: [found[tags[c, slot]][-1][1] for slot in slots if found[tags[c, slot]]] for c in columns}
 
 
 def _scalars(run_dir: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:

@@ -45,6 +45,7 @@ class Column:
     label: str  # its header in tables
     spec: str  # format spec of its value; "%" prints a fraction as a percentage
     meaning: str
+    about: str = "load"  # `load`: how the experts' load spreads; `router`: the router's logits and distribution
 
     def format(self, value: float) -> str:
         return f"{100 * value:.1f}%" if self.spec == "%" else format(value, self.spec)
@@ -54,12 +55,18 @@ COLUMNS = (
     Column("cv", "cv", ".3f", "std(load) / mean(load) (0 = balanced)"),
     Column("max_over_mean", "max/mean", ".2f", "max(load) / mean(load) (1 = balanced; E / K when all tokens pick the same K)"),
     Column("min_over_mean", "min/mean", ".2f", "min(load) / mean(load)"),
+    Column("batch_max_over_mean", "batch m/m", ".2f", "mean over forward passes of each pass's own max/mean load (a "
+           "batch's imbalance; in training, with the router's noise)"),
     Column("load_entropy", "entropy", ".3f", "H(share) / log E (1 = balanced, 0 = one expert)"),
-    Column("router_entropy", "router H", ".3f", "mean over tokens of H(p(x)) / log E (1 = the router cannot tell experts apart)"),
     Column("drop_fraction", "drop", "%", "assignments dropped by capacity / assignments chosen"),
     Column("dead_experts", "dead", "d", "experts that processed no token"),
     Column("top20_share", "top20", "%", "share of the load on the busiest 20% of experts (at least one; 0.2 = balanced)"),
     Column("bottom20_share", "bot20", "%", "share of the load on the idlest 20% of experts (at least one)"),
+    Column("router_entropy", "router H", ".3f", "mean over tokens of H(p(x)) / log E (1 = the router cannot tell experts "
+           "apart)", "router"),
+    Column("router_z", "z", ".2f", "mean over tokens of logsumexp(router logits)^2, ST-MoE's z-loss term", "router"),
+    Column("logit_spread", "spread", ".2f", "mean over tokens of the std of the router logits over experts (unchanged "
+           "by a shift of all logits, which lowers z without changing the routing)", "router"),
 )
 
 
@@ -77,6 +84,9 @@ class LayerStats:
     dead_experts: int
     top20_share: float
     bottom20_share: float
+    batch_max_over_mean: float = float("nan")  # nan: not measured (a report written before these existed)
+    router_z: float = float("nan")
+    logit_spread: float = float("nan")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,8 +97,13 @@ def worst_imbalance(layers: list[LayerStats]) -> float:
     return max(s.max_over_mean for s in layers)
 
 
-def summarize(load: Tensor, entropy_sum: float, tokens: int, dropped: int) -> LayerStats:
-    """One layer's statistics from its window counts (see COLUMNS)."""
+def summarize(
+    load: Tensor, entropy_sum: float, tokens: int, dropped: int, z_sum: float = 0.0, spread_sum: float = 0.0,
+    batch_peak_sum: float = 0.0, passes: int = 0,
+) -> LayerStats:
+    """One layer's statistics from its window counts (see COLUMNS): `z_sum` and `spread_sum` sum
+    each token's logsumexp(logits)^2 and std of its logits over experts, `batch_peak_sum` each
+    forward pass's max/mean load over `passes` passes."""
     load64 = load.detach().double().cpu()
     e = load64.numel()
     total = float(load64.sum())
@@ -113,6 +128,9 @@ def summarize(load: Tensor, entropy_sum: float, tokens: int, dropped: int) -> La
         dead_experts=int((load64 == 0).sum()),
         top20_share=float(ordered[:fifth].sum()),
         bottom20_share=float(ordered[-fifth:].sum()),
+        batch_max_over_mean=batch_peak_sum / passes if passes else float("nan"),
+        router_z=z_sum / tokens if tokens else float("nan"),
+        logit_spread=spread_sum / tokens if tokens else float("nan"),
     )
 
 
@@ -155,7 +173,7 @@ class RoutingStats(Sums):
     """Per-layer routing counts accumulated over a window of forward passes. `experts`: E of each
     layer (one number for all); per-expert counts are stored padded to the largest E."""
 
-    FIELDS = ("load", "entropy_sum", "tokens", "dropped")
+    FIELDS = ("load", "entropy_sum", "tokens", "dropped", "z_sum", "spread_sum", "batch_peak_sum", "passes")
 
     def __init__(self, num_layers: int, experts: int | list[int], device: torch.device | str = "cpu"):
         self.num_layers = num_layers
@@ -172,16 +190,27 @@ class RoutingStats(Sums):
         self.entropy_sum = self.zeros(self.num_layers)
         self.tokens = self.zeros(self.num_layers)
         self.dropped = self.zeros(self.num_layers)
+        self.z_sum = self.zeros(self.num_layers)
+        self.spread_sum = self.zeros(self.num_layers)
+        self.batch_peak_sum = self.zeros(self.num_layers)
+        self.passes = self.zeros(self.num_layers)
 
     @torch.no_grad()
     def update(self, records: list[RoutingRecord]) -> None:
+        dev, dtype = self.device, self.load.dtype
         for i, r in enumerate(records):
-            p, e = r.probs.detach(), r.num_experts
+            p, logits, e = r.probs.detach(), r.logits.detach().float(), r.num_experts
             real = r.token_mask()[:, None]  # (N, 1) padding adds no entropy and no token
-            self.load[i, :e] += r.tokens_per_expert.to(self.device, self.load.dtype)
-            self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log() * real).sum().to(self.device, self.load.dtype)
-            self.tokens[i] += r.num_valid().to(self.device, self.load.dtype)
-            self.dropped[i] += r.num_dropped.to(self.device, self.load.dtype)
+            load = r.tokens_per_expert.to(dev, dtype)
+            self.load[i, :e] += load
+            self.entropy_sum[i] += -(p * p.clamp_min(1e-20).log() * real).sum().to(dev, dtype)
+            self.tokens[i] += r.num_valid().to(dev, dtype)
+            self.dropped[i] += r.num_dropped.to(dev, dtype)
+            self.z_sum[i] += (torch.logsumexp(logits, -1).square() * real[:, 0]).sum().to(dev, dtype)
+            self.spread_sum[i] += (logits.std(-1, unbiased=False) * real[:, 0]).sum().to(dev, dtype)
+            routed = load.sum() > 0  # a pass that routed nothing (all padding) has no imbalance
+            self.batch_peak_sum[i] += torch.where(routed, load.max() * e / load.sum().clamp_min(1), 0.0)
+            self.passes[i] += routed.to(dtype)
 
     def empty(self) -> bool:
         return self.num_layers == 0 or float(self.tokens.sum()) == 0
@@ -189,8 +218,9 @@ class RoutingStats(Sums):
     def summary(self) -> list[LayerStats]:
         """Host sync: called once per logging window, not per step."""
         entropy, tokens, dropped = self.entropy_sum.tolist(), self.tokens.tolist(), self.dropped.tolist()
-        return [summarize(self.load[i, : self.experts[i]], entropy[i], int(tokens[i]), round(dropped[i]))
-                for i in range(self.num_layers)]
+        z, spread, peaks, passes = (t.tolist() for t in (self.z_sum, self.spread_sum, self.batch_peak_sum, self.passes))
+        return [summarize(self.load[i, : self.experts[i]], entropy[i], int(tokens[i]), round(dropped[i]), z[i], spread[i],
+                          peaks[i], round(passes[i])) for i in range(self.num_layers)]
 
 
 class RoutingProfile(RoutingStats):

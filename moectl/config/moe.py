@@ -106,7 +106,9 @@ class MoEConfig(Section):
         description="Every router: the routed experts' summed output times this. 1: as each paper defines its router "
         "(DeepSeek-V3's released model uses 2.5 with its sigmoid router). `top_k`: K, the experts a token's weights "
         "spread over; renormalised weights make the routed output an average of K experts, about 1/K of a dense FFN "
-        "of hidden K*H at init, and K restores that scale (what the quickstarts use; see docs/quality.md).",
+        "of hidden K*H at init, and K restores that scale (what the quickstarts use; see docs/quality.md). expert_choice "
+        "combines with each token's softmax probabilities, about 1/E each at init, over about K experts: a factor of E "
+        "puts it at the scale of top-K with `top_k` (docs/claims.md, claim 6).",
     )
     n_group: int = Field(
         1, gt=0, description="sigmoid: DeepSeek-V3's group-limited routing splits the E experts into n_group groups "

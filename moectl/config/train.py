@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from moectl.common.perf_model import PRESETS as HARDWARE_PRESETS
 
@@ -137,12 +137,17 @@ class TrainConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW with linear warmup and cosine decay."""
+    """AdamW with linear warmup, then cosine decay, or a constant LR with an optional linear cool-down."""
 
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (cosine schedule).")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to the peak LR.")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="After warmup: cosine decay, or constant.")
+    cooldown_steps: int = Field(
+        0, ge=0, description="schedule=constant: the last this many steps decay linearly to min_lr_ratio * lr "
+        "(warmup-stable-decay, as Hägele et al. 2024): the loss at any step of the constant part is a fair reading of "
+        "the recipe at that length, and the cool-down gives the final one. 0: no cool-down."
+    )
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices (not norms or biases).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
@@ -150,6 +155,13 @@ class OptimConfig(Section):
         1.0, ge=0, description="The routers' learning rate as a multiple of the schedule's (0: they stay, like train.freeze=router)."
     )
     expert_lr_mult: float = Field(1.0, ge=0, description="The routed experts' learning rate as a multiple of the schedule's.")
+
+    @model_validator(mode="after")
+    def _cooldown_needs_constant(self) -> "OptimConfig":
+        if self.cooldown_steps and self.schedule != "constant":
+            raise ValueError(f"optim.cooldown_steps={self.cooldown_steps} needs optim.schedule=constant (the cosine "
+                             "schedule decays all the way already); set optim.schedule: constant or drop the cool-down")
+        return self
 
     @field_validator("betas", mode="before")
     @classmethod

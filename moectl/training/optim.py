@@ -39,7 +39,8 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """LR for optimizer step `step` (0-based): linear warmup (over the whole run if it is shorter
-    than optim.warmup_steps), then cosine to min_lr_ratio * lr.
+    than optim.warmup_steps), then cosine to min_lr_ratio * lr, or constant with the last
+    optim.cooldown_steps (those after warmup) falling linearly to min_lr_ratio * lr at the last step.
 
     A pure function of the step, so resuming needs no scheduler state.
     """
@@ -47,7 +48,11 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant" or max_steps <= warmup:
-        return cfg.lr
+        start = max(warmup, max_steps - cfg.cooldown_steps)
+        if step < start or max_steps <= start:
+            return cfg.lr
+        done = min(step - start + 1, max_steps - start) / (max_steps - start)  # 1 at the last step
+        return cfg.lr * (1.0 - (1.0 - cfg.min_lr_ratio) * done)
     progress = (step - warmup) / (max_steps - warmup)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
