@@ -18,6 +18,7 @@ from moectl.cli import app
 from moectl.commands import sweep as sweeping
 from moectl.commands import sweep_report
 from moectl.common.errors import ConfigError
+from moectl.common.paired import Rule
 from test_sweep import sweep_file
 
 runner = CliRunner()
@@ -35,7 +36,10 @@ VARIANTS = [{"name": "moe"}, {"name": "dense", "model.arch": "transformer_dense"
     ({"baseline": "dense", "metric": "loss"}, "compare.metric='loss': choose one of eval_loss"),
     ({"baseline": "dense", "better": "less"}, "better='less' must be lower or higher"),
     ({"baseline": "dense", "margin": -1}, "margin=-1.0 must be >= 0"),
-    ({"baseline": "dense", "rule": "x"}, "unknown key 'rule'; compare has baseline, metric, better, margin"),
+    ({"baseline": "dense", "rule": "x"}, "unknown key 'rule'; compare has baseline, metric, better, margin, metrics"),
+    ({"baseline": "dense", "metric": "eval_loss", "metrics": {"maxvio": None}}, "give either metrics:"),
+    ({"baseline": "dense", "metrics": ["maxvio"]}, "compare.metrics: give a mapping of metric names"),
+    ({"baseline": "dense", "metrics": {"maxvio": {"bettr": "lower"}}}, "compare.metrics.maxvio: give {better"),
 ])
 def test_a_bad_compare_block_is_refused_with_the_key_named(tmp_path, compare, message):
     path = sweep_file(tmp_path, tiny_config(tmp_path), grid=GRID, variants=VARIANTS, compare=compare)
@@ -57,7 +61,7 @@ def test_each_group_is_paired_by_seed_with_its_baseline_and_judged_by_the_rule(t
     path = sweep_file(tmp_path, tiny_config(tmp_path), grid=GRID, variants=VARIANTS,
                       compare={"baseline": "dense", "margin": 0.05})
     sweep = sweeping.load(path)
-    assert sweep.compare.baseline == {"variant": "dense"} and sweep.compare.rule.margin == 0.05
+    assert sweep.compare.baseline == {"variant": "dense"} and sweep.compare.rules == {"eval_loss": Rule("lower", 0.05)}
     arm_loss = {1: 2.90, 2: 2.88, 3: 2.89}  # moe, top_k=2: 0.10, 0.12, 0.11 below dense
     metrics, curves = {}, {}
     for seed in (1, 2, 3):
@@ -72,13 +76,13 @@ def test_each_group_is_paired_by_seed_with_its_baseline_and_judged_by_the_rule(t
     assert len(found) == 2  # the two moe groups; dense groups are baselines
     top2 = found[json.dumps({"variant": "moe", "moe.top_k": 2}, sort_keys=True)]
     assert top2["baseline"] == {"variant": "dense", "moe.top_k": 2}
-    d = top2["difference"]
+    d = top2["differences"]["eval_loss"]
     assert d["diffs"] == pytest.approx({1: -0.10, 2: -0.12, 3: -0.11}) and d["n"] == 3
     assert d["mean"] == pytest.approx(-0.11) and d["ci95"] == pytest.approx(4.303 * 0.01 / math.sqrt(3))
     assert d["verdict"] == "better"
     top1 = found[json.dumps({"variant": "moe", "moe.top_k": 1}, sort_keys=True)]
-    assert top1["difference"]["mean"] == pytest.approx(0.0)
-    assert top1["difference"]["verdict"] == "equivalent within ±0.05"  # ±4.303 * 0.01 / sqrt(3) = ±0.025
+    assert top1["differences"]["eval_loss"]["mean"] == pytest.approx(0.0)
+    assert top1["differences"]["eval_loss"]["verdict"] == "equivalent within ±0.05"  # ±4.303 * 0.01 / sqrt(3) = ±0.025
     # Equal time: both read at 15 s (the dense runs' end). moe at 15 s: 3 + (2 + s/10 - 3) / 2.
     t = top2["equal_time"]
     assert t["seconds"] == {1: 15, 2: 15, 3: 15}
@@ -86,6 +90,28 @@ def test_each_group_is_paired_by_seed_with_its_baseline_and_judged_by_the_rule(t
     assert t["verdict"] == "better"
     # Speed-up: dense never gets below 3.0 within its 300 steps, so it never reaches moe's 2.1-2.3.
     assert top2["speedup"]["not_reached"] == 3 and top2["speedup"]["per_seed"] == {1: None, 2: None, 3: None}
+
+
+def test_several_metrics_each_follow_their_own_rule(tmp_path):
+    compare = {"baseline": "dense", "metrics": {"eval_loss": {"better": "lower", "margin": 0.05},
+                                                "maxvio": {"better": "lower"}}}
+    sweep = sweeping.load(sweep_file(tmp_path, tiny_config(tmp_path), grid=GRID, variants=VARIANTS, compare=compare))
+    assert list(sweep.compare.rules) == ["eval_loss", "maxvio"]  # the file's order: the first is the headline
+    curve = {"steps": [0, 1], "seconds": [0, 1], "loss": [5.0, 3.0]}
+    losses = {(v, k, s): 3.0 + (0.01 * (s - 2) if v == "moe" else 0) for v in ("moe", "dense") for k in (1, 2)
+              for s in (1, 2, 3)}
+    _finished(sweep, losses, {key: curve for key in losses})
+    for cell in sweep.cells:  # moe: MaxVio 0.5, 0.6, 0.7 against dense's 1.0 on every seed
+        cell.metrics["maxvio"] = 1.0 if cell.variant == "dense" else 0.4 + cell.values["train.seed"] / 10
+    (top1, _) = sweep_report.compare(sweep)
+    assert list(top1["differences"]) == ["eval_loss", "maxvio"]
+    vio, loss = top1["differences"]["maxvio"], top1["differences"]["eval_loss"]
+    assert vio["mean"] == pytest.approx(-0.4) and vio["ci95"] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert vio["verdict"] == "better"  # -0.4 ± 0.248: below 0; maxvio declared no margin
+    assert loss["verdict"] == "equivalent within ±0.05"
+    sweep_report.write_report(sweep, sweep_report.summarize(sweep), [top1])
+    rows = list(csv.DictReader(open(sweep.root / "paired.csv")))
+    assert [(r["metric"], r["verdict"]) for r in rows] == [("eval_loss", "equivalent within ±0.05"), ("maxvio", "better")]
 
 
 def test_speed_up_is_the_baselines_steps_to_the_arms_final_loss_over_the_arms_steps():
@@ -113,8 +139,8 @@ def test_a_sweep_with_a_baseline_reports_paired_differences_end_to_end(tmp_path)
     losses = {c["cell"]: c["metrics"]["eval_loss"] for c in summary["cells"]}
     (comparison,) = summary["compare"]["comparisons"]
     expected = {s: losses[f"moe_seed={s}"] - losses[f"dense_seed={s}"] for s in (1, 2)}
-    assert comparison["difference"]["diffs"] == {str(s): pytest.approx(v) for s, v in expected.items()}
-    assert comparison["difference"]["verdict"] in ("better", "worse", "equivalent within ±0.5", "inconclusive")
+    assert comparison["differences"]["eval_loss"]["diffs"] == {str(s): pytest.approx(v) for s, v in expected.items()}
+    assert comparison["differences"]["eval_loss"]["verdict"] in ("better", "worse", "equivalent within ±0.5", "inconclusive")
     assert comparison["equal_time"]["n"] == 2 and all(v > 0 for v in comparison["equal_time"]["seconds"].values())
     (row,) = list(csv.DictReader(open(root / "paired.csv")))
     assert row["variant"] == "moe" and row["seeds"] == "2"
@@ -133,8 +159,8 @@ def test_a_sweep_with_a_baseline_reports_paired_differences_end_to_end(tmp_path)
     dense = summary["cells"][2]["metrics"]
     assert dense["eval_loss_dropless"] == dense["eval_loss"] and dense["router_entropy"] is None
     said = " ".join(res.output.split())
-    assert "against variant=dense, paired by seed: eval_loss, lower is better; equivalent within ±0.5" in said
-    assert comparison["difference"]["verdict"] in said
+    assert "against variant=dense, paired by seed: eval_loss, lower is better, equivalent within ±0.5" in said
+    assert comparison["differences"]["eval_loss"]["verdict"] in said
     # The record to commit: beside the sweep file, every cell's seed, config hash and metrics,
     # the same comparison, and what ran it.
     record = json.loads((tmp_path / "results" / "pairs.json").read_text())
@@ -145,6 +171,7 @@ def test_a_sweep_with_a_baseline_reports_paired_differences_end_to_end(tmp_path)
     assert record["compare"]["comparisons"] == summary["compare"]["comparisons"]
     assert record["machine"]["cores"] == os.cpu_count() and "torch" in record["machine"]
     assert set(record["source"]) == {"version", "commit", "modified"}
+    assert all(c["trained_by"] == record["source"] for c in record["cells"])  # each cell's training code, from its meta
 
 
 def test_a_record_must_be_a_path(tmp_path):

@@ -16,6 +16,8 @@ A sweep file:
       metric: eval_loss                  # one of the report's metrics (default eval_loss)
       better: lower                      # the rule, declared before the run: which way is better,
       margin: 0.02                       # and the margin within which arms are called equivalent
+      # or several metrics, each with its rule (the first is the headline):
+      # metrics: {eval_loss: {better: lower, margin: 0.02}, maxvio: {better: lower}}
     record: results/routers.json         # optional: the results to commit (relative to this file)
 
 Every cell is validated before any starts. A cell that changes `moe.router` also gets what that

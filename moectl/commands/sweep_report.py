@@ -3,8 +3,8 @@ that differ only in their seed (each metric's mean and 95% Student-t interval), 
 file has a `compare:` block, every group against its baseline group, seed by seed
 (moectl/common/paired.py):
 
-- the declared metric: the paired difference (arm - baseline), its 95% interval, and the verdict of
-  the declared rule (better, worse, equivalent within the margin, inconclusive);
+- each declared metric: the paired difference (arm - baseline), its 95% interval, and the verdict
+  of the rule declared for it (better, worse, equivalent within the margin, inconclusive);
 - the eval loss at equal training seconds: each pair read, on its eval curves, at the seconds of
   the run that trained for less (eval/train_seconds: the steps alone);
 - the speed-up: the steps the baseline needs to reach the arm's final eval loss, over the arm's
@@ -54,22 +54,22 @@ METRICS = {  # the report's columns: name -> what it is
     "layers (a shift of every logit lowers z and leaves it)",
     "eval_loss_dropless": "final validation loss evaluated without capacity (the eval loss when the run is dropless)",
 }
-COMPARE_KEYS = ("baseline", "metric", "better", "margin")
+COMPARE_KEYS = ("baseline", "metric", "better", "margin", "metrics")
 
 
 @dataclass(frozen=True)
 class Compare:
-    """A sweep file's `compare:` block: what makes a group the baseline, the metric, and the rule
-    its verdict follows (declared before the run)."""
+    """A sweep file's `compare:` block: what makes a group the baseline, and the metrics compared,
+    each with the rule its verdict follows (declared before the run); the first is the headline."""
 
     baseline: dict  # {"variant": name} or {swept key: value}
-    metric: str = "eval_loss"
-    rule: Rule = Rule()
+    rules: dict = field(default_factory=lambda: {"eval_loss": Rule()})  # metric -> Rule, in the file's order
 
     def describe(self) -> str:
         base = ", ".join(f"{k}={v}" for k, v in self.baseline.items())
-        margin = f"; equivalent within ±{self.rule.margin:g}" if self.rule.margin else ""
-        return f"against {base}, paired by seed: {self.metric}, {self.rule.better} is better{margin}"
+        rules = "; ".join(f"{m}, {r.better} is better" + (f", equivalent within ±{r.margin:g}" if r.margin else "")
+                          for m, r in self.rules.items())
+        return f"against {base}, paired by seed: {rules}"
 
 
 @dataclass
@@ -124,15 +124,30 @@ def parse_compare(raw: Any, where: str, grid: dict, variant_names: list[str]) ->
         selector = dict(base)
     else:
         raise ConfigError(f"{where}.baseline: give a variant's name or a mapping of grid keys to values")
-    metric = raw.get("metric", "eval_loss")
-    if metric not in METRICS:
-        raise ConfigError(f"{where}.metric={metric!r}: choose one of {', '.join(METRICS)}")
-    try:
-        rule = Rule(better=raw.get("better", "higher" if metric == "tokens_per_sec" else "lower"),
-                    margin=float(raw.get("margin", 0.0)))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    return Compare(selector, metric, rule)
+    if "metrics" in raw:
+        single = [k for k in ("metric", "better", "margin") if k in raw]
+        if single:
+            raise ConfigError(f"{where}: give either metrics: {{name: {{better, margin}}}} or metric, better and "
+                              f"margin, not both ({single[0]!r} beside metrics)")
+        metrics = raw["metrics"]
+        if not isinstance(metrics, dict) or not metrics:
+            raise ConfigError(f"{where}.metrics: give a mapping of metric names to {{better, margin}}, e.g. "
+                              "{eval_loss: {better: lower, margin: 0.02}}")
+    else:
+        metrics = {raw.get("metric", "eval_loss"): {k: raw[k] for k in ("better", "margin") if k in raw}}
+    rules = {}
+    for metric, rule in metrics.items():
+        if metric not in METRICS:
+            raise ConfigError(f"{where}.metric={metric!r}: choose one of {', '.join(METRICS)}")
+        rule = rule or {}
+        if not isinstance(rule, dict) or set(rule) - {"better", "margin"}:
+            raise ConfigError(f"{where}.metrics.{metric}: give {{better: lower|higher, margin: number}}")
+        try:
+            rules[metric] = Rule(better=rule.get("better", "higher" if metric == "tokens_per_sec" else "lower"),
+                                 margin=float(rule.get("margin", 0.0)))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return Compare(selector, rules)
 
 
 def finished(cell: Cell) -> bool:
@@ -251,9 +266,10 @@ def compare(sweep: Sweep) -> list[dict]:
             continue
         arm, base = _by_seed(cells), _by_seed(found[key][1])
         seeds = [s for s in arm if s in base]
-        difference = paired({s: arm[s].metrics[spec.metric] for s in seeds},
-                            {s: base[s].metrics[spec.metric] for s in seeds}, spec.rule)
-        out.append({"group": group, "baseline": base_group, "metric": spec.metric, "difference": difference.to_dict(),
+        differences = {metric: paired({s: arm[s].metrics[metric] for s in seeds},
+                                      {s: base[s].metrics[metric] for s in seeds}, rule).to_dict()
+                       for metric, rule in spec.rules.items()}
+        out.append({"group": group, "baseline": base_group, "differences": differences,
                     **_curves_compared({s: (arm[s].curve, base[s].curve) for s in seeds}, spec)})
     return out
 
@@ -274,9 +290,9 @@ def _curves_compared(pairs: dict, spec: Compare) -> dict:
         if a.get("seconds") and b.get("seconds"):
             seconds[seed] = t = min(a["seconds"][-1], b["seconds"][-1])
             at_time[seed] = value_at(a["seconds"], a["loss"], t) - value_at(b["seconds"], b["loss"], t)
-    # The eval loss is lower-is-better whatever the declared metric; the margin is the metric's
-    # only when that metric is the eval loss too.
-    rule = Rule("lower", spec.rule.margin if spec.metric == "eval_loss" else 0.0)
+    # The eval loss is lower-is-better whatever the declared metrics; its margin is the one declared
+    # for the eval loss, if any.
+    rule = Rule("lower", spec.rules["eval_loss"].margin if "eval_loss" in spec.rules else 0.0)
     equal_time = paired(at_time, {s: 0.0 for s in at_time}, rule)
     reached = [v for v in speedups.values() if v is not None]
     mean, half = mean_ci(reached)
@@ -338,8 +354,9 @@ def write_record(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> Non
                      f"results (first: {missing[0]}); it is written when every cell has finished")
         return
     cells = [{"cell": c.name, "variant": c.variant, "values": c.values, "seed": c.values.get(SEED, c.cfg.train.seed),
-              "config_hash": config.config_hash(c.cfg), "status": c.status, "metrics": c.metrics} for c in sweep.cells]
-    record = {"sweep": sweep.path.name, "name": sweep.name, "source": runtime.source_version(),
+              "config_hash": config.config_hash(c.cfg), "status": c.status, "metrics": c.metrics,
+              "trained_by": checkpoint.read_meta(checkpoint.latest(c.run_dir)).get("source")} for c in sweep.cells]
+    record = {"sweep": sweep.path.name, "name": sweep.name, "source": runtime.source_version(),  # the report's code
               "machine": runtime.machine(), "metrics": METRICS, "cells": cells, "groups": rows}
     if sweep.compare is not None:
         record["compare"] = _compare_summary(sweep.compare, comparisons)
@@ -349,7 +366,8 @@ def write_record(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> Non
 
 
 def _compare_summary(spec: Compare, comparisons: list[dict]) -> dict:
-    return {"baseline": spec.baseline, "metric": spec.metric, "better": spec.rule.better, "margin": spec.rule.margin,
+    return {"baseline": spec.baseline,
+            "rules": {m: {"better": r.better, "margin": r.margin} for m, r in spec.rules.items()},
             "comparisons": comparisons}
 
 
@@ -358,16 +376,18 @@ def _csv_value(group: dict, key: str) -> Any:
 
 
 def _write_paired_csv(sweep: Sweep, comparisons: list[dict]) -> None:
+    """One row per arm and compared metric; the equal-time and speed-up columns repeat per arm."""
     with open(sweep.root / "paired.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*sweep.keys, "seeds", "difference", "ci95", "verdict", "equal_time_difference",
-                         "equal_time_ci95", "equal_time_verdict", "speedup", "speedup_ci95", "speedup_not_reached"])
+        writer.writerow([*(k for k in sweep.keys if k != SEED), "metric", "seeds", "difference", "ci95", "verdict",
+                         "equal_time_difference", "equal_time_ci95", "equal_time_verdict", "speedup", "speedup_ci95",
+                         "speedup_not_reached"])
         for c in comparisons:
-            d, t, s = c["difference"], c["equal_time"], c["speedup"]
-            writer.writerow([_csv_value(c["group"], k) for k in sweep.keys if k != SEED]
-                            + ([""] if SEED in sweep.keys else [])
-                            + [d["n"], d["mean"], d["ci95"], d["verdict"], t["mean"], t["ci95"], t["verdict"],
-                               s["mean"], s["ci95"], s["not_reached"]])
+            t, s = c["equal_time"], c["speedup"]
+            for metric, d in c["differences"].items():
+                writer.writerow([_csv_value(c["group"], k) for k in sweep.keys if k != SEED]
+                                + [metric, d["n"], d["mean"], d["ci95"], d["verdict"], t["mean"], t["ci95"], t["verdict"],
+                                   s["mean"], s["ci95"], s["not_reached"]])
 
 
 def _strict(obj: Any) -> Any:
@@ -420,12 +440,14 @@ def _show_comparisons(sweep: Sweep, comparisons: list[dict]) -> None:
     for key in sweep.keys:
         if key != SEED:
             table.add_column(key.rsplit(".", 1)[-1], overflow="fold")
-    for name in ("seeds", f"Δ {spec.metric}", "verdict", "Δ eval loss at equal time", "verdict", "speed-up"):
+    for name in ("metric", "seeds", "Δ", "verdict", "Δ eval loss at equal time", "verdict", "speed-up"):
         table.add_column(name, justify="right", overflow="fold")
     for c in comparisons:
-        d, t, s = c["difference"], c["equal_time"], c["speedup"]
+        t, s = c["equal_time"], c["speedup"]
         missed = f" ({s['not_reached']} not reached)" if s["not_reached"] else ""
-        table.add_row(*(str(c["group"].get(k, "")) for k in sweep.keys if k != SEED), str(d["n"]),
-                      _shown(d["mean"], d["ci95"], "+.4f"), d["verdict"], _shown(t["mean"], t["ci95"], "+.4f"),
-                      t["verdict"] if t["n"] else "-", _shown(s["mean"], s["ci95"], ".2f") + missed)
+        for i, (metric, d) in enumerate(c["differences"].items()):
+            curves = [_shown(t["mean"], t["ci95"], "+.4f"), t["verdict"] if t["n"] else "-",
+                      _shown(s["mean"], s["ci95"], ".2f") + missed] if i == 0 else ["", "", ""]
+            table.add_row(*(str(c["group"].get(k, "")) if i == 0 else "" for k in sweep.keys if k != SEED), metric,
+                          str(d["n"]), _shown(d["mean"], d["ci95"], "+.4f"), d["verdict"], *curves)
     console.out.print(table)

@@ -9,6 +9,7 @@ command has loaded torch, and `moectl --help` must stay fast.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 from contextlib import nullcontext
@@ -146,9 +147,10 @@ def machine() -> dict[str, object]:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+@functools.lru_cache(maxsize=1)
 def source_version() -> dict[str, object]:
     """The moectl version, and when it runs from a git checkout its commit and whether tracked
-    files differ from it (results from uncommitted code say so)."""
+    files differ from it (results from uncommitted code say so). Read once per process."""
     import subprocess
 
     where = os.path.dirname(os.path.abspath(__file__))

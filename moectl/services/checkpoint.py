@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from moectl import __version__, config
+from moectl.common import runtime
 from moectl.common.errors import CheckpointError, ConfigError
 from moectl.common.fileio import staged_directory
 from moectl.config import Config, RunConfig
@@ -95,6 +96,7 @@ def metadata(cfg: Config, **fields: Any) -> dict[str, Any]:
         "config_hash": config.config_hash(cfg),
         "moectl_version": __version__,
         "torch_version": torch.__version__,
+        "source": runtime.source_version(),  # the code that trained it: commit, and whether it was modified
         "saved_at": time.time(),
         **fields,
     }
