@@ -152,6 +152,19 @@ def test_student_t_beyond_the_table():
     assert [round(paired.t975(d), 3) for d in (15, 16, 30, 60)] == [2.131, 2.119, 2.042, 2.0]
 
 
+def test_a_value_may_name_the_cells_other_keys(tmp_path):
+    variants = [{"name": "tuned", "train.init_from": "{run.dir}/pre/moe_seed={train.seed}"}]
+    raw = tiny_config(tmp_path)
+    path = sweep_file(tmp_path, raw, grid={"train.seed": [1, 2]}, variants=variants,
+                      set={"run.dir": raw["run"]["dir"]})
+    with pytest.raises(ConfigError, match=r"names \{run.dir\}, which is not another key of the cell \(its keys: train.seed\)"):
+        sweeping.load(path)  # `set:` keys are the sweep's, not the cell's
+    variants = [{"name": "tuned", "train.init_from": "pre/moe_seed={train.seed}", "run.name": "x_{train.seed}"}]
+    sweep = sweeping.load(sweep_file(tmp_path, raw, grid={"train.seed": [1, 2]}, variants=variants))
+    assert [c.values["train.init_from"] for c in sweep.cells] == ["pre/moe_seed=1", "pre/moe_seed=2"]
+    assert [c.cfg.train.init_from for c in sweep.cells] == ["pre/moe_seed=1", "pre/moe_seed=2"]
+
+
 def test_every_shipped_experiment_validates(monkeypatch):
     root = Path(__file__).resolve().parents[1]
     files = sorted((root / "experiments").glob("*.yaml"))

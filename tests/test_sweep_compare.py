@@ -154,6 +154,8 @@ def test_a_sweep_with_a_baseline_reports_paired_differences_end_to_end(tmp_path)
     assert moe["drop_fraction"] > 0 and moe["train_max_over_mean"] >= 1 and moe["train_batch_max_over_mean"] >= 1
     assert 0 < moe["router_entropy"] <= 1 and moe["logit_spread"] > 0 and moe["val_router_z"] > 0
     assert moe["maxvio_batch"] >= 0
+    curve = json.loads((root / "moe_seed=1" / "sweep_eval.json").read_text())["curve"]
+    assert curve["steps"][0] == 0 and moe["eval_loss_gain"] == pytest.approx(curve["loss"][0] - moe["eval_loss"])
     dropless = evaluate.run(loaded_model.load(root / "moe_seed=1", ["moe.eval_capacity_factor=dropless"])).loss
     assert moe["eval_loss_dropless"] == pytest.approx(dropless) and dropless != moe["eval_loss"]
     dense = summary["cells"][2]["metrics"]

@@ -11,6 +11,8 @@ A sweep file:
     variants:                            # optional: named sets of keys, each crossed with the grid
       - {name: moe}
       - {name: dense, model.arch: transformer_dense}
+      # a string may name another key of the cell: each seed fine-tunes its own run
+      # - {name: tuned, train.init_from: "runs/pretrain/moe_seed={train.seed}"}
     compare:                             # optional: every group against a baseline, paired by seed
       baseline: dense                    # a variant's name, or {grid key: value}, e.g. {moe.router: topk}
       metric: eval_loss                  # one of the report's metrics (default eval_loss)
@@ -42,6 +44,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,6 +76,22 @@ SWEEP_KEYS = ("base", "name", "set", "grid", "variants", "compare", "record")
 ATTEMPT = "=== moectl sweep: attempt"  # opens each attempt in a cell's log
 def _as_set(value: Any) -> str:
     return json.dumps(value)  # JSON is YAML: numbers, strings, null and lists parse back as they were
+
+
+def _fill(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """A string value may name the cell's other values in braces, e.g. train.init_from:
+    runs/claims/dense_seed={train.seed}: each seed starts from its own run."""
+    def filled(key: str, value: Any) -> Any:
+        if not isinstance(value, str) or "{" not in value:
+            return value
+        def one(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in values or name == key:
+                raise ConfigError(f"{where}: {key}={value!r} names {{{name}}}, which is not another key of the cell "
+                                  f"(its keys: {', '.join(k for k in values if k != key)})")
+            return values[name] if isinstance(values[name], str) else _as_set(values[name])
+        return re.sub(r"\{([\w.]+)\}", one, value)
+    return {k: filled(k, v) for k, v in values.items()}
 
 
 def _cell_name(values: dict[str, Any], variant: Optional[str]) -> str:
@@ -121,7 +140,7 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> Sweep:
         variant = dict(variant)
         label = variant.pop("name", None)
         for combo in itertools.product(*grid.values()):
-            values = {**variant, **dict(zip(grid, combo))}
+            values = _fill({**variant, **dict(zip(grid, combo))}, f"{path}: {label or 'grid'}")
             cell_name = _cell_name(dict(zip(grid, combo)), label)
             sets = shared + [f"{k}={_as_set(v)}" for k, v in values.items()]
             try:

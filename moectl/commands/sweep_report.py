@@ -53,6 +53,8 @@ METRICS = {  # the report's columns: name -> what it is
     "logit_spread": "the std of the router logits over experts on the validation batches, mean over tokens and MoE "
     "layers (a shift of every logit lowers z and leaves it)",
     "eval_loss_dropless": "final validation loss evaluated without capacity (the eval loss when the run is dropless)",
+    "eval_loss_gain": "the eval loss at step 0 (the starting weights: train.init_from's, when fine-tuning) minus the "
+    "final one: what the run's training gained",
 }
 COMPARE_KEYS = ("baseline", "metric", "better", "margin", "metrics")
 
@@ -195,6 +197,8 @@ def measure(cell: Cell) -> None:
     }
     seconds = dict(windows["eval/train_seconds"])
     points = [(step, seconds.get(step), loss) for step, loss in windows["eval/loss"]]
+    start = points[0][2] if points and points[0][0] == 0 else float("nan")
+    cell.metrics["eval_loss_gain"] = start - result.loss
     cell.curve = {"steps": [p[0] for p in points], "loss": [p[2] for p in points],
                   "seconds": [p[1] for p in points] if points and all(p[1] is not None for p in points) else []}
     cache.write_text(json.dumps({"checkpoint": str(ckpt), "metrics": cell.metrics, "curve": cell.curve}, indent=2) + "\n")
