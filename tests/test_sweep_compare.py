@@ -150,7 +150,9 @@ def test_a_sweep_with_a_baseline_reports_paired_differences_end_to_end(tmp_path)
     from moectl.commands import evaluate
     from moectl.services import loaded_model
 
-    moe = summary["cells"][0]["metrics"]
+    by_name = {c["cell"]: c["metrics"] for c in summary["cells"]}
+    assert list(by_name) == ["moe_seed=1", "dense_seed=1", "moe_seed=2", "dense_seed=2"]  # seed by seed: pairs
+    moe = by_name["moe_seed=1"]
     assert moe["drop_fraction"] > 0 and moe["train_max_over_mean"] >= 1 and moe["train_batch_max_over_mean"] >= 1
     assert 0 < moe["router_entropy"] <= 1 and moe["logit_spread"] > 0 and moe["val_router_z"] > 0
     assert moe["maxvio_batch"] >= 0
@@ -158,7 +160,7 @@ def test_a_sweep_with_a_baseline_reports_paired_differences_end_to_end(tmp_path)
     assert curve["steps"][0] == 0 and moe["eval_loss_gain"] == pytest.approx(curve["loss"][0] - moe["eval_loss"])
     dropless = evaluate.run(loaded_model.load(root / "moe_seed=1", ["moe.eval_capacity_factor=dropless"])).loss
     assert moe["eval_loss_dropless"] == pytest.approx(dropless) and dropless != moe["eval_loss"]
-    dense = summary["cells"][2]["metrics"]
+    dense = by_name["dense_seed=1"]
     assert dense["eval_loss_dropless"] == dense["eval_loss"] and dense["router_entropy"] is None
     said = " ".join(res.output.split())
     assert "against variant=dense, paired by seed: eval_loss, lower is better, equivalent within ±0.5" in said

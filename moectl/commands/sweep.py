@@ -29,7 +29,9 @@ prints what it set.
 
 Each cell is an ordinary run directory, trained by `moectl train` in a child process (its
 output in <sweep>/logs/<cell>.log), so eval, route-stats, TensorBoard and export work on it. Cells
-run one after another or `jobs` at a time, each with its share of the cores. A finished cell
+run one after another or `jobs` at a time, each with its share of the cores, seed by seed: every
+arm of the first seed, then of the next, so the arms of a pair train side by side (with --jobs at
+the same time, under the same load) and a stopped sweep leaves whole pairs. A finished cell
 is skipped, a stopped one resumed; a failed one is reported and the others go on. Ctrl-C
 stops the running cells at their next step (they save) and a rerun continues.
 
@@ -57,6 +59,7 @@ import yaml
 
 from moectl import config
 from moectl.commands.sweep_report import (
+    SEED,
     Cell,
     Sweep,
     compare,
@@ -152,6 +155,8 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> Sweep:
             cells.append(Cell(cell_name, label, values, needs, sets, cfg, root / cell_name))
     if len({c.name for c in cells}) != len(cells):
         raise ConfigError(f"{path}: two cells share a name; give each variant a distinct `name:`")
+    if SEED in grid:  # seed by seed: a pair's arms train side by side, and a stopped sweep leaves whole pairs
+        cells.sort(key=lambda c: grid[SEED].index(c.values[SEED]))
     keys = (["variant"] if any(c.variant for c in cells) else []) + list(grid)
     record = raw.get("record")
     if record is not None and not isinstance(record, str):
