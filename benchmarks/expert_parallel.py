@@ -19,12 +19,18 @@ of the whole job with its ratio to plain DDP (N = 1) of the same W.
     python benchmarks/expert_parallel.py                   # W in (2, 4), N in (1, 2, 4)
     python benchmarks/expert_parallel.py --json            # one JSON object per layout
     python benchmarks/expert_parallel.py --device cuda --world 8 --ep 1 2 4 8   # on a GPU node
+    python benchmarks/expert_parallel.py --world 2 --ep 2 --skew 4 --repeats 5  # a planted hot expert
+
+`--skew B` plants a hot expert: the sigmoid router with its selection bias on expert 0 set to B
+(and frozen), so expert 0 takes a share of the assignments that grows with B (`hot_share`, the
+busiest expert's share of each MoE layer's assignments, mean over layers and steps; 1/E is
+uniform, 1/K the most top-K routing allows). FasterMoE's shadowing is meant for exactly this.
 
 It also prints `moectl plan`'s prediction of each layout's step (moectl/commands/plan.py with the `cpu`
 preset of moectl/common/perf_model.py), whether it ranks the layouts as measured, and the factor
 between measured and predicted times.
 
-JSON keys: world, ep, variant (plain, overlap: train.ep_overlap, shadow1: train.shadow_experts=1), device, threads, steps, global_tokens, expert_mb, params_mb, peak_mb,
+JSON keys: world, ep, skew, hot_share, variant (plain, overlap: train.ep_overlap, shadow1: train.shadow_experts=1), device, threads, steps, global_tokens, expert_mb, params_mb, peak_mb,
 step_ms, exchange_ms, experts_ms, tokens_per_sec, ratio_to_ddp, predicted_ms, runs_step_ms (each
 run's step_ms with --repeats; the row is the median run).
 """
@@ -85,6 +91,9 @@ def worker(rank: int, world: int, ep_size: int, variant: str, args: argparse.Nam
     vocab, seq = cfg.tokenizer.vocab_size, cfg.data.seq_len
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.moe, vocab)
+    if args.skew is not None:
+        for layer in moe_layers(model):
+            layer.router.expert_bias[0] = args.skew
     ep = expert_parallel.shard(model, ep_size, dp, shadow=1 if variant == "shadow1" else "off",
                                overlap=variant == "overlap")
     model = model.to(device)
@@ -96,10 +105,13 @@ def worker(rank: int, world: int, ep_size: int, variant: str, args: argparse.Nam
         layer.timings = timings
     gen = torch.Generator().manual_seed(1000 + rank)
     local = args.batch_size // world
+    shares = []
 
     def step() -> None:
         ids = torch.randint(vocab, (local, seq + 1), generator=gen).to(device)
         out = ddp(ids[:, :-1], ids[:, 1:])
+        loads = [r.tokens_per_expert.float() for r in out.routing]
+        shares.append(sum(float(x.max() / x.sum().clamp_min(1)) for x in loads) / max(len(loads), 1))
         out.loss.backward()
         if ep is not None:
             ep.reduce_gradients()
@@ -132,6 +144,7 @@ def worker(rank: int, world: int, ep_size: int, variant: str, args: argparse.Nam
         "peak_mb": peak,
         "steps": rows,
         "threads": torch.get_num_threads(),
+        "hot_share": sum(shares) / len(shares),
     }
     Path(out, f"{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
@@ -149,6 +162,8 @@ def run_layout(world: int, ep_size: int, variant: str, args: argparse.Namespace)
         "world": world,
         "ep": ep_size,
         "variant": variant,
+        "skew": args.skew,
+        "hot_share": round(statistics.mean(r["hot_share"] for r in ranks), 4),
         "device": args.device,
         "threads": ranks[0]["threads"],
         "steps": args.steps,
@@ -228,10 +243,14 @@ def main() -> int:
     parser.add_argument("--variants", nargs="*", choices=["overlap", "shadow1"], default=["overlap", "shadow1"],
                         help="also run each EP > 1 layout with the overlapped exchange, and with the hottest expert "
                         "shadowed (train.shadow_experts=1)")
+    parser.add_argument("--skew", type=float, default=None, metavar="B",
+                        help="plant a hot expert: sigmoid routing with expert 0's selection bias set to B")
     parser.add_argument("--json", action="store_true", help="one JSON object per layout instead of a table")
     parser.add_argument("--calibrate", action="store_true",
                         help="only measure this machine's rates for the perf model's cpu preset (JSON)")
     args = parser.parse_args()
+    if args.skew is not None:  # the bias steers selection only, and stays where it was planted
+        args.set = ["moe.router=sigmoid", "moe.bias_update_rate=0.0"] + args.set
     sys.path.insert(0, str(ROOT))
     if args.calibrate:
         print(json.dumps(calibrate()))
@@ -261,7 +280,9 @@ def main() -> int:
             print(json.dumps(row))
         return 0
     print(f"device {args.device}, {results[0]['threads']} thread(s) per process, global batch {args.batch_size}x{seq} "
-          f"tokens, median of {args.steps} steps x all ranks"
+          f"tokens, median of {args.steps} steps x all ranks; busiest expert's share of assignments "
+          f"{statistics.mean(r['hot_share'] for r in results):.3f}"
+          + (f" (planted: expert 0's selection bias {args.skew:g})" if args.skew is not None else "")
           + (f", median of {args.repeats} interleaved runs (step ms range in brackets)" if args.repeats > 1 else ""))
     print(f"{'W':>3}{'EP':>4}{'variant':>9}{'expert MB':>11}{'params MB':>11}{'peak MB':>9}{'step ms':>9}"
           f"{'a2a ms':>8}{'experts ms':>12}{'tokens/s':>10}{'x DDP':>7}{'predicted ms':>14}")
@@ -314,8 +335,8 @@ def predicted_step_ms(args: argparse.Namespace, world: int, ep: int, variant: st
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.moe, cfg.tokenizer.vocab_size)
     loads = [[1.0] * cfg.moe.num_experts for _ in range(len(plan.moe_layers(model)))]
-    if variant == "shadow1":
-        return None  # the plan predicts its own shadowing policy, not a forced one
+    if variant == "shadow1" or args.skew is not None:
+        return None  # the plan predicts its own shadowing policy, not a forced one; and uniform routing only
     return plan.predict(cfg, hw, plan.dense_parameters(model), loads, world, ep, False, variant == "overlap").step_ms
 
 

@@ -41,6 +41,21 @@ def test_expert_parallel_benchmark_smoke():
     assert ep["expert_mb"] == pytest.approx(ddp["expert_mb"] / 2, rel=0.02)  # each process holds half the experts
     assert ep["exchange_ms"] > 0 and ep["experts_ms"] > 0 and ddp["ratio_to_ddp"] == 1.0
     assert ep["tokens_per_sec"] > 0 and ep["global_tokens"] == 4 * 16
+    assert ep["skew"] is None and ep["hot_share"] < 0.4
+    # A planted hot expert: expert 0's selection bias of 10 puts it in every token's top-2, so it
+    # takes half the assignments (1/K), and the shadowed layout runs on it.
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "expert_parallel.py"), "--json", "--world", "2", "--ep", "2",
+         "--steps", "1", "--warmup", "1", "--batch-size", "4", "--variants", "shadow1", "--skew", "10", "--set",
+         "model.d_model=32", "model.n_heads=2", "moe.expert_hidden=32", "model.n_layers=2", "data.seq_len=16",
+         "tokenizer.vocab_size=300"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    plain, shadow = (json.loads(line) for line in out.stdout.splitlines())
+    assert (plain["variant"], shadow["variant"]) == ("plain", "shadow1") and plain["skew"] == 10
+    assert plain["hot_share"] == pytest.approx(0.5) and shadow["hot_share"] == pytest.approx(0.5)
+    assert plain["predicted_ms"] is None  # the plan models uniform routing only
 
 
 def test_quality_benchmark_smoke(tmp_path):
