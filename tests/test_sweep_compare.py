@@ -92,6 +92,21 @@ def test_each_group_is_paired_by_seed_with_its_baseline_and_judged_by_the_rule(t
     assert top2["speedup"]["not_reached"] == 3 and top2["speedup"]["per_seed"] == {1: None, 2: None, 3: None}
 
 
+def test_equal_time_reads_constant_schedules_before_their_cool_down():
+    spec = sweep_report.Compare({"variant": "dense"})
+    # The arm cools down after step 200 (20 s), the baseline after step 300 (15 s): the evaluations
+    # in a cool-down are left out, and both are read at 15 s, the baseline's last constant point.
+    arm = {"steps": [0, 100, 200, 300], "seconds": [0, 10, 20, 30], "loss": [5.0, 4.0, 3.0, 2.0], "stable_until": 200}
+    base = {"steps": [0, 100, 200, 300, 400], "seconds": [0, 5, 10, 15, 20], "loss": [5.0, 4.5, 4.0, 3.5, 1.0],
+            "stable_until": 300}
+    out = sweep_report._curves_compared({1: (arm, base)}, spec)["equal_time"]
+    assert out["seconds"] == {1: 15} and out["diffs"] == {1: pytest.approx(3.5 - 3.5)}
+    # A cosine schedule (stable_until None) is read over its whole curve: at the baseline's 20 s.
+    cosine = {**base, "stable_until": None}
+    out = sweep_report._curves_compared({1: (arm, cosine)}, spec)["equal_time"]
+    assert out["seconds"] == {1: 20} and out["diffs"] == {1: pytest.approx(3.0 - 1.0)}
+
+
 def test_several_metrics_each_follow_their_own_rule(tmp_path):
     compare = {"baseline": "dense", "metrics": {"eval_loss": {"better": "lower", "margin": 0.05},
                                                 "maxvio": {"better": "lower"}}}

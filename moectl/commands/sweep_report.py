@@ -6,7 +6,9 @@ file has a `compare:` block, every group against its baseline group, seed by see
 - each declared metric: the paired difference (arm - baseline), its 95% interval, and the verdict
   of the rule declared for it (better, worse, equivalent within the margin, inconclusive);
 - the eval loss at equal training seconds: each pair read, on its eval curves, at the seconds of
-  the run that trained for less (eval/train_seconds: the steps alone);
+  the run that trained for less (eval/train_seconds: the steps alone). On a constant schedule
+  with a cool-down (optim.cooldown_steps) only the evaluations before the cool-down count, so
+  both arms are read at their constant learning rate, where a curve means the same at any time;
 - the speed-up: the steps the baseline needs to reach the arm's final eval loss, over the arm's
   steps (Switch Transformer's measure; none where the baseline never gets there).
 
@@ -199,8 +201,11 @@ def measure(cell: Cell) -> None:
     points = [(step, seconds.get(step), loss) for step, loss in windows["eval/loss"]]
     start = points[0][2] if points and points[0][0] == 0 else float("nan")
     cell.metrics["eval_loss_gain"] = start - result.loss
+    optim = cell.cfg.optim
+    stable = cell.cfg.train.max_steps - optim.cooldown_steps if optim.schedule == "constant" else None
     cell.curve = {"steps": [p[0] for p in points], "loss": [p[2] for p in points],
-                  "seconds": [p[1] for p in points] if points and all(p[1] is not None for p in points) else []}
+                  "seconds": [p[1] for p in points] if points and all(p[1] is not None for p in points) else [],
+                  "stable_until": stable}
     cache.write_text(json.dumps({"checkpoint": str(ckpt), "metrics": cell.metrics, "curve": cell.curve}, indent=2) + "\n")
 
 
@@ -291,9 +296,11 @@ def _curves_compared(pairs: dict, spec: Compare) -> dict:
             continue
         reach = first_reach(b["steps"], b["loss"], a["loss"][-1])
         speedups[seed] = None if reach is None else reach / a["steps"][-1]
-        if a.get("seconds") and b.get("seconds"):
-            seconds[seed] = t = min(a["seconds"][-1], b["seconds"][-1])
-            at_time[seed] = value_at(a["seconds"], a["loss"], t) - value_at(b["seconds"], b["loss"], t)
+        a_s, a_loss = _before_cooldown(a)
+        b_s, b_loss = _before_cooldown(b)
+        if a_s and b_s:
+            seconds[seed] = t = min(a_s[-1], b_s[-1])
+            at_time[seed] = value_at(a_s, a_loss, t) - value_at(b_s, b_loss, t)
     # The eval loss is lower-is-better whatever the declared metrics; its margin is the one declared
     # for the eval loss, if any.
     rule = Rule("lower", spec.rules["eval_loss"].margin if "eval_loss" in spec.rules else 0.0)
@@ -302,6 +309,16 @@ def _curves_compared(pairs: dict, spec: Compare) -> dict:
     mean, half = mean_ci(reached)
     return {"equal_time": {**equal_time.to_dict(), "seconds": seconds},
             "speedup": {"mean": mean, "ci95": half, "per_seed": speedups, "not_reached": len(speedups) - len(reached)}}
+
+
+def _before_cooldown(curve: dict) -> tuple[list, list]:
+    """A curve's (seconds, loss) points up to the end of its constant learning rate (all of them
+    on a schedule without a cool-down); ([], []) without logged seconds."""
+    if not curve.get("seconds"):
+        return [], []
+    last = curve.get("stable_until")
+    keep = [i for i, step in enumerate(curve["steps"]) if last is None or step <= last]
+    return [curve["seconds"][i] for i in keep], [curve["loss"][i] for i in keep]
 
 
 # --------------------------------------------------------------------------------------- writing
