@@ -11,7 +11,9 @@ A results block in a Markdown file is
 
 and holds, from the record a sweep's `record:` wrote (moectl/commands/sweep_report.py): the
 metrics of every cell by seed with each arm's mean and 95% interval, then every arm against the
-sweep's baseline, paired by seed, with the verdict of the rule the sweep file declared.
+sweep's baseline, paired by seed, with the verdict of the rule the sweep file declared. With
+`pivot=KEY` it holds instead one row per variant and one column per value of KEY, the first
+metric's lowest value in bold (how tune_lr.json chose each arm's learning rate).
 """
 
 from __future__ import annotations
@@ -88,11 +90,30 @@ def per_seed(record: dict, metrics: list[str]) -> list[str]:
              "|---|---|" + "---|" * len(metrics)]
     for g in record["groups"]:
         name = arm(g["group"])
-        for c in sorted((c for c in record["cells"] if in_group(c, g["group"])), key=lambda c: c["seed"]):
+        cells = sorted((c for c in record["cells"] if in_group(c, g["group"])), key=lambda c: c["seed"])
+        for c in cells:
             lines.append(f"| {name} | {c['seed']} | " + " | ".join(fmt(c["metrics"].get(m), FORMATS[m][1])
                                                                    for m in metrics) + " |")
-        lines.append(f"| **{name}** | **mean** | " + " | ".join(
-            shown(g.get(m), g.get(f"{m}_ci95"), FORMATS[m][1]) for m in metrics) + " |")
+        if len(cells) > 1:
+            lines.append(f"| **{name}** | **mean** | " + " | ".join(
+                shown(g.get(m), g.get(f"{m}_ci95"), FORMATS[m][1]) for m in metrics) + " |")
+    return lines
+
+
+def pivoted(record: dict, metric: str, key: str) -> list[str]:
+    """One row per arm (the groups without `key`), one column per value of `key`, the lowest in bold:
+    how the learning rates were chosen."""
+    values = list(dict.fromkeys(c["values"][key] for c in record["cells"]))
+    short = key.rsplit(".", 1)[-1]
+    lines = [f"| arm | " + " | ".join(f"{short} {v:g}" for v in values) + " | chosen |",
+             "|---|" + "---|" * (len(values) + 1)]
+    arms = list(dict.fromkeys(c["variant"] for c in record["cells"]))
+    for name in arms:
+        got = {c["values"][key]: c["metrics"][metric] for c in record["cells"] if c["variant"] == name}
+        best = min(got, key=got.get)
+        cells = [(f"**{fmt(got[v], FORMATS[metric][1])}**" if v == best else fmt(got[v], FORMATS[metric][1]))
+                 for v in values]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {best:g} |")
     return lines
 
 
@@ -136,7 +157,8 @@ def render(path: str, options: str) -> str:
     unknown = [m for m in metrics if m not in FORMATS]
     if unknown:
         raise SystemExit(f"{path}: unknown metric {unknown[0]!r}; known: {', '.join(FORMATS)}")
-    lines = [provenance(record, path), "", *per_seed(record, metrics)]
+    rows = pivoted(record, metrics[0], opts["pivot"]) if "pivot" in opts else per_seed(record, metrics)
+    lines = [provenance(record, path), "", *rows]
     table = paired_table(record)
     return "\n".join(lines + ([""] + table if table else [])) + "\n"
 

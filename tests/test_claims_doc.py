@@ -62,6 +62,18 @@ def test_a_block_shows_every_cell_each_arms_interval_and_the_declared_verdict(tm
     assert "| 2.00, not reached | 2.00 | - |" in lines[-1]
 
 
+def test_a_pivot_shows_each_arms_choice(tmp_path):
+    cells = [{"variant": v, "values": {"optim.lr": lr, "train.seed": 1}, "seed": 1, "metrics": {"eval_loss": loss}}
+             for v, lr, loss in (("dense", 0.003, 3.34), ("dense", 0.005, 3.31), ("moe", 0.003, 3.30),
+                                 ("moe", 0.005, 3.33))]
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps({"sweep": "tune.yaml", "source": {"commit": "0123456789", "modified": False},
+                                "machine": {"cpu": "c", "cores": 2, "torch": "t"}, "cells": cells, "groups": []}))
+    lines = render_claims.render(str(path), " metrics=eval_loss pivot=optim.lr").splitlines()
+    assert lines[2:] == ["| arm | lr 0.003 | lr 0.005 | chosen |", "|---|---|---|---|",
+                         "| dense | 3.3400 | **3.3100** | 0.005 |", "| moe | **3.3000** | 3.3300 | 0.003 |"]
+
+
 def test_check_mode_finds_a_stale_table(tmp_path, monkeypatch):
     doc = tmp_path / "claims.md"
     record = _record(tmp_path)
