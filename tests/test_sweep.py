@@ -172,7 +172,7 @@ def test_every_shipped_experiment_validates(monkeypatch):
     monkeypatch.chdir(root)  # sweep files name their base relative to the repository
     for path in files:
         if "base" not in yaml.safe_load(path.read_text()):
-            config.load(path)  # a base config of the others (small.yaml, base.yaml)
+            config.load(path)  # a base config of the others (base.yaml)
         else:
             assert len(sweeping.load(path).cells) >= 6, path
 
