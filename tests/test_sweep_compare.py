@@ -190,7 +190,9 @@ def test_a_sweep_with_a_baseline_reports_paired_differences_end_to_end(tmp_path)
     assert record["compare"]["comparisons"] == summary["compare"]["comparisons"]
     assert record["machine"]["cores"] == os.cpu_count() and "torch" in record["machine"]
     assert set(record["source"]) == {"version", "commit", "modified"}
-    assert all(c["trained_by"] == record["source"] for c in record["cells"])  # each cell's training code, from its meta
+    # Each cell's training code, from its checkpoint's meta (the children's own reading of the tree).
+    assert all(set(c["trained_by"]) == {"version", "commit", "modified"} for c in record["cells"])
+    assert {c["trained_by"]["commit"] for c in record["cells"]} == {record["source"]["commit"]}
 
 
 def test_a_record_must_be_a_path(tmp_path):
