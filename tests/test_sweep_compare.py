@@ -187,6 +187,7 @@ def test_a_sweep_with_a_baseline_reports_paired_differences_end_to_end(tmp_path)
     assert {c["cell"]: c["seed"] for c in record["cells"]} == {"moe_seed=1": 1, "moe_seed=2": 2, "dense_seed=1": 1,
                                                                  "dense_seed=2": 2}
     assert all(len(c["config_hash"]) == 16 for c in record["cells"])
+    assert all(c["curve"]["steps"] == [0, 1, 2] and len(c["curve"]["seconds"]) == 3 for c in record["cells"])
     assert record["compare"]["comparisons"] == summary["compare"]["comparisons"]
     assert record["machine"]["cores"] == os.cpu_count() and "torch" in record["machine"]
     assert set(record["source"]) == {"version", "commit", "modified"}

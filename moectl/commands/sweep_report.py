@@ -366,7 +366,7 @@ def write_report(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> Non
 
 def write_record(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> None:
     """The sweep's results, small enough to commit (sweep file's `record:`): per cell its seed,
-    config hash and final metrics; the groups; the comparisons; what ran it and on which code.
+    config hash, final metrics and eval curve (steps, loss, training seconds); the groups; the comparisons; what ran it and on which code.
     Only a complete sweep writes it: a report of unfinished cells (a fresh clone has no runs/) must
     not replace results committed earlier."""
     missing = [c.name for c in sweep.cells if not c.metrics]
@@ -375,7 +375,7 @@ def write_record(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> Non
                      f"results (first: {missing[0]}); it is written when every cell has finished")
         return
     cells = [{"cell": c.name, "variant": c.variant, "values": c.values, "seed": c.values.get(SEED, c.cfg.train.seed),
-              "config_hash": config.config_hash(c.cfg), "status": c.status, "metrics": c.metrics,
+              "config_hash": config.config_hash(c.cfg), "status": c.status, "metrics": c.metrics, "curve": c.curve,
               "trained_by": checkpoint.read_meta(checkpoint.latest(c.run_dir)).get("source")} for c in sweep.cells]
     record = {"sweep": sweep.path.name, "name": sweep.name, "source": runtime.source_version(),  # the report's code
               "machine": runtime.machine(), "metrics": METRICS, "cells": cells, "groups": rows}
