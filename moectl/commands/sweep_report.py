@@ -366,7 +366,8 @@ def write_report(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> Non
 
 def write_record(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> None:
     """The sweep's results, small enough to commit (sweep file's `record:`): per cell its seed,
-    config hash, final metrics and eval curve (steps, loss, training seconds); the groups; the comparisons; what ran it and on which code.
+    config hash, final metrics, eval curve (steps, loss, training seconds) and the code that
+    trained it; the groups; the comparisons; what reported it and on which code.
     Only a complete sweep writes it: a report of unfinished cells (a fresh clone has no runs/) must
     not replace results committed earlier."""
     missing = [c.name for c in sweep.cells if not c.metrics]
