@@ -13,7 +13,9 @@ and holds, from the record a sweep's `record:` wrote (moectl/commands/sweep_repo
 metrics of every cell by seed with each arm's mean and 95% interval, then every arm against the
 sweep's baseline, paired by seed, with the verdict of the rule the sweep file declared. With
 `pivot=KEY` it holds instead one row per variant and one column per value of KEY, the first
-metric's lowest value in bold (how tune_lr.json chose each arm's learning rate).
+metric's lowest value in bold (how tune_lr.json chose each arm's learning rate). `timing=off`
+leaves out the comparison at equal training time, for a sweep whose cells ran beside other work
+(their seconds measure the machine's load as much as the model).
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def pivoted(record: dict, metric: str, key: str) -> list[str]:
     return lines
 
 
-def paired_table(record: dict) -> list[str]:
+def paired_table(record: dict, timing: bool = True) -> list[str]:
     spec = record.get("compare")
     if not spec or not spec["comparisons"]:
         return []
@@ -132,7 +134,7 @@ def paired_table(record: dict) -> list[str]:
             said = f"{rule['better']} is better" + (f", ±{rule['margin']:g} equivalent" if rule["margin"] else "")
             rows.append((FORMATS[metric][0], said, d, FORMATS[metric][2]))
         t = c.get("equal_time")
-        if t and t["n"]:
+        if timing and t and t["n"]:
             margin = spec["rules"].get("eval_loss", {}).get("margin", 0)
             said = "lower is better" + (f", ±{margin:g} equivalent" if margin else "")
             rows.append(("eval loss at equal training time", said, t, "+.4f"))
@@ -159,7 +161,7 @@ def render(path: str, options: str) -> str:
         raise SystemExit(f"{path}: unknown metric {unknown[0]!r}; known: {', '.join(FORMATS)}")
     rows = pivoted(record, metrics[0], opts["pivot"]) if "pivot" in opts else per_seed(record, metrics)
     lines = [provenance(record, path), "", *rows]
-    table = paired_table(record)
+    table = paired_table(record, timing=opts.get("timing", "on") != "off")
     return "\n".join(lines + ([""] + table if table else [])) + "\n"
 
 

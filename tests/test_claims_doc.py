@@ -60,6 +60,13 @@ def test_a_block_shows_every_cell_each_arms_interval_and_the_declared_verdict(tm
     assert ("| moe | eval loss | lower is better, ±0.02 equivalent | -0.1000, -0.1500 | -0.1250 ± 0.3177 | "
             "**inconclusive** |") in lines
     assert "| 2.00, not reached | 2.00 | - |" in lines[-1]
+    record = json.loads(Path(_record(tmp_path)).read_text())
+    record["compare"]["comparisons"][0]["equal_time"] = {"n": 2, "mean": 0.1, "ci95": 0.5, "diffs": {"1": 0.2, "2": 0.0},
+                                                         "verdict": "inconclusive"}
+    (tmp_path / "timed.json").write_text(json.dumps(record))
+    timed = render_claims.render(str(tmp_path / "timed.json"), " metrics=eval_loss")
+    untimed = render_claims.render(str(tmp_path / "timed.json"), " metrics=eval_loss timing=off")
+    assert "| moe | eval loss at equal training time |" in timed and "equal training time" not in untimed
 
 
 def test_a_pivot_shows_each_arms_choice(tmp_path):
