@@ -146,7 +146,7 @@ def paired_table(record: dict, timing: bool = True) -> list[str]:
         if s and s["per_seed"]:
             per = ", ".join("not reached" if v is None else f"{v:.2f}"
                             for _, v in sorted(s["per_seed"].items(), key=lambda kv: int(kv[0])))
-            per = "never reached" if s["not_reached"] == len(s["per_seed"]) else per
+            per = "never reached (the baseline ends above the arm)" if s["not_reached"] == len(s["per_seed"]) else per
             lines.append(f"| {name} | speed-up: the baseline's steps to the arm's final loss / the arm's | - | {per} | "
                          f"{shown(s['mean'], s['ci95'], '.2f')} | - |")
     return lines
