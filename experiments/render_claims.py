@@ -107,7 +107,7 @@ def pivoted(record: dict, metric: str, key: str) -> list[str]:
     how the learning rates were chosen."""
     values = list(dict.fromkeys(c["values"][key] for c in record["cells"]))
     short = key.rsplit(".", 1)[-1]
-    lines = [f"| arm | " + " | ".join(f"{short} {v:g}" for v in values) + " | chosen |",
+    lines = ["| arm | " + " | ".join(f"{short} {v:g}" for v in values) + " | chosen |",
              "|---|" + "---|" * (len(values) + 1)]
     arms = list(dict.fromkeys(c["variant"] for c in record["cells"]))
     for name in arms:
