@@ -152,6 +152,13 @@ def test_student_t_beyond_the_table():
     assert [round(paired.t975(d), 3) for d in (15, 16, 30, 60)] == [2.131, 2.119, 2.042, 2.0]
 
 
+def test_a_router_set_for_the_whole_sweep_gets_what_it_needs(tmp_path):
+    path = sweep_file(tmp_path, tiny_config(tmp_path), set={"moe.router": "switch"}, grid={"train.seed": [1, 2]})
+    res = runner.invoke(app, ["sweep", str(path), "--report"])  # nothing trains: the report of no cells
+    assert res.exit_code == 0, res.output
+    assert "cell seed=1: set moe.top_k=1" in res.output and "for moe.router=switch" in " ".join(res.output.split())
+
+
 def test_a_value_may_name_the_cells_other_keys(tmp_path):
     variants = [{"name": "tuned", "train.init_from": "{run.dir}/pre/moe_seed={train.seed}"}]
     raw = tiny_config(tmp_path)

@@ -290,7 +290,7 @@ def sweep_command(path: Path, overrides: Optional[list[str]], jobs: int, report_
     for cell in sweep.cells:
         if cell.needs:
             console.status(f"cell {cell.name}: set {', '.join(f'{k}={_as_set(v)}' for k, v in cell.needs.items())} "
-                           f"for moe.router={cell.values['moe.router']}")
+                           f"for moe.router={cell.cfg.moe.router}")  # set by the cell, the sweep's set: or --set
     console.status(f"sweep {sweep.name}: {len(sweep.cells)} cells in {sweep.root}")
     complete = run(sweep, jobs) if not report_only else True
     rows, comparisons = summarize(sweep), compare(sweep)
