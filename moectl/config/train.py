@@ -140,7 +140,7 @@ class OptimConfig(Section):
     """AdamW with linear warmup, then cosine decay, or a constant LR with an optional linear cool-down."""
 
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (cosine schedule).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (the cosine's end, or the cool-down's).")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to the peak LR.")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="After warmup: cosine decay, or constant.")
     cooldown_steps: int = Field(
