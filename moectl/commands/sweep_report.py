@@ -178,9 +178,12 @@ def measure(cell: Cell) -> None:
     dropless = result.loss
     if result.eval_capacity_factor is not None:
         dropless = evaluate.run(loaded_model.load(cell.run_dir, ["moe.eval_capacity_factor=dropless"])).loss
-    windows = _scalars(cell.run_dir, ("train/router/z", "eval/loss", "eval/train_seconds"))
     slots = [s["slot"] for s in layers]
-    last = _last_window(cell.run_dir, slots, ("max_over_mean", "batch_max_over_mean"))
+    per_layer = {(c, slot): f"{tracking.layer_tag(slot)}/{c}" for c in ("max_over_mean", "batch_max_over_mean")
+                 for slot in slots}  # each MoE layer's training windows
+    windows = _scalars(cell.run_dir, ("train/router/z", "eval/loss", "eval/train_seconds", *per_layer.values()))
+    last = {c: [windows[tag][-1][1] for (col, _), tag in per_layer.items() if col == c and windows[tag]]
+            for c in ("max_over_mean", "batch_max_over_mean")}  # the last window of each layer
     cell.metrics = {
         "eval_loss": result.loss,
         "bits_per_byte": result.bits_per_byte,
@@ -211,13 +214,6 @@ def measure(cell: Cell) -> None:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
-
-
-def _last_window(run_dir: Path, slots: list[int], columns: tuple[str, ...]) -> dict[str, list[float]]:
-    """Each column's value in every MoE layer's last logged training window (TensorBoard)."""
-    tags = {(c, slot): f"{tracking.layer_tag(slot)}/{c}" for c in columns for slot in slots}
-    found = _scalars(run_dir, tuple(tags.values()))
-    return {c: [found[tags[c, slot]][-1][1] for slot in slots if found[tags[c, slot]]] for c in columns}
 
 
 def _scalars(run_dir: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
