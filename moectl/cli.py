@@ -41,6 +41,7 @@ DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceb
 SPLITS = ("validation", "train")
 EXPORT_FORMATS = ("safetensors", "hf")
 EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+PRUNE_CRITERIA = ("frequency", "reap", "naee", "random")
 
 
 def _choices(values: tuple[str, ...]) -> str:
@@ -202,6 +203,11 @@ MaxBatchesOption = Annotated[
     typer.Option("--max-batches", min=1, help="Batches to use, spread over the split. Default: train.eval_batches."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (documented keys) instead of the report.")]
+SkipOption = Annotated[
+    Optional[float],
+    typer.Option("--skip-threshold", metavar="BETA", help="Dynamic expert skipping (NAEE, Lu et al. 2024): leave out a "
+                 "token's choices weighted below BETA x its first choice's, and report the expert calls saved."),
+]
 
 
 def _capacity_factor(value: str) -> str:
@@ -237,6 +243,7 @@ def eval_command(
         typer.Option("--stateful/--stateless", help="LSTM: carry the state across consecutive blocks, or start "
                      "each block from zero. Default: as the model trained (train.lstm_stateful)."),
     ] = None,
+    skip_threshold: SkipOption = None,
     as_json: JsonOption = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON to this file.")] = None,
     debug: DebugOption = False,
@@ -252,6 +259,7 @@ def eval_command(
         _choose("--split", split, SPLITS)
         extra = [] if capacity_factor is None else [f"moe.eval_capacity_factor={_capacity_factor(capacity_factor)}"]
         model = loaded_model.load(run, (overrides or []) + extra)
+        model.skip_weak_experts(skip_threshold)
         console.quiet_libraries()
         result = evaluate.run(model, split, max_batches, stride, stateful)
         text = json.dumps(result.to_dict(), indent=2) + "\n"
@@ -352,6 +360,7 @@ def generate(
         typer.Option("--chat/--raw", help="Send the prompt as a user turn in the run's chat template and generate the "
                      "answer, or continue the raw text. Default: --chat for instruction-tuned runs (data.task=sft)."),
     ] = None,
+    skip_threshold: SkipOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Sample text from a checkpoint, optionally showing which expert each new token went to."""
@@ -360,6 +369,7 @@ def generate(
         from moectl.services import loaded_model
 
         model = loaded_model.load(run)
+        model.skip_weak_experts(skip_threshold)
         result = generation.generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, show_routing,
                                      chat_turn)
         generation.show(result, model, show_routing)
@@ -398,6 +408,50 @@ def export(
             return
         path = exporting.export_bundle(model, out, dtype, overwrite)
         console.status(f"wrote {path}: model.safetensors ({dtype}), config.yaml, tokenizer.json, meta.json, README.md")
+        typer.echo(f"moectl eval {path}\nmoectl route-stats {path}\nmoectl generate {path} --prompt \"...\"")
+
+
+@app.command()
+def prune(
+    run: RunArgument,
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the pruned bundle to.", show_default=False)],
+    keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="Experts to keep in every MoE layer.")] = None,
+    ratio: Annotated[
+        Optional[float], typer.Option("--ratio", help="Fraction of each MoE layer's experts to remove (instead of --keep).")
+    ] = None,
+    criterion: Annotated[
+        str,
+        typer.Option("--criterion", metavar=_choices(PRUNE_CRITERIA), help="frequency: routed share; reap: gate x "
+                     "expert output norm (Lasby et al. 2025); naee: the subset that best reconstructs each layer's "
+                     "output (Lu et al. 2024, tries every subset); random: the baseline."),
+    ] = "reap",
+    calib_batches: Annotated[
+        Optional[int], typer.Option("--calib-batches", min=1, help="Calibration batches. Default: train.eval_batches.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --criterion random.")] = 0,
+    overrides: SetOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")] = False,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Remove experts from every MoE layer, chosen on calibration data (--set data.* for other data)."""
+    with user_errors(debug):
+        import json
+
+        from moectl.commands import prune as pruning
+        from moectl.services import loaded_model
+
+        criterion = _choose("--criterion", criterion, PRUNE_CRITERIA)
+        model = loaded_model.load(run, overrides)
+        console.quiet_libraries()
+        path, result, losses = pruning.prune(model, out, criterion, keep, ratio, calib_batches, seed, overwrite)
+        if as_json:
+            typer.echo(json.dumps({"out": str(path), **result.card(), **losses, "seconds": result.seconds}, indent=2))
+            return
+        for slot, ids in zip(model.slots, result.keep):
+            typer.echo(f"layer {slot:02d}: keeps experts {ids}")
+        console.status(f"wrote {path}: {result.kept} of {result.of} experts per MoE layer ({criterion}); eval loss "
+                       f"{losses['eval_loss_before']:.4f} -> {losses['eval_loss_after']:.4f}")
         typer.echo(f"moectl eval {path}\nmoectl route-stats {path}\nmoectl generate {path} --prompt \"...\"")
 
 

@@ -195,7 +195,8 @@ def test_state_dict_round_trip_and_reset():
     stats.update(_records(1, layers, 16))
     stats.update(_records(2, layers, 16))
     state = stats.state_dict()
-    assert set(state) == {"load", "entropy_sum", "tokens", "dropped", "z_sum", "spread_sum", "batch_peak_sum", "passes"}
+    assert set(state) == {"load", "entropy_sum", "tokens", "dropped", "z_sum", "spread_sum", "batch_peak_sum", "passes",
+                          "skipped"}
     assert all(t.device.type == "cpu" for t in state.values())
 
     restored = RoutingStats(1, e)

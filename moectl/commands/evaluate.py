@@ -113,7 +113,12 @@ JSON_KEYS = {
     "eval_capacity_factor": "capacity factor the MoE layers used (null: dropless)",
     "context": "`block` (each block from a fresh start), `stateful` (LSTM state carried over contiguous streams) "
     "or `stride S` (sliding windows: each token scored once with at least seq_len - S tokens of context)",
-    "layers": "per MoE layer: slot (FFN index) plus the routing statistics of moectl/common/stats.py",
+    "skip_threshold": "NAEE's dynamic skipping beta (--skip-threshold): a token's choices weighted below beta times its "
+    "first choice's were not computed; null: off",
+    "expert_calls_saved": "with --skip-threshold, the fraction of all MoE layers' expert calls (token-expert "
+    "assignments the routers chose) that skipping left out; null: off",
+    "layers": "per MoE layer: slot (FFN index) plus the routing statistics of moectl/common/stats.py (with "
+    "--skip-threshold also calls_saved, that layer's fraction)",
 }
 
 
@@ -133,6 +138,8 @@ class EvalResult:
     tokens_per_sec: float
     eval_capacity_factor: Optional[float]
     context: str
+    skip_threshold: Optional[float]
+    expert_calls_saved: Optional[float]
     layers: list[dict]
 
     def to_dict(self) -> dict:
@@ -251,6 +258,9 @@ def run(
     seconds = time.perf_counter() - start
     layers = [] if stats.empty() else stats.summary()
     moe = moe_layers(loaded.model)
+    beta = moe[0].skip_threshold if moe else None
+    saved = stats.calls_saved() if beta else None
+    chosen = float((stats.load.sum(1) + stats.dropped + stats.skipped).sum()) if beta else 0.0
     return EvalResult(
         checkpoint=str(loaded.checkpoint),
         step=loaded.step,
@@ -266,7 +276,10 @@ def run(
         tokens_per_sec=n_tokens / max(seconds, 1e-9),
         eval_capacity_factor=moe[0].eval_capacity_factor if moe else None,
         context="stateful" if stateful else "block" if stride is None else f"stride {stride}",
-        layers=[{"slot": slot, **s.to_dict()} for slot, s in zip(loaded.slots, layers)],
+        skip_threshold=beta,
+        expert_calls_saved=float(stats.skipped.sum()) / max(chosen, 1.0) if beta else None,
+        layers=[{"slot": slot, **s.to_dict(), **({"calls_saved": saved[i]} if saved else {})}
+                for i, (slot, s) in enumerate(zip(loaded.slots, layers))],
     )
 
 
@@ -286,6 +299,11 @@ def show(result: EvalResult) -> None:
         f"bits per byte [bold]{result.bits_per_byte:.4f}[/]   {console.human(result.tokens_per_sec)} tokens/s",
         highlight=False,
     )
+    if result.skip_threshold:
+        per_layer = ", ".join(f"{s['slot']:02d}: {100 * s['calls_saved']:.1f}%" for s in result.layers)
+        console.out.print(f"skipping choices below {result.skip_threshold} x the first: "
+                          f"[bold]{100 * result.expert_calls_saved:.1f}%[/] of expert calls saved ({per_layer})",
+                          highlight=False)
     if not result.layers:
         return
     cf = result.eval_capacity_factor

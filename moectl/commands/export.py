@@ -7,7 +7,8 @@ train.init_from accept as they accept a run:
     DIR/config.yaml         the resolved config
     DIR/tokenizer.json      the tokenizer
     DIR/chat_template.jinja the chat template, for an instruction-tuned run (data.task=sft)
-    DIR/meta.json           what it is: format, source checkpoint, step, dtype, eval loss, versions
+    DIR/meta.json           what it is: format, source checkpoint, step, dtype, eval loss, versions, and for a
+                            model derived from the checkpoint (moectl prune) how (`derived`)
     DIR/README.md           a model card: architecture, parameters, data, quality, routing summary
 
 `--format hf`: a Mixtral or Qwen2-MoE directory that transformers' `AutoModelForCausalLM` and
@@ -77,7 +78,8 @@ def _cast_copy(loaded: LoadedModel, dtype: str) -> torch.nn.Module:
 # ------------------------------------------------------------------------------ safetensors bundle
 
 
-def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], note: Optional[str]) -> str:
+def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], note: Optional[str],
+               derived: Optional[dict] = None) -> str:
     cfg, m = loaded.cfg, loaded.cfg.model
     total, active = parameter_counts(loaded.model)
     lines = [
@@ -116,17 +118,27 @@ def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], no
             lines.append(f"| {s['slot']} | " + " | ".join(c.format(s[c.name]) for c in COLUMNS) + " |")
     if note:
         lines += ["", note]
+    if derived:
+        lines += ["", "## How it was derived", ""]
+        lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in derived.items() if not isinstance(value, list)]
+        lists = {key: value for key, value in derived.items() if isinstance(value, list)}
+        for key, rows in lists.items():  # per MoE layer
+            lines += [f"- {key.replace('_', ' ')}, per MoE layer:"]
+            lines += [f"  - layer {slot}: {row}" for slot, row in zip(loaded.slots, rows)]
     lines += ["", "## Use", "", "```bash", "moectl eval THIS_DIRECTORY", "moectl route-stats THIS_DIRECTORY",
               'moectl generate THIS_DIRECTORY --prompt "..."', "```", ""]
     return "\n".join(lines)
 
 
-def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
-    """Write the safetensors bundle (see the module docstring); returns its directory."""
+def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bool = False,
+                  derived: Optional[dict] = None) -> Path:
+    """Write the safetensors bundle (see the module docstring); returns its directory. `derived`:
+    how a model made from the checkpoint was made (pruning), for meta.json and the card."""
     from safetensors.torch import save_model
 
     out = Path(out)
     check_target(out, overwrite)
+    derived = derived or checkpoint.read_meta(loaded.checkpoint).get("derived")  # re-exporting a pruned bundle
     try:  # the card's routing summary and bits per byte, from the run's own validation data
         summary, note = evaluate_run(loaded).to_dict(), None
     except DataError as exc:
@@ -139,9 +151,9 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite
         if (loaded.run_dir / chat.TEMPLATE_FILE).is_file():  # an instruction-tuned run's template goes with it
             shutil.copyfile(loaded.run_dir / chat.TEMPLATE_FILE, tmp / chat.TEMPLATE_FILE)
         measured = {"eval_loss": summary["loss"], "bits_per_byte": summary["bits_per_byte"]} if summary else {}
-        meta = _export_meta(loaded, "safetensors", dtype, **measured)
+        meta = _export_meta(loaded, "safetensors", dtype, **measured, **({"derived": derived} if derived else {}))
         checkpoint.write_meta(tmp, meta)
-        (tmp / "README.md").write_text(model_card(loaded, meta, summary, note))
+        (tmp / "README.md").write_text(model_card(loaded, meta, summary, note, derived))
     return out
 
 

@@ -31,6 +31,8 @@ class Generation:
     pieces: list[str] = field(default_factory=list)  # the text each new token added
     token_ids: list[int] = field(default_factory=list)
     experts: list[int] = field(default_factory=list)  # top-1 expert per new token in the shown layer
+    expert_calls: int = 0  # with dynamic skipping: the routers' choices for the new tokens, over all MoE layers
+    calls_skipped: int = 0  # and how many of them skipping left out
 
     @property
     def text(self) -> str:
@@ -118,6 +120,10 @@ def generate(
 
     def forward():
         out = loaded.model(torch.tensor([ids[-cfg.data.seq_len :]], device=loaded.device))  # (1, T)
+        for r in out.routing:
+            if r.skipped is not None:  # the newest token's choices: computed, dropped or skipped
+                result.calls_skipped += int(r.skipped[-1].sum())
+                result.expert_calls += int((r.chosen[-1] | r.skipped[-1]).sum())
         if record_index is not None and len(ids) > start:
             # The newest token's own routing: the expert with the largest gate weight for it.
             result.experts.append(int(out.routing[record_index].dense_weights()[-1].argmax()))
@@ -198,12 +204,20 @@ def show(result: Generation, loaded: LoadedModel, layer: Optional[int]) -> None:
     if layer is None:
         text.append(result.text)
         console.out.print(text)
+        _say_skipped(result)
         return
     for piece, expert in zip(result.pieces, result.experts):
         text.append(piece, style=f"bold {expert_colour(expert)}")
     console.out.print(text)
+    _say_skipped(result)
     legend = Text(f"layer {layer:02d}, top-1 expert of each new token: ")
     used = sorted(set(result.experts))
     for e in range(loaded.experts[check_layer(loaded, layer)]):
         legend.append(f" {e} ", style=f"reverse {expert_colour(e)}" if e in used else "dim")
     console.out.print(legend)
+
+
+def _say_skipped(result: Generation) -> None:
+    if result.expert_calls:
+        console.status(f"dynamic skipping left out {result.calls_skipped} of {result.expert_calls} expert calls "
+                       f"({100 * result.calls_skipped / result.expert_calls:.1f}%) for the new tokens")

@@ -173,7 +173,7 @@ class RoutingStats(Sums):
     """Per-layer routing counts accumulated over a window of forward passes. `experts`: E of each
     layer (one number for all); per-expert counts are stored padded to the largest E."""
 
-    FIELDS = ("load", "entropy_sum", "tokens", "dropped", "z_sum", "spread_sum", "batch_peak_sum", "passes")
+    FIELDS = ("load", "entropy_sum", "tokens", "dropped", "z_sum", "spread_sum", "batch_peak_sum", "passes", "skipped")
 
     def __init__(self, num_layers: int, experts: int | list[int], device: torch.device | str = "cpu"):
         self.num_layers = num_layers
@@ -194,6 +194,7 @@ class RoutingStats(Sums):
         self.spread_sum = self.zeros(self.num_layers)
         self.batch_peak_sum = self.zeros(self.num_layers)
         self.passes = self.zeros(self.num_layers)
+        self.skipped = self.zeros(self.num_layers)  # assignments left out by dynamic skipping (skip_weak)
 
     @torch.no_grad()
     def update(self, records: list[RoutingRecord]) -> None:
@@ -211,9 +212,17 @@ class RoutingStats(Sums):
             routed = load.sum() > 0  # a pass that routed nothing (all padding) has no imbalance
             self.batch_peak_sum[i] += torch.where(routed, load.max() * e / load.sum().clamp_min(1), 0.0)
             self.passes[i] += routed.to(dtype)
+            if r.skipped is not None:
+                self.skipped[i] += r.skipped.sum().to(dev, dtype)
 
     def empty(self) -> bool:
         return self.num_layers == 0 or float(self.tokens.sum()) == 0
+
+    def calls_saved(self) -> list[float]:
+        """Per layer, the fraction of the router's choices that dynamic skipping left out: skipped /
+        (computed + dropped + skipped). Host sync."""
+        before = self.load.sum(1) + self.dropped + self.skipped
+        return (self.skipped / before.clamp_min(1)).tolist()
 
     def summary(self) -> list[LayerStats]:
         """Host sync: called once per logging window, not per step."""

@@ -11,6 +11,7 @@ Notation: N tokens, D model dim, H expert hidden size, E experts, M kept assignm
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -200,6 +201,15 @@ class GroupedExperts(nn.Module):
         elif x.dtype != self.w_up.dtype:
             x = x.to(self.w_up.dtype)
         return _GroupedFFN.apply(x, tokens_per_expert, self.activation, *weights)
+
+    def pruned(self, keep: list[int]) -> "GroupedExperts":
+        """A copy holding the experts `keep` alone, in that order."""
+        new = copy.deepcopy(self)
+        for name, p in self._parameters.items():
+            if p is not None:
+                new._parameters[name] = nn.Parameter(p.detach()[keep].clone(), p.requires_grad)  # (E', ., .)
+        new.num_experts = len(keep)
+        return new
 
     def forward_expert(self, e: int, x: Tensor) -> Tensor:
         """One expert on (n, D): the reference path's building block."""

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from moectl.moe import dispatch
 from moectl.moe.experts import FeedForward, GroupedExperts
-from moectl.moe.record import RoutingRecord
+from moectl.moe.record import RoutingRecord, skip_weak
 from moectl.moe.router import Router, TopKRouter
 
 
@@ -76,6 +76,15 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_hidden and shared_gate else None
         if self.shared_gate is not None:
             nn.init.normal_(self.shared_gate.weight, std=init_std)
+        # NAEE's dynamic skipping in eval (moe/record.py skip_weak): eval and generate's --skip-threshold.
+        self.skip_threshold: Optional[float] = None
+
+    def prune_experts(self, keep: list[int]) -> None:
+        """Keep the experts `keep` alone (ascending ids, renumbered 0..len(keep)-1): their router
+        rows and weights. The routed output's scale stays the trained one."""
+        self.router = self.router.pruned(keep)
+        self.experts = self.experts.pruned(sorted(keep))
+        self.num_experts = len(keep)
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Slots per expert for a batch of N tokens: max(min_capacity, ceil(factor * N * K / E)); None: dropless."""
@@ -93,6 +102,8 @@ class MoELayer(nn.Module):
         `valid` (N,) bool: the real tokens; padding goes to no expert (its routed output is 0) and
         counts in no capacity, loss or statistic."""
         record = self.router(x, valid)  # route
+        if self.skip_threshold and not self.training:
+            record = skip_weak(record, self.skip_threshold)
         by_rank = self.drop_policy in ("rank", "probability")
         # Batch-prioritised routing: the largest weight the gate gave the token goes first; else position.
         priority = -record.weights.max(dim=-1).values if self.drop_policy == "probability" else positions

@@ -18,6 +18,7 @@ Notation: N tokens, E experts, K slots per token.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,6 +40,7 @@ class RoutingRecord:
     counted: Optional[Tensor] = None  # (N, K) bool: the slots the load-balancing loss counts (None: all chosen)
     group: Optional["RoutingRecord"] = None  # hierarchical MoE: the primary gate's record over groups
     valid: Optional[Tensor] = None  # (N,) bool: real tokens, not padding; None: every token is real
+    skipped: Optional[Tensor] = None  # (N, K) bool, slots the router chose but skip_weak left out; None: no skipping
 
     @property
     def num_tokens(self) -> int:
@@ -109,4 +111,23 @@ def make_record(
         tokens_per_expert=_bincount(expert_idx[chosen], probs.shape[1]),
         num_dropped=torch.zeros((), dtype=torch.int64, device=logits.device),
         **extra,
+    )
+
+
+def skip_weak(record: RoutingRecord, beta: float) -> RoutingRecord:
+    """NAEE's dynamic skipping (Lu et al. 2024, §4.2): a token's chosen slots whose weight is below
+    `beta` times its largest weight are not computed (its first choice always is). The weights
+    left are rescaled to the token's total weight, so renormalised weights still sum to 1, as
+    NAEE renormalises; `skipped` marks the slots left out. Before capacity: a skipped assignment
+    takes no slot."""
+    w = record.weights * record.chosen  # (N, K)
+    first = w.argmax(dim=-1, keepdim=True)  # (N, 1) the slot of the largest weight
+    weak = record.chosen & (w < beta * w.gather(1, first))
+    weak = weak.scatter(1, first, False)
+    chosen = record.chosen & ~weak
+    left = w * chosen
+    weights = left * (w.sum(-1, keepdim=True) / left.sum(-1, keepdim=True).clamp_min(1e-30))
+    return dataclasses.replace(
+        record, weights=weights, chosen=chosen, kept=record.kept & chosen,
+        tokens_per_expert=_bincount(record.expert_idx[chosen], record.num_experts), skipped=weak,
     )

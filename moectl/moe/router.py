@@ -26,9 +26,10 @@ Notation: N tokens, D model dim, E experts, K experts per token.
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,8 @@ class Router(nn.Module):
     uses_capacity: bool = True
     #: wants update_bias(tokens_per_expert) after every optimizer step (aux-loss-free balancing)
     balances_with_bias: bool = False
+    #: the fewest experts it can route over (its K is fixed above 1: gshard_top2)
+    min_experts: int = 1
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, init_std: Optional[float], max_k: Optional[int] = None):
         super().__init__()
@@ -81,6 +84,37 @@ class Router(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         """(N, D) -> (N, E): x W_g in fp32."""
         return x.float() @ self.weight.float().t()
+
+    @property
+    def groups(self) -> int:
+        """Groups of consecutive experts that selection treats as units (1: none); pruning keeps
+        the same number of experts in each, so the groups survive it."""
+        return 1
+
+    def pruned(self, keep: Sequence[int]) -> "Router":
+        """A copy that routes over the experts `keep` alone (ascending ids, the same number from
+        each group), renumbered 0..len(keep)-1: the rows of its gate weight, noise weight and
+        bias that belong to them, and K at most what is left (`pruned_top_k`). Expert pruning
+        (moectl prune) gives each pruned MoE layer this router."""
+        keep = check_keep(keep, self.num_experts, self.groups, self.min_experts)
+        new = copy.deepcopy(self)
+        idx = torch.tensor(keep)
+        per_group = len(keep) // self.groups
+        for table in (new._parameters, new._buffers):  # the per-expert tensors of this router, not of its children
+            for name, t in table.items():
+                if t is None:
+                    continue
+                lead = 2 if t.dim() == 3 else 1  # (E, ...) or hierarchical's (G, B, D)
+                rows = t.detach().reshape(self.num_experts, *t.shape[lead:])[idx]  # (E', ...)
+                rows = rows.reshape(self.groups, per_group, *t.shape[lead:]) if lead == 2 else rows
+                table[name] = nn.Parameter(rows.clone(), t.requires_grad) if isinstance(t, nn.Parameter) else rows.clone()
+        new.num_experts = len(keep)
+        new.top_k = self.pruned_top_k(len(keep))
+        return new
+
+    def pruned_top_k(self, num_experts: int) -> int:
+        """K once only `num_experts` experts are left (the config's moe.top_k after pruning)."""
+        return min(self.top_k, num_experts)
 
 
 class TopKRouter(Router):
@@ -178,6 +212,8 @@ class GShardTop2Router(Router):
     loss counts first choices only (record.counted). Under capacity the algorithm fills every
     token's first choice before any second choice: moe.drop_policy `rank`, its default."""
 
+    min_experts = 2
+
     def __init__(self, d_model: int, num_experts: int, init_std: float = 0.02):
         super().__init__(d_model, num_experts, 2, init_std)  # active: 2 at most (random routing skips some)
 
@@ -243,6 +279,9 @@ class SoftRouter(Router):
             probs = logits.softmax(dim=-1)
         return make_record(logits, probs, torch.arange(e, device=x.device).expand(n, e), probs, valid=valid)
 
+    def pruned_top_k(self, num_experts: int) -> int:
+        return num_experts  # every expert that is left
+
 
 class HierarchicalRouter(Router):
     """Shazeer et al. 2017, Appendix B (MoE-h): a noisy top-k primary gate picks `group_top_k` of
@@ -271,6 +310,18 @@ class HierarchicalRouter(Router):
     @property
     def active_experts(self) -> float:
         return float(self.primary.top_k * self.top_k)
+
+    @property
+    def groups(self) -> int:
+        return self.num_groups
+
+    def pruned(self, keep: Sequence[int]) -> "Router":
+        new = super().pruned(keep)
+        new.per_group = new.num_experts // self.num_groups
+        return new
+
+    def pruned_top_k(self, num_experts: int) -> int:
+        return min(self.top_k, num_experts // self.num_groups)  # K is per group
 
     def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> RoutingRecord:
         n, k, b = x.shape[0], self.top_k, self.per_group
@@ -335,6 +386,13 @@ class SigmoidRouter(Router):
         self.n_group, self.topk_group = n_group, topk_group
         self.register_buffer("expert_bias", torch.zeros(num_experts))
 
+    @property
+    def groups(self) -> int:
+        return self.n_group
+
+    def pruned_top_k(self, num_experts: int) -> int:
+        return min(self.top_k, self.topk_group * (num_experts // self.n_group))  # what the eligible groups hold
+
     def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> RoutingRecord:
         with fp32(x):
             logits = self.logits(x)  # (N, E)
@@ -357,6 +415,21 @@ class SigmoidRouter(Router):
         """b_i += rate * sign(mean load - load_i), from one optimizer step's (global) counts."""
         load = tokens_per_expert.to(self.expert_bias.device, torch.float32)
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+
+
+def check_keep(keep: Sequence[int], num_experts: int, groups: int = 1, min_experts: int = 1) -> list[int]:
+    """`keep` as a sorted list of distinct expert ids, checked: at least `min_experts`, fewer than
+    all, and the same number from each of `groups` groups of consecutive experts."""
+    keep = sorted(int(e) for e in keep)
+    if len(set(keep)) != len(keep) or not all(0 <= e < num_experts for e in keep):
+        raise ValueError(f"experts to keep {keep} must be distinct ids in [0, {num_experts})")
+    if not min_experts <= len(keep) < num_experts:
+        raise ValueError(f"keep {len(keep)} of {num_experts} experts: keep at least {min_experts} and fewer than all")
+    per_group = num_experts // groups
+    counts = [sum(1 for e in keep if e // per_group == g) for g in range(groups)]
+    if len(set(counts)) != 1:
+        raise ValueError(f"keep the same number of experts in each of the {groups} groups (kept per group: {counts})")
+    return keep
 
 
 def make_router(

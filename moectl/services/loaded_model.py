@@ -21,7 +21,7 @@ from moectl.common import console, runtime
 from moectl.common.errors import CheckpointError, ConfigError
 from moectl.config import Config
 from moectl.data import tokenizer as tokenizers_
-from moectl.models import LanguageModel, build_model, lookahead, moe_slots, routed_experts
+from moectl.models import LanguageModel, build_model, lookahead, moe_layers, moe_slots, routed_experts
 from moectl.services import checkpoint
 
 # What a user may change when measuring a trained model: which data, and how capacity behaves.
@@ -48,6 +48,15 @@ class LoadedModel:
     def experts(self) -> list[int]:
         """The experts behind each routing record."""
         return routed_experts(self.model)
+
+    def skip_weak_experts(self, beta: Optional[float]) -> None:
+        """NAEE's dynamic skipping in every MoE layer (moe/record.py skip_weak): a token's choices
+        weighted below beta times its first choice's are not computed. None or 0: off."""
+        if beta is not None and not 0 <= beta <= 1:
+            raise ConfigError(f"--skip-threshold {beta}: choose a beta in [0, 1] (0: skip nothing; 1: keep only "
+                              "each token's first choice, ties aside)")
+        for layer in moe_layers(self.model):
+            layer.skip_threshold = beta or None
 
     def warn_about_lookahead(self) -> None:
         """Say so when this model's routing sees later tokens (train says it too)."""
