@@ -40,7 +40,7 @@ def test_best_per_group_orders_by_score_ties_to_the_lower_id_and_keeps_groups_ev
     assert criteria.keep_count(8, None, 0.25) == 6 and criteria.keep_count(8, 5, None) == 5
     with pytest.raises(ValueError, match="one of --keep"):
         criteria.keep_count(8, 4, 0.5)
-    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
         criteria.keep_count(8, None, 1.0)
 
 
@@ -198,13 +198,24 @@ def test_moectl_prune_writes_a_bundle_that_every_command_reads(run, tmp_path, cr
         assert small[prefix + "experts.w_up"].equal(full[prefix + "experts.w_up"][ids])
         assert small[prefix + "router.weight"].equal(full[prefix + "router.weight"][ids])
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["derived"]["kept_expert_ids"] == keep and meta["eval_loss"] == pytest.approx(report["eval_loss_after"])
+    assert meta["derived"][0]["kept_expert_ids"] == keep and meta["eval_loss"] == pytest.approx(report["eval_loss_after"])
     assert f"layer 0: {keep[0]}" in (out / "README.md").read_text()
     ev = json.loads(invoke("eval", out, "--json").stdout)
     assert ev["loss"] == pytest.approx(report["eval_loss_after"], abs=1e-6)
+    assert ev["derived"] == [f"pruned to 4 of 6 experts per MoE layer by {criterion} (moectl prune)"]
+    assert "derived: pruned to 4 of 6" in invoke("eval", out).stdout  # the header says so too
     assert all(len(layer["load"]) == 4 for layer in ev["layers"])
     assert invoke("route-stats", out, "--json").exit_code == 0
     assert invoke("generate", out, "--max-new-tokens", 5, "--seed", 1).exit_code == 0
+
+
+def test_an_lstm_moe_prunes_and_evaluates(tmp_path):
+    cfg = tiny_config(tmp_path, "lstm_moe", train={"max_steps": 2, "eval_every": 2})
+    lstm = fit(config.from_dict(cfg))
+    res = invoke("prune", lstm.run_dir, "--keep", 2, "--criterion", "reap", "--out", tmp_path / "p", "--json")
+    assert res.exit_code == 0, res.output
+    ev = json.loads(invoke("eval", tmp_path / "p", "--json").stdout)
+    assert ev["loss"] == pytest.approx(json.loads(res.stdout)["eval_loss_after"], abs=1e-6) and len(ev["layers"][0]["load"]) == 2
 
 
 def test_a_pruned_bundle_exports_to_transformers_with_the_same_logits(run, tmp_path):
@@ -227,8 +238,19 @@ def test_eval_reports_the_expert_calls_skipping_saved(run):
     assert off["loss"] == plain["loss"]
 
 
+def test_pruning_nothing_leaves_the_logits_identical(run, tmp_path):
+    res = invoke("prune", run.run_dir, "--ratio", 0, "--out", tmp_path / "same", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["kept_expert_ids"] == [list(range(6))] * 2
+    full, same = weights(run.checkpoint), weights(tmp_path / "same")
+    assert full.keys() == same.keys() and all(full[k].equal(same[k]) for k in full)
+    gen = ("--prompt", "def f(", "--max-new-tokens", "12", "--seed", "3")
+    assert invoke("generate", tmp_path / "same", *gen).stdout == invoke("generate", run.run_dir, *gen).stdout
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--keep", 6], "keep at least 1 and fewer than all"),
+    (["--keep", 7], "keep at least 1 and at most all"),
+    (["--keep", 1], "leaves fewer than moe.top_k=2 to route each token to (moe.router=topk); keep at least 2"),
     (["--keep", 3, "--ratio", 0.5], "give one of --keep N"),
     (["--ratio", 0.5, "--criterion", "best"], "--criterion 'best': choose frequency, reap, naee or random"),
 ])

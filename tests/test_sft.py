@@ -533,3 +533,13 @@ def test_generate_chat_stops_at_the_templates_end_of_turn_marker(tmp_path, case)
     loaded.model.calls = 0  # a raw continuation stops at end-of-text alone
     raw = generation.generate(loaded, "Greet me.", max_new_tokens=len(script), temperature=0, chat_turn=False)
     assert raw.text.startswith("Hello there.") and (raw.text == "Hello there.") == (case == "built-in")
+
+
+def test_a_pruned_instruction_tuned_run_keeps_its_chat_template_and_scores_responses(tuned, tmp_path):
+    out = tmp_path / "pruned"
+    res = CliRunner().invoke(app, ["prune", str(tuned["result"].run_dir), "--keep", "2", "--criterion", "naee",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / chat.TEMPLATE_FILE).read_text() == chat.BUILTIN_TEMPLATE
+    rep = json.loads(CliRunner().invoke(app, ["eval", str(out), "--json"]).stdout)
+    assert rep["targets"] == "response tokens" and all(len(layer["load"]) == 2 for layer in rep["layers"])

@@ -113,6 +113,8 @@ JSON_KEYS = {
     "eval_capacity_factor": "capacity factor the MoE layers used (null: dropless)",
     "context": "`block` (each block from a fresh start), `stateful` (LSTM state carried over contiguous streams) "
     "or `stride S` (sliding windows: each token scored once with at least seq_len - S tokens of context)",
+    "derived": "for a pruned or quantised model, what was done to the trained one, one line per step (its model card "
+    "has the details); empty for a trained model",
     "skip_threshold": "NAEE's dynamic skipping beta (--skip-threshold): a token's choices weighted below beta times its "
     "first choice's were not computed; null: off",
     "expert_calls_saved": "with --skip-threshold, the fraction of all MoE layers' expert calls (token-expert "
@@ -138,6 +140,7 @@ class EvalResult:
     tokens_per_sec: float
     eval_capacity_factor: Optional[float]
     context: str
+    derived: list[str]
     skip_threshold: Optional[float]
     expert_calls_saved: Optional[float]
     layers: list[dict]
@@ -276,6 +279,7 @@ def run(
         tokens_per_sec=n_tokens / max(seconds, 1e-9),
         eval_capacity_factor=moe[0].eval_capacity_factor if moe else None,
         context="stateful" if stateful else "block" if stride is None else f"stride {stride}",
+        derived=[step["summary"] for step in loaded.derived],
         skip_threshold=beta,
         expert_calls_saved=float(stats.skipped.sum()) / max(chosen, 1.0) if beta else None,
         layers=[{"slot": slot, **s.to_dict(), **({"calls_saved": saved[i]} if saved else {})}
@@ -294,6 +298,8 @@ def show(result: EvalResult) -> None:
         f"{'' if result.bytes_exact else ' (estimated)'}; context: {result.context}",
         highlight=False,
     )
+    for line in result.derived:  # nothing silently changes a model
+        console.out.print(f"[yellow]derived:[/] {line}", highlight=False)
     console.out.print(
         f"loss [bold]{result.loss:.4f}[/] nats/token   perplexity [bold]{result.ppl:.2f}[/]   "
         f"bits per byte [bold]{result.bits_per_byte:.4f}[/]   {console.human(result.tokens_per_sec)} tokens/s",

@@ -79,7 +79,7 @@ def _cast_copy(loaded: LoadedModel, dtype: str) -> torch.nn.Module:
 
 
 def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], note: Optional[str],
-               derived: Optional[dict] = None) -> str:
+               derived: Optional[list[dict]] = None) -> str:
     cfg, m = loaded.cfg, loaded.cfg.model
     total, active = parameter_counts(loaded.model)
     lines = [
@@ -119,12 +119,14 @@ def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], no
     if note:
         lines += ["", note]
     if derived:
-        lines += ["", "## How it was derived", ""]
-        lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in derived.items() if not isinstance(value, list)]
-        lists = {key: value for key, value in derived.items() if isinstance(value, list)}
-        for key, rows in lists.items():  # per MoE layer
-            lines += [f"- {key.replace('_', ' ')}, per MoE layer:"]
-            lines += [f"  - layer {slot}: {row}" for slot, row in zip(loaded.slots, rows)]
+        lines += ["", "## How it was derived from the trained model", ""]
+        for n, step in enumerate(derived, 1):  # in the order they were done
+            lines += [f"{n}. {step['summary']}"]
+            lines += [f"   - {key.replace('_', ' ')}: {value}" for key, value in step.items()
+                      if key != "summary" and not isinstance(value, list)]
+            for key, rows in ((k, v) for k, v in step.items() if isinstance(v, list)):  # per MoE layer
+                lines += [f"   - {key.replace('_', ' ')}, per MoE layer:"]
+                lines += [f"     - layer {slot}: {row}" for slot, row in zip(loaded.slots, rows)]
     lines += ["", "## Use", "", "```bash", "moectl eval THIS_DIRECTORY", "moectl route-stats THIS_DIRECTORY",
               'moectl generate THIS_DIRECTORY --prompt "..."', "```", ""]
     return "\n".join(lines)
@@ -133,12 +135,13 @@ def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], no
 def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bool = False,
                   derived: Optional[dict] = None) -> Path:
     """Write the safetensors bundle (see the module docstring); returns its directory. `derived`:
-    how a model made from the checkpoint was made (pruning), for meta.json and the card."""
+    for a model made from the checkpoint (moectl prune), how: a dict with a one-line `summary`,
+    appended to what the loaded model already went through, for meta.json and the card."""
     from safetensors.torch import save_model
 
     out = Path(out)
     check_target(out, overwrite)
-    derived = derived or checkpoint.read_meta(loaded.checkpoint).get("derived")  # re-exporting a pruned bundle
+    derived = loaded.derived + ([derived] if derived else [])  # a bundle keeps its history through re-exports
     try:  # the card's routing summary and bits per byte, from the run's own validation data
         summary, note = evaluate_run(loaded).to_dict(), None
     except DataError as exc:

@@ -49,8 +49,8 @@ class Pruning:
 
     def card(self) -> dict:
         """What meta.json's `derived` and the model card say about it."""
-        return {"method": "expert pruning (moectl prune)", "criterion": self.criterion,
-                "experts_kept": f"{self.kept} of {self.of} per MoE layer",
+        return {"summary": f"pruned to {self.kept} of {self.of} experts per MoE layer by {self.criterion} (moectl prune)",
+                "criterion": self.criterion, "experts_kept": f"{self.kept} of {self.of} per MoE layer",
                 "ratio_removed": round(1 - self.kept / self.of, 4), "calibration": self.calibration,
                 "kept_expert_ids": self.keep}
 
@@ -105,12 +105,18 @@ def choose(loaded: LoadedModel, criterion: str, keep: Optional[int], ratio: Opti
     e, router = layers[0].num_experts, layers[0].router
     try:
         kept = criteria.keep_count(e, keep, ratio)
-        criteria.check_keep(range(kept), e, 1, router.min_experts)  # the count alone; groups below
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if not router.min_experts <= kept <= e:
+        raise ConfigError(f"keep {kept} of {e} experts: keep at least {router.min_experts} and at most all")
     if kept % router.groups:
         raise ConfigError(f"keep {kept} of {e} experts: the router's {router.groups} groups each keep as many, so keep a "
                           f"multiple of {router.groups}")
+    if router.pruned_top_k(kept) < router.top_k and loaded.cfg.moe.router != "soft":  # soft: K is every expert
+        need = next(m for m in range(router.groups, e + 1, router.groups) if router.pruned_top_k(m) >= router.top_k)
+        raise ConfigError(f"keep {kept} of {e} experts leaves fewer than moe.top_k={router.top_k} to route each token to "
+                          f"(moe.router={loaded.cfg.moe.router}); keep at least {need}, so the pruned model still uses "
+                          "as many experts per token")
     start = time.perf_counter()
     if criterion == "random":
         keep_ids = [criteria.random_subset(e, kept, router.groups, seed + i) for i in range(len(layers))]

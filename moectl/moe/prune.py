@@ -130,7 +130,7 @@ def keep_count(num_experts: int, keep: Optional[int], ratio: Optional[float]) ->
     if (keep is None) == (ratio is None):
         raise ValueError("give one of --keep N (experts to keep per layer) or --ratio R (the fraction to remove)")
     if ratio is not None:
-        if not 0 < ratio < 1:
-            raise ValueError(f"--ratio {ratio}: the fraction of experts to remove must be in (0, 1)")
+        if not 0 <= ratio < 1:
+            raise ValueError(f"--ratio {ratio}: the fraction of experts to remove must be in [0, 1)")
         keep = num_experts - round(ratio * num_experts)
     return keep

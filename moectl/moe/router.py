@@ -418,13 +418,13 @@ class SigmoidRouter(Router):
 
 
 def check_keep(keep: Sequence[int], num_experts: int, groups: int = 1, min_experts: int = 1) -> list[int]:
-    """`keep` as a sorted list of distinct expert ids, checked: at least `min_experts`, fewer than
-    all, and the same number from each of `groups` groups of consecutive experts."""
+    """`keep` as a sorted list of distinct expert ids, checked: at least `min_experts`, at most all,
+    and the same number from each of `groups` groups of consecutive experts."""
     keep = sorted(int(e) for e in keep)
     if len(set(keep)) != len(keep) or not all(0 <= e < num_experts for e in keep):
         raise ValueError(f"experts to keep {keep} must be distinct ids in [0, {num_experts})")
-    if not min_experts <= len(keep) < num_experts:
-        raise ValueError(f"keep {len(keep)} of {num_experts} experts: keep at least {min_experts} and fewer than all")
+    if not min_experts <= len(keep) <= num_experts:
+        raise ValueError(f"keep {len(keep)} of {num_experts} experts: keep at least {min_experts} and at most all")
     per_group = num_experts // groups
     counts = [sum(1 for e in keep if e // per_group == g) for g in range(groups)]
     if len(set(counts)) != 1:

@@ -9,7 +9,7 @@ missing or mismatched is one clear error; nothing is ever written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +38,7 @@ class LoadedModel:
     run_dir: Path
     step: int
     device: torch.device
+    derived: list[dict] = field(default_factory=list)  # what made this model from a trained one (meta.json)
 
     @property
     def slots(self) -> list[int]:
@@ -92,7 +93,8 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> LoadedModel:
     checkpoint.load_model(ckpt, model)
     dev = runtime.pick_device(cfg.train.device)
     model.to(dev).eval()
-    return LoadedModel(cfg=cfg, model=model, tokenizer=tok, checkpoint=ckpt, run_dir=run_dir, step=meta["step"], device=dev)
+    return LoadedModel(cfg=cfg, model=model, tokenizer=tok, checkpoint=ckpt, run_dir=run_dir, step=meta["step"], device=dev,
+                       derived=list(meta.get("derived") or []))
 
 
 def check_layer(loaded: LoadedModel, layer: int) -> int:
