@@ -42,6 +42,8 @@ SPLITS = ("validation", "train")
 EXPORT_FORMATS = ("safetensors", "hf")
 EXPORT_DTYPES = ("fp32", "bf16", "fp16")
 PRUNE_CRITERIA = ("frequency", "reap", "naee", "random")
+QUANT_EXPERTS = ("int8", "int4")
+QUANT_REST = ("bf16", "int8", "none")
 
 
 def _choices(values: tuple[str, ...]) -> str:
@@ -453,6 +455,43 @@ def prune(
         console.status(f"wrote {path}: {result.kept} of {result.of} experts per MoE layer ({criterion}); eval loss "
                        f"{losses['eval_loss_before']:.4f} -> {losses['eval_loss_after']:.4f}")
         typer.echo(f"moectl eval {path}\nmoectl route-stats {path}\nmoectl generate {path} --prompt \"...\"")
+
+
+@app.command()
+def quantize(
+    run: RunArgument,
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the quantised bundle to.", show_default=False)],
+    experts: Annotated[
+        str, typer.Option("--experts", metavar=_choices(QUANT_EXPERTS), help="Precision of the routed experts.")
+    ] = "int4",
+    rest: Annotated[
+        str,
+        typer.Option("--rest", metavar=_choices(QUANT_REST), help="Precision of attention, shared experts, dense FFNs, "
+                     "LSTM, embeddings and head (none: fp32). The router is never below bf16."),
+    ] = "bf16",
+    group_size: Annotated[int, typer.Option("--group-size", help="Values per scale, along each row.")] = 64,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")] = False,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Store a model's weights in fewer bits by role (experts int8 or int4), dequantised on load."""
+    with user_errors(debug):
+        import json
+
+        from moectl.commands import quantize as quantizing
+        from moectl.services import loaded_model
+
+        experts, rest = _choose("--experts", experts, QUANT_EXPERTS), _choose("--rest", rest, QUANT_REST)
+        model = loaded_model.load(run)
+        console.quiet_libraries()
+        path, rep = quantizing.quantize(model, out, experts, rest, group_size, overwrite)
+        if as_json:
+            typer.echo(json.dumps(rep, indent=2))
+            return
+        for role, b in rep["bytes_by_role"].items():
+            typer.echo(f"{role:8s} {b['before']:>12,} -> {b['after']:>12,} bytes")
+        console.status(f"wrote {path}: {rep['summary']}; model.safetensors {rep['file_bytes']:,} bytes; eval loss "
+                       f"{rep['eval_loss_before']:.4f} -> {rep['eval_loss_after']:.4f}")
 
 
 @app.command()

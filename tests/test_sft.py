@@ -543,3 +543,11 @@ def test_a_pruned_instruction_tuned_run_keeps_its_chat_template_and_scores_respo
     assert (out / chat.TEMPLATE_FILE).read_text() == chat.BUILTIN_TEMPLATE
     rep = json.loads(CliRunner().invoke(app, ["eval", str(out), "--json"]).stdout)
     assert rep["targets"] == "response tokens" and all(len(layer["load"]) == 2 for layer in rep["layers"])
+
+
+def test_a_quantised_instruction_tuned_run_keeps_its_chat_template(tuned, tmp_path):
+    out = tmp_path / "q"
+    res = CliRunner().invoke(app, ["quantize", str(tuned["result"].run_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / chat.TEMPLATE_FILE).read_text() == chat.BUILTIN_TEMPLATE
+    assert json.loads(CliRunner().invoke(app, ["eval", str(out), "--json"]).stdout)["targets"] == "response tokens"

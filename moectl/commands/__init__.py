@@ -8,6 +8,7 @@ loads the config and calls one function here; below this layer nothing holds the
   generate.py     `moectl generate`: sampling, and chat with an instruction-tuned run
   export.py       `moectl export`: a safetensors bundle, or a transformers directory
   prune.py        `moectl prune`: fewer experts per MoE layer, chosen on calibration data (criteria: moe/prune.py)
+  quantize.py     `moectl quantize`: weights stored in fewer bits by role (the scheme: common/quant.py)
   sweep.py        `moectl sweep`: a grid of runs over seeds, run one after another or side by side
   sweep_report.py its report: means with t-intervals, and arms against a baseline, paired by seed
   plan.py         `moectl plan`: a run's predicted step on other hardware and layouts

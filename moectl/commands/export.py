@@ -27,7 +27,7 @@ import copy
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -123,7 +123,7 @@ def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], no
         for n, step in enumerate(derived, 1):  # in the order they were done
             lines += [f"{n}. {step['summary']}"]
             lines += [f"   - {key.replace('_', ' ')}: {value}" for key, value in step.items()
-                      if key != "summary" and not isinstance(value, list)]
+                      if key not in ("summary", "kind") and not isinstance(value, list)]
             for key, rows in ((k, v) for k, v in step.items() if isinstance(v, list)):  # per MoE layer
                 lines += [f"   - {key.replace('_', ' ')}, per MoE layer:"]
                 lines += [f"     - layer {slot}: {row}" for slot, row in zip(loaded.slots, rows)]
@@ -133,10 +133,11 @@ def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], no
 
 
 def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bool = False,
-                  derived: Optional[dict] = None) -> Path:
+                  derived: Optional[dict] = None, weights: Optional[Callable[[Path], None]] = None) -> Path:
     """Write the safetensors bundle (see the module docstring); returns its directory. `derived`:
     for a model made from the checkpoint (moectl prune), how: a dict with a one-line `summary`,
-    appended to what the loaded model already went through, for meta.json and the card."""
+    appended to what the loaded model already went through, for meta.json and the card.
+    `weights`: writes model.safetensors itself (moectl quantize), instead of `loaded.model` in `dtype`."""
     from safetensors.torch import save_model
 
     out = Path(out)
@@ -148,7 +149,10 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite
         summary, note = None, f"(No routing summary: the validation data could not be read at export: {exc})"
     with staged_directory(out) as tmp:
         # A cast copy keeps the source model exact (and its tied weights tied, stored once).
-        save_model(_cast_copy(loaded, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(loaded.step)})
+        if weights is not None:
+            weights(tmp / "model.safetensors")
+        else:
+            save_model(_cast_copy(loaded, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(loaded.step)})
         config.save(loaded.cfg, tmp / "config.yaml")
         shutil.copyfile(loaded.run_dir / "tokenizer.json", tmp / "tokenizer.json")
         if (loaded.run_dir / chat.TEMPLATE_FILE).is_file():  # an instruction-tuned run's template goes with it

@@ -49,7 +49,7 @@ class Pruning:
 
     def card(self) -> dict:
         """What meta.json's `derived` and the model card say about it."""
-        return {"summary": f"pruned to {self.kept} of {self.of} experts per MoE layer by {self.criterion} (moectl prune)",
+        return {"kind": "prune", "summary": f"pruned to {self.kept} of {self.of} experts per MoE layer by {self.criterion} (moectl prune)",
                 "criterion": self.criterion, "experts_kept": f"{self.kept} of {self.of} per MoE layer",
                 "ratio_removed": round(1 - self.kept / self.of, 4), "calibration": self.calibration,
                 "kept_expert_ids": self.keep}

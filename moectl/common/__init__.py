@@ -7,6 +7,7 @@
   console.py     progress bars, status lines, the end-of-run summary; Ctrl-C handling
   fileio.py      atomic writes of files and directories
   plots.py       heatmaps and error-bar charts as PNG files
+  quant.py       weight-only quantisation: int8 / int4 in groups with fp16 scales, packed for safetensors
   perf_model.py  FasterMoE's performance model of an expert-parallel layer (plain arithmetic)
   hub.py         Hugging Face Hub access that fails fast when the Hub cannot be reached
 """

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from moectl import __version__, config
-from moectl.common import runtime
+from moectl.common import quant, runtime
 from moectl.common.errors import CheckpointError, ConfigError
 from moectl.common.fileio import staged_directory
 from moectl.config import Config, RunConfig
@@ -174,6 +174,8 @@ def load_model(path: Path, model: nn.Module) -> None:
     from safetensors.torch import load_model as st_load
 
     file = Path(path) / "model.safetensors"
+    if quant.QUANT_KEY in _file_metadata(file):  # a quantised bundle (moectl quantize): dequantised here
+        return _load_quantized(path, file, model)
     try:
         missing, unexpected = st_load(model, str(file), strict=False)
     except RuntimeError as exc:
@@ -192,13 +194,44 @@ def load_model(path: Path, model: nn.Module) -> None:
         )
 
 
+def _file_metadata(file: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:  # a corrupt file: the loader below gives the one-line error
+        return {}
+
+
+def _load_quantized(path: Path, file: Path, model: nn.Module) -> None:
+    """Load a quantised weights file (common/quant.py), every tensor dequantised to the model's dtype."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(file))
+        state = quant.unpack(tensors, _file_metadata(file))
+    except (KeyError, ValueError, RuntimeError, OSError) as exc:
+        raise _corrupt(path, "model.safetensors (quantised)", exc) from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise CheckpointError(
+            f"checkpoint {path} does not match this model ({detail[:160]}); was it trained with another config?"
+        ) from None
+
+
 def tensor_shape(path: Path, name: str) -> Optional[list[int]]:
     """The shape of one stored tensor (None if absent or unreadable; load_model reports why)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
-            return list(f.get_slice(name).get_shape()) if name in f.keys() else None
+            if name in f.keys():
+                return list(f.get_slice(name).get_shape())
+            stored = json.loads((f.metadata() or {}).get(quant.QUANT_KEY, "{}")).get("tensors", {})
+            return stored[name]["shape"] if name in stored else None  # a quantised tensor's own shape
     except Exception:  # a corrupt file: load_model gives the one-line error
         return None
 
