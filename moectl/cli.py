@@ -205,6 +205,37 @@ MaxBatchesOption = Annotated[
     typer.Option("--max-batches", min=1, help="Batches to use, spread over the split. Default: train.eval_batches."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (documented keys) instead of the report.")]
+OffloadOption = Annotated[
+    bool, typer.Option("--offload-experts", help="Keep the routed experts in the checkpoint file and at most "
+                       "--expert-cache of each MoE layer's in memory; report the cache's hit rates.")
+]
+CacheOption = Annotated[
+    Optional[int], typer.Option("--expert-cache", metavar="K", help="Experts resident per MoE layer with "
+                                "--offload-experts. Default: half of them (at least top_k).")
+]
+PolicyOption = Annotated[str, typer.Option("--cache-policy", metavar="[lru|lfu|lfru]", help="Which resident expert a "
+                                           "miss evicts: least recently, least often, or least often recently used.")]
+PrefetchOption = Annotated[bool, typer.Option("--prefetch", help="With --offload-experts: run the next MoE layer's "
+                                              "router on this layer's input and read in what it picks.")]
+
+
+def _offload(enabled: bool, capacity: Optional[int], policy: str, prefetch: bool, run: Path):
+    """The Offload the flags ask for (None without --offload-experts); its K defaults to E/2."""
+    if not enabled:
+        if capacity is not None or prefetch or policy != "lru":
+            raise ConfigError("--expert-cache, --cache-policy and --prefetch need --offload-experts")
+        return None
+    from moectl import config
+    from moectl.services import checkpoint
+    from moectl.services.offload import Offload
+
+    if capacity is None:
+        _, run_dir = checkpoint.resolve(run)
+        moe = config.load(run_dir / "config.yaml", saved=True).moe
+        capacity = max(-(-moe.num_experts // 2), moe.top_k)
+    return Offload(capacity, policy, prefetch)
+
+
 SkipOption = Annotated[
     Optional[float],
     typer.Option("--skip-threshold", metavar="BETA", help="Dynamic expert skipping (NAEE, Lu et al. 2024): leave out a "
@@ -246,6 +277,10 @@ def eval_command(
                      "each block from zero. Default: as the model trained (train.lstm_stateful)."),
     ] = None,
     skip_threshold: SkipOption = None,
+    offload_experts: OffloadOption = False,
+    expert_cache: CacheOption = None,
+    cache_policy: PolicyOption = "lru",
+    prefetch: PrefetchOption = False,
     as_json: JsonOption = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON to this file.")] = None,
     debug: DebugOption = False,
@@ -260,17 +295,25 @@ def eval_command(
 
         _choose("--split", split, SPLITS)
         extra = [] if capacity_factor is None else [f"moe.eval_capacity_factor={_capacity_factor(capacity_factor)}"]
-        model = loaded_model.load(run, (overrides or []) + extra)
+        offload = _offload(offload_experts, expert_cache, cache_policy, prefetch, run)
+        model = loaded_model.load(run, (overrides or []) + extra, offload)
         model.skip_weak_experts(skip_threshold)
         console.quiet_libraries()
         result = evaluate.run(model, split, max_batches, stride, stateful)
-        text = json.dumps(result.to_dict(), indent=2) + "\n"
+        report = result.to_dict()
+        if offload is not None:
+            from moectl.services import offload as offloading
+
+            report["offload"] = offloading.report(model.model, model.slots, offload)
+        text = json.dumps(report, indent=2) + "\n"
         if out is not None:
             atomic_write_text(out, text)
         if as_json:
             typer.echo(text, nl=False)
         else:
             evaluate.show(result)
+            if offload is not None:
+                offloading.show(report["offload"])
 
 
 @app.command("route-stats")
@@ -286,6 +329,12 @@ def route_stats_command(
     compare: Annotated[
         Optional[Path], typer.Option("--compare", help="Another checkpoint of the same model: report routing drift.")
     ] = None,
+    cache_sim: Annotated[
+        Optional[int], typer.Option("--cache-sim", metavar="K", help="Replay the routing, one token at a time, "
+                                    "through an expert cache of K per layer: hit rates without loading any weights.")
+    ] = None,
+    policy: Annotated[str, typer.Option("--policy", "--cache-policy", metavar="[lru|lfu|lfru]",
+                                        help="The cache policy of --cache-sim (as --cache-policy of eval).")] = "lru",
     as_json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -300,7 +349,9 @@ def route_stats_command(
         model = loaded_model.load(run, overrides)
         other = loaded_model.load(compare, overrides) if compare is not None else None
         console.quiet_libraries()
-        rep = route_stats.report(model, split, max_batches, other)
+        if cache_sim is None and policy != "lru":
+            raise ConfigError("--policy picks the cache policy of --cache-sim K; give --cache-sim too")
+        rep = route_stats.report(model, split, max_batches, other, None if cache_sim is None else (cache_sim, policy))
         if out is not None:
             route_stats.write_outputs(rep, out)
         if as_json:
@@ -363,6 +414,10 @@ def generate(
                      "answer, or continue the raw text. Default: --chat for instruction-tuned runs (data.task=sft)."),
     ] = None,
     skip_threshold: SkipOption = None,
+    offload_experts: OffloadOption = False,
+    expert_cache: CacheOption = None,
+    cache_policy: PolicyOption = "lru",
+    prefetch: PrefetchOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Sample text from a checkpoint, optionally showing which expert each new token went to."""
@@ -370,11 +425,16 @@ def generate(
         from moectl.commands import generate as generation
         from moectl.services import loaded_model
 
-        model = loaded_model.load(run)
+        offload = _offload(offload_experts, expert_cache, cache_policy, prefetch, run)
+        model = loaded_model.load(run, offload=offload)
         model.skip_weak_experts(skip_threshold)
         result = generation.generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, show_routing,
                                      chat_turn)
         generation.show(result, model, show_routing)
+        if offload is not None:
+            from moectl.services import offload as offloading
+
+            offloading.show(offloading.report(model.model, model.slots, offload))
 
 
 @app.command()

@@ -25,6 +25,8 @@ from moectl.commands.evaluate import split_batches
 from moectl.common import plots
 from moectl.common.errors import ConfigError
 from moectl.common.stats import COLUMNS, LayerStats, RoutingProfile
+from moectl.models import moe_layers
+from moectl.moe.cache import POLICIES, simulate
 from moectl.services.loaded_model import LoadedModel
 from moectl.services.tracking import Tracker
 
@@ -48,6 +50,9 @@ JSON_KEYS = {
     "layers[].coselection": "(E, E) fraction of tokens that chose both experts i and j among their top-k (diagonal: i)",
     "layers[].by_position": "bins (first position of each of the sequence's position bins) and share ((bins, E) "
     "each bin's load split over experts)",
+    "cache_sim": "with --cache-sim K: capacity, policy, and layers[] of slot, requests (expert uses, one pass per token "
+    "in decoding order), hit_rate, random_hit_rate (K/E), static_hit_rate (the K most used experts pinned, chosen in "
+    "hindsight), loads_per_token and bytes_per_token (expert weights read per token)",
     "compare": "with --compare: other (its checkpoint) and layers[] of slot, js_divergence (Jensen-Shannon divergence "
     "of the two expert-share vectors, bits, 0-1) and top1_changed (fraction of tokens whose top-1 expert differs)",
 }
@@ -58,9 +63,12 @@ def _check_moe(loaded: LoadedModel) -> None:
         raise ConfigError(f"{loaded.run_dir} is a dense model: it has no MoE layers, so no routing to report")
 
 
-def profile(loaded: LoadedModel, split: str, max_batches: Optional[int], other: Optional[LoadedModel] = None):
+def profile(loaded: LoadedModel, split: str, max_batches: Optional[int], other: Optional[LoadedModel] = None,
+            trace: Optional[list[list]] = None):
     """Route the split's batches; returns (profile, batches, drift) where drift is per layer
-    [top-1 changed count, tokens, then the other model's load per expert] against `other`, or None."""
+    [top-1 changed count, tokens, then the other model's load per expert] against `other`, or None.
+    `trace`, one list per MoE layer: gets each real token's computed experts, sequence by sequence
+    in position order (the order a decoder would ask for them)."""
     _check_moe(loaded)
     cfg = loaded.cfg
     blocks, _, batches = split_batches(loaded, split, max_batches)
@@ -72,6 +80,9 @@ def profile(loaded: LoadedModel, split: str, max_batches: Optional[int], other: 
             layout = blocks.layout(ids)  # instruction-tuning rows: packed examples each on its own, no padding routed
             records = loaded.model(x.to(loaded.device), **_on(layout, loaded.device)).routing
             prof.update(records, x)
+            for layer_trace, r in zip(trace or [], records):
+                kept = torch.where(r.kept, r.expert_idx, -1)[r.token_mask()].tolist()  # (tokens, K), -1: not computed
+                layer_trace.extend([e for e in row if e >= 0] for row in kept)
             if other is not None:
                 theirs = other.model(x.to(other.device), **_on(layout, other.device)).routing
                 for i, (a, b) in enumerate(zip(records, theirs)):
@@ -108,12 +119,21 @@ def token_text(loaded: LoadedModel, idx: int) -> str:
 
 
 def report(loaded: LoadedModel, split: str = "validation", max_batches: Optional[int] = None,
-           other: Optional[LoadedModel] = None) -> dict:
-    """The full route-stats report as a JSON-ready dict (keys: JSON_KEYS)."""
+           other: Optional[LoadedModel] = None, cache_sim: Optional[tuple[int, str]] = None) -> dict:
+    """The full route-stats report as a JSON-ready dict (keys: JSON_KEYS). `cache_sim`: (K, policy)
+    to replay the routing through an expert cache of K per layer."""
     if other is not None:
         _check_compatible(loaded, other)
+    layers_moe = moe_layers(loaded.model)
+    if cache_sim is not None:
+        k, policy = cache_sim
+        if policy not in POLICIES:
+            raise ConfigError(f"--policy {policy!r}: choose {', '.join(POLICIES)}")
+        if not 1 <= k <= min(layer.num_experts for layer in layers_moe or [None]):
+            raise ConfigError(f"--cache-sim {k}: choose 1 to the {layers_moe[0].num_experts} experts of a layer")
     loaded.warn_about_lookahead()
-    prof, batches, drift = profile(loaded, split, max_batches, other)
+    trace = [[] for _ in layers_moe] if cache_sim is not None else None
+    prof, batches, drift = profile(loaded, split, max_batches, other, trace)
     threshold = loaded.cfg.log.collapse_threshold
     layers = []
     for i, (slot, s, e) in enumerate(zip(loaded.slots, prof.summary(), prof.experts)):
@@ -154,6 +174,8 @@ def report(loaded: LoadedModel, split: str = "validation", max_batches: Optional
         "collapse_threshold": threshold,
         "layers": layers,
     }
+    if cache_sim is not None:
+        out["cache_sim"] = simulate_caches(loaded, trace, *cache_sim)
     if other is not None:
         out["compare"] = {
             "other": str(other.checkpoint),
@@ -165,6 +187,20 @@ def report(loaded: LoadedModel, split: str = "validation", max_batches: Optional
             ],
         }
     return out
+
+
+def simulate_caches(loaded: LoadedModel, trace: list[list], capacity: int, policy: str) -> dict:
+    """Each MoE layer's routing trace replayed through a cache of `capacity` experts (moe/cache.py):
+    one pass per token, as decoding one token at a time asks for experts."""
+    layers = []
+    for slot, layer, passes in zip(loaded.slots, moe_layers(loaded.model), trace):
+        c = simulate(passes, layer.num_experts, capacity, policy)
+        expert_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters()) / layer.num_experts
+        layers.append({"slot": slot, "requests": c.requests, "hit_rate": c.hit_rate,
+                       "random_hit_rate": capacity / layer.num_experts, "static_hit_rate": c.static_hit_rate(capacity),
+                       "loads_per_token": c.loads / max(len(passes), 1),
+                       "bytes_per_token": c.loads * expert_bytes / max(len(passes), 1)})
+    return {"capacity": capacity, "policy": policy, "layers": layers}
 
 
 def _check_compatible(a: LoadedModel, b: LoadedModel) -> None:
@@ -258,6 +294,13 @@ def render(rep: dict, width: int = 80) -> list[str]:
     lines.append(f"most used:  layer {busiest[1]:02d} expert {busiest[2]} ({100 * busiest[0]:.1f}% of its layer's load)")
     lines.append(f"least used: layer {idlest[1]:02d} expert {idlest[2]} ({100 * idlest[0]:.1f}%)")
     lines.append(f"collapsed layers (max/mean > {rep['collapse_threshold']}): {', '.join(collapsed) or 'none'}")
+    if "cache_sim" in rep:
+        sim = rep["cache_sim"]
+        lines += ["", f"expert cache of {sim['capacity']} per layer ({sim['policy']}), replayed one token at a time:"]
+        for c in sim["layers"]:
+            lines.append(f"  layer {c['slot']:02d}  hit rate {100 * c['hit_rate']:5.1f}%  (random K/E "
+                         f"{100 * c['random_hit_rate']:.1f}%, best fixed K {100 * c['static_hit_rate']:.1f}%)  "
+                         f"{c['loads_per_token']:.2f} loads/token")
     if "compare" in rep:
         lines.append("")
         lines.append(f"drift against {rep['compare']['other']}:")

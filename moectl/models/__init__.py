@@ -18,8 +18,9 @@ from moectl.moe import MoELayer, make_router
 __all__ = ["LanguageModel", "ModelOutput", "build_model", "moe_layers", "moe_slots", "parameter_counts", "routed_experts"]
 
 
-def build_moe_layer(model: ModelConfig, moe: MoEConfig, impl: str = "sorted") -> MoELayer:
-    """One MoE layer as the model and moe sections describe it; `impl` picks the expert path (moe/layer.py)."""
+def build_moe_layer(model: ModelConfig, moe: MoEConfig, impl: str = "sorted", expert_device=None) -> MoELayer:
+    """One MoE layer as the model and moe sections describe it; `impl` picks the expert path (moe/layer.py);
+    `expert_device` "meta" leaves the experts' weights unmade (offloaded)."""
     router_std = model.init_std if moe.router_init_std is None else moe.router_init_std
     router = make_router(
         moe.router,
@@ -54,15 +55,18 @@ def build_moe_layer(model: ModelConfig, moe: MoEConfig, impl: str = "sorted") ->
         expert_dropout=moe.expert_dropout,
         routed_scale=moe.routed_scale,
         impl=impl,
+        expert_device=expert_device,
     )
 
 
-def build_model(model: ModelConfig, moe: MoEConfig, vocab_size: int, objective: str = "likelihood") -> LanguageModel:
-    """The model the sections describe; `objective` is train.objective (how a mixture head trains)."""
+def build_model(model: ModelConfig, moe: MoEConfig, vocab_size: int, objective: str = "likelihood",
+                expert_device=None) -> LanguageModel:
+    """The model the sections describe; `objective` is train.objective (how a mixture head trains);
+    `expert_device` "meta": the routed experts get no weights (for offloading, services/offload.py)."""
 
     def make_ffn(slot: int) -> FFNSlot:
         if slot in moe.slots(model):
-            return FFNSlot(build_moe_layer(model, moe))
+            return FFNSlot(build_moe_layer(model, moe, expert_device=expert_device))
         return FFNSlot(FeedForward(model.d_model, model.ffn_hidden, model.activation, model.init_std))
 
     common = dict(

@@ -153,21 +153,39 @@ def _loop_wgrad(a: Tensor, b: Tensor, sizes: list[int]) -> Tensor:
     return out
 
 
+def grouped_ffn(x: Tensor, tokens_per_expert: list[int], activation: str, w_up: Tensor, w_gate: Optional[Tensor],
+                w_down: Tensor) -> Tensor:
+    """(M, D) rows grouped by expert -> (M, D): expert e's FFN on its rows (_GroupedFFN), with the
+    (E, D, H), (E, H, D) weights; in autocast's dtype when autocast is on."""
+    weights = [w_up, w_gate, w_down]
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # a custom Function is not autocast-aware: cast as autocast would
+        dtype = torch.get_autocast_dtype(device)
+        x = x.to(dtype)
+        weights = [w.to(dtype) if w is not None else None for w in weights]
+    elif x.dtype != w_up.dtype:
+        x = x.to(w_up.dtype)
+    return _GroupedFFN.apply(x, tokens_per_expert, activation, *weights)
+
+
 class GroupedExperts(nn.Module):
     """E FFNs with weights w_up / w_gate: (E, D, H) and w_down: (E, H, D)."""
 
     def __init__(
-        self, num_experts: int, d_model: int, hidden: int, activation: str, init_std: float = 0.02, dropout: float = 0.0
+        self, num_experts: int, d_model: int, hidden: int, activation: str, init_std: float = 0.02, dropout: float = 0.0,
+        device: Optional[torch.device | str] = None,
     ):
+        """`device`: where the weights are made; "meta" makes none (experts offloaded, services/offload.py)."""
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} must be one of {ACTIVATIONS}")
         self.num_experts = num_experts
         self.activation = activation
         self.dropout = dropout
-        self.w_up = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, hidden)) if activation == "swiglu" else None
-        self.w_down = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        shape_in, shape_out = (num_experts, d_model, hidden), (num_experts, hidden, d_model)
+        self.w_up = nn.Parameter(torch.empty(shape_in, device=device))
+        self.w_gate = nn.Parameter(torch.empty(shape_in, device=device)) if activation == "swiglu" else None
+        self.w_down = nn.Parameter(torch.empty(shape_out, device=device))
         for p in self.parameters():
             nn.init.normal_(p, std=init_std)
 
@@ -192,15 +210,7 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[1])
 
     def _fused(self, x: Tensor, tokens_per_expert: list[int]) -> Tensor:
-        weights = [self.w_up, self.w_gate, self.w_down]
-        device = x.device.type
-        if torch.is_autocast_enabled(device):  # a custom Function is not autocast-aware: cast as autocast would
-            dtype = torch.get_autocast_dtype(device)
-            x = x.to(dtype)
-            weights = [w.to(dtype) if w is not None else None for w in weights]
-        elif x.dtype != self.w_up.dtype:
-            x = x.to(self.w_up.dtype)
-        return _GroupedFFN.apply(x, tokens_per_expert, self.activation, *weights)
+        return grouped_ffn(x, tokens_per_expert, self.activation, self.w_up, self.w_gate, self.w_down)
 
     def pruned(self, keep: list[int]) -> "GroupedExperts":
         """A copy holding the experts `keep` alone, in that order."""

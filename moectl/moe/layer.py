@@ -50,12 +50,14 @@ class MoELayer(nn.Module):
         expert_dropout: float = 0.0,
         routed_scale: Optional[float] = 1.0,
         impl: Literal["sorted", "loop"] = "sorted",
+        expert_device: Optional[torch.device | str] = None,
     ):
         """`router` defaults to softmax top-k over `top_k` experts, renormalised or not. Capacity
         factors of None mean dropless; `eval_capacity_factor="train"` reuses the training one.
         `shared_hidden` > 0 adds a shared dense FFN of that hidden size (n shared experts of size
         H: n * H). `routed_scale` multiplies the routed output; None means the router's K (its
-        active experts). `impl` picks the fast sorted path or the loop reference (see above)."""
+        active experts). `impl` picks the fast sorted path or the loop reference (see above).
+        `expert_device` "meta" makes no expert weights: they are offloaded (services/offload.py)."""
         super().__init__()
         if impl not in ("sorted", "loop"):
             raise ValueError(f"impl={impl!r} must be 'sorted' or 'loop'")
@@ -71,7 +73,8 @@ class MoELayer(nn.Module):
         self.routed_scale = self.router.active_experts if routed_scale is None else float(routed_scale)
         if not self.routed_scale > 0:
             raise ValueError(f"routed_scale={routed_scale} must be > 0")
-        self.experts = GroupedExperts(num_experts, d_model, expert_hidden, activation, init_std, expert_dropout)
+        self.experts = GroupedExperts(num_experts, d_model, expert_hidden, activation, init_std, expert_dropout,
+                                      device=expert_device)
         self.shared = FeedForward(d_model, shared_hidden, activation, init_std) if shared_hidden else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_hidden and shared_gate else None
         if self.shared_gate is not None:

@@ -168,14 +168,17 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: Path, model: nn.Module) -> None:
-    """Load weights into `model`; every tensor must be present with the right shape."""
+def load_model(path: Path, model: nn.Module, skip: tuple[str, ...] = ()) -> None:
+    """Load weights into `model`; every tensor must be present with the right shape. Tensors whose
+    names start with one of `skip` are neither read nor expected (offloaded experts read their own)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model as st_load
 
     file = Path(path) / "model.safetensors"
     if quant.QUANT_KEY in _file_metadata(file):  # a quantised bundle (moectl quantize): dequantised here
         return _load_quantized(path, file, model)
+    if skip:
+        return _load_some(path, file, model, skip)
     try:
         missing, unexpected = st_load(model, str(file), strict=False)
     except RuntimeError as exc:
@@ -202,6 +205,27 @@ def _file_metadata(file: Path) -> dict[str, str]:
             return f.metadata() or {}
     except Exception:  # a corrupt file: the loader below gives the one-line error
         return {}
+
+
+def _load_some(path: Path, file: Path, model: nn.Module, skip: tuple[str, ...]) -> None:
+    """Read only the tensors not under `skip`; a tensor tied to a loaded one (stored once) counts as loaded."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(skip)}
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise _corrupt(path, "model.safetensors", exc) from None
+    own = model.state_dict()
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if shapes:
+        raise CheckpointError(f"checkpoint {path} does not match this model ({shapes[0]}); was it trained with another config?")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    missing = [k for k in missing if not k.startswith(skip) and own[k].data_ptr() not in loaded]
+    if missing or unexpected:
+        detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
+        raise CheckpointError(f"checkpoint {path} does not match this model ({detail}); was it trained with another config?")
 
 
 def _load_quantized(path: Path, file: Path, model: nn.Module) -> None:

@@ -23,6 +23,7 @@ from moectl.config import Config
 from moectl.data import tokenizer as tokenizers_
 from moectl.models import LanguageModel, build_model, lookahead, moe_layers, moe_slots, routed_experts
 from moectl.services import checkpoint
+from moectl.services.offload import Offload, attach
 
 # What a user may change when measuring a trained model: which data, and how capacity behaves.
 OVERRIDABLE = ("data.", "train.eval_batches", "train.micro_batch_size", "train.device", "train.precision",
@@ -65,8 +66,9 @@ class LoadedModel:
             console.warn(warning)
 
 
-def load(path: Path, overrides: Optional[list[str]] = None) -> LoadedModel:
-    """The model saved at `path`, with `overrides` (data and eval settings only) applied."""
+def load(path: Path, overrides: Optional[list[str]] = None, offload: Optional[Offload] = None) -> LoadedModel:
+    """The model saved at `path`, with `overrides` (data and eval settings only) applied; with
+    `offload`, its routed experts stay in the file behind a cache of K per layer (offload.py)."""
     ckpt, run_dir = checkpoint.resolve(path)
     cfg_file, tok_file = run_dir / "config.yaml", run_dir / "tokenizer.json"
     if not cfg_file.is_file():
@@ -89,9 +91,20 @@ def load(path: Path, overrides: Optional[list[str]] = None) -> LoadedModel:
             f"{tok_file} has {tok.get_vocab_size()} tokens but the checkpoint's embedding has {rows[0]} rows: "
             "the tokenizer does not belong to this checkpoint; restore the run's own tokenizer.json"
         )
-    model = build_model(cfg.model, cfg.moe, tok.get_vocab_size(), cfg.train.objective)
-    checkpoint.load_model(ckpt, model)
     dev = runtime.pick_device(cfg.train.device)
+    skip: tuple[str, ...] = ()
+    if offload is not None:
+        if not cfg.model.is_moe:
+            raise ConfigError(f"--offload-experts: {run_dir} is a dense model; it has no experts to offload")
+        if meta.get("dtype") == "quantised":
+            raise ConfigError(f"--offload-experts: {ckpt} is quantised; offload the unquantised run or bundle")
+        per_token = cfg.moe.top_k * (cfg.moe.group_top_k if cfg.moe.router == "hierarchical" else 1)
+        offload.check(cfg.moe.num_experts, cfg.moe.num_experts if cfg.moe.router == "soft" else per_token)
+    model = build_model(cfg.model, cfg.moe, tok.get_vocab_size(), cfg.train.objective,
+                        expert_device="meta" if offload is not None else None)
+    if offload is not None:
+        skip = tuple(attach(model, ckpt / "model.safetensors", offload, dev))
+    checkpoint.load_model(ckpt, model, skip)
     model.to(dev).eval()
     return LoadedModel(cfg=cfg, model=model, tokenizer=tok, checkpoint=ckpt, run_dir=run_dir, step=meta["step"], device=dev,
                        derived=list(meta.get("derived") or []))
