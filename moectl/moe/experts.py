@@ -186,8 +186,9 @@ class GroupedExperts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(shape_in, device=device))
         self.w_gate = nn.Parameter(torch.empty(shape_in, device=device)) if activation == "swiglu" else None
         self.w_down = nn.Parameter(torch.empty(shape_out, device=device))
-        for p in self.parameters():
-            nn.init.normal_(p, std=init_std)
+        if torch.device(device or "cpu").type != "meta":  # initialising meta tensors imports ~70 MB of torch
+            for p in self.parameters():
+                nn.init.normal_(p, std=init_std)
 
     def _dropout(self) -> float:
         return self.dropout if self.training else 0.0
