@@ -266,3 +266,12 @@ def test_prune_refuses_a_non_empty_out_before_any_work(run, tmp_path):
     res = invoke("prune", run.run_dir, "--keep", 4, "--out", tmp_path / "x")
     assert res.exit_code == 2 and "not empty" in res.output
     assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
+
+
+def test_a_bundle_of_another_format_gets_one_line(run, tmp_path):
+    out = tmp_path / "b"
+    assert invoke("prune", run.run_dir, "--ratio", 0, "--out", out).exit_code == 0
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "format": "moectl-safetensors-bundle-0"}))
+    res = invoke("eval", out)
+    assert res.exit_code == 2 and "written by another moectl version" in res.output and "Traceback" not in res.output

@@ -551,3 +551,11 @@ def test_a_quantised_instruction_tuned_run_keeps_its_chat_template(tuned, tmp_pa
     assert res.exit_code == 0, res.output
     assert (out / chat.TEMPLATE_FILE).read_text() == chat.BUILTIN_TEMPLATE
     assert json.loads(CliRunner().invoke(app, ["eval", str(out), "--json"]).stdout)["targets"] == "response tokens"
+
+
+def test_an_instruction_tuned_run_evaluates_the_same_with_its_experts_offloaded(tuned):
+    run = str(tuned["result"].run_dir)
+    plain = json.loads(CliRunner().invoke(app, ["eval", run, "--json"]).stdout)
+    res = CliRunner().invoke(app, ["eval", run, "--json", "--offload-experts", "--expert-cache", "2", "--prefetch"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["loss"] == plain["loss"]

@@ -41,7 +41,7 @@ from moectl.models import parameter_counts
 from moectl.services import checkpoint, hf
 from moectl.services.loaded_model import LoadedModel
 
-FORMATS = {"safetensors": "moectl-safetensors-bundle-1", "hf": "moectl-hf-export-1"}  # meta.json "format"
+FORMATS = checkpoint.BUNDLE_FORMATS  # meta.json "format", by --format
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

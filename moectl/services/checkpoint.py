@@ -37,6 +37,8 @@ from moectl.common.fileio import staged_directory
 from moectl.config import Config, RunConfig
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+# meta.json "format" of what `moectl export` writes (commands/export.py), by --format
+BUNDLE_FORMATS = {"safetensors": "moectl-safetensors-bundle-1", "hf": "moectl-hf-export-1"}
 BEST = "best"  # checkpoints/best -> step_NNNNNN with checkpoint.keep_best
 # A resumed run must keep what defines its model and data; length, LR, logging and checkpoint
 # settings may change, and so may where and how fast the data is tokenised.
@@ -77,6 +79,7 @@ def resolve(path: Path) -> tuple[Path, Path]:
         raise CheckpointError(f"{path} is a file; give a run directory (runs/NAME) or a checkpoint directory")
     if (path / "model.safetensors").is_file():
         if (path / "config.yaml").is_file():  # an exported bundle holds everything itself
+            _check_bundle_format(path)
             return path, path
         return path, path.parent.parent
     found = latest(path)
@@ -85,6 +88,19 @@ def resolve(path: Path) -> tuple[Path, Path]:
             raise CheckpointError(f"{path} holds a run that never saved a checkpoint; train it (moectl train {path} --resume)")
         raise CheckpointError(f"{path} is neither a run directory (config.yaml, checkpoints/) nor a checkpoint directory")
     return found, path
+
+
+def _check_bundle_format(path: Path) -> None:
+    """A bundle written by a moectl whose bundle format this one does not read is one clear line."""
+    try:
+        fmt = json.loads((path / "meta.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return  # read_meta reports a missing or damaged meta.json
+    if fmt is not None and fmt != BUNDLE_FORMATS["safetensors"]:
+        raise CheckpointError(
+            f"{path} is a bundle of format {fmt!r}, written by another moectl version; this one reads "
+            f"{BUNDLE_FORMATS['safetensors']!r}: export it again from its run with this moectl"
+        )
 
 
 # ------------------------------------------------------------------------------------- writing
