@@ -2,11 +2,11 @@
 
 Every MoE layer keeps the same number of experts (a config has one moe.num_experts, as the
 Mixtral and Qwen2-MoE configs of the transformers export do): their stacked expert tensors,
-router rows and balancing bias are sliced (MoELayer.prune_experts), moe.top_k is clamped to
-what is left, and the routed output keeps its trained scale (moe.routed_scaling `top_k` becomes
-the number it stood for). A mixture head's experts are not pruned. The criteria are in
-moe/prune.py; calibration routes the batches eval would score (the run's validation split, or
-other data through --set data.*).
+router rows and balancing bias are sliced (MoELayer.prune_experts), and the routed output keeps
+its trained scale (moe.routed_scaling `top_k` becomes the number it stood for). moe.top_k stays:
+keeping fewer experts than a token uses is refused (soft routing's K is every expert left). A
+mixture head's experts are not pruned. The criteria are in moe/prune.py; calibration routes the
+batches eval would score (the run's validation split, or other data through --set data.*).
 
 The result is a safetensors bundle (export.py) that eval, generate, route-stats and export read
 as they read a run; its meta.json (`derived`) and model card record the criterion, the ratio,
@@ -49,8 +49,8 @@ class Pruning:
 
     def card(self) -> dict:
         """What meta.json's `derived` and the model card say about it."""
-        return {"kind": "prune", "summary": f"pruned to {self.kept} of {self.of} experts per MoE layer by {self.criterion} (moectl prune)",
-                "criterion": self.criterion, "experts_kept": f"{self.kept} of {self.of} per MoE layer",
+        summary = f"pruned to {self.kept} of {self.of} experts per MoE layer by {self.criterion} (moectl prune)"
+        return {"kind": "prune", "summary": summary, "criterion": self.criterion, "experts_kept": f"{self.kept} of {self.of} per MoE layer",
                 "ratio_removed": round(1 - self.kept / self.of, 4), "calibration": self.calibration,
                 "kept_expert_ids": self.keep}
 
