@@ -34,6 +34,7 @@ BLOCK = re.compile(r"(<!-- results: (\S+)((?: \w+=\S+)*) -->\n)(.*?)(<!-- /resul
 FORMATS = {
     "eval_loss": ("eval loss", ".4f", "+.4f"),
     "eval_loss_dropless": ("eval loss dropless", ".4f", "+.4f"),
+    "eval_loss_gain": ("gain: step-0 loss - final", ".4f", "+.4f"),
     "bits_per_byte": ("bits/byte", ".4f", "+.4f"),
     "tokens_per_sec": ("tokens/s", ".0f", "+.0f"),
     "max_over_mean": ("max/mean (val)", ".2f", "+.2f"),
