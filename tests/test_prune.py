@@ -137,6 +137,20 @@ def test_naee_picks_the_subset_whose_real_pruned_layer_reconstructs_best(kind):
     assert search.loss.tolist() == pytest.approx([errors[tuple(c)] for c in search.candidates], rel=1e-4)
 
 
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_naee_batched_softmax_path_equals_each_pruned_router(renormalize):
+    m = layer("topk", e=6, k=2, renormalize=renormalize)
+    batched = criteria.SubsetSearch(m, 3)
+    assert batched.batched
+    generic = criteria.SubsetSearch(m, 3)
+    generic.batched, generic.routers = False, [m.router.pruned(c) for c in generic.candidates]
+    for x in (torch.randn(40, D), torch.randn(25, D)):
+        batched.observe(m, x)
+        generic.observe(m, x)
+    torch.testing.assert_close(batched.loss, generic.loss, rtol=1e-5, atol=1e-6)
+    assert batched.best()[0] == generic.best()[0]
+
+
 def test_naee_refuses_a_search_past_its_limit_and_says_the_limit():
     assert criteria.naee_subsets(16, 8) == 12_870 and criteria.naee_subsets(8, 4, groups=2) == 36
     with pytest.raises(ValueError, match=r"601,080,390 subsets .* limit of 20,000"):

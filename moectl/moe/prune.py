@@ -28,7 +28,7 @@ from torch import Tensor
 
 from moectl.moe.layer import MoELayer
 from moectl.moe.record import RoutingRecord
-from moectl.moe.router import check_keep
+from moectl.moe.router import TopKRouter, check_keep
 
 __all__ = ["CRITERIA", "LayerScores", "SubsetSearch", "best_per_group", "check_keep", "keep_count", "naee_subsets",
            "random_subset"]
@@ -101,7 +101,9 @@ class SubsetSearch:
         per_group = e // groups
         blocks = [itertools.combinations(range(g * per_group, (g + 1) * per_group), keep // groups) for g in range(groups)]
         self.candidates = [sorted(itertools.chain(*parts)) for parts in itertools.product(*blocks)]
-        self.routers = [layer.router.pruned(c) for c in self.candidates]
+        # Softmax top-k (Mixtral's router) has a batched path: all subsets' routing from one set of logits.
+        self.batched = type(layer.router) is TopKRouter
+        self.routers = [] if self.batched else [layer.router.pruned(c) for c in self.candidates]
         self.loss = torch.zeros(len(self.candidates), dtype=torch.float64)
 
     @staticmethod
@@ -115,9 +117,45 @@ class SubsetSearch:
         """`x` (N, D): the layer's input (real tokens only) in one calibration batch."""
         outputs = torch.stack([layer.experts.forward_expert(e, x).float() for e in range(layer.num_experts)], 1)  # (N, E, D)
         full = self._routed(layer.router(x), outputs, layer.routed_scale)
+        if self.batched:
+            self._observe_topk(layer, x, outputs, full)
+            return
         for i, (subset, router) in enumerate(zip(self.candidates, self.routers)):
             mine = self._routed(router(x), outputs[:, subset], layer.routed_scale)
             self.loss[i] += float(torch.linalg.norm(full - mine))  # Frobenius norm of the batch's error
+
+    def _observe_topk(self, layer: MoELayer, x: Tensor, outputs: Tensor, full: Tensor, chunk: int = 256) -> None:
+        """What Router.pruned's TopKRouter computes for each subset S (softmax over the logits of S,
+        its top K, renormalised or raw), for `chunk` subsets at a time from one (N, E) logit matrix.
+        The error is expanded so that no subset's (N, D) output is formed: with y_n = scale *
+        sum_k w_nk Y_n,e_k, ||f_n - y_n||^2 = ||f_n||^2 - 2 scale sum_k w_nk <f_n, Y_n,e_k>
+        + scale^2 sum_k,k' w_nk w_nk' <Y_n,e_k, Y_n,e_k'>, from per-token inner products (float64)."""
+        router, n, scale = layer.router, x.shape[0], layer.routed_scale
+        logits = router.logits(x)  # (N, E); a pruned router's logits are these columns
+        y, f = outputs.double(), full.double()
+        cross = torch.einsum("nd,ned->ne", f, y)  # (N, E) <f_n, Y_n,e>
+        gram = torch.einsum("ned,nfd->nef", y, y)  # (N, E, E) <Y_n,e, Y_n,f>
+        f_sq = f.square().sum()
+        gram_flat = gram.reshape(n, -1)  # (N, E * E)
+        e, k = layer.num_experts, router.top_k
+        index = torch.tensor(self.candidates)  # (C, S)
+        for start in range(0, len(self.candidates), chunk):
+            idx = index[start : start + chunk]  # (b, S)
+            b = idx.shape[0]
+            chosen = logits[:, idx]  # (N, b, S): each subset's logits
+            top, pos = chosen.topk(k, dim=-1)  # (N, b, K): the top probabilities are the top logits
+            if router.renormalize:  # softmax over S, renormalised over the K: a softmax over the K logits
+                w = top.softmax(dim=-1)
+            else:
+                w = (top - chosen.logsumexp(dim=-1, keepdim=True)).exp()
+            w = w.permute(1, 0, 2).double()  # (b, N, K)
+            experts = idx[:, None, :].expand(-1, n, -1).gather(2, pos.permute(1, 0, 2))  # (b, N, K) ids in the layer
+            linear = (w * cross[None].expand(b, -1, -1).gather(2, experts)).sum(dim=(1, 2))  # (b,)
+            pairs = (experts[..., :, None] * e + experts[..., None, :]).reshape(b, n, k * k)  # (b, N, K*K)
+            pair = gram_flat[None].expand(b, -1, -1).gather(2, pairs).reshape(b, n, k, k)  # (b, N, K, K)
+            quadratic = torch.einsum("bnk,bnkl,bnl->b", w, pair, w)
+            error_sq = f_sq - 2 * scale * linear + scale**2 * quadratic
+            self.loss[start : start + idx.shape[0]] += error_sq.clamp_min(0).sqrt()
 
     def best(self) -> tuple[list[int], float]:
         """The subset with the smallest summed error (the first such on a tie), and that error."""
