@@ -99,6 +99,17 @@ def test_offloaded_logits_are_bit_identical_under_every_policy(runs, arch, offlo
         assert counts.prefetched > 0 and counts.needed > 0
 
 
+def test_a_pass_uses_its_resident_experts_before_reading_others(runs):
+    offloaded = load(runs["transformer_moe"], offload=Offload(3, "lru"))
+    x = torch.randint(0, offloaded.tokenizer.get_vocab_size(), (4, 32))
+    with torch.no_grad():
+        offloaded.model(x)
+        offloaded.model(x)
+    counts = offloaded_layers(offloaded.model)[0].cache.finish()
+    assert counts.requests == 12  # 128 tokens, top-2 of 6: every expert in both passes
+    assert counts.hits == 3  # in id order LRU would evict each expert just before its turn: no hit at all
+
+
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 

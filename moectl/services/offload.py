@@ -18,6 +18,7 @@ random baseline K/E and the best fixed set of K in hindsight, plus the process's
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -121,14 +122,15 @@ class OffloadedExperts(nn.Module):
         self._sync()
 
     def forward(self, x: Tensor, tokens_per_expert: list[int]) -> Tensor:
-        """(M, D) assignments grouped by expert -> (M, D), each expert on its rows as GroupedExperts computes them."""
+        """(M, D) assignments grouped by expert -> (M, D), each expert on its rows as GroupedExperts
+        computes them. The resident experts go first: a pass that needs more than K experts would
+        otherwise evict, in id order, experts it has yet to use (LRU's cyclic thrash)."""
         self.cache.begin_pass()
         out = x.new_empty(x.shape[0], x.shape[1])
-        start = 0
-        for e, n in enumerate(tokens_per_expert):
-            if n:
-                out[start : start + n] = self._one(e, x[start : start + n])
-            start += n
+        starts = [0] + list(itertools.accumulate(tokens_per_expert))  # (E + 1,) row offsets
+        needed = [e for e, n in enumerate(tokens_per_expert) if n]
+        for e in sorted(needed, key=lambda e: e not in self.cache.resident):  # stable: resident ones, then the rest
+            out[starts[e] : starts[e + 1]] = self._one(e, x[starts[e] : starts[e + 1]])
         return out
 
     def _one(self, e: int, x: Tensor) -> Tensor:
