@@ -208,15 +208,17 @@ def figure(record: dict, path: Path) -> None:
 
     rows = summarise(record)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    families = [("prune", "frequency", "tab:blue", "o"), ("prune", "reap", "tab:orange", "o"), ("prune", "naee", "tab:green", "o"),
-                ("prune", "random", "tab:gray", "o"), ("int", "", "tab:purple", "s"), ("+ int4", "", "tab:red", "D"),
+    families = [("+ int4", "", "tab:red", "D"), ("prune", "frequency", "tab:blue", "o"), ("prune", "reap", "tab:orange", "o"),
+                ("prune", "naee", "tab:green", "o"), ("prune", "random", "tab:gray", "o"), ("int", "", "tab:purple", "s"),
                 ("offload", "", "tab:olive", "^"), ("scratch", "", "black", "*"), ("unmodified", "", "black", "x")]
     for r in rows:
         family = next(f for f in families if f[0] in r["setting"] and f[1] in r["setting"])
         mib = (r["experts_bytes"] + r["rest_bytes"]) / 2**20
         half = r["d_loss"][1] if r["d_loss"][1] == r["d_loss"][1] else 0.0
         ax.errorbar(mib, r["d_loss"][0], yerr=half, fmt=family[3], color=family[2], capsize=3, markersize=7)
-        ax.annotate(r["setting"], (mib, r["d_loss"][0]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        below = family[0] in ("scratch", "int")  # these sit on the zero line beside others: label them underneath
+        ax.annotate(r["setting"], (mib, r["d_loss"][0]), textcoords="offset points", xytext=(5, -11 if below else 4),
+                    fontsize=7)
     ax.axhline(0.0, color="gray", linewidth=0.8)
     ax.set_xlabel("model bytes as stored (MiB): experts + the rest")
     ax.set_ylabel("Δ eval loss against the unmodified model (nats/token)")
