@@ -11,6 +11,10 @@ batches eval would score (the run's validation split, or other data through --se
 The result is a safetensors bundle (export.py) that eval, generate, route-stats and export read
 as they read a run; its meta.json (`derived`) and model card record the criterion, the ratio,
 the calibration data and the experts kept in each layer, by their ids in the source model.
+
+`--json` keys: out, kind, summary, criterion, experts_kept, ratio_removed, calibration,
+kept_expert_ids (per MoE layer), eval_loss_before, eval_loss_after (the run's validation
+batches, before and after), seconds (choosing the experts).
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ The integers are symmetric absmax round-to-nearest in groups of --group-size alo
 generate, route-stats and export dequantise them on load. The card and meta.json say what was
 done, and the eval loss is measured on the dequantised weights, the numbers the bundle gives.
 
+`--json` keys: out, summary (the one line eval's header shows), eval_loss_before, eval_loss_after
+(the same validation batches), bytes_by_role ({role: {before, after}}), file_bytes.
+
 Why the few lines here rather than a library: torchao's and hqq's quantised tensors are tensor
 subclasses saved with pickle (a checkpoint moectl loads must never unpickle code), and
 optimum-quanto writes its own quantisation map; storing integers and scales as plain safetensors
