@@ -508,7 +508,8 @@ def prune(
         console.quiet_libraries()
         path, result, losses = pruning.prune(model, out, criterion, keep, ratio, calib_batches, seed, overwrite)
         if as_json:
-            typer.echo(json.dumps({"out": str(path), **result.card(), **losses, "seconds": result.seconds}, indent=2))
+            typer.echo(json.dumps({"out": str(path), **result.card(), **losses, "seconds": result.seconds,
+                                   "scores": result.scores, "naee_error": result.naee_error}, indent=2))
             return
         for slot, ids in zip(model.slots, result.keep):
             typer.echo(f"layer {slot:02d}: keeps experts {ids}")

@@ -204,6 +204,12 @@ def test_moectl_prune_writes_a_bundle_that_every_command_reads(run, tmp_path, cr
     report = json.loads(res.stdout)
     keep = report["kept_expert_ids"]
     assert len(keep) == 2 and all(len(ids) == 4 for ids in keep) and report["criterion"] == criterion
+    scored = criterion in ("frequency", "reap")
+    assert [len(s) for s in report["scores"]] == ([6, 6] if scored else [])
+    assert len(report["naee_error"]) == (2 if criterion == "naee" else 0)
+    if scored:  # the kept experts are the best scored ones
+        assert all(min(s[e] for e in ids) >= max(s[e] for e in range(6) if e not in ids)
+                   for s, ids in zip(report["scores"], keep))
     cfg = config.load(out / "config.yaml")
     assert cfg.moe.num_experts == 4 and cfg.moe.top_k == 2 and cfg.moe.routed_scaling == 2.0  # the trained scale
     full, small = weights(run.checkpoint), weights(out)

@@ -262,8 +262,7 @@ def run(
     layers = [] if stats.empty() else stats.summary()
     moe = moe_layers(loaded.model)
     beta = moe[0].skip_threshold if moe else None
-    saved = stats.calls_saved() if beta else None
-    chosen = float((stats.load.sum(1) + stats.dropped + stats.skipped).sum()) if beta else 0.0
+    saved, overall = stats.calls_saved() if beta else (None, None)
     return EvalResult(
         checkpoint=str(loaded.checkpoint),
         step=loaded.step,
@@ -281,7 +280,7 @@ def run(
         context="stateful" if stateful else "block" if stride is None else f"stride {stride}",
         derived=[step["summary"] for step in loaded.derived],
         skip_threshold=beta,
-        expert_calls_saved=float(stats.skipped.sum()) / max(chosen, 1.0) if beta else None,
+        expert_calls_saved=overall,
         layers=[{"slot": slot, **s.to_dict(), **({"calls_saved": saved[i]} if saved else {})}
                 for i, (slot, s) in enumerate(zip(loaded.slots, layers))],
     )

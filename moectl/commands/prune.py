@@ -14,7 +14,8 @@ the calibration data and the experts kept in each layer, by their ids in the sou
 
 `--json` keys: out, kind, summary, criterion, experts_kept, ratio_removed, calibration,
 kept_expert_ids (per MoE layer), eval_loss_before, eval_loss_after (the run's validation
-batches, before and after), seconds (choosing the experts).
+batches, before and after), seconds (choosing the experts), scores (frequency, reap: per MoE
+layer, per expert) and naee_error (naee: per MoE layer, the kept subset's summed error).
 """
 
 from __future__ import annotations

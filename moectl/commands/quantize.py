@@ -63,13 +63,12 @@ def plan(model: torch.nn.Module, experts: str, rest: str) -> dict[str, Optional[
     return {name: how[role] for name, role in roles(model).items()}
 
 
-def _bytes(state: dict[str, torch.Tensor], chosen: dict[str, Optional[str]], group: int) -> dict[str, int]:
+def _bytes(state: dict[str, torch.Tensor], chosen: dict[str, Optional[str]], group: int) -> dict[str, tuple[int, int]]:
     """Stored bytes per role, tied tensors once: before (as trained) and after."""
-    out, seen = {}, set()
+    out, tied = {}, quant.ties(state)
     for name, t in state.items():
-        if t.data_ptr() in seen and t.numel():
+        if name in tied:
             continue
-        seen.add(t.data_ptr())
         how = chosen[name]
         after = (quant.stored_bytes(t.numel(), quant.BITS[how], group, t.shape[-1]) if how in quant.BITS
                  else t.numel() * (2 if how == "bf16" else t.element_size()))

@@ -124,15 +124,10 @@ def report(loaded: LoadedModel, split: str = "validation", max_batches: Optional
     to replay the routing through an expert cache of K per layer."""
     if other is not None:
         _check_compatible(loaded, other)
-    layers_moe = moe_layers(loaded.model)
     if cache_sim is not None:
-        k, policy = cache_sim
-        if policy not in POLICIES:
-            raise ConfigError(f"--policy {policy!r}: choose {', '.join(POLICIES)}")
-        if not 1 <= k <= min(layer.num_experts for layer in layers_moe or [None]):
-            raise ConfigError(f"--cache-sim {k}: choose 1 to the {layers_moe[0].num_experts} experts of a layer")
+        _check_cache_sim(loaded, *cache_sim)
     loaded.warn_about_lookahead()
-    trace = [[] for _ in layers_moe] if cache_sim is not None else None
+    trace = [[] for _ in moe_layers(loaded.model)] if cache_sim is not None else None
     prof, batches, drift = profile(loaded, split, max_batches, other, trace)
     threshold = loaded.cfg.log.collapse_threshold
     layers = []
@@ -187,6 +182,15 @@ def report(loaded: LoadedModel, split: str = "validation", max_batches: Optional
             ],
         }
     return out
+
+
+def _check_cache_sim(loaded: LoadedModel, capacity: int, policy: str) -> None:
+    _check_moe(loaded)
+    if policy not in POLICIES:
+        raise ConfigError(f"--policy {policy!r}: choose {', '.join(POLICIES)}")
+    fewest = min(layer.num_experts for layer in moe_layers(loaded.model))
+    if not 1 <= capacity <= fewest:
+        raise ConfigError(f"--cache-sim {capacity}: choose 1 to the {fewest} experts of a layer")
 
 
 def simulate_caches(loaded: LoadedModel, trace: list[list], capacity: int, policy: str) -> dict:

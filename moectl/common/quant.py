@@ -75,18 +75,26 @@ def stored_bytes(numel: int, bits: int, group: int, last: int) -> int:
     return padded * bits // 8 + padded // group * 2
 
 
+def ties(state: dict[str, Tensor]) -> dict[str, str]:
+    """Names whose tensor is an earlier name's (tied weights), mapped to that first name."""
+    first, found = {}, {}
+    for name, t in state.items():
+        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
+        if key in first:
+            found[name] = first[key]
+        elif key is not None:
+            first[key] = name
+    return found
+
+
 def pack(state: dict[str, Tensor], plan: dict[str, Optional[str]], group: int) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Safetensors tensors and metadata for `state`, each name stored as `plan` says: `int8` or
     `int4` (quantised), `bf16`, or None (as it is). Tensors shared by several names (tied
     weights) are stored under the first and listed as aliases."""
-    tensors, entries, aliases, seen = {}, {}, {}, {}
+    tensors, entries, aliases = {}, {}, ties(state)
     for name, t in state.items():
-        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
-        if key in seen:
-            aliases[name] = seen[key]
+        if name in aliases:
             continue
-        if key is not None:
-            seen[key] = name
         how = plan.get(name)
         if how in BITS:
             stored, scales = quantize(t, BITS[how], group)

@@ -218,11 +218,12 @@ class RoutingStats(Sums):
     def empty(self) -> bool:
         return self.num_layers == 0 or float(self.tokens.sum()) == 0
 
-    def calls_saved(self) -> list[float]:
-        """Per layer, the fraction of the router's choices that dynamic skipping left out: skipped /
-        (computed + dropped + skipped). Host sync."""
+    def calls_saved(self) -> tuple[list[float], float]:
+        """The fraction of the router's choices that dynamic skipping left out, skipped / (computed
+        + dropped + skipped): per layer, and over all layers. Host sync."""
         before = self.load.sum(1) + self.dropped + self.skipped
-        return (self.skipped / before.clamp_min(1)).tolist()
+        overall = float(self.skipped.sum() / before.sum().clamp_min(1))
+        return (self.skipped / before.clamp_min(1)).tolist(), overall
 
     def summary(self) -> list[LayerStats]:
         """Host sync: called once per logging window, not per step."""

@@ -164,6 +164,8 @@ def attach(model: nn.Module, weights_file: Path, offload: Offload, device: torch
 
 
 def _count_tokens(layer: MoELayer, args) -> None:
+    """Real tokens routed, for bytes per token. Host sync with padding: the offloaded layer syncs
+    on every expert it reads anyway."""
     valid = args[2] if len(args) > 2 else None  # args: (x (N, D), positions, valid (N,) or None)
     layer.experts.tokens += args[0].shape[0] if valid is None else int(valid.sum())
 
