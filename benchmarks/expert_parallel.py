@@ -147,6 +147,7 @@ def worker(rank: int, world: int, ep_size: int, variant: str, args: argparse.Nam
         "hot_share": sum(shares) / len(shares),
     }
     Path(out, f"{rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # leave together: gloo aborts a rank whose peer tears the group down first
     dist.destroy_process_group()
 
 
@@ -200,6 +201,7 @@ def _calibrate_worker(rank: int, store: str, out: str) -> None:
         rows.append((time.perf_counter() - started) / repeats)
     if rank == 0:
         Path(out).write_text(json.dumps({"latency": rows[0], "bandwidth": 4 * 4 * 2**20 / (rows[1] - rows[0])}))
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -60,6 +60,7 @@ def _sharded_layer_worker(rank: int, world: int, store: str) -> None:
         for shadow, overlap in (("off", False), (1, False), (E, False), ("off", True), (1, True)):
             for name, full in _layers().items():
                 _check_sharded_layer(name, full, rank, world, shadow, overlap)
+        dist.barrier()  # leave together (gloo aborts a rank whose peer left first)
     finally:
         dist.destroy_process_group()
 
