@@ -12,6 +12,14 @@ smaller MoEs from scratch on the same tokens (E12, E8: the experts' bytes after 
   prune+4  prune 50% by REAP, then the experts to int4
   offload  the experts left in the file, K = 4 or 8 of 16 resident per layer (LRU)
 
+Offloading with K = 1 or 2 needs a model that routes each token to at most K experts, so the sweep
+also trains the quickstart with 8 experts at top-1 and at top-2 (seeds 21-23). On each, for every
+K of 1, 2, 4 that its top_k allows: `moectl eval --offload-experts --expert-cache K --prefetch`
+(the loss must equal the resident model's; hit rate, prefetch recall and bytes read per token of
+a 2,048-token pass), and the same routing replayed one token at a time, as decoding asks for
+experts, through an LRU, LFU and LFRU cache of K (route-stats' --cache-sim), against K/E and the
+best fixed set of K.
+
 and evaluates each on the same validation batches, dropless, against the unmodified run: the
 difference in eval loss and in bits per byte, paired by seed, with its 95% t-interval. Bytes are
 the experts' and the rest's as stored (a quantised model's integers and scales; offloading: the
@@ -44,6 +52,8 @@ MARKERS = ("<!-- frontier: experiments/frontier/frontier.json -->", "<!-- /front
 CRITERIA = ("frequency", "reap", "naee", "random")
 RATIOS = (0.25, 0.5)
 CACHES = (4, 8)
+SMALL_CACHES = {"E8_top1": (1, 2, 4), "E8_top2": (2, 4)}  # the 8-expert cells offloaded, and their K
+OFFLOAD_MARKERS = ("<!-- offload: experiments/frontier/frontier.json -->", "<!-- /offload -->")
 NAEE_CALIB_BATCHES = 2  # NAEE tries C(16, 8) = 12,870 subsets per layer at 50%: two batches keep it to minutes
 GENERATE_TOKENS = 48
 
@@ -152,6 +162,39 @@ def measure_seed(seed: int, runs: Path, work: Path) -> dict:
     return found
 
 
+def measure_small_caches(seed: int, runs: Path) -> dict:
+    """Offloading the 8-expert cells at K = 1, 2, 4: a real offloaded eval with prefetch, and the
+    token-by-token replay of the same routing through each cache policy."""
+    from moectl.commands import route_stats
+    from moectl.moe.cache import POLICIES
+    from moectl.services import loaded_model
+
+    found = {}
+    for cell, capacities in SMALL_CACHES.items():
+        path = runs / f"{cell}_seed={seed}"
+        resident = evaluate(path)
+        loaded = loaded_model.load(path)
+        trace = [[] for _ in loaded.slots]
+        route_stats.profile(loaded, "validation", None, None, trace)
+        rows = {}
+        for k in capacities:
+            ev = evaluate(path, "--offload-experts", "--expert-cache", k, "--prefetch")
+            layers = ev["offload"]["layers"]
+            rows[k] = {"loss": ev["loss"], "resident_loss": resident["loss"],
+                       **{key: sum(x[key] for x in layers) / len(layers)
+                          for key in ("hit_rate", "prefetch_recall", "bytes_per_token", "random_hit_rate",
+                                      "static_hit_rate")},
+                       "decode": {}}
+            for policy in POLICIES:
+                sim = route_stats.simulate_caches(loaded, trace, k, policy)["layers"]
+                rows[k]["decode"][policy] = {key: sum(x[key] for x in sim) / len(sim)
+                                             for key in ("hit_rate", "static_hit_rate", "loads_per_token")}
+            print(f"seed {seed}: {cell} K={k}: eval hit {rows[k]['hit_rate']:.3f}, decode LRU hit "
+                  f"{rows[k]['decode']['lru']['hit_rate']:.3f}", flush=True)
+        found[cell] = rows
+    return found
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -200,6 +243,37 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def cache_table(record: dict) -> str:
+    """The 8-expert cells offloaded at small K: means over seeds (± the 95% t-interval)."""
+    from moectl.common.paired import mean_ci
+
+    cache = {int(s): v for s, v in record["cache"].items()}
+    seeds = sorted(cache)
+    lines = [f"Seeds {', '.join(map(str, seeds))}; {record['machine']}; moectl {record['cache_source']}. Hit rates are "
+             "means over the MoE layers, then over seeds (± the 95% t-interval). *Eval pass*: "
+             "`moectl eval --offload-experts --expert-cache K --prefetch`, 2,048 tokens a pass; *decode*: the same "
+             "routing replayed one token at a time (`route-stats --cache-sim K`).", "",
+             "| model | K of 8 | Δ loss offloaded | eval pass hit | prefetch recall | KiB read/token | decode hit LRU "
+             "| LFU | LFRU | random K/E | best fixed K | decode loads/token (LRU) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for cell, capacities in SMALL_CACHES.items():
+        for k in capacities:
+            per = [cache[s][cell][str(k)] for s in seeds]
+
+            def pct(values: list[float]) -> str:
+                return _pm(tuple(100 * x for x in mean_ci(values)), ".1f") + "%"
+
+            d_loss = max(abs(p["loss"] - p["resident_loss"]) for p in per)
+            lines.append(" | ".join([
+                f"| {cell.replace('_', ' ')}", str(k), f"{d_loss:.1g}" if d_loss else "0 (every seed)",
+                pct([p["hit_rate"] for p in per]), pct([p["prefetch_recall"] for p in per]),
+                f"{mean_ci([p['bytes_per_token'] for p in per])[0] / 2**10:.1f}",
+                *(pct([p["decode"][policy]["hit_rate"] for p in per]) for policy in ("lru", "lfu", "lfru")),
+                f"{100 * per[0]['random_hit_rate']:.1f}%", pct([p["decode"]["lru"]["static_hit_rate"] for p in per]),
+                _pm(mean_ci([p["decode"]["lru"]["loads_per_token"] for p in per]), ".2f")]) + " |")
+    return "\n".join(lines)
+
+
 def figure(record: dict, path: Path) -> None:
     import matplotlib
 
@@ -232,12 +306,13 @@ def figure(record: dict, path: Path) -> None:
 
 def write_doc(record: dict) -> None:
     text = DOC.read_text()
-    start, end = MARKERS
-    block = f"{start}\n{table(record)}\n{end}"
-    new, n = re.subn(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    if n != 1:
-        raise SystemExit(f"{DOC}: no {start} ... {end} block to fill")
-    DOC.write_text(new)
+    blocks = [(MARKERS, table(record))] + ([(OFFLOAD_MARKERS, cache_table(record))] if "cache" in record else [])
+    for (start, end), body in blocks:
+        block = f"{start}\n{body}\n{end}"
+        text, n = re.subn(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+        if n != 1:
+            raise SystemExit(f"{DOC}: no {start} ... {end} block to fill")
+    DOC.write_text(text)
 
 
 def main() -> None:
@@ -258,10 +333,17 @@ def main() -> None:
         from moectl.common import runtime
 
         loaded = sweep.load(SWEEP)
-        record = {"machine": f"{runtime.machine()['cpu']} ({runtime.machine()['cores']} cores)",
-                  "source": (runtime.source_version()["commit"] or "?")[:7], "seeds": {}}
+        source = (runtime.source_version()["commit"] or "?")[:7]
+        # A rerun keeps what the record already has (delete it to measure everything again).
+        record = json.loads(OUT.read_text()) if OUT.is_file() else {
+            "machine": f"{runtime.machine()['cpu']} ({runtime.machine()['cores']} cores)", "source": source, "seeds": {}}
         for seed in sorted({c.values["train.seed"] for c in loaded.cells}):
-            record["seeds"][seed] = measure_seed(seed, ROOT / loaded.root, ROOT / "runs" / "frontier_work" / f"seed={seed}")
+            if str(seed) not in record["seeds"]:
+                record["seeds"][str(seed)] = measure_seed(seed, ROOT / loaded.root,
+                                                          ROOT / "runs" / "frontier_work" / f"seed={seed}")
+            if str(seed) not in record.setdefault("cache", {}):
+                record["cache"][str(seed)] = measure_small_caches(seed, ROOT / loaded.root)
+                record["cache_source"] = source
             OUT.parent.mkdir(parents=True, exist_ok=True)
             OUT.write_text(json.dumps(record, indent=1) + "\n")
     record = json.loads(OUT.read_text())
