@@ -180,11 +180,11 @@ def measure_small_caches(seed: int, runs: Path) -> dict:
         for k in capacities:
             ev = evaluate(path, "--offload-experts", "--expert-cache", k, "--prefetch")
             layers = ev["offload"]["layers"]
+            predicted = [x["prefetch_recall"] for x in layers if x["prefetch_recall"] is not None]  # not layer 0
             rows[k] = {"loss": ev["loss"], "resident_loss": resident["loss"],
                        **{key: sum(x[key] for x in layers) / len(layers)
-                          for key in ("hit_rate", "prefetch_recall", "bytes_per_token", "random_hit_rate",
-                                      "static_hit_rate")},
-                       "decode": {}}
+                          for key in ("hit_rate", "bytes_per_token", "random_hit_rate", "static_hit_rate")},
+                       "prefetch_recall": sum(predicted) / len(predicted), "decode": {}}
             for policy in POLICIES:
                 sim = route_stats.simulate_caches(loaded, trace, k, policy)["layers"]
                 rows[k]["decode"][policy] = {key: sum(x[key] for x in sim) / len(sim)
