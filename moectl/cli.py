@@ -27,9 +27,22 @@ app = typer.Typer(
 )
 
 # Options shared by commands.
+def _check_overrides(values: Optional[list[str]]) -> Optional[list[str]]:
+    """`--set KEY VALUE`, a space for the `=`, leaves VALUE an extra argument, which click refuses
+    with its usage box before the command runs: say first, in one line, what --set takes."""
+    with user_errors(debug=False):
+        for item in values or []:
+            if "=" not in item:
+                from moectl import config
+
+                config.parse_override(item)  # the one message for an override without `=`
+    return values
+
+
 SetOption = Annotated[
     Optional[list[str]],
-    typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set moe.top_k=1 (repeatable)."),
+    typer.Option("--set", metavar="KEY=VALUE", callback=_check_overrides,
+                 help="Override a config key, e.g. --set moe.top_k=1 (repeatable)."),
 ]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback of any error.")]
 
@@ -190,7 +203,7 @@ def train(
         from moectl.commands.train import fit
 
         result = fit(cfg, resume=resume, overwrite=overwrite)
-        console.train_summary(result)
+        console.train_summary(result, instruction_tuned=cfg.data.task == "sft")
         if result.interrupted:
             raise typer.Exit(130)
 
@@ -464,7 +477,7 @@ def export(
         console.quiet_libraries()
         if fmt == "hf":
             path = exporting.export_hf(model, out, dtype, overwrite)
-            arch = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}[hf.architecture(model.cfg.moe)]
+            arch = hf.NAMES[hf.architecture(model.cfg.moe)]
             console.status(f"wrote {path}: a {arch} model ({dtype}) whose logits were checked against moectl's")
             typer.echo(f'AutoModelForCausalLM.from_pretrained("{path}"); AutoTokenizer.from_pretrained("{path}")')
             return
@@ -561,6 +574,8 @@ def sweep(
     overrides: SetOption = None,
     jobs: Annotated[int, typer.Option("--jobs", min=1, help="Cells trained at a time, each with its share of the cores.")] = 1,
     report: Annotated[bool, typer.Option("--report", help="Only report the cells finished so far; train nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the sweep and list each cell and the keys it "
+                                          "sets; train and write nothing.")] = False,
     debug: DebugOption = False,
 ) -> None:
     """Train a grid of configurations over seeds and compare them: mean and 95% CI per group."""
@@ -568,7 +583,7 @@ def sweep(
         from moectl.commands import sweep as sweeping
 
         console.quiet_libraries()
-        code = sweeping.sweep_command(sweep_path, overrides, jobs, report)
+        code = sweeping.sweep_command(sweep_path, overrides, jobs, report, dry_run)
         if code:
             raise typer.Exit(code)
 

@@ -83,11 +83,35 @@ def test_missing_config_file(tmp_path):
         ("moe.topk=1", ["--set moe.topk", "did you mean 'top_k'"]),
         ("moe.top_k=99", ["--set moe.top_k", "must be <= moe.num_experts"]),
         ("train.max_steps=many", ["--set train.max_steps", "'many'"]),
-        ("train.max_steps", ["expected KEY=VALUE"]),
+        ("train.max_steps", ["--set takes KEY=VALUE"]),
+        ("train.lr=1e-3", ["--set train.lr", "did you mean 'optim.lr'"]),
     ],
 )
 def test_bad_override(tiny_config_file, override, needles):
     assert_clean_failure(runner.invoke(app, ["train", str(tiny_config_file), "--set", override]), *needles)
+
+
+@pytest.mark.parametrize("command", [["train", "CONFIG"], ["config", "CONFIG"], ["config"]])
+def test_set_with_a_space_for_the_equals_sign_says_what_set_takes(tiny_config_file, command):
+    # Click would take the value as an extra argument (or as CONFIG) and answer with its usage box.
+    args = [str(tiny_config_file) if a == "CONFIG" else a for a in command]
+    line = assert_clean_failure(runner.invoke(app, [*args, "--set", "train.max_steps", "10"]), "--set takes KEY=VALUE")
+    assert "--set train.max_steps=VALUE" in line
+
+
+def test_moectl_commands_refuse_a_transformers_export_in_one_line(tmp_path):
+    # What `moectl export --format hf` writes: transformers' config.json and weights, moectl's meta.json.
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model_type": "qwen2_moe"}))
+    (out / "model.safetensors").write_bytes(b"")
+    source = str(tmp_path / "runs" / "tiny" / "checkpoints" / "step_000006")
+    (out / "meta.json").write_text(json.dumps({"format": "moectl-hf-export-1", "step": 6, "source_checkpoint": source}))
+    for command in (["generate"], ["eval"], ["route-stats"]):
+        line = assert_clean_failure(runner.invoke(app, [*command, str(out)]), "is a transformers export")
+        assert source in line and "safetensors bundle" in line and "AutoModelForCausalLM" in line
+    (out / "meta.json").unlink()  # a transformers model from elsewhere
+    assert_clean_failure(runner.invoke(app, ["generate", str(out)]), "is a transformers model directory")
 
 
 def test_unknown_flag_is_a_usage_error(tiny_config_file):

@@ -171,6 +171,21 @@ def test_unknown_section_did_you_mean(tmp_path):
     assert msg == f"{path}: unknown key 'modle' in the top level (did you mean 'model'?)"
 
 
+def test_a_key_of_another_section_is_suggested(tmp_path):
+    # The same name in another section comes first, then a close name in the key's own section, then elsewhere.
+    path, msg = yaml_error(tmp_path, {"train": {"lr": 1e-3}})
+    assert msg == f"{path}: unknown key 'train.lr' in section 'train' (did you mean 'optim.lr'?)"
+    assert load_error(None, ["train.lr=1e-3"]) == "--set train.lr: unknown key 'train.lr' (did you mean 'optim.lr'?)"
+    assert load_error(None, ["train.name=x"]) == (
+        "--set train.name: unknown key 'train.name' (did you mean 'run.name', 'data.name' or 'tokenizer.name'?)")
+    assert load_error(None, ["train.max_step=1"]).endswith("(did you mean 'max_steps'?)")
+    assert load_error(None, ["train.warmup_step=1"]).endswith("(did you mean 'optim.warmup_steps'?)")
+    # A section's key given at the top level.
+    path, msg = yaml_error(tmp_path, {"lr": 1e-3})
+    assert msg == f"{path}: unknown key 'lr' in the top level (did you mean 'optim.lr'?)"
+    assert load_error(None, ["lr=1e-3"]) == "--set lr: unknown section 'lr' (did you mean 'optim.lr'?)"
+
+
 def test_unknown_key_without_close_match_has_no_hint(tmp_path):
     path, msg = yaml_error(tmp_path, {"train": {"zzzzqqq": 1}})
     assert msg == f"{path}: unknown key 'train.zzzzqqq' in section 'train'"
@@ -300,7 +315,8 @@ def test_missing_and_unreadable_file(tmp_path):
 
 
 def test_set_without_equals():
-    assert load_error(None, ["moe.top_k"]) == "--set 'moe.top_k': expected KEY=VALUE, e.g. --set moe.top_k=1"
+    assert load_error(None, ["moe.top_k"]) == "--set 'moe.top_k': --set takes KEY=VALUE as one argument, e.g. --set moe.top_k=VALUE"
+    assert load_error(None, ["moe.top_k 1"]) == "--set 'moe.top_k 1': --set takes KEY=VALUE as one argument, e.g. --set moe.top_k=1"
 
 
 def test_set_unknown_key_or_section():

@@ -162,10 +162,10 @@ def test_stateful_evaluation_carries_state_and_is_the_default_for_a_stateful_run
     run_dir = stateful_runs["single"].run_dir
     res = runner.invoke(app, ["eval", str(run_dir), "--json"])
     assert res.exit_code == 0, res.output
-    carried = json.loads(res.output)
+    carried = json.loads(res.stdout)
     assert carried["context"] == "stateful"
     res = runner.invoke(app, ["eval", str(run_dir), "--json", "--stateless"])
-    fresh = json.loads(res.output)
+    fresh = json.loads(res.stdout)
     assert fresh["context"] == "block" and fresh["loss"] != carried["loss"]
     # The training run's last evaluation is the stateful one.
     assert carried["loss"] == pytest.approx(stateful_runs["single"].eval_loss, rel=1e-5)
@@ -221,8 +221,8 @@ def test_eval_stride_reports_the_protocol_and_refuses_bad_values(transformer_run
     run_dir = str(transformer_run.run_dir)
     res = runner.invoke(app, ["eval", run_dir, "--stride", "16", "--json"])
     assert res.exit_code == 0, res.output
-    slid = json.loads(res.output)
-    plain = json.loads(runner.invoke(app, ["eval", run_dir, "--json"]).output)
+    slid = json.loads(res.stdout)
+    plain = json.loads(runner.invoke(app, ["eval", run_dir, "--json"]).stdout)
     assert slid["context"] == "stride 16" and plain["context"] == "block"
     assert slid["tokens"] == plain["tokens"] and slid["bytes"] == plain["bytes"]  # the same tokens scored
     assert slid["loss"] != plain["loss"]

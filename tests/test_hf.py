@@ -84,6 +84,18 @@ def test_transformers_loads_the_export_and_computes_the_same_logits(corpus_confi
     assert g.token_ids == hf_ids[0, len(p_ids) :].tolist()[: len(g.token_ids)] and len(g.token_ids) > 0
     assert json.loads((out / "meta.json").read_text())["format"] == "moectl-hf-export-1"
 
+    # A model card for the Hub: what the model is, where it came from, how to load it.
+    card = (out / "README.md").read_text()
+    moe = model.cfg.moe
+    assert card.startswith("---\nlibrary_name: transformers\n") and f"(`{expected}`)" in card
+    assert f"{moe.num_experts} experts" in card and f"router `{moe.router}`, top-{moe.top_k}" in card
+    assert f"exported from `{run.checkpoint}` (step 3)" in card and "3 steps of 4 sequences" in card
+    assert 'AutoModelForCausalLM.from_pretrained("THIS_DIRECTORY")' in card and "apply_chat_template" not in card
+    # moectl's own commands say what they read instead.
+    res = invoke("generate", out, "--prompt", prompt)
+    assert res.exit_code == 2 and res.output.count("error:") == 1 and "Traceback" not in res.output
+    assert "is a transformers export" in res.output and str(run.checkpoint) in res.output
+
 
 def test_bf16_export_is_checked_against_bf16_rounded_weights(corpus_config, tmp_path):
     run = trained_run(corpus_config, "bf16")

@@ -188,12 +188,17 @@ def test_route_stats_report_and_files(runs, arch, tmp_path):
         rows = (out / f"layer{layer['slot']:02d}.csv").read_text().splitlines()
         assert rows[0].startswith("expert,load,share") and len(rows) == e + 1
 
-    cell = plots.cell_size(e)
+    # The PNGs and the TensorBoard images are the plots module's figures of what stats.json holds.
+    slots = [layer["slot"] for layer in rep["layers"]]
+    heatmap = plots.rgb_array(plots.load_heatmap([layer["stats"]["share"] for layer in rep["layers"]], slots, rep["step"]))
     with Image.open(out / "load_heatmap.png") as img:
-        assert img.format == "PNG" and img.size == (e * cell, len(rep["layers"]) * cell)
-    with Image.open(out / "coselection_layer00.png") as img:
-        assert img.size == (e * cell, e * cell)
+        assert img.format == "PNG" and np.array_equal(np.asarray(img.convert("RGB")), heatmap)
+    for layer in rep["layers"]:
+        with Image.open(out / f"coselection_layer{layer['slot']:02d}.png") as img:
+            figure = plots.rgb_array(plots.coselection(np.array(layer["coselection"]), layer["slot"]))
+            assert img.format == "PNG" and np.array_equal(np.asarray(img.convert("RGB")), figure)
     acc = events(out / "tensorboard")
+    assert (acc.Images("routing/load_heatmap")[-1].height, acc.Images("routing/load_heatmap")[-1].width) == heatmap.shape[:2]
     tags = acc.Tags()
     assert "routing/layer00/experts" in tags["histograms"] and "routing/load_heatmap" in tags["images"]
     assert "routing/layer00/coselection" in tags["images"] and "routing/layer00/cv" in tags["scalars"]
@@ -226,19 +231,33 @@ def test_generate_is_reproducible_and_shows_routing(runs, arch):
     first, second = invoke(*args), invoke(*args)
     assert first.exit_code == 0, first.output
     assert first.stdout == second.stdout and first.stdout.startswith("def f(x):")
+    assert first.stdout.endswith("\n")  # the shell's prompt starts on a line of its own
     other = invoke(*args[:-4], "--seed", "8", "--temperature", "1.5")
     assert other.stdout != first.stdout
     model = loaded_model.load(run.run_dir)
     layer = model.slots[-1]  # transformer: layers 0 and 1; LSTM: the one gap, 0
     shown = invoke(*args, "--show-routing", layer)
     assert shown.exit_code == 0, shown.output
-    assert f"layer {layer:02d}, top-1 expert of each new token" in shown.stdout
+    assert f"layer {layer:02d}, top-1 expert of each new token" in shown.stdout and shown.stdout.endswith("\n")
     from moectl.commands.generate import generate
 
     g = generate(model, "def f(x):", 20, 0.8, 50, None, 7, show_layer=layer)
     assert len(g.experts) == len(g.token_ids) == len(g.pieces)
     assert all(0 <= e < 4 for e in g.experts)
     assert first.stdout.rstrip("\n").endswith(g.text.rstrip("\n")[-10:])
+
+
+def test_generate_prints_the_text_as_it_is_with_a_final_newline(runs):
+    # Piped or not, the prompt and the new text are printed whole: not wrapped at the console's
+    # width, and followed by one newline.
+    prompt = "x = [" + ", ".join(str(i) for i in range(60)) + "]"  # one line of 200 characters
+    res = invoke("generate", runs["transformer_moe"].run_dir, "--prompt", prompt, "--max-new-tokens", "8",
+                 "--temperature", "0")
+    assert res.exit_code == 0, res.output
+    from moectl.commands.generate import generate
+
+    text = generate(loaded_model.load(runs["transformer_moe"].run_dir), prompt, 8, 0.0).text
+    assert res.stdout == prompt + text + "\n"
 
 
 # ------------------------------------------------------------------------------------- bad input

@@ -153,9 +153,13 @@ def test_a_mixture_head_trains_reports_and_ships(tmp_path, arch, objective):
     assert again["loss"] == pytest.approx(ev["loss"], abs=1e-6)
 
 
-def test_expert_choice_routing_warns_in_eval_and_route_stats_and_generate_refuses(tmp_path):
+def test_expert_choice_routing_warns_in_eval_and_route_stats_and_generate_refuses(tmp_path, capsys):
     raw = tiny_config(tmp_path, moe={"router": "expert_choice"}, train={"max_steps": 2, "eval_every": 2})
     run = fit(config.from_dict(raw))
+    # Training says first what will refuse the model, before the why.
+    warned = " ".join(capsys.readouterr().err.split())
+    assert ("warning: moe.router=expert_choice: moectl generate and moectl export --format hf will refuse this model"
+            in warned), warned
     for command in (["eval"], ["route-stats"]):
         res = runner.invoke(app, [*command, str(run.run_dir)])
         assert res.exit_code == 0 and "moe.router=expert_choice" in " ".join(res.output.split()), res.output

@@ -302,6 +302,24 @@ def test_generate_answers_a_prompt_as_a_user_turn(tuned):
     assert raw.exit_code != 0 and "was not instruction-tuned" in raw.output
 
 
+def test_the_transformers_model_card_uses_the_chat_template(tuned):
+    from moectl.commands.export import model_card
+    from moectl.services.loaded_model import load
+
+    loaded = load(tuned["result"].run_dir)
+    card = model_card(loaded, checkpoint.read_meta(loaded.checkpoint), None, None, fmt="hf")
+    assert "instruction-tuned (data.task=sft)" in card and "tokenizer.apply_chat_template(messages" in card
+    assert f"Training started from the weights of `{tuned['pre'].run_dir}`" in card
+
+
+def test_the_end_of_run_panel_names_generate_and_eval_for_an_instruction_tuned_run(tmp_path):
+    _sft_config(tmp_path, _jsonl(tmp_path / "d.jsonl", _pairs(60)), train={"max_steps": 2, "eval_every": 2})
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "sft.yaml")], env={"COLUMNS": "400"})  # no wrapping
+    assert res.exit_code == 0, res.output
+    run_dir = tmp_path / "runs" / "tiny"
+    assert f'moectl generate {run_dir} --prompt "..."' in res.stdout and f"moectl eval {run_dir}" in res.stdout
+
+
 def test_nothing_trained_means_no_drift_and_an_early_stop(tuned):
     """Experts frozen by an LR multiplier of 0 and everything else by train.freeze: the eval loss
     never improves, so train.early_stopping=2 stops at the second evaluation after the start."""

@@ -156,7 +156,35 @@ def test_a_router_set_for_the_whole_sweep_gets_what_it_needs(tmp_path):
     path = sweep_file(tmp_path, tiny_config(tmp_path), set={"moe.router": "switch"}, grid={"train.seed": [1, 2]})
     res = runner.invoke(app, ["sweep", str(path), "--report"])  # nothing trains: the report of no cells
     assert res.exit_code == 0, res.output
-    assert "cell seed=1: set moe.top_k=1" in res.output and "for moe.router=switch" in " ".join(res.output.split())
+    said = " ".join(res.output.split())
+    assert said.count("moe.router=switch brings moe.top_k=1") == 1 and "(2 cells;" in said  # once, not per cell
+
+
+def test_what_a_router_brings_is_said_once_per_router_where_it_changes_something(tmp_path):
+    grid = {"moe.router": ["topk", "switch", "gshard_top2"], "train.seed": [1, 2]}
+    sweep = sweeping.load(sweep_file(tmp_path, tiny_config(tmp_path), grid=grid))  # tiny_config: topk, top_k 2
+    lines = sweeping.router_fills(sweep)
+    assert len(lines) == 2 and lines[0].startswith("moe.router=switch brings moe.top_k=1")
+    assert lines[1].startswith("moe.router=gshard_top2 brings") and "moe.top_k=" not in lines[1]  # already 2
+    assert not any("None" in line or "null" in line for line in lines)  # resolved values
+
+
+def test_a_dry_run_lists_the_cells_and_writes_nothing(tmp_path):
+    path = sweep_file(tmp_path, tiny_config(tmp_path), name="dry", set={"train.max_steps": 2},
+                      grid={"moe.router": ["topk", "switch"], "train.seed": [1, 2]})
+    before = sorted(tmp_path.rglob("*"))
+    res = runner.invoke(app, ["sweep", str(path), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    cells = res.stdout.splitlines()
+    assert [line.split()[0] for line in cells] == ["router=topk_seed=1", "router=switch_seed=1",
+                                                    "router=topk_seed=2", "router=switch_seed=2"]
+    assert cells[0].endswith("moe.router=topk, train.seed=1")
+    assert "moe.router=switch, train.seed=1; for its router: moe.top_k=1" in cells[1]
+    said = " ".join(res.stderr.split())
+    assert "4 cells" in said and "with train.max_steps=2" in said and "nothing trained or written" in said
+    assert sorted(tmp_path.rglob("*")) == before  # no run directory, no log, no report
+    refused = runner.invoke(app, ["sweep", str(path), "--dry-run", "--report"])
+    assert refused.exit_code == 2 and "choose one" in refused.output
 
 
 def test_a_value_may_name_the_cells_other_keys(tmp_path):
@@ -188,5 +216,15 @@ def test_the_error_bar_chart_draws_groups_without_a_value():
     # A dense model has no MoE layer, so no max/mean load: its group is drawn without a point.
     from moectl.common import plots
 
-    image = plots.error_bars(["dense", "E8"], [float("nan"), 1.3], [float("nan"), 0.1], "max_over_mean")
-    assert image.shape[2] == 3 and (image != 255).any()
+    fig = plots.error_bars(["dense", "E8"], [float("nan"), 1.3], [float("nan"), 0.1], "max_over_mean (ratio)", "t")
+    (points,) = fig.axes[0].containers  # the error bar of E8 alone
+    assert list(points.lines[0].get_xdata()) == [1] and list(points.lines[0].get_ydata()) == [1.3]
+
+
+def test_a_report_of_no_finished_cells_writes_nothing_and_says_so(tmp_path):
+    path = sweep_file(tmp_path, tiny_config(tmp_path), name="empty", grid={"train.seed": [1, 2]})
+    res = runner.invoke(app, ["sweep", str(path), "--report"])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert "no cell has finished yet: nothing written" in said and "wrote" not in said and ".png" not in said
+    assert not (tmp_path / "runs" / "empty").exists()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ def mean_loss(
     stateful: bool = False,
     lockstep: bool = False,
     top1: Optional[list] = None,
+    advance: Optional[Callable[[int], None]] = None,
 ) -> float:
     """Mean next-token cross-entropy (nats per token) over the given batches' scored targets
     (every token; response tokens only for instruction tuning), in eval mode.
@@ -56,7 +57,8 @@ def mean_loss(
     process runs the same number of forward passes; one that has run out of batches repeats a
     batch and ignores the result. `top1`, a list: for each batch this process scores, append the
     top-1 expert (largest gate weight) of each scored token in every routing record, an
-    (records, scored tokens) int16 tensor; None for a batch it repeats in lockstep.
+    (records, scored tokens) int16 tensor; None for a batch it repeats in lockstep. `advance`:
+    told of each batch this process has scored (a progress bar's).
     """
     was_training = model.training
     model.eval()
@@ -74,6 +76,8 @@ def mean_loss(
                 top1.append(None)
             continue
         if not len(ids):
+            if advance is not None:
+                advance(1)
             continue
         x, y = (t.to(device) for t in blocks.batch(ids))
         layout = {k: v.to(device) for k, v in blocks.layout(ids).items()}  # packing and padding
@@ -89,6 +93,8 @@ def mean_loss(
             keep = (y != IGNORE).reshape(-1)
             top1.append(torch.stack([r.dense_weights().argmax(-1)[keep] for r in out.routing]).to(torch.int16).cpu()
                         if out.routing else torch.zeros(0, int(keep.sum()), dtype=torch.int16))
+        if advance is not None:
+            advance(1)
     distributed.all_reduce_sum_([sums, *(stats.tensors() if stats is not None else [])], dp)
     model.train(was_training)
     total, count = sums.tolist()
@@ -200,10 +206,12 @@ def context_protocol(cfg, stride: Optional[int], stateful: Optional[bool]) -> tu
 def sliding_loss(
     model: LanguageModel, blocks: data.Blocks, batches: list, stride: int, device: torch.device,
     amp: Optional[torch.dtype], stats: Optional[RoutingStats] = None,
+    advance: Optional[Callable[[int], None]] = None,
 ) -> float:
     """Mean loss over the same target tokens as block evaluation, each scored once in a window of
     seq_len tokens that ends at the last token of its chunk of `stride`: every token sees at least
-    seq_len - stride tokens of context (fewer only at the start of the split)."""
+    seq_len - stride tokens of context (fewer only at the start of the split). `advance`: told of
+    the windows each forward pass scores (sliding_windows of them in all)."""
     model.eval()
     length, tokens = blocks.seq_len, blocks.split.tokens
     windows = []  # (first input position, first and last + 1 scored target offsets) per window
@@ -226,7 +234,14 @@ def sliding_loss(
         count += int(scored.sum())
         if stats is not None:
             stats.update(out.routing)
+        if advance is not None:
+            advance(len(part))
     return total / count
+
+
+def sliding_windows(batches: list, seq_len: int, stride: int) -> int:
+    """The windows sliding_loss scores: one per chunk of `stride` targets of every block."""
+    return sum(len(ids) for ids in batches) * -(-seq_len // stride)
 
 
 def run(
@@ -255,9 +270,12 @@ def run(
     start = time.perf_counter()
     amp = runtime.autocast_dtype(loaded.device, cfg.train.precision)
     if stride is not None:
-        loss = sliding_loss(loaded.model, blocks, batches, stride, loaded.device, amp, stats)
+        with console.progress("evaluating", sliding_windows(batches, cfg.data.seq_len, stride), "windows") as bar:
+            loss = sliding_loss(loaded.model, blocks, batches, stride, loaded.device, amp, stats, bar.advance)
     else:
-        loss = mean_loss(loaded.model, blocks, batches, loaded.device, amp, stats, stateful=stateful)
+        with console.progress("evaluating", len(batches), "batches") as bar:
+            loss = mean_loss(loaded.model, blocks, batches, loaded.device, amp, stats, stateful=stateful,
+                             advance=bar.advance)
     seconds = time.perf_counter() - start
     layers = [] if stats.empty() else stats.summary()
     moe = moe_layers(loaded.model)

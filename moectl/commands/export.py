@@ -13,8 +13,10 @@ train.init_from accept as they accept a run:
 
 `--format hf`: a Mixtral or Qwen2-MoE directory that transformers' `AutoModelForCausalLM` and
 `AutoTokenizer` load as-is (the mapping is moectl/services/hf.py); an instruction-tuned run's chat
-template becomes the tokenizer's, for apply_chat_template. It is loaded in transformers and its
-logits are checked against moectl's before it is put in place.
+template becomes the tokenizer's, for apply_chat_template. Its README.md is the same model card,
+with transformers' metadata header and how to load it there. It is loaded in transformers and its
+logits are checked against moectl's before it is put in place. moectl's own commands refuse it
+(checkpoint.resolve says what to give them instead).
 
 Either is written into a hidden temporary directory beside DIR and renamed into place, so DIR
 is complete or absent; an existing DIR is replaced only when it is itself a moectl export and
@@ -33,6 +35,7 @@ import torch
 
 from moectl import __version__, config
 from moectl.commands.evaluate import run as evaluate_run
+from moectl.common import console
 from moectl.common.errors import CheckpointError, ConfigError, DataError, MoectlError
 from moectl.common.fileio import staged_directory
 from moectl.common.stats import COLUMNS, perplexity
@@ -79,14 +82,23 @@ def _cast_copy(loaded: LoadedModel, dtype: str) -> torch.nn.Module:
 
 
 def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], note: Optional[str],
-               derived: Optional[list[dict]] = None) -> str:
+               derived: Optional[list[dict]] = None, fmt: str = "safetensors") -> str:
+    """The README.md of an export of either format: what the model is, what it was trained on and
+    how well it does, where it came from, and how to use it (`fmt`: with moectl, or transformers)."""
     cfg, m = loaded.cfg, loaded.cfg.model
     total, active = parameter_counts(loaded.model)
-    lines = [
+    lines = []
+    stored = ""
+    if fmt == "hf":
+        arch = hf.architecture(cfg.moe)
+        lines += ["---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: [moe, {arch}, moectl]",
+                  "---", ""]
+        stored = f", stored as a transformers {hf.NAMES[arch]} model (`{hf.CLASSES[arch]}`)"
+    lines += [
         f"# {loaded.run_dir.name}",
         "",
-        f"A {m.arch} language model trained with moectl {__version__}, "
-        f"exported from `{loaded.checkpoint}` (step {loaded.step}).",
+        f"A {m.arch} language model trained with {_made_by(loaded)}, exported from `{loaded.checkpoint}` "
+        f"(step {loaded.step}){stored}.",
         "",
         "## Architecture",
         "",
@@ -100,15 +112,19 @@ def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], no
             f"every {moe.every} FFN slot(s), {moe.shared_experts} shared expert(s), capacity factor "
             f"{moe.capacity_factor if moe.capacity_factor is not None else 'none (dropless)'}"
         )
-    d = cfg.data
-    source = {"hub": f"Hugging Face dataset `{d.name}` ({d.config_name or 'default'})", "files": f"local files `{d.data_files}`",
-              "disk": f"a saved dataset at `{d.path}`", "stdlib": "the Python standard library's sources"}[d.source]
-    lines += ["", "## Training data", "", f"{source}, text column `{d.text_column}`, blocks of {d.seq_len} tokens; "
-              f"{meta.get('tokens_seen', 0):,} tokens seen."]
+    d, tr = cfg.data, cfg.train
+    source = {"hub": f"Hugging Face dataset `{d.name}` ({d.config_name or 'default'})", "files": f"Local files `{d.data_files}`",
+              "disk": f"A saved dataset at `{d.path}`", "stdlib": "The Python standard library's sources"}[d.source]
+    what = ("instruction-tuned (data.task=sft) on its conversations, the loss on the responses only" if d.task == "sft"
+            else f"text column `{d.text_column}`")
+    lines += ["", "## Training data", "", f"{source}, {what}, blocks of {d.seq_len} tokens; {loaded.step} steps of "
+              f"{tr.batch_size} sequences, {meta.get('tokens_seen', 0):,} tokens seen."]
+    if tr.init_from:
+        lines += ["", f"Training started from the weights of `{tr.init_from}` (train.init_from)."]
     lines += ["", "## Quality", ""]
     if meta.get("eval_loss") is not None:
         loss = meta["eval_loss"]
-        lines.append(f"Validation loss at export: {loss:.4f} nats/token (perplexity {perplexity(loss):.2f}).")
+        lines.append(f"Validation loss: {loss:.4f} nats/token (perplexity {perplexity(loss):.2f}).")
     if eval_summary is not None:
         lines.append(f"Bits per byte on the validation split: {eval_summary['bits_per_byte']:.4f}.")
     if eval_summary is not None and eval_summary["layers"]:
@@ -127,9 +143,49 @@ def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], no
             for key, rows in ((k, v) for k, v in step.items() if isinstance(v, list)):  # per MoE layer
                 lines += [f"   - {key.replace('_', ' ')}, per MoE layer:"]
                 lines += [f"     - layer {slot}: {row}" for slot, row in zip(loaded.slots, rows)]
-    lines += ["", "## Use", "", "```bash", "moectl eval THIS_DIRECTORY", "moectl route-stats THIS_DIRECTORY",
-              'moectl generate THIS_DIRECTORY --prompt "..."', "```", ""]
-    return "\n".join(lines)
+    lines += ["", "## Use", ""] + (_use_in_transformers(loaded) if fmt == "hf" else _use_in_moectl())
+    return "\n".join(lines + [""])
+
+
+def _made_by(loaded: LoadedModel) -> str:
+    """`moectl 0.x (commit abc123..., with uncommitted changes)`: the code that trained the
+    checkpoint, as its meta.json recorded it."""
+    trained = checkpoint.read_meta(loaded.checkpoint)
+    source = trained.get("source") if isinstance(trained.get("source"), dict) else {}
+    made = f"moectl {source.get('version') or trained.get('moectl_version') or __version__}"
+    if source.get("commit"):
+        made += f" (commit {source['commit'][:12]}{', with uncommitted changes' if source.get('modified') else ''})"
+    return made
+
+
+def _use_in_moectl() -> list[str]:
+    return ["```bash", "moectl eval THIS_DIRECTORY", "moectl route-stats THIS_DIRECTORY",
+            'moectl generate THIS_DIRECTORY --prompt "..."', "```"]
+
+
+def _use_in_transformers(loaded: LoadedModel) -> list[str]:
+    chat_tuned = (loaded.run_dir / chat.TEMPLATE_FILE).is_file()
+    prompt = (['messages = [{"role": "user", "content": "..."}]',
+               "text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)"]
+              if chat_tuned else ['text = "..."'])
+    return [
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("THIS_DIRECTORY")',
+        'tokenizer = AutoTokenizer.from_pretrained("THIS_DIRECTORY")',
+        *prompt,
+        'ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids',
+        "out = model.generate(ids, max_new_tokens=50, do_sample=True, temperature=0.8)",
+        "print(tokenizer.decode(out[0, ids.shape[1]:]))",
+        "```",
+        "",
+        f"It was trained on blocks of {loaded.cfg.data.seq_len} tokens (max_position_embeddings): keep the prompt and "
+        "the new tokens within that." + (" The tokenizer carries the chat template it was tuned with." if chat_tuned else ""),
+        "",
+        "moectl's own commands (eval, route-stats, generate) read the run this came from, or a safetensors bundle "
+        "of it (`moectl export --format safetensors`), not this directory.",
+    ]
 
 
 def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bool = False,
@@ -206,8 +262,11 @@ def export_hf(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bo
             fast.chat_template = (loaded.run_dir / chat.TEMPLATE_FILE).read_text(encoding="utf-8")
         fast.save_pretrained(tmp)
         transformers.GenerationConfig(eos_token_id=eot, pad_token_id=eot).save_pretrained(tmp)
-        checkpoint.write_meta(tmp, _export_meta(loaded, "hf", dtype))
-        diff = max_logit_difference(loaded, stored.float(), tmp)
+        meta = _export_meta(loaded, "hf", dtype)
+        checkpoint.write_meta(tmp, meta)
+        (tmp / "README.md").write_text(model_card(loaded, meta, None, None, loaded.derived, fmt="hf"))
+        with console.progress("checking the export's logits in transformers", None):
+            diff = max_logit_difference(loaded, stored.float(), tmp)
         if diff > 1e-4:
             raise MoectlError(
                 f"export check failed: transformers' logits differ from moectl's by {diff:.3g}; nothing was written "

@@ -197,18 +197,20 @@ def expert_colour(expert: int) -> str:
 
 
 def show(result: Generation, loaded: LoadedModel, layer: Optional[int]) -> None:
-    """The prompt, then the new text, coloured by expert when asked, and a legend."""
+    """The prompt, then the new text, coloured by expert when asked, and a legend. The text is
+    printed as it is, ending in a newline: soft_wrap leaves its lines to the terminal, where rich
+    would otherwise break them at the console's width (80 columns when piped)."""
     from rich.text import Text
 
     text = Text(result.prompt, style="dim")
     if layer is None:
         text.append(result.text)
-        console.out.print(text)
+        console.out.print(text, soft_wrap=True)
         _say_skipped(result)
         return
     for piece, expert in zip(result.pieces, result.experts):
         text.append(piece, style=f"bold {expert_colour(expert)}")
-    console.out.print(text)
+    console.out.print(text, soft_wrap=True)
     _say_skipped(result)
     legend = Text(f"layer {layer:02d}, top-1 expert of each new token: ")
     used = sorted(set(result.experts))

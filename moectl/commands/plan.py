@@ -13,7 +13,10 @@ experts, each alone, with FasterMoE's shadowing, and with shadowing and overlap)
              the experts it holds; activations are not counted
   imbalance  the busiest process's expert rows over the mean, worst layer
 
-and recommends the fastest layout that fits in memory. Layouts that cannot run say why instead.
+and recommends the simplest layout that fits in memory and is within 2% (NEAR_BEST) of the
+fastest one's step: plain DDP before expert parallelism, which comes before shadowing, which
+comes before overlap, and a smaller EP before a larger one; a prediction is not exact enough to
+pay for more machinery with a gain inside its error. Layouts that cannot run say why instead.
 Each process routes the global batch's tokens with the measured shares, so routing skew is in
 the estimate but differences between processes are not.
 """
@@ -41,8 +44,11 @@ JSON_KEYS = {
     "tokens_per_step": "train.batch_size x data.seq_len",
     "layouts": "one entry per candidate: name, ep, shadow (experts shadowed, summed over layers), overlap, step_ms, "
     "comm_share, memory_gb, imbalance, feasible, reason (why not, or null)",
-    "recommended": "the name of the fastest feasible layout, or null",
+    "recommended": "the name of the simplest feasible layout within 2% of the fastest one's step time (see "
+    "complexity), or null",
+    "fastest": "the name of the fastest feasible layout, or null",
 }
+NEAR_BEST = 0.02  # a layout this close to the fastest step counts as fast as it
 HARDWARE_KEYS = ("flops", "intra_bandwidth", "inter_bandwidth", "latency", "devices_per_node", "memory")
 
 
@@ -178,22 +184,48 @@ def routing_loads(loaded: LoadedModel, max_batches: Optional[int]) -> list[list[
     return [[float(e["load"]) for e in layer["experts"]] for layer in rep["layers"][: len(moe_layers(loaded.model))]]
 
 
+def complexity(p: Prediction) -> tuple[int, int]:
+    """How much machinery a layout needs, to choose between layouts about as fast: the features it
+    turns on (expert parallelism, shadowing, overlap), then the size of its expert-parallel groups."""
+    return (p.ep > 1) + ("+shadow" in p.name) + p.overlap, p.ep
+
+
+def recommend(rows: list[Prediction]) -> tuple[Optional[Prediction], Optional[Prediction]]:
+    """(recommended, fastest) of the feasible layouts: the simplest within NEAR_BEST of the fastest."""
+    feasible = [r for r in rows if r.feasible]
+    if not feasible:
+        return None, None
+    fastest = min(feasible, key=lambda r: r.step_ms)
+    near = [r for r in feasible if r.step_ms <= fastest.step_ms * (1 + NEAR_BEST)]
+    return min(near, key=lambda r: (complexity(r), r.step_ms)), fastest
+
+
 def report(cfg: Config, hw: Hardware, dense_params: int, loads: list[list[float]]) -> dict:
     """The plan as a JSON-ready dict (keys: JSON_KEYS)."""
     rows = candidates(cfg, hw, dense_params, loads)
-    feasible = [r for r in rows if r.feasible]
-    best = min(feasible, key=lambda r: r.step_ms) if feasible else None
+    best, fastest = recommend(rows)
     return {
         "hardware": asdict(hw),
         "world": hw.nodes * hw.devices_per_node,
         "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
         "layouts": [asdict(r) for r in rows],
         "recommended": best.name if best else None,
+        "fastest": fastest.name if fastest else None,
     }
 
 
+LEGEND = [
+    "step ms: predicted time of one training step (compute, the dense gradients' all-reduce, each MoE layer's exchange)",
+    "comm: the share of that step spent communicating (all-to-alls, all-reduces, shadowed experts' broadcasts)",
+    "GB/proc: memory per process for weights, gradients and AdamW moments (activations not counted)",
+    "imbal: the busiest process's expert rows over the mean, worst MoE layer (1.00: even)",
+    f"recommended: the simplest layout that fits within {NEAR_BEST:.0%} of the fastest step; simplest first: "
+    "DDP, EP=N (smaller N first), +shadow, +overlap",
+]
+
+
 def render(rep: dict) -> list[str]:
-    """The plan for people: one line per layout, the recommended one marked."""
+    """The plan for people: one line per layout, the recommended one marked, and what the columns mean."""
     hw = rep["hardware"]
     lines = [
         f"hardware {hw['name']}: {rep['world']} processes ({hw['nodes']} x {hw['devices_per_node']}), "
@@ -202,7 +234,7 @@ def render(rep: dict) -> list[str]:
         f"{'layout':<24}{'step ms':>10}{'comm':>7}{'GB/proc':>9}{'imbal':>7}  note",
     ]
     for r in rep["layouts"]:
-        mark = "<- recommended" if r["name"] == rep["recommended"] else ""
+        mark = {rep["fastest"]: "<- fastest", rep["recommended"]: "<- recommended"}.get(r["name"], "")
         if r["reason"] and not r["step_ms"]:
             lines.append(f"{r['name']:<24}{'-':>10}{'-':>7}{'-':>9}{'-':>7}  {r['reason']}")
             continue
@@ -213,4 +245,9 @@ def render(rep: dict) -> list[str]:
                      f"{r['imbalance']:>7.2f}  {note}")
     if rep["recommended"] is None:
         lines.append("no layout fits in the device's memory")
-    return lines
+    elif rep["fastest"] != rep["recommended"]:
+        fastest = next(r for r in rep["layouts"] if r["name"] == rep["fastest"])
+        chosen = next(r for r in rep["layouts"] if r["name"] == rep["recommended"])
+        lines.append(f"{rep['recommended']} rather than the fastest, {rep['fastest']}: a step "
+                     f"{chosen['step_ms'] / fastest['step_ms'] - 1:.1%} longer, with less machinery")
+    return lines + [""] + LEGEND

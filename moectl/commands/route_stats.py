@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from moectl.commands.evaluate import split_batches
-from moectl.common import plots
+from moectl.common import console, plots
 from moectl.common.errors import ConfigError
 from moectl.common.stats import COLUMNS, LayerStats, RoutingProfile
 from moectl.models import moe_layers
@@ -74,7 +74,7 @@ def profile(loaded: LoadedModel, split: str, max_batches: Optional[int], other: 
     blocks, _, batches = split_batches(loaded, split, max_batches)
     prof = RoutingProfile(len(loaded.slots), loaded.experts, cfg.data.seq_len, loaded.tokenizer.get_vocab_size(), loaded.device)
     drift = np.zeros((len(loaded.slots), 2 + prof.num_experts)) if other is not None else None
-    with torch.no_grad():
+    with torch.no_grad(), console.progress("routing", len(batches), "batches") as bar:
         for ids in batches:
             x, _ = blocks.batch(ids)
             layout = blocks.layout(ids)  # instruction-tuning rows: packed examples each on its own, no padding routed
@@ -90,6 +90,7 @@ def profile(loaded: LoadedModel, split: str, max_batches: Optional[int], other: 
                     real = a.token_mask()  # padding has no top-1 expert
                     drift[i, :2] += [float((top_a != top_b)[real].sum()), float(real.sum())]
                     drift[i, 2 : 2 + b.num_experts] += b.tokens_per_expert.cpu().numpy()
+            bar.advance()
     return prof, batches, drift
 
 
@@ -235,19 +236,19 @@ def write_outputs(rep: dict, out_dir: Path) -> list[Path]:
                 w.writerow([x["expert"], x["load"], f"{x['share']:.6f}", f"{x['importance']:.6f}",
                             f"{x['drop_fraction']:.6f}", f"{x['top10_share']:.6f}", tops])
         written.append(path)
-    plots.save_png(plots.load_heatmap([layer["stats"]["share"] for layer in rep["layers"]]), out_dir / "load_heatmap.png")
+    slots = [layer["slot"] for layer in rep["layers"]]
+    stats = [LayerStats(**layer["stats"]) for layer in rep["layers"]]
+    plots.save_png(plots.load_heatmap([s.share for s in stats], slots, rep["step"]), out_dir / "load_heatmap.png")
     written.append(out_dir / "load_heatmap.png")
     tracker = Tracker(out_dir / "tensorboard")
-    stats = [LayerStats(**layer["stats"]) for layer in rep["layers"]]
-    tracker.routing([layer["slot"] for layer in rep["layers"]], stats, rep["step"], histograms=True)
-    tracker.heatmap(stats, rep["step"])
-    for layer in rep["layers"]:
-        co = np.array(layer["coselection"])
-        image = plots.heatmap(co, vmax=max(float(co.max()), 1e-12))
-        path = out_dir / f"coselection_layer{layer['slot']:02d}.png"
-        plots.save_png(image, path)
+    tracker.routing(slots, stats, rep["step"], histograms=True)
+    tracker.heatmap(stats, rep["step"], slots)
+    for slot, layer in zip(slots, rep["layers"]):
+        co = np.array(layer["coselection"])  # (E, E)
+        path = out_dir / f"coselection_layer{slot:02d}.png"
+        plots.save_png(plots.coselection(co, slot), path)
         written.append(path)
-        tracker.coselection(layer["slot"], image, rep["step"])
+        tracker.coselection(slot, co, rep["step"])
     tracker.close()
     written.append(out_dir / "tensorboard")
     return written

@@ -22,18 +22,20 @@ A sweep file:
       # metrics: {eval_loss: {better: lower, margin: 0.02}, maxvio: {better: lower}}
     record: results/routers.json         # optional: the results to commit (relative to this file)
 
-Every cell is validated before any starts. A cell that changes `moe.router` also gets what that
-router needs unless the sweep sets it (config.router_needs, as for `moectl train --set`: Switch's
-top_k 1, GShard's 2, and the router's own paper losses and weight normalisation); the runner
-prints what it set.
+Every cell is validated before any starts (`--dry-run` stops there: it lists each cell and the
+keys it sets, and writes nothing). A cell that changes `moe.router` also gets what that router
+needs unless the sweep sets it (config.router_needs, as for `moectl train --set`: Switch's top_k
+1, GShard's 2, and the router's own paper losses and weight normalisation); the runner says what
+that changed, once per router.
 
 Each cell is an ordinary run directory, trained by `moectl train` in a child process (its
 output in <sweep>/logs/<cell>.log), so eval, route-stats, TensorBoard and export work on it. Cells
 run one after another or `jobs` at a time, each with its share of the cores, seed by seed: every
 arm of the first seed, then of the next, so the arms of a pair train side by side (with --jobs at
 the same time, under the same load) and a stopped sweep leaves whole pairs. A finished cell
-is skipped, a stopped one resumed; a failed one is reported and the others go on. Ctrl-C
-stops the running cells at their next step (they save) and a rerun continues.
+is skipped, a stopped one resumed; a failed one is reported and the others go on. The progress
+counts cells done of all, with an ETA from this session's finished cells. Ctrl-C stops the
+running cells at their next step (they save) and a rerun continues.
 
 The report (sweep_report.py) groups the cells over `train.seed` and gives each group's mean and
 95% confidence interval (Student's t) of the final metrics, and with `compare:` each group's
@@ -227,31 +229,33 @@ def run(sweep: Sweep, jobs: int = 1) -> bool:
     # SIGINT gets the handler explicitly, since a sweep started in the background inherits it ignored.
     stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, _interrupt) for s in stopping} if threading.current_thread() is threading.main_thread() else {}
-    try:
-        while todo or running:
-            while todo and len(running) < jobs:
-                cell = todo.pop(0)
-                needs = f" (for its router: {', '.join(f'{k}={v}' for k, v in cell.needs.items())})" if cell.needs else ""
-                console.status(f"cell {cell.name}: training, {len(todo) + len(running) + 1} of {total} to go{needs}; "
-                               f"log {log_path(sweep, cell)}")
-                running[_start(sweep, cell, threads)] = (cell, time.perf_counter())
-            for proc in [p for p in running if p.poll() is not None]:
-                cell, t0 = running.pop(proc)
-                if proc.returncode == 0:
-                    cell.status = "done"
-                    console.status(f"cell {cell.name}: done in {time.perf_counter() - t0:.0f} s")
-                elif proc.returncode == 130:  # it was stopped (it saved): a rerun continues it
-                    cell.status = "stopped"
-                else:
-                    cell.status, cell.error = "failed", _error_line(sweep, cell, proc.returncode)
-                    console.warn(f"cell {cell.name} failed: {cell.error}")
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        _stop(running)
-        raise
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    # Cells done / total; the ETA counts the cells finished in this session (a skipped one took no time).
+    with console.progress(f"sweep {sweep.name}", total, "cells", completed=total - len(todo)) as bar:
+        try:
+            while todo or running:
+                while todo and len(running) < jobs:
+                    cell = todo.pop(0)
+                    console.status(f"cell {cell.name}: training, {len(todo) + len(running) + 1} of {total} to go; "
+                                   f"log {log_path(sweep, cell)}")
+                    running[_start(sweep, cell, threads)] = (cell, time.perf_counter())
+                for proc in [p for p in running if p.poll() is not None]:
+                    cell, t0 = running.pop(proc)
+                    if proc.returncode == 0:
+                        cell.status = "done"
+                        console.status(f"cell {cell.name}: done in {time.perf_counter() - t0:.0f} s")
+                    elif proc.returncode == 130:  # it was stopped (it saved): a rerun continues it
+                        cell.status = "stopped"
+                    else:
+                        cell.status, cell.error = "failed", _error_line(sweep, cell, proc.returncode)
+                        console.warn(f"cell {cell.name} failed: {cell.error}")
+                    bar.advance()
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            _stop(running)
+            raise
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     return all(c.status in ("done", "skipped") for c in sweep.cells)
 
 
@@ -284,18 +288,59 @@ def _stop(running: dict[subprocess.Popen, tuple[Cell, float]]) -> None:
 # ---------------------------------------------------------------------------------------- report
 
 
-def sweep_command(path: Path, overrides: Optional[list[str]], jobs: int, report_only: bool) -> int:
-    """`moectl sweep`: validate, run (unless `report_only`), report; the exit code."""
-    sweep = load(path, overrides)
+def router_fills(sweep: Sweep) -> list[str]:
+    """One line per router (and what it brings) of the keys the sweep fills in for the cells that
+    switch to it: only those that change a value (config.load's router_filled), resolved, and not
+    repeated for every cell and seed."""
+    groups: dict[tuple, list[str]] = {}
     for cell in sweep.cells:
         if cell.needs:
-            console.status(f"cell {cell.name}: set {', '.join(f'{k}={_as_set(v)}' for k, v in cell.needs.items())} "
-                           f"for moe.router={cell.cfg.moe.router}")  # set by the cell, the sweep's set: or --set
+            values = tuple(f"{k}={getattr(cell.cfg.moe, k.split('.', 1)[1])}" for k in cell.needs)
+            groups.setdefault((cell.cfg.moe.router, values), []).append(cell.name)
+    lines = []
+    for (router, values), cells in groups.items():
+        where = f"{len(cells)} cells" if len(cells) > 1 else f"cell {cells[0]}"
+        lines.append(f"moe.router={router} brings {', '.join(values)} ({where}; what it needs and its paper's "
+                     "defaults: set any of them in the sweep to choose your own)")
+    return lines
+
+
+def dry_run(sweep: Sweep) -> list[str]:
+    """`--dry-run`: each cell and the keys it sets over the base config (its grid and variant
+    values, then what its router brings); nothing is trained or written."""
+    lines = []
+    width = max(len(c.name) for c in sweep.cells)
+    for cell in sweep.cells:
+        keys = ", ".join(f"{k}={v if isinstance(v, str) else _as_set(v)}" for k, v in cell.values.items())
+        needs = ", ".join(f"{k}={getattr(cell.cfg.moe, k.split('.', 1)[1])}" for k in cell.needs)
+        keys = "; ".join(part for part in (keys, needs and f"for its router: {needs}") if part)
+        done = "  (finished)" if finished(cell) else ""
+        lines.append(f"{cell.name:<{width}}  {keys or '(the base config)'}{done}")
+    return lines
+
+
+def sweep_command(path: Path, overrides: Optional[list[str]], jobs: int, report_only: bool,
+                  dry: bool = False) -> int:
+    """`moectl sweep`: validate, run (unless `report_only`), report; the exit code. `dry`:
+    validate and list the cells, writing nothing."""
+    if dry and report_only:
+        raise ConfigError("--dry-run lists the cells and --report reports them: choose one")
+    sweep = load(path, overrides)
+    for line in router_fills(sweep):
+        console.status(line)
+    if dry:
+        first = sweep.cells[0]
+        shared = first.overrides[: len(first.overrides) - len(first.values)]  # the sweep's set: and --set
+        console.status(f"sweep {sweep.name}: {len(sweep.cells)} cells in {sweep.root}, each from {sweep.base}"
+                       + (f" with {', '.join(shared)}" if shared else "") + "; dry run: nothing trained or written")
+        for line in dry_run(sweep):
+            console.out.print(line, highlight=False, markup=False, soft_wrap=True)
+        return 0
     console.status(f"sweep {sweep.name}: {len(sweep.cells)} cells in {sweep.root}")
     complete = run(sweep, jobs) if not report_only else True
     rows, comparisons = summarize(sweep), compare(sweep)
-    write_report(sweep, rows, comparisons)
+    written = write_report(sweep, rows, comparisons)
     if sweep.record is not None:
         write_record(sweep, rows, comparisons)
-    show(sweep, rows, comparisons)
+    show(sweep, rows, comparisons, written)
     return 0 if complete else 1

@@ -12,9 +12,10 @@ file has a `compare:` block, every group against its baseline group, seed by see
 - the speed-up: the steps the baseline needs to reach the arm's final eval loss, over the arm's
   steps (Switch Transformer's measure; none where the baseline never gets there).
 
-Written as tables, summary.json, summary.csv, paired.csv, TensorBoard's HParams dashboard and one
-PNG per metric; and with `record:` a results file to commit beside the sweep file: every cell's
-metrics and config hash, the groups, the comparisons, the machine and the source version.
+Written as tables, summary.json, summary.csv, paired.csv, TensorBoard's HParams dashboard and an
+error-bar PNG per PLOTTED metric (nothing while no cell has finished); and with `record:` a results
+file to commit beside the sweep file: every cell's metrics and config hash, the groups, the
+comparisons, the machine and the source version.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ METRICS = {  # the report's columns: name -> what it is
     "eval_loss_gain": "the eval loss at step 0 (the starting weights: train.init_from's, when fine-tuning) minus the "
     "final one: what the run's training gained",
 }
+UNITS = {"eval_loss": "nats/token", "bits_per_byte": "bits/byte", "tokens_per_sec": "tokens/s",
+         "max_over_mean": "ratio"}  # the error-bar charts' y-axis units; a metric not here is labelled by its name
+PLOTTED = ("eval_loss", "bits_per_byte", "tokens_per_sec", "max_over_mean")  # one error-bar PNG each
 COMPARE_KEYS = ("baseline", "metric", "better", "margin", "metrics")
 
 
@@ -326,9 +330,17 @@ def _shown(mean: float, half: float, spec: str) -> str:
     return format(mean, spec) + ("" if half != half else "±" + format(half, spec.lstrip("+")))
 
 
-def write_report(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> None:
+def axis_label(metric: str) -> str:
+    """A chart's y-axis label: the metric and its unit, or the metric alone when UNITS has none."""
+    return f"{metric} ({UNITS[metric]})" if metric in UNITS else metric
+
+
+def write_report(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> list[Path]:
     """summary.json, summary.csv, paired.csv (with a compare: block), HParams events and one PNG
-    per metric in the sweep directory."""
+    per PLOTTED metric that some group has, in the sweep directory; the paths written. Nothing at
+    all while no cell has finished: a report of no results must not replace one of some."""
+    if not any(c.metrics for c in sweep.cells):
+        return []
     root = sweep.root
     root.mkdir(parents=True, exist_ok=True)
     cells = [{"cell": c.name, "values": c.values, "router_needs": c.needs, "status": c.status, "error": c.error,
@@ -344,20 +356,25 @@ def write_report(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> Non
         for row in rows:
             writer.writerow([_csv_value(row["group"], k) for k in sweep.keys] + [row["cells"], row["finished"]]
                             + [row[c] for c in columns] + [" | ".join(row["errors"])])
+    written = [root / "summary.json", root / "summary.csv"]
     if comparisons:
         _write_paired_csv(sweep, comparisons)
+        written.append(root / "paired.csv")
     tracker = Tracker(root / "hparams")
     for c in sweep.cells:
         if c.metrics:
             values = {**({"variant": c.variant} if c.variant else {}), **c.needs, **c.values}
             tracker.hparams(values, {k: v for k, v in c.metrics.items() if v == v}, c.name)
     tracker.close()
+    written.append(root / "hparams")
     labels = ["\n".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row["group"].items()) or "all" for row in rows]
-    for metric in ("eval_loss", "bits_per_byte", "max_over_mean"):
+    for metric in PLOTTED:
         if any(row[metric] == row[metric] for row in rows):
-            image = plots.error_bars(labels, [row[metric] for row in rows], [row[f"{metric}_ci95"] for row in rows],
-                                     f"{sweep.name}: {metric} (mean and 95% CI over seeds)")
-            plots.save_png(image, root / f"{metric}.png")
+            figure = plots.error_bars(labels, [row[metric] for row in rows], [row[f"{metric}_ci95"] for row in rows],
+                                      axis_label(metric), f"{sweep.name}: {metric}, mean and 95% CI over seeds")
+            plots.save_png(figure, root / f"{metric}.png")
+            written.append(root / f"{metric}.png")
+    return written
 
 
 def write_record(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> None:
@@ -417,8 +434,9 @@ def _strict(obj: Any) -> Any:
     return [_strict(v) for v in obj] if isinstance(obj, list) else obj
 
 
-def show(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> None:
-    """The report for people: one row per group of seeds, then each group against its baseline."""
+def show(sweep: Sweep, rows: list[dict], comparisons: list[dict], written: list[Path]) -> None:
+    """The report for people: one row per group of seeds, then each group against its baseline,
+    then the files `written` (write_report's)."""
     from rich.table import Table
 
     table = Table(title=f"sweep {sweep.name}: mean ± 95% CI over seeds", title_justify="left", box=None,
@@ -445,8 +463,11 @@ def show(sweep: Sweep, rows: list[dict], comparisons: list[dict]) -> None:
     for row in rows:
         for error in row["errors"]:
             console.error(f"cell {error}")
-    written = "summary.csv, summary.json" + (", paired.csv" if comparisons else "")
-    console.status(f"wrote {sweep.root}/{written}, hparams/ (TensorBoard) and *.png")
+    if written:
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in written)
+        console.status(f"wrote {names} in {sweep.root}")
+    else:
+        console.warn(f"no cell has finished yet: nothing written to {sweep.root}")
 
 
 def _show_comparisons(sweep: Sweep, comparisons: list[dict]) -> None:

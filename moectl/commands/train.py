@@ -364,7 +364,7 @@ def evaluate(run: Run, state: LoopState) -> float:
                      stateful=run.carry is not None, lockstep=run.ep is not None, top1=routes)
     run.tracker.evaluation(loss, perplexity(loss), state.step, state.seconds_trained)
     if run.slots:
-        run.tracker.heatmap(stats.summary(), state.step)
+        run.tracker.heatmap(stats.summary(), state.step, run.slots)
     fractions = drift.observe(routes) if routes is not None else None  # the first evaluation records the start
     changed = ""
     if fractions is not None:

@@ -6,7 +6,7 @@
   errors.py      the error types the command line turns into one clear line
   console.py     progress bars, status lines, the end-of-run summary; Ctrl-C handling
   fileio.py      atomic writes of files and directories
-  plots.py       heatmaps and error-bar charts as PNG files
+  plots.py       matplotlib figures: load and co-selection heatmaps, error bars; PNG and RGB renderings
   quant.py       weight-only quantisation: int8 / int4 in groups with fp16 scales, packed for safetensors
   perf_model.py  FasterMoE's performance model of an expert-parallel layer (plain arithmetic)
   hub.py         Hugging Face Hub access that fails fast when the Hub cannot be reached

@@ -2,7 +2,7 @@
 
 One YAML file becomes a `Config`. Precedence is code defaults < YAML < `--set key=value`.
 Every field has its default and its description here, in one place; `moectl config` prints
-them and README's config reference is generated from them. The names a user picks from
+them and docs/config.md (the config reference) is generated from them. The names a user picks from
 (ROUTERS, ACTIVATIONS) are defined here too, and the builders in moe/ use these lists.
 
 Errors name the file (or the `--set` flag), the dotted key path, the bad value and what was
@@ -22,7 +22,7 @@ Which file holds what (import everything from `moectl.config`):
     messages.py   a ValidationError in words, one line per bad key
     loading.py    yaml_load, --set overrides, load, from_dict, the reading of old runs' configs,
                   with_values, to_dict, dump, save, config_hash, changed
-    reference.py  reference_yaml (`moectl config`) and reference_markdown (README's table)
+    reference.py  reference_yaml (`moectl config`) and reference_markdown (docs/config.md)
 """
 
 from moectl.common.errors import ConfigError
@@ -46,7 +46,7 @@ from .loading import (
     with_values,
     yaml_load,
 )
-from .messages import _describe_error, _did_you_mean, _field_key, _format_errors, _section_fields, _union_kind
+from .messages import _describe_error, _did_you_mean, _field_key, _format_errors, _key_hint, _section_fields, _union_kind
 from .model import ACTIVATIONS, ModelConfig
 from .moe import LOSS_KEYS, PAPER_DROP_POLICY, PAPER_LOSSES, ROUTER_TOP_K, ROUTERS, MoEConfig, router_needs
 from .reference import reference_markdown, reference_yaml
@@ -69,5 +69,5 @@ __all__ = [
     "reference_yaml", "reference_markdown",
     # helpers kept importable from here for tests and callers
     "_Loader", "_apply", "_check_key", "_read_as_trained", "_switch_router", "_describe_error", "_did_you_mean",
-    "_field_key", "_format_errors", "_section_fields", "_union_kind",
+    "_field_key", "_format_errors", "_key_hint", "_section_fields", "_union_kind",
 ]

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from moectl.common.errors import ConfigError
 from moectl.common.fileio import atomic_write_text
 
-from .messages import _did_you_mean, _format_errors
+from .messages import _format_errors, _key_hint
 from .moe import ROUTERS, MoEConfig, router_needs
 from .root import SECTIONS, Config
 
@@ -58,8 +58,10 @@ def yaml_load(text: str) -> Any:
 
 def parse_override(item: str) -> tuple[str, Any]:
     """`a.b=value` -> ("a.b", parsed value). Values are YAML scalars: 3, 1e-3, true, null, [1, 2]."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set moe.top_k=1")
+    if "=" not in item:  # `--set KEY VALUE` too: the shell gives --set the key alone
+        key, _, value = item.strip().partition(" ")
+        example = f"{key}={value.strip() or 'VALUE'}" if key else "moe.top_k=1"
+        raise ConfigError(f"--set {item!r}: --set takes KEY=VALUE as one argument, e.g. --set {example}")
     key, _, text = item.partition("=")
     key = key.strip()
     try:
@@ -73,12 +75,12 @@ def parse_override(item: str) -> tuple[str, Any]:
 def _check_key(key: str) -> None:
     parts = key.split(".")
     if parts[0] not in SECTIONS:
-        raise ConfigError(f"--set {key}: unknown section '{parts[0]}'{_did_you_mean(parts[0], list(SECTIONS))}")
+        raise ConfigError(f"--set {key}: unknown section '{parts[0]}'{_key_hint((parts[0],))}")
     fields = SECTIONS[parts[0]].model_fields
     if len(parts) == 1:
         return
     if len(parts) > 2 or parts[1] not in fields:
-        hint = _did_you_mean(parts[1], list(fields)) if len(parts) == 2 else ""
+        hint = _key_hint((parts[0], parts[1])) if len(parts) == 2 else ""
         raise ConfigError(f"--set {key}: unknown key '{key}'{hint}")
 
 

@@ -1,6 +1,6 @@
 """Validation errors in words: a pydantic ValidationError becomes one line per bad key, naming the
 file (or the `--set` flag that set it), the dotted key, the bad value and what was expected, with a
-did-you-mean for a misspelt key or choice."""
+did-you-mean for a misspelt key or choice, or a key put in the wrong section (train.lr: optim.lr)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,32 @@ from .root import SECTIONS, Config
 def _did_you_mean(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _one_of(keys: list[str]) -> str:
+    names = [f"'{k}'" for k in keys]
+    return f" (did you mean {', '.join(names[:-1]) + ' or ' if len(names) > 1 else ''}{names[-1]}?)"
+
+
+def _key_hint(loc: tuple[str, ...]) -> str:
+    """The did-you-mean of an unknown key: at the top level a section's name close to it; else the
+    key of that name in other sections (train.lr: optim.lr), or the closest name in its own section
+    (as the bare name) or another (as section.name)."""
+    word, section = loc[-1], loc[0] if len(loc) > 1 else None
+    own = _section_fields(loc[:-1])
+    if section is None and _did_you_mean(word, own):
+        return _did_you_mean(word, own)
+    elsewhere: dict[str, list[str]] = {}  # field name -> its dotted keys in the other sections
+    for name, cls in SECTIONS.items():
+        if name != section:
+            for f in cls.model_fields:
+                elsewhere.setdefault(f, []).append(f"{name}.{f}")
+    if word in elsewhere:
+        return _one_of(elsewhere[word])
+    close = difflib.get_close_matches(word, list(dict.fromkeys([*own, *elsewhere])), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean '{close[0]}'?)" if close[0] in own else _one_of(elsewhere[close[0]])
 
 
 def _section_fields(path: tuple[str, ...]) -> list[str]:
@@ -36,7 +62,7 @@ def _describe_error(err: dict[str, Any], key: str) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         where = f"section '{'.'.join(loc[:-1])}'" if len(loc) > 1 else "the top level"
-        return f"unknown key '{key}' in {where}{_did_you_mean(loc[-1], _section_fields(loc[:-1]))}"
+        return f"unknown key '{key}' in {where}{_key_hint(loc)}"
     if kind == "value_error" and not loc:
         return str(err["ctx"]["error"])
     msg = err["msg"]

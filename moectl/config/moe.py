@@ -15,7 +15,7 @@ from .section import Section
 ROUTERS = ("topk", "noisy_topk", "switch", "gshard_top2", "expert_choice", "soft", "hierarchical", "sigmoid")
 # Each router's losses as its paper defines them: what a null moe.*_loss_coef becomes (per MoE
 # layer; unlisted losses are 0). The router z-loss is ST-MoE's (Zoph et al. 2022), whose top-2
-# softmax router is `topk`; the other routers' papers have none. README's router table says why.
+# softmax router is `topk`; the other routers' papers have none. docs/routing.md says why.
 PAPER_LOSSES = {
     "topk": {"aux_loss_coef": 0.01, "z_loss_coef": 1e-3},  # ST-MoE's top-k recipe: Switch loss and z-loss
     "noisy_topk": {"importance_loss_coef": 0.1, "load_loss_coef": 0.1},  # Shazeer et al. 2017
@@ -51,7 +51,7 @@ class MoEConfig(Section):
         1, gt=0, description="Make every `every`-th FFN slot an MoE layer (1: all of them); the others are dense."
     )
     expert_hidden: Optional[int] = Field(None, gt=0, description="H, each expert's hidden size. Null: model.ffn_hidden.")
-    router: Literal[ROUTERS] = Field("topk", description=f"Routing method, one of {', '.join(ROUTERS)}; see README's router table.")
+    router: Literal[ROUTERS] = Field("topk", description=f"Routing method, one of {', '.join(ROUTERS)}; see docs/routing.md.")
     renormalize: Optional[bool] = Field(
         None,
         description="topk, sigmoid: renormalise the K chosen weights to sum to 1 (as Mixtral), or keep them raw. Null: "

@@ -1,5 +1,5 @@
 """The config reference, generated from the fields' defaults and descriptions: commented YAML
-(reference_yaml, printed by `moectl config`) and README's table (reference_markdown)."""
+(reference_yaml, printed by `moectl config`) and docs/config.md (reference_markdown)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def reference_yaml() -> str:
 
 
 def reference_markdown() -> str:
-    """README's config reference table, generated from the same fields."""
+    """docs/config.md's config reference tables, generated from the same fields."""
     out = []
     for name, section in SECTIONS.items():
         out.append(f"**`{name}`**: {Config.model_fields[name].description}\n")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from moectl.common import hub
+from moectl.common import console, hub
 from moectl.common.errors import DataError
 from moectl.common.fileio import atomic_write_text
 from moectl.config import DataConfig, TokenizerConfig
@@ -227,17 +227,18 @@ def tokenize(ds, name: str, column: str, tokenizer: Tokenizer, eot: int, cache: 
     # With num_proc > 1, datasets writes the cache as shards named <stem>_<rank>_of_<n>.arrow.
     from_cache = path.exists() or any(path.parent.glob(f"{path.stem}_*_of_*{path.suffix}"))
     tokenizer = Tokenizer.from_str(tokenizer.to_str())  # _tokenize_batch changes its settings: use a copy
-    out = ds.map(
+    out = map_with_progress(
+        ds,
         _tokenize_batch,
-        batched=True,
+        f"tokenising {name}",
+        num_proc,
+        from_cache,
         remove_columns=ds.column_names,
         fn_kwargs={"column": column, "tokenizer": tokenizer, "eot": eot},
         features=Features({"input_ids": List(Value("int32")), "num_bytes": Value("int64")}),
         cache_file_name=str(path),
         load_from_cache_file=True,
         new_fingerprint=key,
-        num_proc=num_proc,
-        desc=f"tokenising {name}",
     )
     if len(out) == 0:
         raise DataError(f"the {name} split has no text in column {column!r}: every row is empty")
@@ -245,6 +246,36 @@ def tokenize(ds, name: str, column: str, tokenizer: Tokenizer, eot: int, cache: 
     tokens = np.concatenate([np.asarray(c.flatten().to_numpy(zero_copy_only=False), dtype=np.int32) for c in chunks])
     num_bytes = int(np.asarray(out.data.column("num_bytes").to_numpy()).sum())
     return Split(name=name, tokens=tokens, num_docs=len(out), num_bytes=num_bytes, from_cache=from_cache, key=key)
+
+
+def map_with_progress(ds, function, description: str, num_proc: Optional[int], from_cache: bool,
+                      batch_size: int = 100, **map_kwargs):
+    """`ds.map(function, batched=True, ...)` reporting documents done / total (console.progress)
+    in place of datasets' own bar. Run in this process, each batch of `batch_size` advances it
+    (a row's output is the same in any batch); with num_proc > 1 the workers cannot, so it shows
+    the time passing and the count at the end. A split read from the cache reports nothing."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    in_process = num_proc is None or num_proc <= 1
+    with console.progress(description, len(ds) if in_process else None, "documents", enabled=not from_cache) as bar:
+
+        def counted(batch: dict, *args, **kwargs):
+            out = function(batch, *args, **kwargs)
+            table = getattr(batch, "pa_table", None)  # datasets' LazyBatch: its rows, no column formatted
+            bar.advance(table.num_rows if table is not None else len(next(iter(batch.values()), [])))
+            return out
+
+        library_bars = not are_progress_bars_disabled()
+        disable_progress_bars()
+        try:
+            out = ds.map(counted if in_process else function, batched=True, batch_size=batch_size, num_proc=num_proc,
+                         desc=description, **map_kwargs)
+        finally:
+            if library_bars:
+                enable_progress_bars()
+        if not in_process:
+            bar.advance(len(ds))
+    return out
 
 
 @dataclass

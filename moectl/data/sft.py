@@ -186,9 +186,12 @@ def tokenize(ds, name: str, d: DataConfig, eos: str, tokenizer: Tokenizer, templ
     path = cache / "sft" / f"{key}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
     from_cache = path.exists() or any(path.parent.glob(f"{path.stem}_*_of_*{path.suffix}"))
-    out = ds.map(
+    out = lm.map_with_progress(
+        ds,
         _tokenize_batch,
-        batched=True,
+        f"tokenising {name} examples",
+        d.num_proc,
+        from_cache,
         with_indices=True,
         remove_columns=ds.column_names,
         fn_kwargs={"form": form, "fields": fields, "template": template[0], "template_name": template[1], "eos": eos,
@@ -197,8 +200,6 @@ def tokenize(ds, name: str, d: DataConfig, eos: str, tokenizer: Tokenizer, templ
         cache_file_name=str(path),
         load_from_cache_file=True,
         new_fingerprint=key,
-        num_proc=d.num_proc,
-        desc=f"tokenising {name} examples",
     )
     if len(out) == 0:
         raise DataError(f"the {name} split has no examples")

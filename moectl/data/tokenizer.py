@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from moectl.common import hub
+from moectl.common import console, hub
 from moectl.common.errors import DataError
 from moectl.common.fileio import atomic_write_text
 from moectl.config import TokenizerConfig
@@ -120,7 +120,9 @@ def vocab_size(cfg: TokenizerConfig, train_texts, text_column: str) -> int:
     """The BPE's target size: tokenizer.vocab_size, or `auto` from the UTF-8 bytes it trains on."""
     if cfg.vocab_size != "auto":
         return cfg.vocab_size
-    used = sum(len(t.encode("utf-8")) for batch in _text_batches(train_texts, text_column, cfg.max_train_chars) for t in batch)
+    with console.progress("measuring the tokenizer's text", *_text_total(train_texts, cfg)) as bar:
+        used = sum(len(t.encode("utf-8")) for batch in _text_batches(train_texts, text_column, cfg.max_train_chars,
+                                                                     advance=bar.advance) for t in batch)
     return auto_vocab_size(used)
 
 
@@ -150,22 +152,32 @@ def build(
         if cached:
             tok = Tokenizer.from_file(str(path))
         else:
-            tok = train_bpe(
-                _text_batches(train_texts, text_column, cfg.max_train_chars),
-                size,
-                cfg.min_frequency,
-                cfg.eot_token,
-                markers=markers,
-            )
+            with console.progress("training the tokenizer", *_text_total(train_texts, cfg)) as bar:
+                def texts() -> Iterator[list[str]]:
+                    yield from _text_batches(train_texts, text_column, cfg.max_train_chars, advance=bar.advance)
+                    bar.describe("training the tokenizer, learning merges")  # the rest of the wait, uncounted
+
+                tok = train_bpe(texts(), size, cfg.min_frequency, cfg.eot_token, markers=markers)
+                bar.describe("training the tokenizer")
             save(tok, path)
     eot_id(tok, cfg.eot_token)
     return tok, cached
 
 
-def _text_batches(dataset, column: str, max_chars: Optional[int], batch: int = 1000) -> Iterator[list[str]]:
+def _text_total(dataset, cfg: TokenizerConfig) -> tuple[int, str]:
+    """The (total, unit) of _text_batches' progress: documents, or characters under max_train_chars."""
+    return (len(dataset), "documents read") if cfg.max_train_chars is None else (cfg.max_train_chars, "characters read")
+
+
+def _text_batches(dataset, column: str, max_chars: Optional[int], batch: int = 100,
+                  advance: Optional[Callable[[int], None]] = None) -> Iterator[list[str]]:
+    """The BPE's training text, in lists of up to `batch` documents (small enough for the progress
+    to move on a corpus of a few hundred), cut at `max_chars` characters.
+    `advance`: told the documents read (the characters kept, under `max_chars`) as they are handed on."""
     used = 0
     for start in range(0, len(dataset), batch):
-        texts = [t for t in dataset[start : start + batch][column] if t]
+        rows = dataset[start : start + batch][column]
+        texts = [t for t in rows if t]
         if max_chars is not None:
             kept = []
             for t in texts:
@@ -174,6 +186,8 @@ def _text_batches(dataset, column: str, max_chars: Optional[int], batch: int = 1
                 kept.append(t[: max_chars - used])
                 used += len(kept[-1])
             texts = kept
+        if advance is not None:
+            advance(len(rows) if max_chars is None else sum(len(t) for t in texts))
         if texts:
             yield texts
         if max_chars is not None and used >= max_chars:

@@ -95,9 +95,10 @@ def lookahead(model: ModelConfig, moe: MoEConfig, training: bool) -> list[str]:
     found = []
     if moe.router == "expert_choice":
         found.append(
-            "moe.router=expert_choice: each expert picks its tokens from the whole batch, so in this causal LM a "
-            "token's routing depends on other tokens, later positions included; the loss is optimistic and "
-            "token-by-token generation routes differently"
+            "moe.router=expert_choice: moectl generate and moectl export --format hf will refuse this model (a "
+            "token-choice router such as moe.router=topk allows both). Each expert picks its tokens from the whole "
+            "batch, so in this causal LM a token's routing depends on other tokens, later positions included: the "
+            "loss is optimistic, and token-by-token generation cannot route as in training"
         )
     capacity = moe.capacity_factor if training or moe.eval_capacity_factor is None else moe.eval_capacity_factor
     capped = capacity not in (None, "dropless") and moe.router not in ("expert_choice", "soft")

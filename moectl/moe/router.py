@@ -235,7 +235,7 @@ class ExpertChoiceRouter(Router):
     """Zhou et al. 2022: S = softmax(X W_g) over experts; expert j takes the C tokens with the
     highest S[:, j], C = ceil(capacity_factor * N * K / E), combine weight S[token, j], N counting
     the real tokens (padding is never taken). A token may get zero or several experts. In a
-    causal LM this choice sees the whole batch, later positions included: see README."""
+    causal LM this choice sees the whole batch, later positions included: see docs/routing.md."""
 
     uses_capacity = False
 

@@ -14,7 +14,8 @@ and `checkpoints/step_NNNNNN/`, each with
 A checkpoint is staged in a hidden directory and renamed into place (fileio.staged_directory),
 so a crash never leaves a half-written `step_*` that resume would pick up. Loading never
 unpickles arbitrary objects. An export bundle (export.py) is a checkpoint directory that also
-holds its config and tokenizer; `resolve` accepts both, and run directories.
+holds its config and tokenizer; `resolve` accepts both, and run directories, and refuses a
+transformers directory (`moectl export --format hf`'s, or any other) in one line that says what to use.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def resolve(path: Path) -> tuple[Path, Path]:
         raise CheckpointError(f"{path}: no such run or checkpoint directory")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; give a run directory (runs/NAME) or a checkpoint directory")
+    if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        raise CheckpointError(_transformers_directory(path))
     if (path / "model.safetensors").is_file():
         if (path / "config.yaml").is_file():  # an exported bundle holds everything itself
             _check_bundle_format(path)
@@ -88,6 +91,22 @@ def resolve(path: Path) -> tuple[Path, Path]:
             raise CheckpointError(f"{path} holds a run that never saved a checkpoint; train it (moectl train {path} --resume)")
         raise CheckpointError(f"{path} is neither a run directory (config.yaml, checkpoints/) nor a checkpoint directory")
     return found, path
+
+
+def _transformers_directory(path: Path) -> str:
+    """Why a transformers model directory (config.json, no config.yaml) is not read, and what to give instead."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    use = f'load it in transformers with AutoModelForCausalLM.from_pretrained("{path}") and generate there'
+    if isinstance(meta, dict) and meta.get("format") == BUNDLE_FORMATS["hf"]:
+        source = meta.get("source_checkpoint") or "the run it was exported from"
+        return (f"{path} is a transformers export (moectl export --format hf), which moectl's commands do not read: "
+                f"give them the checkpoint it came from ({source}) or a safetensors bundle of it "
+                f"(moectl export --format safetensors), or {use}")
+    return (f"{path} is a transformers model directory (config.json, no config.yaml), which moectl's commands do "
+            f"not read: give them a moectl run, checkpoint or safetensors bundle, or {use}")
 
 
 def _check_bundle_format(path: Path) -> None:

@@ -33,6 +33,9 @@ import torch
 from moectl.config import ModelConfig, MoEConfig
 
 Tensors = dict[str, torch.Tensor]
+# Each architecture() by its name in words and its transformers model class.
+NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}
+CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 # Per-expert tensor names: (moectl, Mixtral, Qwen2-MoE)
 EXPERT_NAMES = (("w_gate", "w1", "gate_proj"), ("w_down", "w2", "down_proj"), ("w_up", "w3", "up_proj"))
 
@@ -116,7 +119,7 @@ def hf_config(model: ModelConfig, moe: MoEConfig, vocab_size: int, eot: Optional
             mlp_only_layers=[],
             qkv_bias=False,
             use_sliding_window=False,
-            architectures=["Qwen2MoeForCausalLM"],
+            architectures=[CLASSES["qwen2_moe"]],
         )
     else:
         klass = MixtralConfig
@@ -127,7 +130,7 @@ def hf_config(model: ModelConfig, moe: MoEConfig, vocab_size: int, eot: Optional
             num_local_experts=moe.num_experts,
             router_jitter_noise=0.0,
             sliding_window=None,
-            architectures=["MixtralForCausalLM"],
+            architectures=[CLASSES["mixtral"]],
         )
     if "rope_parameters" in inspect.signature(klass.__init__).parameters:
         kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": model.rope_theta}

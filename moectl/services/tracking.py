@@ -16,9 +16,10 @@ Histograms
   routing/layerNN/experts            tokens per expert over the window, one bar per expert
                                      (bucket e spans e - 0.5 .. e + 0.5)
 Images
-  routing/load_heatmap               at each eval: MoE layers (rows) x experts (columns),
-                                     token share from 0 (dark) to 2 / E, twice uniform, or more (bright)
+  routing/load_heatmap               at each eval: MoE layers (rows) x experts (columns), token
+                                     share x E from 0 (dark) to 2, twice uniform (bright); plots.load_heatmap
   routing/layerNN/coselection        route-stats --out: how often experts i and j share a token
+                                     (plots.coselection); both are the PNGs' matplotlib figures
 Text
   config                             the resolved config
   routing/warnings                   collapse warnings
@@ -98,14 +99,17 @@ class Tracker:
         for slot, fraction in zip(slots, changed):
             self._scalars(f"{layer_tag(slot)}/", {"top1_changed": fraction}, step)
 
-    def heatmap(self, layers: list[LayerStats], step: int) -> None:
+    def heatmap(self, layers: list[LayerStats], step: int, slots: Optional[list[int]] = None) -> None:
+        """The load heatmap of `layers` (rows labelled by their FFN slots, or 0, 1, ... without)."""
         if not self.writer or not layers:
             return
-        self.writer.add_image("routing/load_heatmap", plots.load_heatmap([s.share for s in layers]), step, dataformats="HWC")
+        figure = plots.load_heatmap([s.share for s in layers], slots, step)
+        self.writer.add_image("routing/load_heatmap", plots.rgb_array(figure), step, dataformats="HWC")
 
-    def coselection(self, slot: int, image: np.ndarray, step: int) -> None:
-        """An (H, W, 3) uint8 picture of one layer's co-selection matrix."""
+    def coselection(self, slot: int, matrix: np.ndarray, step: int) -> None:
+        """One layer's (E, E) co-selection matrix, as plots.coselection draws it."""
         if self.writer:
+            image = plots.rgb_array(plots.coselection(matrix, slot))
             self.writer.add_image(f"{layer_tag(slot)}/coselection", image, step, dataformats="HWC")
 
     def config(self, text: str, step: int) -> None:
