@@ -1,7 +1,7 @@
 """The package keeps its shape: the folders are the layers, each module imports only from its own
 layer or the layers below, no modules import each other in a circle, only the command layer
-receives the whole Config, each package's docstring maps its modules, and README's module map
-names every top-level module and package.
+receives the whole Config, each package's docstring maps its modules, and the module map of
+docs/architecture.md names every top-level module and package.
 
 Every import statement counts, at module level or inside a function. Only `if TYPE_CHECKING:`
 blocks are skipped: they never run, they only name types for annotations.
@@ -43,7 +43,7 @@ def layer_of(module: str) -> int:
     for depth, (_, members) in enumerate(LAYERS):
         if any(module == m or module.startswith(m + ".") for m in members if m != "moectl") or module in members:
             return depth
-    raise AssertionError(f"{module} is in no layer of tests/test_architecture.py: place it, and in README's module map")
+    raise AssertionError(f"{module} is in no layer of tests/test_architecture.py: place it, and in docs/architecture.md's module map")
 
 
 def _runtime_nodes(tree: ast.AST):
@@ -137,16 +137,16 @@ def test_model_code_is_single_device():
                 assert not any(n.startswith("torch.distributed") for n in names), f"{module} imports torch.distributed"
 
 
-def test_readme_module_map_names_every_module():
-    """README's map names every top-level module and package, and no file that is not there."""
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- module-map:start -->\n(.*?)<!-- module-map:end -->", readme, re.S)
-    assert block, "README.md lost its module-map markers"
+def test_module_map_names_every_module():
+    """docs/architecture.md's map names every top-level module and package, and no file that is not there."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    block = re.search(r"<!-- module-map:start -->\n(.*?)<!-- module-map:end -->", page, re.S)
+    assert block, "docs/architecture.md lost its module-map markers"
     named = set(re.findall(r"[a-z_]+(?:\.py|/)", block.group(1)))
     top = {p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"} | {p.name + "/" for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     files = {p.name for p in PACKAGE.rglob("*.py")}
     stale = sorted(n for n in named if n not in top and n not in files)
-    assert top <= named and not stale, f"README's module map: missing {sorted(top - named)}, stale {stale}"
+    assert top <= named and not stale, f"docs/architecture.md's module map: missing {sorted(top - named)}, stale {stale}"
 
 
 def test_the_command_line_starts_without_torch():
