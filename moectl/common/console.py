@@ -274,7 +274,7 @@ def train_summary(result, instruction_tuned: bool = False) -> None:
 
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
-    grid.add_column()
+    grid.add_column(overflow="fold")  # paths and commands wrap whole, never cut to "…"
     grid.add_row("checkpoint", str(result.checkpoint))
     grid.add_row("logs", f"{result.run_dir}  (TensorBoard events, config.yaml, tokenizer.json)")
     if result.eval_loss is not None:
