@@ -112,16 +112,7 @@ def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], no
             f"every {moe.every} FFN slot(s), {moe.shared_experts} shared expert(s), capacity factor "
             f"{moe.capacity_factor if moe.capacity_factor is not None else 'none (dropless)'}"
         )
-    d, tr = cfg.data, cfg.train
-    source = {"hub": f"Hugging Face dataset `{d.name}` ({d.config_name or 'default'})", "files": f"Local files `{d.data_files}`",
-              "disk": f"A saved dataset at `{d.path}`", "stdlib": "The Python standard library's sources"}[d.source]
-    what = ("instruction-tuned (data.task=sft) on its conversations, the loss on the responses only" if d.task == "sft"
-            else f"text column `{d.text_column}`")
-    lines += ["", "## Training data", "", f"{source}, {what}, blocks of {d.seq_len} tokens; {loaded.step} steps of "
-              f"{tr.batch_size} sequences, {meta.get('tokens_seen', 0):,} tokens seen."]
-    if tr.init_from:
-        lines += ["", f"Training started from the weights of `{tr.init_from}` (train.init_from)."]
-    lines += ["", "## Quality", ""]
+    lines += _data_section(loaded, meta) + ["", "## Quality", ""]
     if meta.get("eval_loss") is not None:
         loss = meta["eval_loss"]
         lines.append(f"Validation loss: {loss:.4f} nats/token (perplexity {perplexity(loss):.2f}).")
@@ -145,6 +136,20 @@ def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], no
                 lines += [f"     - layer {slot}: {row}" for slot, row in zip(loaded.slots, rows)]
     lines += ["", "## Use", ""] + (_use_in_transformers(loaded) if fmt == "hf" else _use_in_moectl())
     return "\n".join(lines + [""])
+
+
+def _data_section(loaded: LoadedModel, meta: dict) -> list[str]:
+    """The card's "Training data": the source, the task, how much was seen, where it started from."""
+    d, tr = loaded.cfg.data, loaded.cfg.train
+    source = {"hub": f"Hugging Face dataset `{d.name}` ({d.config_name or 'default'})", "files": f"Local files `{d.data_files}`",
+              "disk": f"A saved dataset at `{d.path}`", "stdlib": "The Python standard library's sources"}[d.source]
+    what = ("instruction-tuned (data.task=sft) on its conversations, the loss on the responses only" if d.task == "sft"
+            else f"text column `{d.text_column}`")
+    lines = ["", "## Training data", "", f"{source}, {what}, blocks of {d.seq_len} tokens; {loaded.step} steps of "
+             f"{tr.batch_size} sequences, {meta.get('tokens_seen', 0):,} tokens seen."]
+    if tr.init_from:
+        lines += ["", f"Training started from the weights of `{tr.init_from}` (train.init_from)."]
+    return lines
 
 
 def _made_by(loaded: LoadedModel) -> str:
