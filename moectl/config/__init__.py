@@ -17,6 +17,7 @@ Which file holds what (import everything from `moectl.config`):
                   PAPER_DROP_POLICY, ROUTER_TOP_K, router_needs), and the routing rules
     data.py       DataConfig, TokenizerConfig, and the rules on their keys alone
     train.py      TrainConfig, OptimConfig, and the rules on their keys alone
+    lora.py       LoRAConfig (train.lora), LORA_TARGETS, and the rules on its keys alone
     root.py       Config (the root), SECTIONS, the rules across sections, the order of all
                   checks, and the paper defaults that fill null keys
     messages.py   a ValidationError in words, one line per bad key
@@ -53,14 +54,15 @@ from .reference import reference_markdown, reference_yaml
 from .root import SECTIONS, Config
 from .run import CheckpointConfig, LogConfig, RunConfig
 from .section import Section
+from .lora import LORA_TARGETS, LoRAConfig
 from .train import OptimConfig, TrainConfig
 
 __all__ = [
     # the tree
     "Config", "SECTIONS", "Section", "RunConfig", "ModelConfig", "MoEConfig", "DataConfig", "TokenizerConfig",
-    "TrainConfig", "OptimConfig", "LogConfig", "CheckpointConfig",
+    "TrainConfig", "OptimConfig", "LoRAConfig", "LogConfig", "CheckpointConfig",
     # the names a user picks from, and the routers' paper defaults
-    "ROUTERS", "ACTIVATIONS", "PAPER_LOSSES", "LOSS_KEYS", "PAPER_DROP_POLICY", "ROUTER_TOP_K", "router_needs",
+    "ROUTERS", "ACTIVATIONS", "LORA_TARGETS", "PAPER_LOSSES", "LOSS_KEYS", "PAPER_DROP_POLICY", "ROUTER_TOP_K", "router_needs",
     "HARDWARE_PRESETS",
     # reading and writing
     "load", "from_dict", "yaml_load", "parse_override", "with_values", "to_dict", "dump", "save", "config_hash",

@@ -18,9 +18,10 @@ from pydantic import ValidationError
 from moectl.common.errors import ConfigError
 from moectl.common.fileio import atomic_write_text
 
-from .messages import _format_errors, _key_hint
+from .messages import _did_you_mean, _format_errors, _key_hint
 from .moe import ROUTERS, MoEConfig, router_needs
 from .root import SECTIONS, Config
+from .section import Section
 
 # ------------------------------------------------------------------------------------------ YAML
 
@@ -79,8 +80,12 @@ def _check_key(key: str) -> None:
     fields = SECTIONS[parts[0]].model_fields
     if len(parts) == 1:
         return
-    if len(parts) > 2 or parts[1] not in fields:
-        hint = _key_hint((parts[0], parts[1])) if len(parts) == 2 else ""
+    if parts[1] not in fields:
+        raise ConfigError(f"--set {key}: unknown key '{key}'{_key_hint((parts[0], parts[1]))}")
+    sub = fields[parts[1]].annotation  # a subsection (train.lora) has keys of its own
+    nested = isinstance(sub, type) and issubclass(sub, Section)
+    if len(parts) > 2 and (not nested or len(parts) > 3 or parts[2] not in sub.model_fields):
+        hint = _did_you_mean(parts[2], list(sub.model_fields)) if nested and len(parts) == 3 else ""
         raise ConfigError(f"--set {key}: unknown key '{key}'{hint}")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .root import SECTIONS, Config
 
@@ -54,7 +54,11 @@ def _section_fields(path: tuple[str, ...]) -> list[str]:
 def _field_key(loc: tuple) -> str:
     """The dotted config key of an error: section.field, without list indices or union-member tags."""
     parts = [str(p) for p in loc if not isinstance(p, int)]
-    return ".".join(parts[:2] if parts and parts[0] in SECTIONS else parts[:1])
+    if not parts or parts[0] not in SECTIONS:
+        return ".".join(parts[:1])
+    field = SECTIONS[parts[0]].model_fields.get(parts[1]) if len(parts) > 1 else None
+    nested = field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    return ".".join(parts[:3] if nested else parts[:2])  # a subsection's key: train.lora.rank
 
 
 def _describe_error(err: dict[str, Any], key: str) -> str:

@@ -8,6 +8,17 @@ import json
 import yaml
 
 from .root import SECTIONS, Config
+from .section import Section
+
+
+def _fields(section: type[Section], defaults: dict, prefix: str = ""):
+    """(dotted key within the section, default, description, whether it is a subsection) of every key,
+    a subsection's own keys after it (train.lora, then train.lora.rank, ...)."""
+    for key, field in section.model_fields.items():
+        sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, Section) else None
+        yield prefix + key, defaults[key], field.description, sub is not None
+        if sub is not None:
+            yield from _fields(sub, defaults[key], prefix + key + ".")
 
 
 def reference_yaml() -> str:
@@ -16,11 +27,13 @@ def reference_yaml() -> str:
     for name, section in SECTIONS.items():
         out.append("")
         out.append(f"{name}:  # {Config.model_fields[name].description}")
-        defaults = section().model_dump(mode="json")
-        for key, field in section.model_fields.items():
-            value = yaml.safe_dump(defaults[key], default_flow_style=True).strip()
-            value = value.removesuffix("...").strip()
-            out.append(f"  {key}: {value}  # {field.description}")
+        for key, default, description, subsection in _fields(section, section().model_dump(mode="json")):
+            indent = "  " * (key.count(".") + 1)
+            if subsection:
+                out.append(f"{indent}{key.rsplit('.', 1)[-1]}:  # {description}")
+                continue
+            value = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            out.append(f"{indent}{key.rsplit('.', 1)[-1]}: {value}  # {description}")
     return "\n".join(out) + "\n"
 
 
@@ -31,11 +44,10 @@ def reference_markdown() -> str:
         out.append(f"**`{name}`**: {Config.model_fields[name].description}\n")
         out.append("| key | default | description |")
         out.append("|---|---|---|")
-        defaults = section().model_dump(mode="json")
-        for key, field in section.model_fields.items():
-            value = json.dumps(defaults[key])
-            desc = (field.description or "").replace("|", "\\|")
-            out.append(f"| `{name}.{key}` | `{value}` | {desc} |")
+        for key, default, description, subsection in _fields(section, section().model_dump(mode="json")):
+            value = "" if subsection else f"`{json.dumps(default)}`"
+            desc = (description or "").replace("|", "\\|")
+            out.append(f"| `{name}.{key}` | {value} | {desc} |")
         out.append("")
     return "\n".join(out)
 

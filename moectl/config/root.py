@@ -5,7 +5,7 @@ included, and the paper defaults that fill null keys."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
@@ -53,6 +53,7 @@ class Config(Section):
         tr.check_device()
         m.check_output_head()
         self._check_objective()
+        self._check_lora()
         return self
 
     def _check_moe_layers(self, trained: bool) -> None:
@@ -103,6 +104,33 @@ class Config(Section):
                 f"train.objective={self.train.objective} trains a mixture head by EM; set model.head=mixture"
             )
 
+    def _check_lora(self) -> None:
+        """LoRA adapts a base model's matrices that exist, at a rank they have, and owns what trains."""
+        m, moe, tr, lora = self.model, self.moe, self.train, self.train.lora
+        if not lora.enabled:
+            return
+        if not tr.init_from:
+            raise ValueError(f"train.lora.rank={lora.rank} adapts a trained model: set train.init_from to the run, "
+                             "checkpoint or bundle to adapt")
+        if tr.freeze != "none":
+            raise ValueError(f"train.freeze={tr.freeze} and train.lora both choose what trains: with LoRA, "
+                             "train.lora.targets does; set train.freeze=none")
+        if tr.expert_parallel > 1:
+            raise ValueError(f"train.expert_parallel={tr.expert_parallel}: LoRA adapters do not shard over "
+                             "expert-parallel groups yet; set train.expert_parallel=1 (DDP alone)")
+        available = lora_targets(m, moe)
+        for target in lora.targets or []:
+            if target not in available:
+                raise ValueError(f"train.lora.targets: {target}: {_missing_target(target, m, moe)}")
+        if lora.dropout and "lstm" in (lora.targets or available):
+            raise ValueError("train.lora.dropout: the LSTM's adapters join its recurrent weights, so their input "
+                             "cannot be dropped; set train.lora.dropout=0 or leave lstm out of train.lora.targets")
+        for target in lora.targets or _default_targets(available):
+            smallest = available[target]
+            if smallest is not None and lora.rank > smallest:
+                raise ValueError(f"train.lora.rank={lora.rank} is larger than the {target} matrices allow (their "
+                                 f"smaller side is {smallest}); choose a rank <= {smallest}")
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Config":
         # Resolved here, so the config written to the run directory is explicit.
@@ -119,6 +147,11 @@ class Config(Section):
         for key in LOSS_KEYS:
             if getattr(moe, key) is None:
                 setattr(moe, key, paper.get(key, 0.0))
+        lora = self.train.lora
+        if lora.enabled and lora.targets is None:
+            lora.targets = _default_targets(lora_targets(m, moe))
+        if lora.enabled and lora.alpha is None:
+            lora.alpha = 2.0 * lora.rank
         return self
 
     @property
@@ -126,6 +159,48 @@ class Config(Section):
         """What load() set because an override changed moe.router (dotted key -> value set; null:
         the new router's paper value); empty otherwise."""
         return self._router_filled
+
+
+def lora_targets(m: ModelConfig, moe: MoEConfig) -> dict[str, Optional[int]]:
+    """The LoRA targets this model has, each with the smaller side of its matrices (None: not low-rank)."""
+    slots = m.num_ffn_slots
+    moe_slots = len(moe.slots(m)) if m.is_moe else 0
+    found: dict[str, Optional[int]] = {}
+    if m.backbone == "transformer":
+        found["attention"] = m.d_model
+    else:
+        found["lstm"] = m.d_model
+    if m.is_moe:
+        found["experts"] = min(m.d_model, moe.expert_hidden or m.ffn_hidden)
+        if moe.shared_experts:
+            found["shared_experts"] = min(m.d_model, moe.shared_experts * (moe.shared_expert_hidden or moe.expert_hidden
+                                                                           or m.ffn_hidden))
+        found["router"] = None
+    if moe_slots < slots:
+        found["dense_ffn"] = min(m.d_model, m.ffn_hidden)
+    if m.head == "linear" and not m.tie_embeddings:
+        found["head"] = m.d_model
+    return found
+
+
+def _default_targets(available: dict[str, Optional[int]]) -> list[str]:
+    return [t for t in ("attention", "lstm", "experts", "shared_experts", "dense_ffn") if t in available]
+
+
+def _missing_target(target: str, m: ModelConfig, moe: MoEConfig) -> str:
+    """Why this model has no such target, and what to do."""
+    if target in ("attention", "lstm"):
+        return f"model.arch={m.arch} has no {target} ({'a Transformer' if target == 'attention' else 'an LSTM'} has)"
+    if target in ("experts", "router"):
+        return f"model.arch={m.arch} is dense: it has no {target}; adapt dense_ffn instead"
+    if target == "shared_experts":
+        return "this model has no shared experts (moe.shared_experts=0)"
+    if target == "dense_ffn":
+        return "every FFN slot of this model is an MoE layer (moe.every=1); adapt experts instead"
+    if m.head != "linear":
+        return f"model.head={m.head}: only a linear head takes an adapter"
+    return ("model.tie_embeddings=true: the head is the input embedding, and an adapter on it alone would untie "
+            "them; train with model.tie_embeddings=false to adapt the head")
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from moectl.common.perf_model import PRESETS as HARDWARE_PRESETS
 
+from .lora import LoRAConfig
 from .section import Section
 
 
@@ -88,6 +89,10 @@ class TrainConfig(Section):
         "auto",
         description="The machine the performance model assumes (train.shadow_experts=auto): a preset name "
         "(`gpu-node`, `gpu-2nodes`, `cpu`), or `auto`: `gpu-node` on CUDA, else `cpu`.",
+    )
+    lora: LoRAConfig = Field(
+        default_factory=LoRAConfig,
+        description="Low-rank adapters on the frozen train.init_from model (set train.lora.rank to turn them on).",
     )
     dist_timeout: float = Field(
         600.0, gt=0, description="Multi-process runs: seconds a collective waits for the other processes before the job fails."

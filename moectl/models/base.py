@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moectl.models.head import MixtureHead, mixture_log_probs, objective_loss
+from moectl.models.layers import Linear
 from moectl.moe import LOSS_NAMES, RoutingRecord, routing_losses
 from moectl.moe.losses import CountReduce
 
@@ -69,7 +70,7 @@ class LanguageModel(nn.Module):
         if head_experts:
             self.head = MixtureHead(d_model, vocab_size, head_experts, init_std)
         else:
-            self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+            self.lm_head = Linear(d_model, vocab_size)
             if tie_embeddings:
                 self.lm_head.weight = self.embed.weight
 

@@ -51,16 +51,29 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
+class Linear(nn.Linear):
+    """nn.Linear (no bias) that may carry a LoRA adapter (models/lora.py attaches it), whose low-rank
+    path it adds: x W^T + s (drop(x) A) B."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out, bias=False)
+        self.adapters: Optional[nn.ModuleDict] = None  # {"weight": Adapter} when adapted
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight)
+        return y if self.adapters is None else y + self.adapters["weight"](x).to(y.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model, bias=False)
-        self.k_proj = nn.Linear(d_model, d_model, bias=False)
-        self.v_proj = nn.Linear(d_model, d_model, bias=False)
-        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_proj = Linear(d_model, d_model)
+        self.k_proj = Linear(d_model, d_model)
+        self.v_proj = Linear(d_model, d_model)
+        self.o_proj = Linear(d_model, d_model)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """`cos`, `sin`: (T, hd), or (B, 1, T, hd) per sequence; `mask` (B, 1, T, T), True where

@@ -58,7 +58,7 @@ class LSTMMoE(LanguageModel):
                 y = _lstm_per_segment(lstm, h, *runs)
             else:
                 start = None if state is None else (state[i, 0][None].contiguous(), state[i, 1][None].contiguous())
-                y, (h_n, c_n) = lstm(h, start)  # (B, T, D), and (1, B, D) twice
+                y, (h_n, c_n) = run_lstm(lstm, h, start)  # (B, T, D), and (1, B, D) twice
                 final.append(torch.stack([h_n[0], c_n[0]]))
             h = self._add(h, y)
             if i < len(self.ffns):
@@ -67,6 +67,16 @@ class LSTMMoE(LanguageModel):
                 if record is not None:
                     records.append(record)
         return h, records, torch.stack(final) if final else None
+
+
+def run_lstm(lstm: nn.LSTM, *args):
+    """`lstm(*args)`, with its LoRA adapters (models/lora.py) joined to the weights they adapt: the
+    recurrence uses each weight whole, so W + s A B is formed once per call."""
+    adapters = getattr(lstm, "adapters", None)
+    if adapters is None:
+        return lstm(*args)
+    weights = {name: getattr(lstm, name) + adapter.delta() for name, adapter in adapters.items()}
+    return torch.func.functional_call(lstm, weights, args)
 
 
 def _segment_runs(segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,5 +103,5 @@ def _lstm_per_segment(lstm: nn.LSTM, h: Tensor, run: Tensor, offset: Tensor, len
     rows = h.new_zeros(len(lengths_cpu), int(lengths_cpu.max()), d)  # (R, max run, D)
     rows[run, offset] = h.reshape(b * t, d)
     packed = pack_padded_sequence(rows, lengths_cpu, batch_first=True, enforce_sorted=False)
-    out, _ = pad_packed_sequence(lstm(packed)[0], batch_first=True, total_length=rows.shape[1])
+    out, _ = pad_packed_sequence(run_lstm(lstm, packed)[0], batch_first=True, total_length=rows.shape[1])
     return out[run, offset].view(b, t, -1)

@@ -22,19 +22,27 @@ from moectl.config import ACTIVATIONS
 
 
 def ffn(
-    x: Tensor, w_up: Tensor, w_gate: Optional[Tensor], w_down: Tensor, activation: str, dropout: float = 0.0
+    x: Tensor, w_up: Tensor, w_gate: Optional[Tensor], w_down: Tensor, activation: str, dropout: float = 0.0,
+    adapters: Optional[nn.ModuleDict] = None, expert: Optional[int] = None,
 ) -> Tensor:
-    """(n, D) -> (n, D) with w_up, w_gate: (D, H) and w_down: (H, D); dropout (training only) on the hidden layer."""
-    h = x @ w_up  # (n, H)
+    """(n, D) -> (n, D) with w_up, w_gate: (D, H) and w_down: (H, D); dropout (training only) on the
+    hidden layer. `adapters`: LoRA adapters (moe/adapter.py) by weight name, whose low-rank paths add to
+    those matmuls (of expert `expert`, for a stack's adapters)."""
+
+    def matmul(inp: Tensor, w: Tensor, name: str) -> Tensor:
+        out = inp @ w
+        return out + adapters[name](inp, expert) if adapters is not None and name in adapters else out
+
+    h = matmul(x, w_up, "w_up")  # (n, H)
     if activation == "swiglu":
-        h = F.silu(x @ w_gate) * h
+        h = F.silu(matmul(x, w_gate, "w_gate")) * h
     elif activation == "gelu":
         h = F.gelu(h)
     else:
         h = F.relu(h)
     if dropout:
         h = F.dropout(h, dropout)
-    return h @ w_down  # (n, D)
+    return matmul(h, w_down, "w_down")  # (n, D)
 
 
 class FeedForward(nn.Module):
@@ -50,9 +58,10 @@ class FeedForward(nn.Module):
         self.w_down = nn.Parameter(torch.empty(hidden, d_model))
         for p in self.parameters():
             nn.init.normal_(p, std=init_std)
+        self.adapters: Optional[nn.ModuleDict] = None  # LoRA, by weight name (models/lora.py attaches them)
 
     def forward(self, x: Tensor) -> Tensor:
-        return ffn(x, self.w_up, self.w_gate, self.w_down, self.activation)
+        return ffn(x, self.w_up, self.w_gate, self.w_down, self.activation, adapters=self.adapters)
 
 
 def _grouped_mm_ok(x: Tensor, *weights: Optional[Tensor]) -> bool:
@@ -76,57 +85,104 @@ class _GroupedFFN(torch.autograd.Function):
     same. The forward saves what the dense FFN's autograd saves: the up and gate
     pre-activations, silu(gate) and the hidden layer (recomputing the last two in the backward
     cost 2% of the layer's time for M x H floats each).
+
+    LoRA (moe/adapter.py): each adapted matrix W gets its low-rank path, x W + s (drop(x) A) B, as
+    two more grouped matmuls through rank r (or plain ones, for a pair shared by all experts); the
+    backward gives A and B their gradients through rank r too, and computes no gradient for a
+    frozen W at all.
     """
 
     @staticmethod
-    def forward(ctx, x, sizes, activation, w_up, w_gate, w_down):  # x: (M, D) grouped by expert
-        grouped = _grouped_mm_ok(x, w_up, w_gate, w_down)
+    def forward(ctx, x, sizes, activation, lora, w_up, w_gate, w_down, *factors):
+        """x: (M, D) grouped by expert; `lora`: (scale, dropout) of the adapters; `factors`: A, B of
+        up, gate and down, (E or 1, in, r) and (E or 1, r, out), None where a matrix has no adapter."""
+        grouped = _grouped_mm_ok(x, w_up, w_gate, w_down, *factors)
         offsets = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32) if grouped else None
         mm = (lambda a, b: F.grouped_mm(a, b, offs=offsets)) if grouped else (lambda a, b: _loop_mm(a, b, sizes))
-        pre_up = mm(x, w_up)  # (M, H)
+        scale, p = lora or (0.0, 0.0)
+        a_up, b_up, a_gate, b_gate, a_down, b_down = factors or (None,) * 6
+        mask_x = _dropout_mask(x, p) if (a_up is not None or a_gate is not None) else None
+
+        def matmul(inp, inp_mask, w, a, b):  # inp @ w (+ the low-rank path): (out, its rank-r middle or None)
+            out = mm(inp, w)
+            if a is None:
+                return out, None
+            mid = _factor_mm(mm, inp if inp_mask is None else inp * inp_mask, a)  # (M, r)
+            return out.add_(_factor_mm(mm, mid, b), alpha=scale), mid
+
+        pre_up, mid_up = matmul(x, mask_x, w_up, a_up, b_up)  # (M, H)
         if w_gate is not None:
-            pre_gate = mm(x, w_gate)  # (M, H)
+            pre_gate, mid_gate = matmul(x, mask_x, w_gate, a_gate, b_gate)  # (M, H)
             silu = F.silu(pre_gate)
             hidden = silu * pre_up
         else:
-            pre_gate = silu = None
+            pre_gate = silu = mid_gate = None
             hidden = F.gelu(pre_up) if activation == "gelu" else F.relu(pre_up)
-        out = mm(hidden, w_down)  # (M, D)
-        ctx.sizes, ctx.activation, ctx.offsets = sizes, activation, offsets
-        ctx.save_for_backward(x, w_up, w_gate, w_down, pre_up, pre_gate, silu, hidden)
+        mask_h = _dropout_mask(hidden, p) if a_down is not None else None
+        out, mid_down = matmul(hidden, mask_h, w_down, a_down, b_down)  # (M, D)
+        ctx.sizes, ctx.activation, ctx.offsets, ctx.scale = sizes, activation, offsets, scale
+        ctx.save_for_backward(x, w_up, w_gate, w_down, pre_up, pre_gate, silu, hidden, *(factors or (None,) * 6),
+                              mid_up, mid_gate, mid_down, mask_x, mask_h)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_up, w_gate, w_down, pre_up, pre_gate, silu, hidden = ctx.saved_tensors
+        (x, w_up, w_gate, w_down, pre_up, pre_gate, silu, hidden, a_up, b_up, a_gate, b_gate, a_down, b_down,
+         mid_up, mid_gate, mid_down, mask_x, mask_h) = ctx.saved_tensors
         go = grad_out.contiguous()
-        sizes, offsets = ctx.sizes, ctx.offsets
+        sizes, offsets, scale = ctx.sizes, ctx.offsets, ctx.scale
         if offsets is not None:
             mm = lambda a, b: F.grouped_mm(a, b, offs=offsets)  # noqa: E731  (M,K)@(E,K,N) -> (M,N)
             wgrad = lambda a, b: F.grouped_mm(a.t(), b, offs=offsets)  # noqa: E731  (M,K),(M,N) -> (E,K,N)
         else:
             mm = lambda a, b: _loop_mm(a, b, sizes)  # noqa: E731
             wgrad = lambda a, b: _loop_wgrad(a, b, sizes)  # noqa: E731
+        need_up, need_gate, need_down = ctx.needs_input_grad[4:7]
+
+        def matmul_grad(d_out, inp, inp_mask, w, need_w, a, b, mid):
+            """Gradients of out = inp @ w + s (inp * mask) a b: (d inp, d w, d a, d b)."""
+            d_inp = mm(d_out, w.transpose(1, 2))
+            dw = wgrad(inp, d_out) if need_w else None
+            if a is None:
+                return d_inp, dw, None, None
+            g = _factor_mm(mm, d_out, b.transpose(1, 2))  # (M, r)
+            db = _factor_wgrad(wgrad, mid, d_out, b).mul_(scale)
+            d_mid_in = _factor_mm(mm, g, a.transpose(1, 2)).mul_(scale)  # d (inp * mask)
+            da = _factor_wgrad(wgrad, inp if inp_mask is None else inp * inp_mask, g, a).mul_(scale)
+            return d_inp.add_(d_mid_in if inp_mask is None else d_mid_in * inp_mask), dw, da, db
+
+        dh, dw_down, da_down, db_down = matmul_grad(go, hidden, mask_h, w_down, need_down, a_down, b_down, mid_down)
         a = pre_up
         if pre_gate is not None:
-            dw_down = wgrad(hidden, go)  # (E, H, D)
-            dh = mm(go, w_down.transpose(1, 2))  # (M, H)
-            da = silu * dh
+            d_up = silu * dh
             # dg = dh * a * silu'(g) in one fused pass, written over dh
             dg = torch.ops.aten.silu_backward.grad_input(dh.mul_(a), pre_gate, grad_input=dh)
-            dw_gate = wgrad(x, dg)
-            dx = mm(dg, w_gate.transpose(1, 2))
+            dx, dw_gate, da_gate, db_gate = matmul_grad(dg, x, mask_x, w_gate, need_gate, a_gate, b_gate, mid_gate)
         else:
-            dw_down = wgrad(hidden, go)
-            dh = mm(go, w_down.transpose(1, 2))
             if ctx.activation == "gelu":  # exact GELU, as F.gelu's default
-                da = torch.ops.aten.gelu_backward(dh, a)
+                d_up = torch.ops.aten.gelu_backward(dh, a)
             else:  # relu: dh where the output is positive
-                da = torch.ops.aten.threshold_backward(dh, hidden, 0)
-            dw_gate, dx = None, None
-        dw_up = wgrad(x, da)
-        dx = mm(da, w_up.transpose(1, 2)) if dx is None else dx.add_(mm(da, w_up.transpose(1, 2)))
-        return dx, None, None, dw_up, dw_gate, dw_down
+                d_up = torch.ops.aten.threshold_backward(dh, hidden, 0)
+            dx, dw_gate, da_gate, db_gate = None, None, None, None
+        dx_up, dw_up, da_up, db_up = matmul_grad(d_up, x, mask_x, w_up, need_up, a_up, b_up, mid_up)
+        dx = dx_up if dx is None else dx.add_(dx_up)
+        return dx, None, None, None, dw_up, dw_gate, dw_down, da_up, db_up, da_gate, db_gate, da_down, db_down
+
+
+def _dropout_mask(t: Tensor, p: float) -> Optional[Tensor]:
+    """Inverted dropout's multiplier for `t` (0 or 1 / (1 - p)); None without dropout."""
+    return torch.empty_like(t).bernoulli_(1.0 - p).div_(1.0 - p) if p else None
+
+
+def _factor_mm(mm, a: Tensor, factor: Tensor) -> Tensor:
+    """(M, K) rows grouped by expert @ an adapter factor (E, K, N), or a shared one (1, K, N)."""
+    return a @ factor[0] if factor.shape[0] == 1 else mm(a, factor)
+
+
+def _factor_wgrad(wgrad, a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
+    """The gradient of an adapter factor shaped like `factor`: per expert a_e^T b_e, or for a shared
+    factor a^T b over all rows."""
+    return (a.t() @ b).unsqueeze(0) if factor.shape[0] == 1 else wgrad(a, b)
 
 
 def _loop_mm(a: Tensor, b: Tensor, sizes: list[int]) -> Tensor:
@@ -154,18 +210,27 @@ def _loop_wgrad(a: Tensor, b: Tensor, sizes: list[int]) -> Tensor:
 
 
 def grouped_ffn(x: Tensor, tokens_per_expert: list[int], activation: str, w_up: Tensor, w_gate: Optional[Tensor],
-                w_down: Tensor) -> Tensor:
+                w_down: Tensor, adapters: Optional[nn.ModuleDict] = None) -> Tensor:
     """(M, D) rows grouped by expert -> (M, D): expert e's FFN on its rows (_GroupedFFN), with the
-    (E, D, H), (E, H, D) weights; in autocast's dtype when autocast is on."""
+    (E, D, H), (E, H, D) weights and their stacked LoRA `adapters` by weight name; in autocast's
+    dtype when autocast is on."""
     weights = [w_up, w_gate, w_down]
+    factors: list[Optional[Tensor]] = []
+    lora = None
+    if adapters is not None and len(adapters):
+        for name in ("w_up", "w_gate", "w_down"):
+            factors += list(adapters[name].factors()) if name in adapters else [None, None]
+        first = next(iter(adapters.values()))
+        lora = (first.scale, first.dropout if first.training else 0.0)
     device = x.device.type
     if torch.is_autocast_enabled(device):  # a custom Function is not autocast-aware: cast as autocast would
         dtype = torch.get_autocast_dtype(device)
         x = x.to(dtype)
         weights = [w.to(dtype) if w is not None else None for w in weights]
+        factors = [f.to(dtype) if f is not None else None for f in factors]
     elif x.dtype != w_up.dtype:
         x = x.to(w_up.dtype)
-    return _GroupedFFN.apply(x, tokens_per_expert, activation, *weights)
+    return _GroupedFFN.apply(x, tokens_per_expert, activation, lora, *weights, *factors)
 
 
 class GroupedExperts(nn.Module):
@@ -189,6 +254,7 @@ class GroupedExperts(nn.Module):
         if torch.device(device or "cpu").type != "meta":  # initialising meta tensors imports ~70 MB of torch
             for p in self.parameters():
                 nn.init.normal_(p, std=init_std)
+        self.adapters: Optional[nn.ModuleDict] = None  # stacked LoRA, by weight name (models/lora.py attaches them)
 
     def _dropout(self) -> float:
         return self.dropout if self.training else 0.0
@@ -204,14 +270,14 @@ class GroupedExperts(nn.Module):
         gates = self.w_gate.unbind(0) if self.w_gate is not None else [None] * self.num_experts
         p = self._dropout()
         outs = [
-            ffn(chunk, ups[e], gates[e], downs[e], self.activation, p)
+            ffn(chunk, ups[e], gates[e], downs[e], self.activation, p, self.adapters, e)
             for e, chunk in enumerate(x.split(tokens_per_expert))
             if tokens_per_expert[e]
         ]
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[1])
 
     def _fused(self, x: Tensor, tokens_per_expert: list[int]) -> Tensor:
-        return grouped_ffn(x, tokens_per_expert, self.activation, self.w_up, self.w_gate, self.w_down)
+        return grouped_ffn(x, tokens_per_expert, self.activation, self.w_up, self.w_gate, self.w_down, self.adapters)
 
     def pruned(self, keep: list[int]) -> "GroupedExperts":
         """A copy holding the experts `keep` alone, in that order."""
@@ -225,4 +291,4 @@ class GroupedExperts(nn.Module):
     def forward_expert(self, e: int, x: Tensor) -> Tensor:
         """One expert on (n, D): the reference path's building block."""
         gate = self.w_gate[e] if self.w_gate is not None else None
-        return ffn(x, self.w_up[e], gate, self.w_down[e], self.activation, self._dropout())
+        return ffn(x, self.w_up[e], gate, self.w_down[e], self.activation, self._dropout(), self.adapters, e)

@@ -11,6 +11,10 @@ and `checkpoints/step_NNNNNN/`, each with
                       torch.load(weights_only=True)
   meta.json           `metadata()`: step, tokens seen, config hash, versions, time, eval loss, ...
 
+A LoRA run's checkpoints hold adapter.safetensors instead of model.safetensors: what the run
+trains alone (models/lora.py trained_state), with meta.json's `lora_base` naming the frozen base
+(its path and sha256), which is loaded first. An export bundle of a LoRA run holds both files.
+
 A checkpoint is staged in a hidden directory and renamed into place (fileio.staged_directory),
 so a crash never leaves a half-written `step_*` that resume would pick up. Loading never
 unpickles arbitrary objects. An export bundle (export.py) is a checkpoint directory that also
@@ -41,11 +45,12 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 # meta.json "format" of what `moectl export` writes (commands/export.py), by --format
 BUNDLE_FORMATS = {"safetensors": "moectl-safetensors-bundle-1", "hf": "moectl-hf-export-1"}
 BEST = "best"  # checkpoints/best -> step_NNNNNN with checkpoint.keep_best
+ADAPTER = "adapter.safetensors"  # a LoRA run's trained tensors (its checkpoints hold no model.safetensors)
 # A resumed run must keep what defines its model and data; length, LR, logging and checkpoint
 # settings may change, and so may where and how fast the data is tokenised.
 FIXED_ON_RESUME = ("model", "moe", "tokenizer", "data")
 FREE_ON_RESUME = ("data.num_proc", "data.cache_dir")
-FIXED_TRAIN_KEYS = ("train.seed", "train.lstm_stateful")  # the data order
+FIXED_TRAIN_KEYS = ("train.seed", "train.lstm_stateful", "train.lora")  # the data order; what trains
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -80,7 +85,7 @@ def resolve(path: Path) -> tuple[Path, Path]:
         raise CheckpointError(f"{path} is a file; give a run directory (runs/NAME) or a checkpoint directory")
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
         raise CheckpointError(_transformers_directory(path))
-    if (path / "model.safetensors").is_file():
+    if (path / "model.safetensors").is_file() or (path / ADAPTER).is_file():
         if (path / "config.yaml").is_file():  # an exported bundle holds everything itself
             _check_bundle_format(path)
             return path, path
@@ -142,15 +147,19 @@ def write_meta(directory: Path, meta: dict[str, Any]) -> None:
 
 
 def save(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], meta: dict[str, Any], keep_last: int,
-         keep: Optional[int] = None) -> Path:
-    """Write checkpoint `step` atomically and prune to the newest `keep_last` (and step `keep`)."""
-    from safetensors.torch import save_model
+         keep: Optional[int] = None, adapter: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write checkpoint `step` atomically and prune to the newest `keep_last` (and step `keep`).
+    `adapter`: a LoRA run's trained tensors, saved instead of the whole model."""
+    from safetensors.torch import save_file, save_model
 
     final = step_dir(run_dir, step)
     if final.is_dir():  # this exact step is already saved (e.g. Ctrl-C right after a periodic save)
         return final
     with staged_directory(final) as tmp:
-        save_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        if adapter is not None:
+            save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / ADAPTER), metadata={"step": str(step)})
+        else:
+            save_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
         torch.save(state, tmp / "state.pt")
         write_meta(tmp, {**meta, "step": step})
     prune(run_dir, keep_last, keep)
@@ -230,6 +239,30 @@ def load_model(path: Path, model: nn.Module, skip: tuple[str, ...] = ()) -> None
         raise CheckpointError(
             f"checkpoint {path} does not match this model ({detail}); was it trained with another config?"
         )
+
+
+def holds_adapter(path: Path) -> bool:
+    """A LoRA run's checkpoint (or a bundle of one): adapters beside, or instead of, the weights."""
+    return (Path(path) / ADAPTER).is_file()
+
+
+def load_adapter(path: Path, model: nn.Module) -> None:
+    """Load a LoRA checkpoint's trained tensors into `model`, whose base is loaded and adapters
+    attached: each tensor must exist in the model with its shape, and every adapter must be there."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(Path(path) / ADAPTER))
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise _corrupt(path, ADAPTER, exc) from None
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    missing = [k for k in own if ".adapters." in f".{k}" and k not in state]
+    if wrong or missing:
+        detail = f"unexpected {wrong[:2]}" if wrong else f"missing {missing[:2]}"
+        raise CheckpointError(f"checkpoint {path}: its adapters do not fit this model ({detail}); was it trained "
+                              "with another train.lora?")
+    model.load_state_dict(state, strict=False)
 
 
 def _file_metadata(file: Path) -> dict[str, str]:

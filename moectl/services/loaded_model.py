@@ -19,10 +19,10 @@ from tokenizers import Tokenizer
 from moectl import config
 from moectl.common import console, runtime
 from moectl.common.errors import CheckpointError, ConfigError
-from moectl.config import Config
+from moectl.config import Config, ModelConfig, MoEConfig, TrainConfig
 from moectl.data import tokenizer as tokenizers_
-from moectl.models import LanguageModel, build_model, lookahead, moe_layers, moe_slots, routed_experts
-from moectl.services import checkpoint
+from moectl.models import LanguageModel, build_model, lookahead, lora, moe_layers, moe_slots, routed_experts
+from moectl.services import checkpoint, warmstart
 from moectl.services.offload import Offload, attach
 
 # What a user may change when measuring a trained model: which data, and how capacity behaves.
@@ -104,10 +104,35 @@ def load(path: Path, overrides: Optional[list[str]] = None, offload: Optional[Of
                         expert_device="meta" if offload is not None else None)
     if offload is not None:
         skip = tuple(attach(model, ckpt / "model.safetensors", offload, dev))
-    checkpoint.load_model(ckpt, model, skip)
+    if checkpoint.holds_adapter(ckpt):
+        _load_adapted(model, cfg.model, cfg.moe, cfg.train, ckpt, meta, offload)
+    else:
+        checkpoint.load_model(ckpt, model, skip)
     model.to(dev).eval()
     return LoadedModel(cfg=cfg, model=model, tokenizer=tok, checkpoint=ckpt, run_dir=run_dir, step=meta["step"], device=dev,
                        derived=list(meta.get("derived") or []))
+
+
+def _load_adapted(model: LanguageModel, model_cfg: ModelConfig, moe: MoEConfig, tr: TrainConfig, ckpt: Path, meta: dict,
+                  offload: Optional[Offload]) -> None:
+    """A LoRA run's model: its base (a bundle's own weights, or the checkpoint's recorded base, which
+    must be unchanged), then its adapters."""
+    if offload is not None:
+        raise ConfigError(f"--offload-experts: {ckpt} holds LoRA adapters; merge them first "
+                          f"(moectl export {ckpt} --merge-lora --out DIR) and offload DIR")
+    if (ckpt / "model.safetensors").is_file():  # a bundle: base and adapters together
+        checkpoint.load_model(ckpt, model)
+    else:
+        base = meta.get("lora_base") or {}
+        if not base.get("path") or not Path(base["path"]).exists():
+            raise CheckpointError(f"{ckpt} holds LoRA adapters on the base {base.get('path')}, which is missing; "
+                                  "restore it, or use a bundle that holds both (moectl export, with or without --merge-lora)")
+        if warmstart.base_reference(base["path"])["sha256"] != base.get("sha256"):
+            raise CheckpointError(f"{ckpt} holds LoRA adapters trained on {base['path']}, which has changed since "
+                                  "(its sha256 differs); the adapters do not belong to it any more")
+        warmstart.initialize(model, model_cfg, moe, tr.model_copy(update={"init_from": base["path"]}))
+    lora.attach(model, tr)
+    checkpoint.load_adapter(ckpt, model)
 
 
 def check_layer(loaded: LoadedModel, layer: int) -> int:

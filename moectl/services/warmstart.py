@@ -18,6 +18,7 @@ The run uses the source's tokenizer, so token ids keep their meaning.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -53,7 +54,7 @@ def source_tokenizer(init_from: Optional[str]) -> Optional[Path]:
 
 def initialize(model: nn.Module, model_cfg: ModelConfig, moe: MoEConfig, train: TrainConfig) -> str:
     """Load `train.init_from` into `model`, which the `model_cfg` and `moe` sections built; returns
-    what was done, for the console."""
+    what was done, for the console. With train.lora it is the frozen base the adapters adapt."""
     path = _source(train.init_from)
     mixtral = _mixtral_config(path)
     if mixtral is not None:
@@ -63,6 +64,11 @@ def initialize(model: nn.Module, model_cfg: ModelConfig, moe: MoEConfig, train: 
         _load_exactly(model, hf.from_mixtral(_load_safetensors(path), model_cfg, moe), path)
         return f"initialised from the Mixtral model in {path}"
     ckpt, run_dir = checkpoint.resolve(path)
+    if checkpoint.holds_adapter(ckpt):
+        raise ConfigError(
+            f"train.init_from={str(path)!r} is a LoRA run, whose checkpoints hold adapters alone: merge them into "
+            f"its base first (moectl export {path} --merge-lora --out DIR) and start from DIR"
+        )
     source_cfg = config.load(run_dir / "config.yaml", saved=True)
     if source_cfg.model.backbone != model_cfg.backbone:
         raise ConfigError(
@@ -70,9 +76,29 @@ def initialize(model: nn.Module, model_cfg: ModelConfig, moe: MoEConfig, train: 
             "the backbones must match"
         )
     if model_cfg.is_moe and not source_cfg.model.is_moe:
+        if train.lora.enabled:
+            raise ConfigError(
+                f"train.init_from={str(path)!r} is a dense model and this run an MoE: sparse upcycling makes new "
+                "experts and routers, which train in full; set train.lora.rank=null, or adapt an MoE model"
+            )
         return upcycle(model, model_cfg, moe, train, source_cfg.model, source_cfg.moe, ckpt)
     checkpoint.load_model(ckpt, model)
     return f"initialised from {ckpt}"
+
+
+def base_reference(init_from: str) -> dict[str, str]:
+    """What a LoRA run's checkpoints record of their base: the weights train.init_from resolves to
+    (a checkpoint directory, or a transformers directory) and the sha256 of their files."""
+    path = _source(init_from)
+    mixtral = _mixtral_config(path) is not None
+    where = path if mixtral else checkpoint.resolve(path)[0]
+    files = sorted(path.glob("*.safetensors")) if mixtral else [where / "model.safetensors"]
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return {"path": str(where.resolve()), "sha256": digest.hexdigest()}
 
 
 def _mixtral_config(path: Path) -> Optional[dict[str, Any]]:

@@ -1,5 +1,6 @@
-"""The model as the loop trains it: built from its config sections, warm-started, frozen where
-train.freeze says, its experts sharded over expert-parallel groups, on its device."""
+"""The model as the loop trains it: built from its config sections, warm-started, given LoRA
+adapters or frozen where train.lora or train.freeze say, its experts sharded over expert-parallel
+groups, on its device."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from moectl.common import console, perf_model
 from moectl.common.runtime import Dist
 from moectl.config import ModelConfig, MoEConfig, TrainConfig
-from moectl.models import LanguageModel, build_model, lookahead, parameter_counts
+from moectl.models import LanguageModel, build_model, lookahead, lora, parameter_counts
 from moectl.services import expert_parallel, warmstart
 from moectl.services.expert_parallel import ExpertParallel
 from moectl.training.state import seed_rank
@@ -25,12 +26,15 @@ def build(model_cfg: ModelConfig, moe: MoEConfig, tr: TrainConfig, vocab_size: i
     # share of the experts); DDP keeps the replicated parameters equal.
     torch.manual_seed(tr.seed)
     model = build_model(model_cfg, moe, vocab_size, tr.objective)
-    if warm_start:
+    if warm_start or tr.lora.enabled:  # a LoRA run's checkpoints hold its adapters alone: the base, also on resume
         console.status(warmstart.initialize(model, model_cfg, moe, tr))
+    params = parameter_counts(model)
+    if tr.lora.enabled:
+        trainable = lora.attach(model, tr)
+        console.status(lora.describe(tr, trainable, sum(p.numel() for p in model.parameters())))
     frozen = warmstart.freeze(model, tr.freeze)
     if frozen:
         console.status(f"train.freeze={tr.freeze}: {console.human(frozen)} parameters stay as they are")
-    params = parameter_counts(model)
     ep = expert_parallel.shard(model, tr.expert_parallel, dp, tr.shadow_experts, perf_model.hardware(tr.hardware, device.type),
                                tr.ep_overlap)
     model = model.to(device)
