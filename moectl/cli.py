@@ -340,7 +340,8 @@ def route_stats_command(
         typer.Option("--out", help="Write stats.json, one CSV per layer, PNG heatmaps and TensorBoard events here."),
     ] = None,
     compare: Annotated[
-        Optional[Path], typer.Option("--compare", help="Another checkpoint of the same model: report routing drift.")
+        Optional[Path], typer.Option("--compare", help="Another checkpoint of the same model: report routing drift "
+                                     "(a LoRA run: against its base model unless given).")
     ] = None,
     cache_sim: Annotated[
         Optional[int], typer.Option("--cache-sim", metavar="K", help="Replay the routing, one token at a time, "
@@ -360,6 +361,7 @@ def route_stats_command(
 
         _choose("--split", split, SPLITS)
         model = loaded_model.load(run, overrides)
+        compare = compare if compare is not None else model.lora_base  # a LoRA run: drift from its base
         other = loaded_model.load(compare, overrides) if compare is not None else None
         console.quiet_libraries()
         if cache_sim is None and policy != "lru":
@@ -465,6 +467,8 @@ def export(
     ] = "safetensors",
     dtype: Annotated[str, typer.Option("--dtype", metavar=_choices(EXPORT_DTYPES), help="Weight precision.")] = "fp32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")] = False,
+    merge_lora: Annotated[bool, typer.Option("--merge-lora", help="A LoRA run: fold the adapters into the weights "
+                                             "(without it the export keeps the base and the adapters apart).")] = False,
     debug: DebugOption = False,
 ) -> None:
     """Ship a checkpoint: weights, config, tokenizer and a model card in one directory."""
@@ -474,6 +478,8 @@ def export(
 
         fmt, dtype = _choose("--format", fmt, EXPORT_FORMATS), _choose("--dtype", dtype, EXPORT_DTYPES)
         model = loaded_model.load(run)
+        if merge_lora:
+            exporting.merge_lora(model)
         console.quiet_libraries()
         if fmt == "hf":
             path = exporting.export_hf(model, out, dtype, overwrite)

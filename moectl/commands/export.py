@@ -40,7 +40,7 @@ from moectl.common.errors import CheckpointError, ConfigError, DataError, Moectl
 from moectl.common.fileio import staged_directory
 from moectl.common.stats import COLUMNS, perplexity
 from moectl.data import chat
-from moectl.models import parameter_counts
+from moectl.models import lora, parameter_counts
 from moectl.services import checkpoint, hf
 from moectl.services.loaded_model import LoadedModel
 
@@ -199,7 +199,7 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite
     for a model made from the checkpoint (moectl prune), how: a dict with a one-line `summary`,
     appended to what the loaded model already went through, for meta.json and the card.
     `weights`: writes model.safetensors itself (moectl quantize), instead of `loaded.model` in `dtype`."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     out = Path(out)
     check_target(out, overwrite)
@@ -213,7 +213,12 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite
         if weights is not None:
             weights(tmp / "model.safetensors")
         else:
-            save_model(_cast_copy(loaded, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(loaded.step)})
+            stored = _cast_copy(loaded, dtype)
+            with lora.detached(stored):  # a LoRA run: the base here, its adapters beside it
+                save_model(stored, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(loaded.step)})
+            if lora.adapted(stored):
+                trained = lora.trained_state(stored, loaded.cfg.train.lora.targets or [])
+                save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / checkpoint.ADAPTER))
         config.save(loaded.cfg, tmp / "config.yaml")
         shutil.copyfile(loaded.run_dir / "tokenizer.json", tmp / "tokenizer.json")
         if (loaded.run_dir / chat.TEMPLATE_FILE).is_file():  # an instruction-tuned run's template goes with it
@@ -223,6 +228,22 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite
         checkpoint.write_meta(tmp, meta)
         (tmp / "README.md").write_text(model_card(loaded, meta, summary, note, derived))
     return out
+
+
+def merge_lora(loaded: LoadedModel) -> None:
+    """`--merge-lora`: fold a LoRA run's adapters into its weights, in place; the config then trains
+    no LoRA and the card says what was merged."""
+    lora_cfg = loaded.cfg.train.lora
+    if not lora.adapted(loaded.model):
+        raise ConfigError(f"--merge-lora: {loaded.checkpoint} holds no LoRA adapters (merged already, or trained "
+                          "without train.lora); export it without --merge-lora")
+    lora.merge(loaded.model)
+    loaded.derived.append({
+        "kind": "merge_lora",
+        "summary": f"LoRA adapters (rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g}, on {', '.join(lora_cfg.targets or [])}) "
+                   "merged into the weights they adapt",
+    })
+    loaded.cfg = config.with_values(loaded.cfg, "--merge-lora", **{"train.lora": {}})
 
 
 # ------------------------------------------------------------------------------ transformers

@@ -16,6 +16,7 @@ Everything else is frozen. An adapter lives beside its weight, as `<module>.adap
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -93,6 +94,19 @@ def trained_state(model: nn.Module, targets: list[str]) -> dict[str, torch.Tenso
     buffers, e.g. an expert bias) when they train. A LoRA checkpoint holds these alone."""
     return {name: t for name, t in model.state_dict().items()
             if ".adapters." in f".{name}" or ("router" in targets and is_router(name))}
+
+
+@contextmanager
+def detached(model: nn.Module) -> Iterator[nn.Module]:
+    """The model without its adapters inside the block: the base (routers as trained), to save or export alone."""
+    held = [(m, m.adapters) for m in model.modules() if getattr(m, "adapters", None) is not None]
+    for m, _ in held:
+        m.adapters = None
+    try:
+        yield model
+    finally:
+        for m, adapters in held:
+            m.adapters = adapters
 
 
 @torch.no_grad()

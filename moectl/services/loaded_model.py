@@ -40,6 +40,7 @@ class LoadedModel:
     step: int
     device: torch.device
     derived: list[dict] = field(default_factory=list)  # what made this model from a trained one (meta.json)
+    lora_base: Optional[Path] = None  # a LoRA run's checkpoint: the base its adapters adapt
 
     @property
     def slots(self) -> list[int]:
@@ -109,8 +110,9 @@ def load(path: Path, overrides: Optional[list[str]] = None, offload: Optional[Of
     else:
         checkpoint.load_model(ckpt, model, skip)
     model.to(dev).eval()
+    base = (meta.get("lora_base") or {}).get("path") if checkpoint.holds_adapter(ckpt) else None
     return LoadedModel(cfg=cfg, model=model, tokenizer=tok, checkpoint=ckpt, run_dir=run_dir, step=meta["step"], device=dev,
-                       derived=list(meta.get("derived") or []))
+                       derived=list(meta.get("derived") or []), lora_base=Path(base) if base else None)
 
 
 def _load_adapted(model: LanguageModel, model_cfg: ModelConfig, moe: MoEConfig, tr: TrainConfig, ckpt: Path, meta: dict,
