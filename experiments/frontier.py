@@ -108,7 +108,8 @@ def _time_generate_here(path: str, cache: int | None) -> None:
 
     from moectl.commands import generate
     from moectl.services import loaded_model
-    from moectl.services.offload import Offload, peak_rss_bytes
+    from moectl.common.runtime import peak_rss_bytes
+    from moectl.services.offload import Offload
 
     torch.set_num_threads(1)
     model = loaded_model.load(Path(path), offload=Offload(cache) if cache else None)

@@ -58,6 +58,10 @@ METRICS = {  # the report's columns: name -> what it is
     "eval_loss_dropless": "final validation loss evaluated without capacity (the eval loss when the run is dropless)",
     "eval_loss_gain": "the eval loss at step 0 (the starting weights: train.init_from's, when fine-tuning) minus the "
     "final one: what the run's training gained",
+    "trainable_params": "parameters the run trains (with train.lora: the adapters, and the routers when targeted)",
+    "optimizer_state_mib": "the optimizer's state at the last checkpoint, MiB (AdamW: two moments per trainable parameter)",
+    "peak_rss_mib": "the training process's peak resident memory, MiB (its last session; rank 0 under torchrun)",
+    "step_seconds": "seconds per optimizer step in the cell's last session",
 }
 UNITS = {"eval_loss": "nats/token", "bits_per_byte": "bits/byte", "tokens_per_sec": "tokens/s",
          "max_over_mean": "ratio"}  # the error-bar charts' y-axis units; a metric not here is labelled by its name
@@ -203,6 +207,11 @@ def measure(cell: Cell) -> None:
         "val_router_z": _mean([s["router_z"] for s in layers]),
         "logit_spread": _mean([s["logit_spread"] for s in layers]),
         "eval_loss_dropless": dropless,
+        "trainable_params": meta.get("trainable_params", float("nan")),
+        "optimizer_state_mib": meta.get("optimizer_state_bytes", float("nan")) / 2**20,
+        "peak_rss_mib": meta.get("peak_rss_bytes", float("nan")) / 2**20,
+        "step_seconds": (cell.cfg.train.batch_size * cell.cfg.data.seq_len / meta["tokens_per_sec"]
+                         if meta.get("tokens_per_sec") else float("nan")),
     }
     seconds = dict(windows["eval/train_seconds"])
     points = [(step, seconds.get(step), loss) for step, loss in windows["eval/loss"]]

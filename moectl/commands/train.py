@@ -412,6 +412,7 @@ def save(run: Run, state: LoopState) -> None:
                 lr=training.lr_at(state.step - 1, run.cfg.optim, run.cfg.train.max_steps) if state.step else None,
                 data=run.data_keys, world_size=run.dp.world_size, expert_parallel=run.ep.size if run.ep is not None else 1,
                 tokens_per_sec=state.session_tokens / state.train_seconds if state.train_seconds else None,
+                **training.memory_record(run.model, run.optimizer),
             )
             adapter = None
             if run.lora_base is not None:

@@ -133,6 +133,15 @@ def keep_freed_memory() -> bool:
     return libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1) == 1 and ok
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def machine() -> dict[str, object]:
     """What ran this, for a results file: the CPU model, its cores, and the versions that matter."""
     import torch

@@ -21,15 +21,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import resource
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from moectl.common import runtime
 from moectl.common.errors import ConfigError
 from moectl.moe import MoELayer
 from moectl.moe.cache import POLICIES, CacheCounts, ExpertCache
@@ -189,12 +188,6 @@ def offloaded_layers(model: nn.Module) -> list[OffloadedExperts]:
     return [m for m in model.modules() if isinstance(m, OffloadedExperts)]
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def report(model: nn.Module, slots: list[int], offload: Offload) -> dict:
     """Per offloaded layer: requests, hit rate, prefetch recall, bytes read per routed token, and
     the baselines; plus the process's peak RSS."""
@@ -209,7 +202,7 @@ def report(model: nn.Module, slots: list[int], offload: Offload) -> dict:
             "static_hit_rate": c.static_hit_rate(offload.capacity),
         })
     return {"expert_cache": offload.capacity, "policy": offload.policy, "prefetch": offload.prefetch,
-            "peak_rss_bytes": peak_rss_bytes(), "layers": layers}
+            "peak_rss_bytes": runtime.peak_rss_bytes(), "layers": layers}
 
 
 def show(rep: dict) -> None:

@@ -1,7 +1,7 @@
 """The optimizer and its learning-rate schedule: AdamW over parameter groups (decay for matrices
 only; routers and routed experts in groups of their own when their LR multipliers are set), and
 the LR as a pure function of the step (linear warmup, then cosine or constant), so a resumed
-run needs no scheduler state."""
+run needs no scheduler state; and what the optimizer holds, for the checkpoint's record."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from moectl.common import console
+from moectl.common import console, runtime
 from moectl.config import OptimConfig
 from moectl.services import warmstart
 
@@ -66,3 +66,12 @@ def check_schedule(saved_lr: Optional[float], step: int, cfg: OptimConfig, max_s
             f"the LR schedule changed: step {step} trained at lr {saved_lr:.2e}, where the new settings "
             f"(train.max_steps={max_steps}, optim.*) put lr {new_lr:.2e}; training continues on the new schedule"
         )
+
+
+def memory_record(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """What training holds beyond the weights, for a checkpoint's meta.json (the sweep reports it):
+    trainable parameters, the optimizer's state (AdamW: two moments per trainable parameter), and this
+    process's peak resident memory so far."""
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "optimizer_state_bytes": state, "peak_rss_bytes": runtime.peak_rss_bytes()}
