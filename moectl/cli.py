@@ -474,7 +474,7 @@ def export(
     """Ship a checkpoint: weights, config, tokenizer and a model card in one directory."""
     with user_errors(debug):
         from moectl.commands import export as exporting
-        from moectl.services import hf, loaded_model
+        from moectl.services import checkpoint, hf, loaded_model
 
         fmt, dtype = _choose("--format", fmt, EXPORT_FORMATS), _choose("--dtype", dtype, EXPORT_DTYPES)
         model = loaded_model.load(run)
@@ -488,7 +488,8 @@ def export(
             typer.echo(f'AutoModelForCausalLM.from_pretrained("{path}"); AutoTokenizer.from_pretrained("{path}")')
             return
         path = exporting.export_bundle(model, out, dtype, overwrite)
-        console.status(f"wrote {path}: model.safetensors ({dtype}), config.yaml, tokenizer.json, meta.json, README.md")
+        adapter = f", {checkpoint.ADAPTER} (LoRA)" if model.adapters else ""
+        console.status(f"wrote {path}: model.safetensors ({dtype}){adapter}, config.yaml, tokenizer.json, meta.json, README.md")
         typer.echo(f"moectl eval {path}\nmoectl route-stats {path}\nmoectl generate {path} --prompt \"...\"")
 
 

@@ -317,3 +317,108 @@ def test_eval_route_stats_and_bundles_read_a_lora_run(adapted, tmp_path):
     # a LoRA run is no base for another run until merged
     with pytest.raises(ConfigError, match="--merge-lora"):
         fit(config.load(adapted["cfg_file"], [f"run.dir={tmp_path}", "run.name=x", f"train.init_from={result.run_dir}"]))
+
+
+def test_two_processes_train_the_same_adapters_as_one(adapted, tmp_path):
+    """DDP with gradient accumulation: only the adapters and routers are reduced, and the result is
+    the one-process run's (no dropout or router losses, so the two compute the same gradients)."""
+    import subprocess
+    import sys
+
+    raw = tiny_config(adapted["tmp"], run={"name": "one", "dir": str(tmp_path)}, model={"dropout": 0.0},
+                      moe={"aux_loss_coef": 0.0, "z_loss_coef": 0.0},
+                      train={"init_from": str(adapted["base"].run_dir), "max_steps": 4, "batch_size": 4,
+                             "micro_batch_size": 1, "eval_every": 4,
+                             "lora": {"rank": 4, "targets": ["attention", "experts", "router"]}},
+                      checkpoint={"every": 4})
+    cfg_file = write_config(tmp_path / "ddp.yaml", raw)
+    one = fit(config.load(cfg_file))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RANK"}
+    proc = subprocess.run([sys.executable, "-m", "moectl", "train", str(cfg_file), "--nproc-per-node", "2",
+                           "--run-name", "two"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = load_file(str(checkpoint.latest(one.run_dir) / checkpoint.ADAPTER))
+    b = load_file(str(checkpoint.latest(tmp_path / "two") / checkpoint.ADAPTER))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if k.endswith(".B"))
+
+
+# ------------------------------------------------------------------------- PEFT's format, in transformers
+
+PEFT_CASES = {
+    "mixtral": (["attention", "experts", "router", "head"], {"model": {"tie_embeddings": False}}, True),
+    "mixtral_shared_adapter": (["attention", "experts"], {"moe": {"routed_scaling": "top_k"}}, False),
+    "qwen2_moe": (["attention", "experts", "shared_experts", "dense_ffn", "router"],
+                  {"moe": {"shared_experts": 1, "shared_expert_gate": True, "every": 2}, "model": {"n_layers": 4}}, True),
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_transformers_with_peft_computes_the_adapted_models_logits(case, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from moectl.services import hf
+
+    targets, sections, per_expert = PEFT_CASES[case]
+    raw = tiny_config_dict("transformer_moe")
+    for name, values in sections.items():
+        raw[name].update(values)
+    cfg = config.from_dict(raw)
+    cfg = config.with_values(cfg, "test", **{"train.init_from": "base", "train.lora": {
+        "rank": 4, "alpha": 12, "targets": targets, "experts_rank_per_expert": per_expert}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.moe, 300).eval()
+    lora.attach(model, cfg.train)
+    for n, p in model.named_parameters():
+        if n.endswith(".B") or ".router." in n:
+            torch.nn.init.normal_(p, std=0.1)
+    with lora.detached(model):
+        base = hf.to_transformers(cfg.model, cfg.moe, model.state_dict())
+    hf.hf_config(cfg.model, cfg.moe, 300, None, 16).save_pretrained(tmp_path)
+    save_file({k: v.contiguous().clone() for k, v in base.items()}, str(tmp_path / "model.safetensors"))
+    tensors, adapter_config = hf.to_peft(cfg.model, cfg.moe, cfg.train.lora, lora.trained_state(model, targets))
+    (tmp_path / "adapter").mkdir()
+    save_file(tensors, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    assert type(theirs).__name__ == hf.CLASSES[hf.architecture(cfg.moe)]
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        plain = theirs(ids).logits
+        peft = PeftModel.from_pretrained(theirs, str(tmp_path / "adapter")).eval()
+        adapted, ours = peft(ids).logits, model(ids).logits
+        with lora.detached(model):
+            torch.testing.assert_close(plain, model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert (adapted - plain).abs().max() > 1e-2  # the adapter changes the model
+    torch.testing.assert_close(adapted, ours, atol=1e-5, rtol=1e-5)
+    wrapped = {n for n, _ in peft.named_modules()}
+    if "router" in targets:
+        assert any(n.endswith("mlp.gate.modules_to_save.default") for n in wrapped)
+        assert not any("shared_expert_gate.modules_to_save" in n for n in wrapped)
+
+
+def test_a_transformers_export_of_a_lora_run_keeps_the_adapter_for_peft_or_merges_it(adapted, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir = adapted["result"].run_dir
+    runner = CliRunner()
+    ours = loaded_model.load(run_dir).model
+    ids = torch.randint(0, 300, (1, 24))
+    with torch.no_grad():
+        expected = ours(ids).logits
+    for name, flags in (("kept", []), ("merged", ["--merge-lora"])):
+        res = runner.invoke(app, ["export", str(run_dir), "--format", "hf", "--out", str(tmp_path / name), *flags])
+        assert res.exit_code == 0, res.output
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / name), dtype=torch.float32).eval()
+        if name == "kept":
+            assert json.loads((tmp_path / name / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+            model = PeftModel.from_pretrained(model, str(tmp_path / name / "adapter")).eval()
+        else:
+            assert not (tmp_path / name / "adapter").exists()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    assert "PEFT's format" in (tmp_path / "kept" / "README.md").read_text()

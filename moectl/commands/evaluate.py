@@ -119,6 +119,7 @@ JSON_KEYS = {
     "eval_capacity_factor": "capacity factor the MoE layers used (null: dropless)",
     "context": "`block` (each block from a fresh start), `stateful` (LSTM state carried over contiguous streams) "
     "or `stride S` (sliding windows: each token scored once with at least seq_len - S tokens of context)",
+    "adapters": "for a LoRA run, its adapters (rank, alpha, targets) and the base they adapt; null otherwise",
     "derived": "for a pruned or quantised model, what was done to the trained one, one line per step (its model card "
     "has the details); empty for a trained model",
     "skip_threshold": "NAEE's dynamic skipping beta (--skip-threshold): a token's choices weighted below beta times its "
@@ -146,6 +147,7 @@ class EvalResult:
     tokens_per_sec: float
     eval_capacity_factor: Optional[float]
     context: str
+    adapters: Optional[str]
     derived: list[str]
     skip_threshold: Optional[float]
     expert_calls_saved: Optional[float]
@@ -296,6 +298,7 @@ def run(
         tokens_per_sec=n_tokens / max(seconds, 1e-9),
         eval_capacity_factor=moe[0].eval_capacity_factor if moe else None,
         context="stateful" if stateful else "block" if stride is None else f"stride {stride}",
+        adapters=loaded.adapters,
         derived=[step["summary"] for step in loaded.derived],
         skip_threshold=beta,
         expert_calls_saved=overall,
@@ -315,6 +318,8 @@ def show(result: EvalResult) -> None:
         f"{'' if result.bytes_exact else ' (estimated)'}; context: {result.context}",
         highlight=False,
     )
+    if result.adapters:
+        console.out.print(f"[cyan]adapters:[/] {result.adapters}", highlight=False)
     for line in result.derived:  # nothing silently changes a model
         console.out.print(f"[yellow]derived:[/] {line}", highlight=False)
     console.out.print(

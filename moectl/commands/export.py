@@ -3,7 +3,8 @@
 `--format safetensors`: a self-contained bundle that eval, route-stats, generate and
 train.init_from accept as they accept a run:
 
-    DIR/model.safetensors   the weights, in fp32, bf16 or fp16
+    DIR/model.safetensors   the weights, in fp32, bf16 or fp16 (a LoRA run's: its base, routers as trained)
+    DIR/adapter.safetensors a LoRA run's adapters (unless --merge-lora folds them into the weights)
     DIR/config.yaml         the resolved config
     DIR/tokenizer.json      the tokenizer
     DIR/chat_template.jinja the chat template, for an instruction-tuned run (data.task=sft)
@@ -13,7 +14,8 @@ train.init_from accept as they accept a run:
 
 `--format hf`: a Mixtral or Qwen2-MoE directory that transformers' `AutoModelForCausalLM` and
 `AutoTokenizer` load as-is (the mapping is moectl/services/hf.py); an instruction-tuned run's chat
-template becomes the tokenizer's, for apply_chat_template. Its README.md is the same model card,
+template becomes the tokenizer's, for apply_chat_template. A LoRA run's adapters go in DIR/adapter/,
+in PEFT's format, for PeftModel.from_pretrained on top (unless --merge-lora folds them in). Its README.md is the same model card,
 with transformers' metadata header and how to load it there. It is loaded in transformers and its
 logits are checked against moectl's before it is put in place. moectl's own commands refuse it
 (checkpoint.resolve says what to give them instead).
@@ -46,6 +48,7 @@ from moectl.services.loaded_model import LoadedModel
 
 FORMATS = checkpoint.BUNDLE_FORMATS  # meta.json "format", by --format
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PEFT_DIR = "adapter"  # a LoRA run's adapters in an hf export: apart, so from_pretrained loads the base alone
 
 
 def is_bundle(path: Path) -> bool:
@@ -112,6 +115,10 @@ def model_card(loaded: LoadedModel, meta: dict, eval_summary: Optional[dict], no
             f"every {moe.every} FFN slot(s), {moe.shared_experts} shared expert(s), capacity factor "
             f"{moe.capacity_factor if moe.capacity_factor is not None else 'none (dropless)'}"
         )
+    if loaded.adapters:
+        trained = sum(t.numel() for t in lora.trained_state(loaded.model, cfg.train.lora.targets or []).values())
+        where = ("`adapter/` in PEFT's format" if fmt == "hf" else f"`{checkpoint.ADAPTER}` beside the base's weights")
+        lines.append(f"- {loaded.adapters.split(', over the base')[0]}: {trained:,} trained parameters, in {where}")
     lines += _data_section(loaded, meta) + ["", "## Quality", ""]
     if meta.get("eval_loss") is not None:
         loss = meta["eval_loss"]
@@ -178,6 +185,8 @@ def _use_in_transformers(loaded: LoadedModel) -> list[str]:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         'model = AutoModelForCausalLM.from_pretrained("THIS_DIRECTORY")',
+        *(['model = PeftModel.from_pretrained(model, "THIS_DIRECTORY/adapter")  # from peft import PeftModel']
+          if loaded.adapters else []),
         'tokenizer = AutoTokenizer.from_pretrained("THIS_DIRECTORY")',
         *prompt,
         'ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids',
@@ -279,9 +288,12 @@ def export_hf(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bo
         setattr(hf_config, "dtype" if hasattr(hf_config, "dtype") else "torch_dtype", DTYPES[dtype])
         hf_config.save_pretrained(tmp)
         stored = _cast_copy(loaded, dtype)
-        tensors = hf.to_transformers(loaded.cfg.model, loaded.cfg.moe, stored.state_dict())
+        with lora.detached(stored):  # a LoRA run: the base here, its adapters in adapter/
+            tensors = hf.to_transformers(loaded.cfg.model, loaded.cfg.moe, stored.state_dict())
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
+        if lora.adapted(stored):
+            _write_peft_adapter(loaded, stored, tmp / PEFT_DIR, out)
         eot_token = loaded.cfg.tokenizer.eot_token if eot is not None else None
         fast = transformers.PreTrainedTokenizerFast(tokenizer_object=loaded.tokenizer, eos_token=eot_token, pad_token=eot_token)
         if (loaded.run_dir / chat.TEMPLATE_FILE).is_file():  # apply_chat_template renders as the run trained
@@ -292,7 +304,10 @@ def export_hf(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bo
         checkpoint.write_meta(tmp, meta)
         (tmp / "README.md").write_text(model_card(loaded, meta, None, None, loaded.derived, fmt="hf"))
         with console.progress("checking the export's logits in transformers", None):
-            diff = max_logit_difference(loaded, stored.float(), tmp)
+            with lora.detached(stored):
+                diff = max_logit_difference(loaded, stored.float(), tmp)
+            if lora.adapted(stored) and _peft_available():
+                diff = max(diff, max_logit_difference(loaded, stored.float(), tmp, adapter=tmp / PEFT_DIR))
         if diff > 1e-4:
             raise MoectlError(
                 f"export check failed: transformers' logits differ from moectl's by {diff:.3g}; nothing was written "
@@ -301,13 +316,46 @@ def export_hf(loaded: LoadedModel, out: Path, dtype: str = "fp32", overwrite: bo
     return out
 
 
+def _write_peft_adapter(loaded: LoadedModel, stored: torch.nn.Module, directory: Path, out: Path) -> None:
+    """A LoRA run's adapters in PEFT's format (adapter_config.json, adapter_model.safetensors), for
+    PeftModel.from_pretrained on the exported model (hf.to_peft has the mapping)."""
+    from safetensors.torch import save_file
+
+    cfg = loaded.cfg
+    tensors, adapter_config = hf.to_peft(cfg.model, cfg.moe, cfg.train.lora,
+                                         lora.trained_state(stored, cfg.train.lora.targets or []))
+    adapter_config["base_model_name_or_path"] = str(Path(out).resolve())
+    directory.mkdir()
+    save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+
+
+def _peft_available() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        console.warn("peft is not installed, so the exported adapter was not checked in PEFT (pip install peft)")
+        return False
+    return True
+
+
 @torch.no_grad()
-def max_logit_difference(loaded: LoadedModel, model: torch.nn.Module, hf_dir: Path, length: int = 32) -> float:
-    """Max |logit difference| between `model` (moectl) and the transformers directory on one
-    random sequence, both in fp32."""
+def max_logit_difference(loaded: LoadedModel, model: torch.nn.Module, hf_dir: Path, length: int = 32,
+                         adapter: Optional[Path] = None) -> float:
+    """Max |logit difference| between `model` (moectl) and the transformers directory (with the PEFT
+    `adapter` on it, when given) on one random sequence, both in fp32."""
     from transformers import AutoModelForCausalLM
 
     theirs_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    if adapter is not None:
+        import warnings
+
+        from peft import PeftModel
+
+        with warnings.catch_warnings():  # PEFT says rank_pattern keys of target_parameters match nothing, then uses them
+            warnings.simplefilter("ignore")
+            theirs_model = PeftModel.from_pretrained(theirs_model, str(adapter)).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, loaded.tokenizer.get_vocab_size(), (1, min(length, loaded.cfg.data.seq_len)), generator=g)
     ours = model(ids.to(loaded.device)).logits.float().cpu()

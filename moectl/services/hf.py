@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import torch
 
-from moectl.config import ModelConfig, MoEConfig
+from moectl.config import LoRAConfig, ModelConfig, MoEConfig
 
 Tensors = dict[str, torch.Tensor]
 # Each architecture() by its name in words and its transformers model class.
@@ -189,6 +189,89 @@ def _outside_ffn(model: ModelConfig, sd: Tensors) -> Tensors:
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             out[f"{dst}self_attn.{proj}.weight"] = sd[f"{src}attn.{proj}.weight"]
     return out
+
+
+# ------------------------------------------------------------------------ LoRA -> PEFT adapter
+
+PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the transformers model's own names
+
+
+def to_peft(model: ModelConfig, moe: MoEConfig, lora: LoRAConfig, trained: Tensors) -> tuple[Tensors, dict[str, Any]]:
+    """A LoRA run's trained tensors (models/lora.py trained_state) as a PEFT adapter of the exported
+    model: (adapter_model.safetensors' tensors, adapter_config.json), for PeftModel.from_pretrained.
+
+    A moectl adapter is x W + s (x A) B with A (in, r), B (r, out); PEFT's lora_A.weight is A^T and
+    lora_B.weight B^T (nn.Linear layout), scaled by lora_alpha / r. transformers stores each MoE
+    layer's experts fused, gate_up_proj (E, 2H, D) and down_proj (E, D, H), which PEFT adapts as
+    parameters (target_parameters): per expert e, lora_A.weight rows e*r..e*r+r-1 and lora_B.weight
+    columns j*E + e. gate and up have an adapter each, so the fused matrix gets their block-diagonal
+    pair, of rank 2r (rank_pattern, with alpha_pattern keeping the scale); down's B takes the routed
+    scale the export folds into down_proj. A pair shared by all experts is written once per expert.
+    PEFT nests the two experts' wrappers in parameter order: gate_up_proj's keys go under
+    `experts.base_layer`, down_proj's under `experts`. Trained routers are modules_to_save, whole."""
+    mlp = "mlp"  # transformers 5 names both architectures' FFN block `mlp` once loaded
+    scale = lora.alpha / lora.rank
+    out: Tensors = {}
+    target_modules, target_parameters, rank_pattern, alpha_pattern = [], [], {}, {}
+
+    def linear(name: str, a: torch.Tensor, b: torch.Tensor) -> None:  # a (in, r), b (r, out)
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.t().contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.t().contiguous()
+        target_modules.append(name)
+
+    def fused(name: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], experts: int) -> None:
+        """Per expert, the adapter of [rows of pair 0; rows of pair 1; ...] of the transformers matrix
+        (E, out, in): A' stacks the A^T, B' is block-diagonal in the B^T."""
+        rank = sum(a.shape[-1] for a, _ in pairs)
+        rows = sum(b.shape[-1] for _, b in pairs)
+        a_out = torch.zeros(experts * rank, pairs[0][0].shape[-2])
+        b_out = torch.zeros(rows, rank * experts)
+        for e in range(experts):
+            r0 = o0 = 0
+            for a, b in pairs:  # a (E|1, in, r), b (E|1, r, out)
+                ae, be = a[e if a.shape[0] > 1 else 0], b[e if b.shape[0] > 1 else 0]
+                r, o = ae.shape[1], be.shape[1]
+                a_out[e * rank + r0 : e * rank + r0 + r] = ae.t()
+                b_out[o0 : o0 + o, [(r0 + j) * experts + e for j in range(r)]] = be.t()
+                r0, o0 = r0 + r, o0 + o
+        key = name.rsplit(".", 1)[0] + (".base_layer" if name.endswith("gate_up_proj") else "")
+        out[f"{PEFT_PREFIX}{key}.lora_A.weight"] = a_out
+        out[f"{PEFT_PREFIX}{key}.lora_B.weight"] = b_out
+        target_parameters.append(name)
+        if rank != lora.rank:
+            rank_pattern[name], alpha_pattern[name] = rank, scale * rank
+
+    modules_to_save = []
+    for i in range(model.n_layers):
+        src, dst = f"blocks.{i}.", f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if f"{src}attn.{proj}.adapters.weight.A" in trained:
+                linear(f"{dst}self_attn.{proj}", trained[f"{src}attn.{proj}.adapters.weight.A"],
+                       trained[f"{src}attn.{proj}.adapters.weight.B"])
+        ffn = f"{src}ffn.inner."
+        get = lambda part, w: (trained[f"{ffn}{part}adapters.{w}.A"], trained[f"{ffn}{part}adapters.{w}.B"])  # noqa: E731
+        if f"{ffn}experts.adapters.w_up.A" in trained:
+            fused(f"{dst}{mlp}.experts.gate_up_proj", [get("experts.", "w_gate"), get("experts.", "w_up")], moe.num_experts)
+            a, b = get("experts.", "w_down")
+            fused(f"{dst}{mlp}.experts.down_proj", [(a, b * routed_scale(moe))], moe.num_experts)
+        for part, where in (("shared.", f"{dst}{mlp}.shared_expert."), ("", f"{dst}{mlp}.")):  # Qwen2-MoE's Linear FFNs
+            for ours, _, theirs in EXPERT_NAMES:
+                if f"{ffn}{part}adapters.{ours}.A" in trained:
+                    linear(f"{where}{theirs}", *get(part, ours))
+        if f"{ffn}router.weight" in trained:
+            out[f"{PEFT_PREFIX}{dst}{mlp}.gate.weight"] = trained[f"{ffn}router.weight"].contiguous()
+            modules_to_save = [f"{mlp}.gate"]  # not Qwen2-MoE's mlp.shared_expert_gate
+    if "lm_head.adapters.weight.A" in trained:
+        linear("lm_head", trained["lm_head.adapters.weight.A"], trained["lm_head.adapters.weight.B"])
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+        "lora_dropout": 0.0,  # inference: PEFT refuses dropout on adapted parameters
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "inference_mode": True, "target_modules": target_modules, "target_parameters": target_parameters or None,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "modules_to_save": modules_to_save or None,
+        "base_model_name_or_path": None,
+    }
+    return out, adapter_config
 
 
 # ------------------------------------------------------------------------- Mixtral -> moectl

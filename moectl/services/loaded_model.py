@@ -52,6 +52,15 @@ class LoadedModel:
         """The experts behind each routing record."""
         return routed_experts(self.model)
 
+    @property
+    def adapters(self) -> Optional[str]:
+        """A LoRA run's adapters in words, with the base they adapt (None for a model without them)."""
+        if not lora.adapted(self.model):
+            return None
+        cfg = self.cfg.train.lora
+        base = f", over the base {self.lora_base}" if self.lora_base else ", over the base in this bundle"
+        return f"LoRA rank {cfg.rank} (alpha {cfg.alpha:g}) on {', '.join(cfg.targets or [])}{base}"
+
     def skip_weak_experts(self, beta: Optional[float]) -> None:
         """NAEE's dynamic skipping in every MoE layer (moe/record.py skip_weak): a token's choices
         weighted below beta times its first choice's are not computed. None or 0: off."""
