@@ -128,3 +128,14 @@ def test_train_throughput_benchmark_smoke(tmp_path):
     # Each part is a difference of medians: at this tiny size, on a busy machine, the experts'
     # can come out as 0 (clamped), never negative.
     assert all(p["ms"] >= 0 and p["share"] >= 0 for p in parts.values())
+
+
+def test_lora_benchmark_smoke():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lora.py"), "--smoke", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {r["impl"]: r for r in map(json.loads, out.stdout.splitlines())}
+    assert list(rows) == ["full", "frozen", "moectl", "peft"]
+    assert rows["full"]["ratio_to_full"] == 1.0 and rows["frozen"]["trainable"] == 0
+    assert rows["moectl"]["trainable"] == rows["peft"]["trainable"] == 3 * 4 * 4 * (16 + 32)  # 3 matrices x E x r (D + H)
+    assert rows["peft"]["max_diff"] < 1e-6  # PEFT on moectl's experts computes moectl's output and gradients
