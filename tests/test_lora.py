@@ -422,3 +422,23 @@ def test_a_transformers_export_of_a_lora_run_keeps_the_adapter_for_peft_or_merge
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=1e-4)
     assert "PEFT's format" in (tmp_path / "kept" / "README.md").read_text()
+
+
+def test_an_lstm_moe_adapts_its_lstms_and_experts_end_to_end(tmp_path):
+    base = fit(config.load(write_config(tmp_path / "base.yaml", tiny_config(
+        tmp_path, "lstm_moe", run={"name": "base"}, model={"n_layers": 3}, train={"max_steps": 3}))))
+    raw = tiny_config(tmp_path, "lstm_moe", run={"name": "lora"}, model={"n_layers": 3},
+                      train={"max_steps": 3, "init_from": str(base.run_dir), "lora": {"rank": 4}})
+    result = fit(config.load(write_config(tmp_path / "lora.yaml", raw)))
+    saved = load_file(str(checkpoint.latest(result.run_dir) / checkpoint.ADAPTER))
+    assert {k.split(".adapters.")[1] for k in saved} == {
+        f"{w}.{f}" for w in ("weight_ih_l0", "weight_hh_l0", "w_up", "w_down") for f in "AB"}  # relu experts: no gate
+    assert result.eval_loss < result.first_eval_loss
+    again = runner_eval(result.run_dir)
+    assert again == pytest.approx(result.eval_loss, abs=1e-6)
+
+
+def runner_eval(run_dir) -> float:
+    out = CliRunner().invoke(app, ["eval", str(run_dir), "--json"])
+    assert out.exit_code == 0, out.output
+    return json.loads(out.stdout)["loss"]
