@@ -1,4 +1,4 @@
-"""Write the results tables of docs/claims.md (and docs/quality.md) from the committed sweep records.
+"""Write the results tables of docs/claims.md (and docs/quality.md, docs/lora.md) from the committed sweep records.
 
     python experiments/render_claims.py            # rewrite every results block in place
     python experiments/render_claims.py --check    # exit 1 if a block differs from its record
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = (ROOT / "docs" / "claims.md", ROOT / "docs" / "quality.md")
+DOCS = (ROOT / "docs" / "claims.md", ROOT / "docs" / "quality.md", ROOT / "docs" / "lora.md")
 BLOCK = re.compile(r"(<!-- results: (\S+)((?: \w+=\S+)*) -->\n)(.*?)(<!-- /results -->)", re.S)
 
 # name -> (column header, format of a value, format of a difference)
@@ -47,6 +47,10 @@ FORMATS = {
     "router_entropy": ("router entropy (val)", ".3f", "+.3f"),
     "train_max_over_mean": ("max/mean (train window)", ".2f", "+.2f"),
     "train_batch_max_over_mean": ("max/mean (train batch)", ".2f", "+.2f"),
+    "trainable_params": ("trainable", ",.0f", "+,.0f"),
+    "optimizer_state_mib": ("optimizer state MiB", ".2f", "+.2f"),
+    "peak_rss_mib": ("peak RSS MiB", ".0f", "+.0f"),
+    "step_seconds": ("s/step", ".3f", "+.3f"),
 }
 
 

@@ -314,6 +314,9 @@ def test_eval_route_stats_and_bundles_read_a_lora_run(adapted, tmp_path):
     assert "merged into the weights" in (tmp_path / "merged" / "README.md").read_text()
     twice = runner.invoke(app, ["export", str(tmp_path / "merged"), "--out", str(tmp_path / "again"), "--merge-lora"])
     assert twice.exit_code != 0 and "holds no LoRA adapters" in twice.output and not (tmp_path / "again").exists()
+    for command in (["prune", "--ratio", "0.25"], ["quantize", "--experts", "int8"]):  # plain weights only
+        res = runner.invoke(app, [command[0], str(result.run_dir), "--out", str(tmp_path / command[0]), *command[1:]])
+        assert res.exit_code != 0 and "--merge-lora" in res.output and not (tmp_path / command[0]).exists()
     # a LoRA run is no base for another run until merged
     with pytest.raises(ConfigError, match="--merge-lora"):
         fit(config.load(adapted["cfg_file"], [f"run.dir={tmp_path}", "run.name=x", f"train.init_from={result.run_dir}"]))

@@ -167,6 +167,7 @@ def prune(loaded: LoadedModel, out: Path, criterion: str, keep: Optional[int] = 
           calib_batches: Optional[int] = None, seed: int = 0, overwrite: bool = False) -> tuple[Path, Pruning, dict]:
     """`moectl prune`: choose, apply, and write the bundle; returns it, the pruning, and the eval
     loss before and after on the run's validation batches."""
+    loaded.refuse_adapters("prune")
     check_target(Path(out), overwrite)  # before any work
     pruning = choose(loaded, criterion, keep, ratio, calib_batches, seed)
     pruned = apply(loaded, pruning)

@@ -86,6 +86,7 @@ def quantize(loaded: LoadedModel, out: Path, experts: str, rest: str = "bf16", g
         raise ConfigError(f"--rest {rest!r}: choose bf16, int8 or none")
     if group < 2 or group % 2:
         raise ConfigError(f"--group-size {group}: choose an even number of values per scale, e.g. 32, 64 or 128")
+    loaded.refuse_adapters("quantize")
     if any(step.get("kind") == "quantize" for step in loaded.derived):
         raise ConfigError(f"{loaded.checkpoint} is already quantised; quantise the trained run it came from instead")
     if not any(isinstance(m, MoELayer) for m in loaded.model.modules()):

@@ -241,17 +241,8 @@ def _open_logs(run: Run, state: LoopState, purge: Optional[int]) -> None:
 def restore(run: Run, state: LoopState, ckpt: Path) -> None:
     """Continue from `ckpt`: the weights and every part of the resumable state, then the counters."""
     meta = checkpoint.read_meta(ckpt)
-    if (run.lora_base is not None) != checkpoint.holds_adapter(ckpt):
-        raise CheckpointError(f"--resume: {ckpt} {'holds no' if run.lora_base else 'holds'} LoRA adapters but this "
-                              f"config {'has' if run.lora_base else 'has no'} train.lora; resume with the run's own config")
-    if run.lora_base is not None:
-        base = meta.get("lora_base") or {}
-        if base.get("sha256") != run.lora_base["sha256"]:
-            raise CheckpointError(
-                f"--resume: the base model changed since {ckpt} was saved (train.init_from resolves to "
-                f"{run.lora_base['path']}, sha256 {run.lora_base['sha256'][:12]}; the adapters were trained on "
-                f"{base.get('path')}, sha256 {str(base.get('sha256'))[:12]}); restore that base, or start a new run"
-            )
+    if run.lora_base is not None:  # the base is loaded (training.build): the adapters, if it is theirs
+        training.check_base(run.lora_base, meta, ckpt)
         checkpoint.load_adapter(ckpt, run.model)
     else:
         with run.resumable.weights(gather=False):  # every rank reads the full checkpoint and keeps its experts

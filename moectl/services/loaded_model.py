@@ -61,6 +61,12 @@ class LoadedModel:
         base = f", over the base {self.lora_base}" if self.lora_base else ", over the base in this bundle"
         return f"LoRA rank {cfg.rank} (alpha {cfg.alpha:g}) on {', '.join(cfg.targets or [])}{base}"
 
+    def refuse_adapters(self, command: str) -> None:
+        """`command` (prune, quantize) works on plain weights: a LoRA run is merged first."""
+        if self.adapters:
+            raise ConfigError(f"moectl {command}: {self.checkpoint} holds LoRA adapters; merge them first (moectl export "
+                              f"{self.checkpoint} --merge-lora --out DIR), then {command} DIR")
+
     def skip_weak_experts(self, beta: Optional[float]) -> None:
         """NAEE's dynamic skipping in every MoE layer (moe/record.py skip_weak): a token's choices
         weighted below beta times its first choice's are not computed. None or 0: off."""

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from moectl.common import console, perf_model
+from moectl.common.errors import CheckpointError
 from moectl.common.runtime import Dist
 from moectl.config import ModelConfig, MoEConfig, TrainConfig
 from moectl.models import LanguageModel, build_model, lookahead, lora, parameter_counts
@@ -49,3 +50,15 @@ def tokenizer_file(run_dir: Path, resume_from: Optional[Path], init_from: Option
     """The tokenizer.json the model's vocabulary comes from: the run's own when it resumes,
     train.init_from's when it fine-tunes; None for a new run, which gets its tokenizer from the data."""
     return run_dir / "tokenizer.json" if resume_from else warmstart.source_tokenizer(init_from)
+
+
+def check_base(base: dict, meta: dict, ckpt: Path) -> None:
+    """--resume of a LoRA run: train.init_from (`base`, warmstart.base_reference) must be the base
+    the checkpoint's adapters were trained on."""
+    theirs = meta.get("lora_base") or {}
+    if theirs.get("sha256") != base["sha256"]:
+        raise CheckpointError(
+            f"--resume: the base model changed since {ckpt} was saved (train.init_from resolves to {base['path']}, "
+            f"sha256 {base['sha256'][:12]}; the adapters were trained on {theirs.get('path')}, sha256 "
+            f"{str(theirs.get('sha256'))[:12]}); restore that base, or start a new run"
+        )
