@@ -135,7 +135,7 @@ CASES = [
                  "tie_embeddings": False})),
     ("lstm_moe", ["lstm", "experts", "head"], dict(model={"arch": "lstm_moe", "d_model": 32, "n_layers": 3, "n_heads": 2,
                                                          "ffn_hidden": 64, "tie_embeddings": False})),
-    ("transformer_dense", ["attention", "dense_ffn"], {}),
+    ("transformer_dense", ["attention", "dense_ffn", "head"], {}),  # the head tied to the embedding
 ]
 
 
@@ -170,6 +170,7 @@ def test_every_target_adapts_its_weights_starts_as_the_base_and_merges_exactly(a
     merged = copy.deepcopy(model)
     assert lora.merge(merged) > 0 and not lora.adapted(merged)
     torch.testing.assert_close(merged(x).logits, adapted, atol=2e-5, rtol=1e-5)
+    assert torch.equal(merged.embed.weight, model.embed.weight)  # a tied head's adapter changed the head alone
     with lora.detached(model):
         assert torch.equal(model(x).logits, base)
     assert torch.equal(model(x).logits, adapted)
@@ -190,7 +191,8 @@ def test_shared_expert_adapters_are_one_pair_per_layer():
     (["train.lora.rank=4", "train.init_from=x", "train.lora.targets=[lstm]"], "has no lstm"),
     (["train.lora.rank=4", "train.init_from=x", "train.lora.targets=[shared_experts]"], "no shared experts"),
     (["train.lora.rank=4", "train.init_from=x", "train.lora.targets=[dense_ffn]"], "every FFN slot"),
-    (["train.lora.rank=4", "train.init_from=x", "train.lora.targets=[head]"], "tie_embeddings"),
+    (["train.lora.rank=4", "train.init_from=x", "train.lora.targets=[head]", "model.head=mixture",
+      "model.tie_embeddings=false"], "only a linear head"),
     (["train.lora.rank=4", "train.init_from=x", "model.arch=transformer_dense", "train.lora.targets=[experts]"],
      "is dense"),
     (["train.lora.rank=4", "train.init_from=x", "train.freeze=router"], "train.freeze"),
@@ -231,7 +233,7 @@ def adapted(tmp_path_factory):
     base = fit(config.load(write_config(tmp / "base.yaml", tiny_config(tmp, run={"name": "base"}))))
     raw = tiny_config(tmp, run={"name": "lora"}, model={"dropout": 0.1},
                       train={"init_from": str(base.run_dir), "micro_batch_size": 2,
-                             "lora": {"rank": 4, "targets": ["attention", "experts", "router"], "dropout": 0.1}})
+                             "lora": {"rank": 4, "targets": ["attention", "experts", "router", "head"], "dropout": 0.1}})
     cfg_file = write_config(tmp / "lora.yaml", raw)
     result = fit(config.load(cfg_file))
     return {"tmp": tmp, "base": base, "result": result, "cfg_file": cfg_file}
@@ -301,6 +303,8 @@ def test_eval_route_stats_and_bundles_read_a_lora_run(adapted, tmp_path):
     drift = json.loads(rep.stdout)["compare"]
     assert drift["other"] == str(checkpoint.latest(adapted["base"].run_dir).resolve())
     assert all(0 <= layer["top1_changed"] <= 1 for layer in drift["layers"])
+    gen = runner.invoke(app, ["generate", str(result.run_dir), "--prompt", "def f(x):", "--max-new-tokens", "5"])
+    assert gen.exit_code == 0, gen.output
     losses = {}
     for name, flags in (("kept", []), ("merged", ["--merge-lora"])):
         res = runner.invoke(app, ["export", str(result.run_dir), "--out", str(tmp_path / name), *flags])
@@ -310,7 +314,8 @@ def test_eval_route_stats_and_bundles_read_a_lora_run(adapted, tmp_path):
     assert (tmp_path / "kept" / checkpoint.ADAPTER).is_file() and not (tmp_path / "merged" / checkpoint.ADAPTER).exists()
     assert losses["kept"] == pytest.approx(result.eval_loss, abs=1e-6)
     assert losses["merged"] == pytest.approx(result.eval_loss, abs=1e-4)
-    assert config.load(tmp_path / "merged" / "config.yaml", saved=True).train.lora.rank is None
+    merged_cfg = config.load(tmp_path / "merged" / "config.yaml", saved=True)
+    assert merged_cfg.train.lora.rank is None and not merged_cfg.model.tie_embeddings  # the head's adapter untied it
     assert "merged into the weights" in (tmp_path / "merged" / "README.md").read_text()
     twice = runner.invoke(app, ["export", str(tmp_path / "merged"), "--out", str(tmp_path / "again"), "--merge-lora"])
     assert twice.exit_code != 0 and "holds no LoRA adapters" in twice.output and not (tmp_path / "again").exists()
@@ -352,7 +357,7 @@ def test_two_processes_train_the_same_adapters_as_one(adapted, tmp_path):
 
 PEFT_CASES = {
     "mixtral": (["attention", "experts", "router", "head"], {"model": {"tie_embeddings": False}}, True),
-    "mixtral_shared_adapter": (["attention", "experts"], {"moe": {"routed_scaling": "top_k"}}, False),
+    "mixtral_shared_adapter": (["attention", "experts", "head"], {"moe": {"routed_scaling": "top_k"}}, False),
     "qwen2_moe": (["attention", "experts", "shared_experts", "dense_ffn", "router"],
                   {"moe": {"shared_experts": 1, "shared_expert_gate": True, "every": 2}, "model": {"n_layers": 4}}, True),
 }

@@ -246,13 +246,15 @@ def merge_lora(loaded: LoadedModel) -> None:
     if not lora.adapted(loaded.model):
         raise ConfigError(f"--merge-lora: {loaded.checkpoint} holds no LoRA adapters (merged already, or trained "
                           "without train.lora); export it without --merge-lora")
+    untie = "head" in (lora_cfg.targets or []) and loaded.cfg.model.tie_embeddings  # the head's adapter unties it
     lora.merge(loaded.model)
     loaded.derived.append({
         "kind": "merge_lora",
         "summary": f"LoRA adapters (rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g}, on {', '.join(lora_cfg.targets or [])}) "
                    "merged into the weights they adapt",
     })
-    loaded.cfg = config.with_values(loaded.cfg, "--merge-lora", **{"train.lora": {}})
+    untied = {"model.tie_embeddings": False} if untie else {}
+    loaded.cfg = config.with_values(loaded.cfg, "--merge-lora", **{"train.lora": {}, **untied})
 
 
 # ------------------------------------------------------------------------------ transformers

@@ -29,7 +29,7 @@ class LoRAConfig(Section):
         None,
         description="What trains. `attention`: q, k, v, o projections; `experts`: every routed expert's three "
         "matrices, stacked; `shared_experts`, `dense_ffn`: those FFNs' matrices; `lstm`: the LSTMs' input and "
-        "recurrent matrices; `head`: the linear output head; `router`: the routers train in full (never low-rank). "
+        "recurrent matrices; `head`: the linear output head (tied to the embedding, the head alone); `router`: the routers train in full (never low-rank). "
         "Everything not listed stays frozen. Null: attention (or lstm), experts, shared_experts and dense_ffn, as the "
         "model has them; routers frozen.",
     )

@@ -178,7 +178,7 @@ def lora_targets(m: ModelConfig, moe: MoEConfig) -> dict[str, Optional[int]]:
         found["router"] = None
     if moe_slots < slots:
         found["dense_ffn"] = min(m.d_model, m.ffn_hidden)
-    if m.head == "linear" and not m.tie_embeddings:
+    if m.head == "linear":  # tied to the embedding, the adapter changes the head alone
         found["head"] = m.d_model
     return found
 
@@ -197,10 +197,7 @@ def _missing_target(target: str, m: ModelConfig, moe: MoEConfig) -> str:
         return "this model has no shared experts (moe.shared_experts=0)"
     if target == "dense_ffn":
         return "every FFN slot of this model is an MoE layer (moe.every=1); adapt experts instead"
-    if m.head != "linear":
-        return f"model.head={m.head}: only a linear head takes an adapter"
-    return ("model.tie_embeddings=true: the head is the input embedding, and an adapter on it alone would untie "
-            "them; train with model.tie_embeddings=false to adapt the head")
+    return f"model.head={m.head}: only a linear head takes an adapter"
 
 
 SECTIONS: dict[str, type[Section]] = {

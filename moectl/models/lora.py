@@ -8,7 +8,8 @@ Targets (config/lora.py LORA_TARGETS) and the weights each adapts:
   shared_experts  every MoE layer's shared-expert FFN: w_up, w_gate, w_down
   dense_ffn       every dense FFN slot's FFN: w_up, w_gate, w_down
   lstm            every LSTM's weight_ih_l0 and weight_hh_l0 (input and recurrent matrices)
-  head            the linear output head (lm_head)
+  head            the linear output head (lm_head); tied to the embedding, the adapter changes the
+                  head alone (merging unties them)
   router          no adapter: the routers (and a mixture head's gate) train in full
 Everything else is frozen. An adapter lives beside its weight, as `<module>.adapters.<weight>`
 (`blocks.0.ffn.inner.experts.adapters.w_up.A`), so the base's tensor names do not change.
@@ -112,7 +113,11 @@ def detached(model: nn.Module) -> Iterator[nn.Module]:
 @torch.no_grad()
 def merge(model: nn.Module) -> int:
     """Fold every adapter into its weight (W + s A B) and remove it; the model then computes what it
-    computed with them (up to rounding). Returns the weights merged."""
+    computed with them (up to rounding). A head tied to the embedding is untied first (its adapter
+    changed the head alone): the caller sets model.tie_embeddings=false. Returns the weights merged."""
+    head = getattr(model, "lm_head", None)
+    if head is not None and head.adapters is not None and head.weight is model.embed.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
     merged = 0
     for module in list(model.modules()):
         adapters = getattr(module, "adapters", None)
