@@ -116,7 +116,9 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunRes
                 run.progress.print(f"stopped at step {state.step}; checkpoint saved to {state.checkpoint}")
         total, active = run.params
         result = RunResult(**vars(state), run_dir=run.run_dir, max_steps=tr.max_steps, world_size=dp.world_size,
-                           params_total=total, params_active=active)
+                           params_total=total, params_active=active,
+                           params_trained=sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+                           if tr.lora.enabled or tr.freeze != "none" else 0)
         # Free DDP (its reducer holds the process group) before the group is destroyed on leaving
         # the block, not at interpreter exit: a rank has aborted in gloo's teardown otherwise.
         # DDP sits in a reference cycle (its hooks refer back to it), so dropping the last name

@@ -285,7 +285,8 @@ def train_summary(result, instruction_tuned: bool = False) -> None:
         f"{result.step}/{result.max_steps} steps, {human(result.tokens_seen)} tokens; this session "
         f"{human(result.tokens_per_sec)} tokens/s over {result.train_seconds:.0f} s of training",
     )
-    grid.add_row("parameters", f"{human(result.params_total)} total, {human(result.params_active)} active per token")
+    trained = f", {human(result.params_trained)} trained" if 0 < result.params_trained < result.params_total else ""
+    grid.add_row("parameters", f"{human(result.params_total)} total, {human(result.params_active)} active per token{trained}")
     runs_root = result.run_dir.parent
     nxt = [f"tensorboard --logdir {runs_root}"]
     resume = f"moectl train {result.run_dir} --resume" + (

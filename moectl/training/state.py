@@ -93,6 +93,7 @@ class RunResult(LoopState):
     world_size: int = 1
     params_total: int = 0
     params_active: int = 0
+    params_trained: int = 0  # under train.lora or train.freeze: what the optimizer updates (0: everything)
 
     @property
     def interrupted(self) -> bool:
