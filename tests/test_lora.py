@@ -201,6 +201,7 @@ def test_shared_expert_adapters_are_one_pair_per_layer():
      "train.lora.dropout"),
     (["train.lora.rank=4", "train.init_from=x", "train.lora.targets=[experts, experts]"], "more than once"),
     (["train.lora.rnak=4"], "did you mean 'rank'"),
+    (["train.lora.targets=[attention]"], "train.lora.rank is null"),
 ])
 def test_bad_lora_settings_are_one_line_naming_the_key(tmp_path, sets, key):
     path = write_config(tmp_path / "c.yaml", tiny_config_dict("transformer_moe"))

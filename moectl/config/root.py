@@ -14,6 +14,7 @@ from .model import ModelConfig
 from .moe import LOSS_KEYS, PAPER_DROP_POLICY, PAPER_LOSSES, MoEConfig
 from .run import CheckpointConfig, LogConfig, RunConfig
 from .section import Section
+from .lora import LoRAConfig
 from .train import OptimConfig, TrainConfig
 
 
@@ -108,6 +109,11 @@ class Config(Section):
         """LoRA adapts a base model's matrices that exist, at a rank they have, and owns what trains."""
         m, moe, tr, lora = self.model, self.moe, self.train, self.train.lora
         if not lora.enabled:
+            idle = [k for k in ("alpha", "dropout", "targets", "experts_rank_per_expert")
+                    if getattr(lora, k) != LoRAConfig.model_fields[k].default]
+            if idle:
+                raise ValueError(f"train.lora.{idle[0]} is set but train.lora.rank is null, so there is no LoRA: set "
+                                 "train.lora.rank to turn it on, or drop the other train.lora keys")
             return
         if not tr.init_from:
             raise ValueError(f"train.lora.rank={lora.rank} adapts a trained model: set train.init_from to the run, "
