@@ -580,3 +580,20 @@ def test_an_instruction_tuned_run_evaluates_the_same_with_its_experts_offloaded(
     res = CliRunner().invoke(app, ["eval", run, "--json", "--offload-experts", "--expert-cache", "2", "--prefetch"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["loss"] == plain["loss"]
+
+
+def test_lora_instruction_tuning_from_the_command_line(tuned):
+    """The issue's user path: `moectl train SFT.yaml --set train.init_from=RUN --set train.lora.rank=8`,
+    then eval scores the responses of the adapted model."""
+    runner = CliRunner()
+    sft_yaml = tuned["tmp"] / "sft.yaml"
+    res = runner.invoke(app, ["train", str(sft_yaml), "--set", f"train.init_from={tuned['pre'].run_dir}", "--set",
+                              "train.lora.rank=8", "--set", "train.max_steps=4", "--run-name", "sft_lora"])
+    assert res.exit_code == 0, res.output
+    assert "LoRA rank 8" in res.output and "trained" in res.output
+    run_dir = tuned["tmp"] / "runs" / "sft_lora"
+    assert (checkpoint.latest(run_dir) / checkpoint.ADAPTER).is_file()
+    ev = runner.invoke(app, ["eval", str(run_dir), "--json"])
+    assert ev.exit_code == 0, ev.output
+    rep = json.loads(ev.stdout)
+    assert rep["targets"] == "response tokens" and rep["adapters"].startswith("LoRA rank 8")
