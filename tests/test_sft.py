@@ -586,7 +586,8 @@ def test_lora_instruction_tuning_from_the_command_line(tuned):
     """The issue's user path: `moectl train SFT.yaml --set train.init_from=RUN --set train.lora.rank=8`,
     then eval scores the responses of the adapted model."""
     runner = CliRunner()
-    sft_yaml = tuned["tmp"] / "sft.yaml"
+    sft_yaml = tuned["tmp"] / "sft_lora.yaml"
+    config.save(tuned["cfg"], sft_yaml)  # the tuned run's config (other tests rewrite sft.yaml)
     res = runner.invoke(app, ["train", str(sft_yaml), "--set", f"train.init_from={tuned['pre'].run_dir}", "--set",
                               "train.lora.rank=8", "--set", "train.max_steps=4", "--run-name", "sft_lora"])
     assert res.exit_code == 0, res.output
