@@ -14,9 +14,10 @@ train.init_from accept as they accept a run:
 
 `--format hf`: a Mixtral or Qwen2-MoE directory that transformers' `AutoModelForCausalLM` and
 `AutoTokenizer` load as-is (the mapping is moectl/services/hf.py); an instruction-tuned run's chat
-template becomes the tokenizer's, for apply_chat_template. A LoRA run's adapters go in DIR/adapter/,
-in PEFT's format, for PeftModel.from_pretrained on top (unless --merge-lora folds them in). Its README.md is the same model card,
-with transformers' metadata header and how to load it there. It is loaded in transformers and its
+template becomes the tokenizer's, for apply_chat_template. A LoRA run's adapters go in
+DIR/adapter/, in PEFT's format, for PeftModel.from_pretrained on top (unless --merge-lora folds
+them in). Its README.md is the same model card, with transformers' metadata header and how to
+load it there. It is loaded in transformers and its
 logits are checked against moectl's before it is put in place. moectl's own commands refuse it
 (checkpoint.resolve says what to give them instead).
 
