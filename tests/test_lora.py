@@ -8,6 +8,7 @@ import copy
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -451,3 +452,20 @@ def runner_eval(run_dir) -> float:
     out = CliRunner().invoke(app, ["eval", str(run_dir), "--json"])
     assert out.exit_code == 0, out.output
     return json.loads(out.stdout)["loss"]
+
+
+def test_the_end_of_run_panel_says_what_a_lora_run_trained(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from moectl.common import console
+    from moectl.training.state import RunResult
+
+    buf = io.StringIO()
+    monkeypatch.setattr(console, "out", Console(file=buf, width=120))
+    result = RunResult(step=3, max_steps=3, run_dir=Path("runs/x"), params_total=4_000_000, params_active=1_500_000)
+    console.train_summary(RunResult(**{**vars(result), "params_trained": 434_000}))
+    console.train_summary(result)  # full fine-tuning: nothing to add
+    first, second = buf.getvalue().split("moectl train: done")[1:]
+    assert "434k trained" in first and "trained" not in second.split("parameters")[1].split("\n")[0]
