@@ -210,8 +210,7 @@ def measure(cell: Cell) -> None:
         "trainable_params": meta.get("trainable_params", float("nan")),
         "optimizer_state_mib": meta.get("optimizer_state_bytes", float("nan")) / 2**20,
         "peak_rss_mib": meta.get("peak_rss_bytes", float("nan")) / 2**20,
-        "step_seconds": (cell.cfg.train.batch_size * cell.cfg.data.seq_len / meta["tokens_per_sec"]
-                         if meta.get("tokens_per_sec") else float("nan")),
+        "step_seconds": cell.cfg.train.batch_size * cell.cfg.data.seq_len / (meta.get("tokens_per_sec") or float("nan")),
     }
     seconds = dict(windows["eval/train_seconds"])
     points = [(step, seconds.get(step), loss) for step, loss in windows["eval/loss"]]

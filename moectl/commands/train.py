@@ -44,8 +44,8 @@ from moectl.common.console import StopOnInterrupt, TrainProgress
 from moectl.common.errors import CheckpointError, DataError, TrainingError
 from moectl.common.runtime import Dist
 from moectl.config import Config
-from moectl.models import LanguageModel, lora, moe_layers, moe_slots
-from moectl.services import checkpoint, distributed, expert_parallel, warmstart
+from moectl.models import LanguageModel, moe_layers, moe_slots
+from moectl.services import checkpoint, distributed, expert_parallel
 from moectl.services.tracking import Tracker
 from moectl.training import LoopState, RunResult
 
@@ -82,7 +82,7 @@ class Run:
     drift: Optional[training.StartRoutes] = None  # train.init_from: the starting model's routes, to measure drift
     ep: Optional["ExpertParallel"] = None  # train.expert_parallel > 1: this rank's experts and its groups
     resumable: Optional[training.TrainState] = None  # what a checkpoint keeps and a resume restores
-    lora_base: Optional[dict] = None  # train.lora: the frozen base's path and sha256, which checkpoints record
+    weights: Optional[training.CheckpointWeights] = None  # the model's share of a checkpoint (a LoRA run's: adapters)
     ddp_model: Optional[nn.Module] = None  # the model as the loop calls it: DDP-wrapped under torchrun
     tracker: Optional[Tracker] = None
     progress: Optional[TrainProgress] = None
@@ -151,8 +151,7 @@ def setup(cfg: Config, dp: Dist, device: torch.device, resume: bool, overwrite: 
     model, params, ep = training.build(cfg.model, cfg.moe, tr, corpus.tokenizer.get_vocab_size(), dp, device,
                                        warm_start=bool(tr.init_from) and not resume_from)
     run = _make_run(cfg, dp, device, run_dir, model, ep, params, corpus, micro, accum)
-    if tr.lora.enabled:
-        run.lora_base = warmstart.base_reference(tr.init_from)
+    run.weights = training.CheckpointWeights(model, tr)
     state = LoopState(collapsed=[False] * len(run.slots))
     run.resumable = _resumable(run, state)
     if resume_from is not None:
@@ -190,7 +189,7 @@ def _make_run(cfg: Config, dp: Dist, device: torch.device, run_dir: Path, model:
         data_keys={"train": corpus.train.key, "validation": corpus.validation.key},
         micro=micro, accum=accum, slots=moe_slots(model),
         bias_routers=[(i, layer.router) for i, layer in enumerate(moe_layers(model))
-                      if layer.router.balances_with_bias and _router_trains(cfg)],
+                      if layer.router.balances_with_bias and tr.lora.routers_train],
         count_reduce=distributed.sum_over_ranks if dp.enabled and cfg.moe.aux_loss_scope == "global" else None,
         window=training.LossWindow(device), stats=stats, params=params, ep=ep,
     )
@@ -199,11 +198,6 @@ def _make_run(cfg: Config, dp: Dist, device: torch.device, run_dir: Path, model:
     if run.slots and tr.init_from and not tr.lstm_stateful:
         run.drift = training.StartRoutes(len(run.slots), dp, device, val_blocks, run.val_batches)
     return run
-
-
-def _router_trains(cfg: Config) -> bool:
-    """Whether the routers learn (a LoRA run's only when targeted), their expert bias included."""
-    return not cfg.train.lora.enabled or "router" in (cfg.train.lora.targets or [])
 
 
 def _resumable(run: Run, state: LoopState) -> training.TrainState:
@@ -243,12 +237,8 @@ def _open_logs(run: Run, state: LoopState, purge: Optional[int]) -> None:
 def restore(run: Run, state: LoopState, ckpt: Path) -> None:
     """Continue from `ckpt`: the weights and every part of the resumable state, then the counters."""
     meta = checkpoint.read_meta(ckpt)
-    if run.lora_base is not None:  # the base is loaded (training.build): the adapters, if it is theirs
-        training.check_base(run.lora_base, meta, ckpt)
-        checkpoint.load_adapter(ckpt, run.model)
-    else:
-        with run.resumable.weights(gather=False):  # every rank reads the full checkpoint and keeps its experts
-            checkpoint.load_model(ckpt, run.model)
+    with run.resumable.weights(gather=False):  # every rank reads the full checkpoint and keeps its experts
+        run.weights.load(ckpt, meta)
     saved = checkpoint.load_state(ckpt)
     try:
         run.resumable.load_state_dict(saved)
@@ -405,15 +395,11 @@ def save(run: Run, state: LoopState) -> None:
                 lr=training.lr_at(state.step - 1, run.cfg.optim, run.cfg.train.max_steps) if state.step else None,
                 data=run.data_keys, world_size=run.dp.world_size, expert_parallel=run.ep.size if run.ep is not None else 1,
                 tokens_per_sec=state.session_tokens / state.train_seconds if state.train_seconds else None,
-                **training.memory_record(run.model, run.optimizer),
+                **training.memory_record(run.model, run.optimizer), **run.weights.meta(),
             )
-            adapter = None
-            if run.lora_base is not None:
-                meta["lora_base"] = run.lora_base
-                adapter = lora.trained_state(run.model, run.cfg.train.lora.targets)
             keep_best = run.cfg.checkpoint.keep_best and state.best_step is not None
             checkpoint.save(run.run_dir, state.step, run.model, saved, meta, run.cfg.checkpoint.keep_last,
-                            keep=state.best_step if keep_best else None, adapter=adapter)
+                            keep=state.best_step if keep_best else None, adapter=run.weights.adapter())
             if keep_best and checkpoint.step_dir(run.run_dir, state.best_step).is_dir():
                 checkpoint.mark_best(run.run_dir, state.best_step)
     state.checkpoint = checkpoint.step_dir(run.run_dir, state.step)

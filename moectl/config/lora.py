@@ -55,6 +55,11 @@ class LoRAConfig(Section):
         return self.rank is not None
 
     @property
+    def routers_train(self) -> bool:
+        """Whether the routers learn (their expert bias included): always without LoRA; with it, when targeted."""
+        return not self.enabled or "router" in (self.targets or [])
+
+    @property
     def scale(self) -> float:
         """alpha / rank: what the low-rank update is multiplied by."""
         assert self.rank is not None

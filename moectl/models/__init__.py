@@ -15,7 +15,7 @@ from moectl.models.lstm_moe import LSTMMoE
 from moectl.models.transformer_moe import TransformerMoE
 from moectl.moe import MoELayer, make_router
 
-__all__ = ["LanguageModel", "ModelOutput", "build_model", "moe_layers", "moe_slots", "parameter_counts", "routed_experts"]
+__all__ = ["LanguageModel", "ModelOutput", "build_model", "is_router", "moe_layers", "moe_slots", "parameter_counts", "routed_experts"]
 
 
 def build_moe_layer(model: ModelConfig, moe: MoEConfig, impl: str = "sorted", expert_device=None) -> MoELayer:
@@ -124,6 +124,11 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
         experts = sum(p.numel() for p in layer.experts.parameters())
         inactive += experts * (1.0 - min(layer.active_experts, layer.num_experts) / layer.num_experts)
     return total, total - round(inactive)
+
+
+def is_router(name: str) -> bool:
+    """A tensor of an MoE layer's router, or of a mixture head's gate, by its name in the model."""
+    return ".router." in name or name.startswith("head.gate.")
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

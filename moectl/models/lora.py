@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from moectl.config import TrainConfig
+from moectl.models import is_router
 from moectl.models.layers import CausalSelfAttention, FFNSlot, Linear
 from moectl.moe import MoELayer
 from moectl.moe.adapter import Adapter
@@ -79,11 +80,6 @@ def attach(model: nn.Module, tr: TrainConfig) -> int:
         p.requires_grad_(train)
         trainable += p.numel() if train else 0
     return trainable
-
-
-def is_router(name: str) -> bool:
-    """A tensor of an MoE layer's router, or of a mixture head's gate."""
-    return ".router." in name or name.startswith("head.gate.")
 
 
 def adapted(model: nn.Module) -> bool:

@@ -219,25 +219,12 @@ def to_peft(model: ModelConfig, moe: MoEConfig, lora: LoRAConfig, trained: Tenso
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.t().contiguous()
         target_modules.append(name)
 
-    def fused(name: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], experts: int) -> None:
-        """Per expert, the adapter of [rows of pair 0; rows of pair 1; ...] of the transformers matrix
-        (E, out, in): A' stacks the A^T, B' is block-diagonal in the B^T."""
-        rank = sum(a.shape[-1] for a, _ in pairs)
-        rows = sum(b.shape[-1] for _, b in pairs)
-        a_out = torch.zeros(experts * rank, pairs[0][0].shape[-2])
-        b_out = torch.zeros(rows, rank * experts)
-        for e in range(experts):
-            r0 = o0 = 0
-            for a, b in pairs:  # a (E|1, in, r), b (E|1, r, out)
-                ae, be = a[e if a.shape[0] > 1 else 0], b[e if b.shape[0] > 1 else 0]
-                r, o = ae.shape[1], be.shape[1]
-                a_out[e * rank + r0 : e * rank + r0 + r] = ae.t()
-                b_out[o0 : o0 + o, [(r0 + j) * experts + e for j in range(r)]] = be.t()
-                r0, o0 = r0 + r, o0 + o
+    def fused(name: str, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         key = name.rsplit(".", 1)[0] + (".base_layer" if name.endswith("gate_up_proj") else "")
-        out[f"{PEFT_PREFIX}{key}.lora_A.weight"] = a_out
-        out[f"{PEFT_PREFIX}{key}.lora_B.weight"] = b_out
+        a_out, b_out = _fused_pair(pairs, moe.num_experts)
+        out[f"{PEFT_PREFIX}{key}.lora_A.weight"], out[f"{PEFT_PREFIX}{key}.lora_B.weight"] = a_out, b_out
         target_parameters.append(name)
+        rank = a_out.shape[0] // moe.num_experts
         if rank != lora.rank:
             rank_pattern[name], alpha_pattern[name] = rank, scale * rank
 
@@ -251,9 +238,9 @@ def to_peft(model: ModelConfig, moe: MoEConfig, lora: LoRAConfig, trained: Tenso
         ffn = f"{src}ffn.inner."
         get = lambda part, w: (trained[f"{ffn}{part}adapters.{w}.A"], trained[f"{ffn}{part}adapters.{w}.B"])  # noqa: E731
         if f"{ffn}experts.adapters.w_up.A" in trained:
-            fused(f"{dst}{mlp}.experts.gate_up_proj", [get("experts.", "w_gate"), get("experts.", "w_up")], moe.num_experts)
+            fused(f"{dst}{mlp}.experts.gate_up_proj", [get("experts.", "w_gate"), get("experts.", "w_up")])
             a, b = get("experts.", "w_down")
-            fused(f"{dst}{mlp}.experts.down_proj", [(a, b * routed_scale(moe))], moe.num_experts)
+            fused(f"{dst}{mlp}.experts.down_proj", [(a, b * routed_scale(moe))])
         for part, where in (("shared.", f"{dst}{mlp}.shared_expert."), ("", f"{dst}{mlp}.")):  # Qwen2-MoE's Linear FFNs
             for ours, _, theirs in EXPERT_NAMES:
                 if f"{ffn}{part}adapters.{ours}.A" in trained:
@@ -263,7 +250,31 @@ def to_peft(model: ModelConfig, moe: MoEConfig, lora: LoRAConfig, trained: Tenso
             modules_to_save = [f"{mlp}.gate"]  # not Qwen2-MoE's mlp.shared_expert_gate
     if "lm_head.adapters.weight.A" in trained:
         linear("lm_head", trained["lm_head.adapters.weight.A"], trained["lm_head.adapters.weight.B"])
-    adapter_config = {
+    return out, _adapter_config(lora, target_modules, target_parameters, rank_pattern, alpha_pattern, modules_to_save)
+
+
+def _fused_pair(pairs: list[tuple[torch.Tensor, torch.Tensor]], experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's (lora_A.weight, lora_B.weight) of a fused expert matrix (E, out, in) whose rows are
+    those of each pair's matrix in turn: per expert, A' stacks the pairs' A^T and B' is block-diagonal
+    in their B^T; A' rows go by expert (e * r' + j), B' columns with the expert fastest (j * E + e)."""
+    rank = sum(a.shape[-1] for a, _ in pairs)
+    a_out = torch.zeros(experts * rank, pairs[0][0].shape[-2])
+    b_out = torch.zeros(sum(b.shape[-1] for _, b in pairs), rank * experts)
+    for e in range(experts):
+        r0 = o0 = 0
+        for a, b in pairs:  # a (E|1, in, r), b (E|1, r, out): a shared pair serves every expert
+            ae, be = a[e if a.shape[0] > 1 else 0], b[e if b.shape[0] > 1 else 0]
+            r, o = ae.shape[1], be.shape[1]
+            a_out[e * rank + r0 : e * rank + r0 + r] = ae.t()
+            b_out[o0 : o0 + o, [(r0 + j) * experts + e for j in range(r)]] = be.t()
+            r0, o0 = r0 + r, o0 + o
+    return a_out, b_out
+
+
+def _adapter_config(lora: LoRAConfig, target_modules: list, target_parameters: list, rank_pattern: dict,
+                    alpha_pattern: dict, modules_to_save: list) -> dict[str, Any]:
+    """adapter_config.json: what PeftModel.from_pretrained needs to rebuild the adapters for inference."""
+    return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
         "lora_dropout": 0.0,  # inference: PEFT refuses dropout on adapted parameters
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
@@ -271,7 +282,6 @@ def to_peft(model: ModelConfig, moe: MoEConfig, lora: LoRAConfig, trained: Tenso
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "modules_to_save": modules_to_save or None,
         "base_model_name_or_path": None,
     }
-    return out, adapter_config
 
 
 # ------------------------------------------------------------------------- Mixtral -> moectl

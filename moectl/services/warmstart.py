@@ -29,7 +29,7 @@ from torch import nn
 from moectl import config
 from moectl.common.errors import ConfigError
 from moectl.config import ModelConfig, MoEConfig, TrainConfig
-from moectl.models import build_model
+from moectl.models import build_model, is_router
 from moectl.models.layers import FFNSlot
 from moectl.services import checkpoint, hf
 
@@ -180,7 +180,7 @@ def upcycle(model: nn.Module, model_cfg: ModelConfig, moe: MoEConfig, train: Tra
 def parameter_kind(name: str) -> str:
     """`router` (an MoE layer's router, or the mixture head's gate), `experts` (routed experts) or
     `other`, by parameter name."""
-    if ".router." in name or name.startswith("head.gate."):
+    if is_router(name):
         return "router"
     return "experts" if ".experts." in name else "other"
 

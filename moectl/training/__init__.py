@@ -7,7 +7,7 @@
              each micro-batch in the step
 """
 
-from moectl.training.model import build, check_base, tokenizer_file
+from moectl.training.model import CheckpointWeights, build, tokenizer_file
 from moectl.training.optim import check_schedule, lr_at, make_optimizer, memory_record
 from moectl.training.state import (
     Flags,
@@ -23,5 +23,5 @@ from moectl.training.state import (
 )
 from moectl.training.window import LossWindow, loss_sums, review, routing_window, target_shares
 
-__all__ = ["Flags", "LoopState", "LSTMCarry", "LossWindow", "OptimizerState", "RNGStates", "RankSums", "RunResult", "StartRoutes", "TrainState",
-           "build", "check_base", "check_schedule", "loss_sums", "lr_at", "make_optimizer", "memory_record", "review", "routing_window", "seed_rank", "target_shares", "tokenizer_file"]
+__all__ = ["CheckpointWeights", "Flags", "LoopState", "LSTMCarry", "LossWindow", "OptimizerState", "RNGStates", "RankSums", "RunResult", "StartRoutes", "TrainState",
+           "build", "check_schedule", "loss_sums", "lr_at", "make_optimizer", "memory_record", "review", "routing_window", "seed_rank", "target_shares", "tokenizer_file"]

@@ -14,7 +14,7 @@ from moectl.common.errors import CheckpointError
 from moectl.common.runtime import Dist
 from moectl.config import ModelConfig, MoEConfig, TrainConfig
 from moectl.models import LanguageModel, build_model, lookahead, lora, parameter_counts
-from moectl.services import expert_parallel, warmstart
+from moectl.services import checkpoint, expert_parallel, warmstart
 from moectl.services.expert_parallel import ExpertParallel
 from moectl.training.state import seed_rank
 
@@ -52,13 +52,33 @@ def tokenizer_file(run_dir: Path, resume_from: Optional[Path], init_from: Option
     return run_dir / "tokenizer.json" if resume_from else warmstart.source_tokenizer(init_from)
 
 
-def check_base(base: dict, meta: dict, ckpt: Path) -> None:
-    """--resume of a LoRA run: train.init_from (`base`, warmstart.base_reference) must be the base
-    the checkpoint's adapters were trained on."""
-    theirs = meta.get("lora_base") or {}
-    if theirs.get("sha256") != base["sha256"]:
-        raise CheckpointError(
-            f"--resume: the base model changed since {ckpt} was saved (train.init_from resolves to {base['path']}, "
-            f"sha256 {base['sha256'][:12]}; the adapters were trained on {theirs.get('path')}, sha256 "
-            f"{str(theirs.get('sha256'))[:12]}); restore that base, or start a new run"
-        )
+class CheckpointWeights:
+    """What a checkpoint keeps of the model, and how a resume puts it back: the whole model
+    (model.safetensors), or for a LoRA run its trained tensors alone (adapter.safetensors) with
+    its base's path and sha256 in meta.json; the base itself is loaded by `build`, and a resume
+    refuses a base that is not the one the adapters were trained on."""
+
+    def __init__(self, model: LanguageModel, tr: TrainConfig):
+        self.model, self.targets = model, tr.lora.targets or []
+        self.base = warmstart.base_reference(tr.init_from) if tr.lora.enabled else None
+
+    def meta(self) -> dict:
+        """The fields meta.json records of the weights."""
+        return {"lora_base": self.base} if self.base is not None else {}
+
+    def adapter(self) -> Optional[dict]:
+        """A LoRA run's tensors to save instead of the model (None: the whole model)."""
+        return lora.trained_state(self.model, self.targets) if self.base is not None else None
+
+    def load(self, ckpt: Path, meta: dict) -> None:
+        if self.base is None:
+            checkpoint.load_model(ckpt, self.model)
+            return
+        theirs = meta.get("lora_base") or {}
+        if theirs.get("sha256") != self.base["sha256"]:
+            raise CheckpointError(
+                f"--resume: the base model changed since {ckpt} was saved (train.init_from resolves to "
+                f"{self.base['path']}, sha256 {self.base['sha256'][:12]}; the adapters were trained on "
+                f"{theirs.get('path')}, sha256 {str(theirs.get('sha256'))[:12]}); restore that base, or start a new run"
+            )
+        checkpoint.load_adapter(ckpt, self.model)
